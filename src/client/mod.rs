@@ -1,0 +1,349 @@
+//! The Rust client library — and everything the CLI's compute commands call.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), starling::client::ClientError> {
+//! use starling::client::Client;
+//!
+//! let client = Client::connect("~/.starling/clusters/local/connection.json").await?;
+//! println!("engines: {:?}", client.ids().await?);
+//! let ar = client.all().execute("import os; os.getpid()").await?;
+//! for value in ar.get().await? {
+//!     println!("{value}");
+//! }
+//! println!("took {:?}, {:?} of engine time", ar.elapsed(), ar.serial_time());
+//! # Ok(()) }
+//! ```
+//!
+//! A [`Client`] holds one TLS connection to the controller. Requests are numbered and their
+//! replies matched by a reader task; results of jobs arrive as they complete and fill the
+//! job's [`AsyncResult`]. Names follow ipyparallel: [`Client::all`] and [`Client::direct`] give a
+//! [`DirectView`] (`execute`, `apply`, `shell`), and results are [`AsyncResult`]s with
+//! `ready`, `wait`, `get`, `elapsed`, `serial_time`.
+
+pub mod connection;
+pub mod result;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::proto::auth::Role;
+use crate::proto::conn;
+use crate::proto::{
+    ClientRequest, ClientToController, ClusterStatus, ControllerToClient, EngineId, JobId, JobSpec,
+    ProtoError, Reply, Targets, Value, Work,
+};
+pub use connection::ConnectionInfo;
+use result::JobState;
+pub use result::{AsyncResult, CompositeError, EngineError};
+
+/// Errors of the client library.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    NoConnectionFile(String),
+    #[error("the connection file {path} is unusable: {reason}")]
+    BadConnectionFile { path: PathBuf, reason: String },
+    #[error("cannot reach the controller of cluster '{cluster}' at {addr}: {source}. Is the cluster up? (`starling status`; `starling up` starts it)")]
+    Connect {
+        cluster: String,
+        addr: String,
+        source: ProtoError,
+    },
+    #[error("lost the connection to the controller: {0}")]
+    Disconnected(String),
+    #[error("{0}")]
+    Controller(String),
+    #[error(transparent)]
+    Remote(#[from] CompositeError),
+}
+
+struct Shared {
+    info: ConnectionInfo,
+    out: mpsc::UnboundedSender<ClientToController>,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<(Reply, Option<Arc<JobState>>)>>>,
+    jobs: Mutex<HashMap<JobId, Weak<JobState>>>,
+}
+
+/// A connection to one cluster's controller. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+fn expand_tilde(path: &Path) -> PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => path.to_path_buf(),
+    }
+}
+
+impl Client {
+    /// Connects with a connection file.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let info = ConnectionInfo::load(&expand_tilde(path.as_ref()))?;
+        Self::connect_with(info).await
+    }
+
+    /// Connects with connection details already in memory.
+    pub async fn connect_with(info: ConnectionInfo) -> Result<Self, ClientError> {
+        let c: conn::Conn<conn::PeerStream, ControllerToClient, ClientToController> =
+            conn::connect(
+                &info.controller,
+                &info.certificate,
+                Role::Client,
+                &info.client_key,
+                info.max_frame,
+            )
+            .await
+            .map_err(|source| ClientError::Connect {
+                cluster: info.cluster.clone(),
+                addr: info.controller.clone(),
+                source,
+            })?;
+        let (mut reader, writer) = c.split();
+        let (out, out_rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer.pump(out_rx));
+        let shared = Arc::new(Shared {
+            info,
+            out,
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            let why = loop {
+                let msg = match reader.recv().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break "the controller closed the connection".to_string(),
+                    Err(e) => break e.to_string(),
+                };
+                let Some(shared) = weak.upgrade() else { return };
+                shared.on_message(msg);
+            };
+            if let Some(shared) = weak.upgrade() {
+                shared.on_disconnect(&why);
+            }
+        });
+        Ok(Self { shared })
+    }
+
+    /// The cluster's name.
+    pub fn cluster(&self) -> &str {
+        &self.shared.info.cluster
+    }
+
+    async fn request(&self, body: ClientRequest) -> Result<Reply, ClientError> {
+        self.request_job(body).await.map(|(reply, _)| reply)
+    }
+
+    async fn request_job(
+        &self,
+        body: ClientRequest,
+    ) -> Result<(Reply, Option<Arc<JobState>>), ClientError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .pending
+            .lock()
+            .expect("not poisoned")
+            .insert(id, tx);
+        if self
+            .shared
+            .out
+            .send(ClientToController { id, body })
+            .is_err()
+        {
+            self.shared
+                .pending
+                .lock()
+                .expect("not poisoned")
+                .remove(&id);
+            return Err(ClientError::Disconnected("the connection is closed".into()));
+        }
+        match rx.await {
+            Ok((Reply::Error(e), _)) => Err(ClientError::Controller(e)),
+            Ok(reply) => Ok(reply),
+            Err(_) => Err(ClientError::Disconnected(
+                "the controller went away before answering".into(),
+            )),
+        }
+    }
+
+    /// The registered engine ids, ascending.
+    pub async fn ids(&self) -> Result<Vec<EngineId>, ClientError> {
+        match self.request(ClientRequest::Ids).await? {
+            Reply::Ids(ids) => Ok(ids),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Waits until at least `count` engines are registered; returns their ids.
+    pub async fn wait_for_engines(
+        &self,
+        count: u32,
+        timeout: Duration,
+    ) -> Result<Vec<EngineId>, ClientError> {
+        let body = ClientRequest::WaitEngines {
+            count,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        match self.request(body).await? {
+            Reply::Ids(ids) => Ok(ids),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Engines, their state and the queue.
+    pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
+        match self.request(ClientRequest::Status).await? {
+            Reply::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A view on every engine.
+    pub fn all(&self) -> DirectView {
+        self.direct(Targets::All)
+    }
+
+    /// A view on some engines: an id, a list of ids, or [`Targets::parse`] of a slice.
+    pub fn direct(&self, targets: impl Into<Targets>) -> DirectView {
+        DirectView {
+            client: self.clone(),
+            targets: targets.into(),
+        }
+    }
+
+    /// Re-attaches to a job by id — also one submitted by another client that has since exited.
+    pub async fn result(&self, job: JobId) -> Result<AsyncResult, ClientError> {
+        self.submit_or_subscribe(ClientRequest::Subscribe { job })
+            .await
+    }
+
+    /// Stops the cluster's engines and controller.
+    pub async fn shutdown(&self) -> Result<(), ClientError> {
+        self.request(ClientRequest::Shutdown).await.map(|_| ())
+    }
+
+    async fn submit_or_subscribe(&self, body: ClientRequest) -> Result<AsyncResult, ClientError> {
+        match self.request_job(body).await? {
+            (Reply::Job(_), Some(state)) => Ok(AsyncResult { state }),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// Job states are created by the reader task itself, before the reply is handed over, and
+/// travel with the reply; so results that follow the reply on the wire always find their job.
+impl Shared {
+    fn on_message(&self, msg: ControllerToClient) {
+        match msg {
+            ControllerToClient::Reply { id, body } => {
+                let job = if let Reply::Job(info) = &body {
+                    let mut jobs = self.jobs.lock().expect("not poisoned");
+                    jobs.retain(|_, w| w.strong_count() > 0);
+                    let state = jobs
+                        .get(&info.job)
+                        .and_then(Weak::upgrade)
+                        .unwrap_or_else(|| {
+                            let s = Arc::new(JobState::new(info.clone()));
+                            jobs.insert(info.job, Arc::downgrade(&s));
+                            s
+                        });
+                    Some(state)
+                } else {
+                    None
+                };
+                if let Some(tx) = self.pending.lock().expect("not poisoned").remove(&id) {
+                    let _ = tx.send((body, job));
+                }
+            }
+            ControllerToClient::Results { job, results } => {
+                let state = self
+                    .jobs
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&job)
+                    .and_then(Weak::upgrade);
+                if let Some(state) = state {
+                    state.add(results);
+                }
+            }
+        }
+    }
+
+    fn on_disconnect(&self, why: &str) {
+        self.pending.lock().expect("not poisoned").clear();
+        for state in self
+            .jobs
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .filter_map(Weak::upgrade)
+        {
+            state.broken(why);
+        }
+    }
+}
+
+fn unexpected(reply: &Reply) -> ClientError {
+    ClientError::Controller(format!("unexpected reply from the controller: {reply:?}"))
+}
+
+/// Runs work on a fixed set of engines, like ipyparallel's `DirectView`.
+#[derive(Clone)]
+pub struct DirectView {
+    client: Client,
+    targets: Targets,
+}
+
+impl DirectView {
+    /// The targets this view names.
+    pub fn targets(&self) -> &Targets {
+        &self.targets
+    }
+
+    async fn submit(&self, work: Work) -> Result<AsyncResult, ClientError> {
+        let spec = JobSpec::Direct {
+            targets: self.targets.clone(),
+            work,
+        };
+        self.client
+            .submit_or_subscribe(ClientRequest::Submit(spec))
+            .await
+    }
+
+    /// Runs Python code on each engine, in that engine's namespace. The value of a final
+    /// expression is the task's result (`None` otherwise), like `%px`.
+    pub async fn execute(&self, code: &str) -> Result<AsyncResult, ClientError> {
+        self.submit(Work::Execute {
+            code: code.to_string(),
+        })
+        .await
+    }
+
+    /// Runs a shell command on each engine with `bash -c`; a non-zero exit is an error.
+    pub async fn shell(&self, command: &str) -> Result<AsyncResult, ClientError> {
+        self.submit(Work::Shell {
+            command: command.to_string(),
+        })
+        .await
+    }
+
+    /// Calls a Python callable on each engine with `args`: `func` is an expression such as
+    /// `"lambda x, y: x + y"` or the name of a function defined there.
+    pub async fn apply(&self, func: &str, args: Vec<Value>) -> Result<AsyncResult, ClientError> {
+        self.submit(Work::Apply {
+            func: func.to_string(),
+            args,
+        })
+        .await
+    }
+}

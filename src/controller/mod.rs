@@ -1,0 +1,258 @@
+//! The controller: registry of engines, heartbeats, scheduling, and the task store.
+//!
+//! [`run`] takes an already-bound listener and a shutdown future, so `starlingd controller`,
+//! the tests and embedders all call the same function. Each connection gets a reader task (TLS,
+//! handshake, then frames → events) and a writer task (an unbounded queue → frames). One actor
+//! task owns the [`state::State`] and turns events into `on_*` calls; everything it sends goes
+//! through [`Wire`], the real [`state::Comm`].
+
+pub mod state;
+pub mod store;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::proto::auth::Key;
+use crate::proto::conn::{self, Accepted, ServerKeys};
+use crate::proto::tls::ClusterCert;
+use crate::proto::{
+    ClientRequest, ControllerToClient, ControllerToEngine, EngineToController, JobId, JobInfo,
+    JobSpec, ProtoError, TaskResult,
+};
+use state::{Comm, ConnId, State};
+use store::{Store, StoreOp};
+
+/// Default heartbeat period: an engine is declared lost after missing two, so a dead node is
+/// noticed within about 2.5 s, while a busy machine has plenty of slack.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// What `starlingd controller` reads from its config file (mode 0600: it holds the keys).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    pub cluster: String,
+    /// Address to listen on, e.g. `127.0.0.1:0` or `0.0.0.0:7120`.
+    pub listen: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub client_key: Key,
+    pub engine_key: Key,
+    /// The SQLite task store; `None` keeps no record (tests only).
+    pub db: Option<PathBuf>,
+    pub heartbeat_ms: u64,
+    pub max_frame: usize,
+}
+
+/// Completes when a connection's writer has sent everything queued and closed.
+type Flushed = tokio::task::JoinHandle<Result<(), ProtoError>>;
+
+/// How long a stopping controller waits for its last messages (shutdown orders, final replies)
+/// to be written before it exits anyway.
+const FLUSH_ON_EXIT: Duration = Duration::from_secs(2);
+
+enum Event {
+    ClientUp(ConnId, mpsc::UnboundedSender<ControllerToClient>, Flushed),
+    ClientRequest(ConnId, u64, ClientRequest),
+    ClientGone(ConnId),
+    EngineUp(ConnId, mpsc::UnboundedSender<ControllerToEngine>, Flushed),
+    EngineMessage(ConnId, EngineToController),
+    EngineGone(ConnId, String),
+}
+
+/// The real [`Comm`]: queues to connection writers, the task store.
+struct Wire {
+    clients: HashMap<ConnId, mpsc::UnboundedSender<ControllerToClient>>,
+    engines: HashMap<ConnId, mpsc::UnboundedSender<ControllerToEngine>>,
+    store: Option<Store>,
+    shutdown_requested: bool,
+}
+
+impl Comm for Wire {
+    fn to_client(&mut self, conn: ConnId, msg: ControllerToClient) {
+        if let Some(tx) = self.clients.get(&conn) {
+            let _ = tx.send(msg);
+        }
+    }
+    fn to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {
+        if matches!(msg, ControllerToEngine::Shutdown) {
+            self.shutdown_requested = true;
+        }
+        if let Some(tx) = self.engines.get(&conn) {
+            let _ = tx.send(msg);
+        }
+    }
+    fn close(&mut self, conn: ConnId) {
+        // Dropping the sender ends the writer, which closes the socket.
+        self.engines.remove(&conn);
+    }
+    fn record_job(&mut self, info: &JobInfo, spec: &JobSpec) {
+        if let Some(store) = &self.store {
+            store.send(StoreOp::Job {
+                info: info.clone(),
+                spec: store::spec_text(spec),
+            });
+        }
+    }
+    fn record_results(&mut self, job: JobId, results: &[TaskResult]) {
+        if let Some(store) = &self.store {
+            store.send(StoreOp::Results {
+                job,
+                results: results.to_vec(),
+            });
+        }
+    }
+}
+
+/// Errors that stop a controller from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    #[error("cannot open the task store {path}: {source}")]
+    Store {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+}
+
+/// Serves the cluster on `listener` until `shutdown` completes or a client asks for shutdown.
+pub async fn run(
+    listener: TcpListener,
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ControllerError> {
+    let acceptor = crate::proto::tls::acceptor(&ClusterCert {
+        cert_pem: config.cert_pem.clone(),
+        key_pem: config.key_pem.clone(),
+    })?;
+    let store = match &config.db {
+        Some(path) => Some(Store::open(path).map_err(|source| ControllerError::Store {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let keys = Arc::new(ServerKeys {
+        client: config.client_key.clone(),
+        engine: config.engine_key.clone(),
+    });
+    let heartbeat = Duration::from_millis(config.heartbeat_ms.max(10));
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+
+    let max_frame = config.max_frame;
+    let accept_loop = async move {
+        let mut next = 0u64;
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            next += 1;
+            let conn = ConnId(next);
+            let (acceptor, keys, events) = (acceptor.clone(), keys.clone(), events_tx.clone());
+            tokio::spawn(async move {
+                match conn::accept(&acceptor, tcp, &keys, max_frame).await {
+                    Ok(accepted) => serve(conn, accepted, events).await,
+                    Err(e) => tracing::warn!(%peer, "connection refused: {e}"),
+                }
+            });
+        }
+    };
+    tokio::pin!(accept_loop);
+    tokio::pin!(shutdown);
+
+    let mut state = State::new(&config.cluster, heartbeat);
+    let mut wire = Wire {
+        clients: HashMap::new(),
+        engines: HashMap::new(),
+        store,
+        shutdown_requested: false,
+    };
+    let mut writers: Vec<Flushed> = Vec::new();
+    let mut ticker = tokio::time::interval(heartbeat / 4);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(cluster = config.cluster, "controller running");
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = &mut accept_loop => unreachable!("the accept loop never ends"),
+            _ = ticker.tick() => state.on_tick(&mut wire, Instant::now()),
+            Some(ev) = events.recv() => {
+                let now = Instant::now();
+                match ev {
+                    Event::ClientUp(c, tx, flushed) => { wire.clients.insert(c, tx); writers.retain(|w| !w.is_finished()); writers.push(flushed); state.on_client_connected(c); }
+                    Event::ClientRequest(c, id, body) => state.on_client_request(&mut wire, c, id, body, now),
+                    Event::ClientGone(c) => { wire.clients.remove(&c); state.on_client_gone(c); }
+                    Event::EngineUp(c, tx, flushed) => { wire.engines.insert(c, tx); writers.push(flushed); state.on_engine_connected(c, now); }
+                    Event::EngineMessage(c, m) => state.on_engine_message(&mut wire, c, m, now),
+                    Event::EngineGone(c, why) => state.on_engine_gone(&mut wire, c, &why),
+                }
+                if wire.shutdown_requested {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::info!("controller stopping");
+    // Closing the queues ends each writer once it has sent what was queued (the shutdown
+    // orders, the last replies); wait for that, within bounds.
+    wire.clients.clear();
+    wire.engines.clear();
+    let _ = tokio::time::timeout(FLUSH_ON_EXIT, futures::future::join_all(writers)).await;
+    drop(wire);
+    Ok(())
+}
+
+async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<Event>) {
+    match accepted {
+        Accepted::Client(c) => {
+            let (mut reader, writer) = c.split();
+            let (tx, rx) = mpsc::unbounded_channel();
+            let flushed = tokio::spawn(writer.pump(rx));
+            let _ = events.send(Event::ClientUp(conn, tx, flushed));
+            loop {
+                match reader.recv().await {
+                    Ok(Some(req)) => {
+                        let _ = events.send(Event::ClientRequest(conn, req.id, req.body));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(?conn, "client connection closed: {e}");
+                        break;
+                    }
+                }
+            }
+            let _ = events.send(Event::ClientGone(conn));
+        }
+        Accepted::Engine(c) => {
+            let (mut reader, writer) = c.split();
+            let (tx, rx) = mpsc::unbounded_channel();
+            let flushed = tokio::spawn(writer.pump(rx));
+            let _ = events.send(Event::EngineUp(conn, tx, flushed));
+            let why = loop {
+                match reader.recv().await {
+                    Ok(Some(msg)) => {
+                        let _ = events.send(Event::EngineMessage(conn, msg));
+                    }
+                    Ok(None) => {
+                        break "its connection closed (the engine process exited)".to_string()
+                    }
+                    Err(e) => break format!("its connection failed: {e}"),
+                }
+            };
+            let _ = events.send(Event::EngineGone(conn, why));
+        }
+    }
+}

@@ -1,0 +1,154 @@
+# The starling Python kernel. `starlingd engine` passes this source in the environment and
+# runs it as "<starling-kernel>" (see kernel.rs);
+# it reads requests from fd 3 and writes replies to fd 4, one JSON document a line, so nothing
+# the user's code prints (to sys.stdout or to fd 1) can reach the protocol.
+import ast
+import base64
+import builtins
+import io
+import json
+import math
+import os
+import pickle
+import sys
+import time
+import traceback
+import types
+
+_KERNEL_FILE = "<starling-kernel>"
+_REQ = os.fdopen(3, "rb")
+_REP = 4
+
+_user = types.ModuleType("__main__")
+_user.__dict__["__builtins__"] = builtins
+sys.modules["__main__"] = _user
+_ns = _user.__dict__
+_count = 0
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def _is_json(v):
+    t = type(v)
+    if v is None or t is bool or t is str:
+        return True
+    if t is int:
+        return _INT_MIN <= v <= _INT_MAX
+    if t is float:
+        return math.isfinite(v)
+    if t is list:
+        return all(_is_json(x) for x in v)
+    if t is dict:
+        return all(type(k) is str and _is_json(x) for k, x in v.items())
+    return False
+
+
+def _safe_repr(v):
+    try:
+        return repr(v)
+    except Exception as e:  # noqa: BLE001 - a broken __repr__ must not kill the kernel
+        return "<%s object (repr failed: %s)>" % (type(v).__name__, e)
+
+
+def _encode(v):
+    if _is_json(v):
+        return {"v": v}
+    try:
+        data = pickle.dumps(v, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - unpicklable: send what we can show
+        return {"o": _safe_repr(v)}
+    return {"p": base64.b64encode(data).decode("ascii"), "r": _safe_repr(v)}
+
+
+def _decode(v):
+    if type(v) is dict and len(v) == 1:
+        if "__starling_pickle__" in v:
+            return pickle.loads(base64.b64decode(v["__starling_pickle__"]))
+        if "__starling_opaque__" in v:
+            raise TypeError("an argument came back from an engine as repr only (%s) and cannot be sent again" % v["__starling_opaque__"])
+    if type(v) is list:
+        return [_decode(x) for x in v]
+    if type(v) is dict:
+        return {k: _decode(x) for k, x in v.items()}
+    return v
+
+
+def _error(e):
+    if isinstance(e, SyntaxError):
+        lines = traceback.format_exception_only(type(e), e)
+    else:
+        # Drop the kernel's own frames: the user sees their code only.
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == _KERNEL_FILE:
+            tb = tb.tb_next
+        lines = traceback.format_exception(type(e), e, tb)
+    return {
+        "ok": False,
+        "ename": type(e).__name__,
+        "evalue": str(e),
+        "traceback": "".join(lines),
+    }
+
+
+def _execute(code, filename):
+    tree = ast.parse(code, filename, "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, filename, "exec"), _ns)
+    if last is not None:
+        return eval(compile(last, filename, "eval"), _ns)
+    return None
+
+
+def _run(task):
+    global _count
+    op = task["op"]
+    out, err = io.StringIO(), io.StringIO()
+    sys.stdout, sys.stderr = out, err
+    started = time.time()
+    try:
+        if op == "init":
+            os.environ["STARLING_ENGINE_ID"] = str(task["engine"])
+            reply = {"ok": True, "v": None}
+        elif op == "execute":
+            _count += 1
+            value = _execute(task["code"], "<px-%d>" % _count)
+            reply = _encode(value)
+            reply["ok"] = True
+            if value is not None:
+                reply["d"] = _safe_repr(value)
+        elif op == "apply":
+            func = eval(task["func"], _ns)
+            reply = _encode(func(*_decode(task["args"])))
+            reply["ok"] = True
+        else:
+            reply = {"ok": False, "ename": "KernelError", "evalue": "unknown op %r" % op, "traceback": ""}
+    except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task errors too
+        reply = _error(e)
+    finally:
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    reply["out"] = out.getvalue()
+    reply["err"] = err.getvalue()
+    reply["n"] = _count
+    reply["t0"] = int(started * 1e6)
+    reply["t1"] = int(time.time() * 1e6)
+    return reply
+
+
+def _write(data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(_REP, view):]
+
+
+def main():
+    _write(b'{"ready": %d}\n' % os.getpid())
+    for line in _REQ:
+        tasks = json.loads(line)
+        for task in tasks:
+            # One line per task, written at once: if a task kills the process, the results
+            # before it are already out.
+            _write(json.dumps(_run(task), separators=(",", ":")).encode() + b"\n")
+
+
+main()

@@ -1,0 +1,300 @@
+//! Frames and typed connections.
+//!
+//! A frame is a 4-byte big-endian length and that many bytes of MessagePack
+//! ([`LengthDelimitedCodec`] with a hard maximum). A [`Conn<S, Rx, Tx>`] only receives `Rx` and
+//! only sends `Tx`. [`connect`] and [`accept`] do TLS and the handshake of [`super::auth`] and
+//! hand back a connection typed for the peer's role.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use super::auth::{self, Auth, Hello, Key, Role, ServerHandshake, Verdict};
+use super::{
+    ClientToController, ControllerToClient, ControllerToEngine, EngineToController, ProtoError,
+};
+
+/// How long each side waits for the other's handshake frame. Generous, because a controller on
+/// a freshly booted node can be slow, yet short enough that a silent peer is dropped quickly.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long to wait for the TCP connection to the controller to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn codec(max_frame: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(max_frame)
+        .new_codec()
+}
+
+/// Encodes a message as one frame's payload.
+pub fn encode<T: Serialize>(msg: &T) -> bytes::Bytes {
+    rmp_serde::to_vec(msg)
+        .expect("protocol messages always serialize")
+        .into()
+}
+
+/// Decodes one frame's payload.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtoError> {
+    rmp_serde::from_slice(bytes).map_err(|e| ProtoError::Malformed(e.to_string()))
+}
+
+fn read_error(e: std::io::Error) -> ProtoError {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        ProtoError::Malformed(e.to_string())
+    } else {
+        ProtoError::Io(e)
+    }
+}
+
+/// A connection that receives `Rx` and sends `Tx`.
+pub struct Conn<S, Rx, Tx> {
+    framed: Framed<S, LengthDelimitedCodec>,
+    _types: PhantomData<fn(Tx) -> Rx>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin, Rx: DeserializeOwned, Tx: Serialize> Conn<S, Rx, Tx> {
+    pub fn new(stream: S, max_frame: usize) -> Self {
+        Self {
+            framed: Framed::new(stream, codec(max_frame)),
+            _types: PhantomData,
+        }
+    }
+
+    pub async fn send(&mut self, msg: &Tx) -> Result<(), ProtoError> {
+        self.framed.send(encode(msg)).await?;
+        Ok(())
+    }
+
+    /// The next message, or `None` when the peer closed the connection cleanly.
+    pub async fn recv(&mut self) -> Result<Option<Rx>, ProtoError> {
+        match self.framed.next().await {
+            None => Ok(None),
+            Some(Err(e)) => Err(read_error(e)),
+            Some(Ok(bytes)) => decode(&bytes).map(Some),
+        }
+    }
+
+    async fn recv_within(&mut self, limit: Duration) -> Result<Rx, ProtoError> {
+        match tokio::time::timeout(limit, self.recv()).await {
+            Err(_) => Err(ProtoError::HandshakeTimeout(limit.as_secs())),
+            Ok(Ok(Some(m))) => Ok(m),
+            Ok(Ok(None)) => Err(ProtoError::Closed),
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    /// The same stream, typed for the next phase of the conversation.
+    pub fn retype<Rx2, Tx2>(self) -> Conn<S, Rx2, Tx2> {
+        Conn {
+            framed: self.framed,
+            _types: PhantomData,
+        }
+    }
+
+    /// Splits into a reader and a writer that can live in different tasks.
+    pub fn split(self) -> (Reader<S, Rx>, Writer<S, Tx>) {
+        let parts = self.framed.into_parts();
+        let max = parts.codec.max_frame_length();
+        let (r, w) = tokio::io::split(parts.io);
+        let mut read = FramedRead::new(r, codec(max));
+        read.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        (
+            Reader {
+                inner: read,
+                _t: PhantomData,
+            },
+            Writer {
+                inner: FramedWrite::new(w, codec(max)),
+                _t: PhantomData,
+            },
+        )
+    }
+}
+
+/// The receiving half of a [`Conn`].
+pub struct Reader<S, Rx> {
+    inner: FramedRead<tokio::io::ReadHalf<S>, LengthDelimitedCodec>,
+    _t: PhantomData<fn() -> Rx>,
+}
+
+impl<S: AsyncRead + AsyncWrite, Rx: DeserializeOwned> Reader<S, Rx> {
+    /// The next message, or `None` when the peer closed the connection cleanly.
+    pub async fn recv(&mut self) -> Result<Option<Rx>, ProtoError> {
+        match self.inner.next().await {
+            None => Ok(None),
+            Some(Err(e)) => Err(read_error(e)),
+            Some(Ok(bytes)) => decode(&bytes).map(Some),
+        }
+    }
+}
+
+/// The sending half of a [`Conn`]. `feed` queues, `flush` writes: a writer loop feeds every
+/// message that is ready and flushes once, so a burst becomes few TLS records and syscalls.
+pub struct Writer<S, Tx> {
+    inner: FramedWrite<tokio::io::WriteHalf<S>, LengthDelimitedCodec>,
+    _t: PhantomData<fn(Tx)>,
+}
+
+impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
+    pub async fn feed(&mut self, msg: &Tx) -> Result<(), ProtoError> {
+        self.inner.feed(encode(msg)).await?;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ProtoError> {
+        SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
+        Ok(())
+    }
+
+    /// Feeds every message from `rx` as it comes, flushing whenever the queue runs dry; returns
+    /// when `rx` closes or the socket fails.
+    pub async fn pump(
+        mut self,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Tx>,
+    ) -> Result<(), ProtoError> {
+        while let Some(msg) = rx.recv().await {
+            self.feed(&msg).await?;
+            while let Ok(more) = rx.try_recv() {
+                self.feed(&more).await?;
+            }
+            self.flush().await?;
+        }
+        let _ = SinkExt::<bytes::Bytes>::close(&mut self.inner).await;
+        Ok(())
+    }
+}
+
+/// The TLS stream on the controller's side.
+pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+/// The TLS stream on a client's or engine's side.
+pub type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The controller's view of a client connection.
+pub type ClientConn = Conn<ServerStream, ClientToController, ControllerToClient>;
+/// The controller's view of an engine connection.
+pub type EngineConn = Conn<ServerStream, EngineToController, ControllerToEngine>;
+
+/// A connection that passed the handshake, typed by the peer's role.
+pub enum Accepted {
+    Client(ClientConn),
+    Engine(EngineConn),
+}
+
+/// The keys the controller checks peers against.
+#[derive(Debug, Clone)]
+pub struct ServerKeys {
+    pub client: Key,
+    pub engine: Key,
+}
+
+/// Controller side: TLS, then the handshake. A refusal is sent to the peer before the error is
+/// returned, so both sides can say why.
+pub async fn accept(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    keys: &ServerKeys,
+    max_frame: usize,
+) -> Result<Accepted, ProtoError> {
+    tcp.set_nodelay(true)?;
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| ProtoError::HandshakeTimeout(HANDSHAKE_TIMEOUT.as_secs()))?
+        .map_err(|e| ProtoError::Tls(e.to_string()))?;
+    let hs = ServerHandshake::new();
+    let mut conn: Conn<ServerStream, Auth, Hello> = Conn::new(tls, max_frame);
+    conn.send(&hs.hello()).await?;
+    let auth = conn.recv_within(HANDSHAKE_TIMEOUT).await?;
+    let mut conn: Conn<ServerStream, (), Verdict> = conn.retype();
+    match hs.verify(&auth, &keys.client, &keys.engine) {
+        Ok(role) => {
+            conn.send(&Verdict::Welcome).await?;
+            Ok(match role {
+                Role::Client => Accepted::Client(conn.retype()),
+                Role::Engine => Accepted::Engine(conn.retype()),
+            })
+        }
+        Err(refusal) => {
+            let _ = conn.send(&Verdict::Refused(refusal.clone())).await;
+            Err(ProtoError::Refused(refusal))
+        }
+    }
+}
+
+/// Client or engine side: connect, TLS with the pinned certificate, answer the handshake.
+pub async fn connect<Rx: DeserializeOwned, Tx: Serialize>(
+    addr: &str,
+    pinned_cert_pem: &str,
+    role: Role,
+    key: &Key,
+    max_frame: usize,
+) -> Result<Conn<PeerStream, Rx, Tx>, ProtoError> {
+    let connector = super::tls::connector(pinned_cert_pem)?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            ProtoError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from {addr} within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            ))
+        })??;
+    tcp.set_nodelay(true)?;
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        connector.connect(super::tls::server_name(), tcp),
+    )
+    .await
+    .map_err(|_| ProtoError::HandshakeTimeout(HANDSHAKE_TIMEOUT.as_secs()))?
+    .map_err(|e| ProtoError::Tls(e.to_string()))?;
+    let mut conn: Conn<PeerStream, Hello, Auth> = Conn::new(tls, max_frame);
+    let hello = conn.recv_within(HANDSHAKE_TIMEOUT).await?;
+    conn.send(&auth::answer(&hello, role, key)).await?;
+    let mut conn: Conn<PeerStream, Verdict, ()> = conn.retype();
+    match conn.recv_within(HANDSHAKE_TIMEOUT).await? {
+        Verdict::Welcome => Ok(conn.retype()),
+        Verdict::Refused(r) => Err(ProtoError::Refused(r)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn messages_round_trip_through_frames() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut tx: Conn<_, (), super::super::ClientToController> = Conn::new(a, 1024);
+        let mut rx: Conn<_, super::super::ClientToController, ()> = Conn::new(b, 1024);
+        let msg = super::super::ClientToController {
+            id: 7,
+            body: super::super::ClientRequest::Ids,
+        };
+        tx.send(&msg).await.unwrap();
+        assert_eq!(rx.recv().await.unwrap(), Some(msg));
+        drop(tx);
+        assert_eq!(rx.recv().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn garbage_and_oversized_frames_are_errors_not_panics() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut rx: Conn<_, super::super::ClientToController, ()> = Conn::new(b, 1024);
+        a.write_all(&[0, 0, 0, 3, 0xc1, 0xff, 0x00]).await.unwrap();
+        assert!(matches!(rx.recv().await, Err(ProtoError::Malformed(_))));
+
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut rx: Conn<_, super::super::ClientToController, ()> = Conn::new(b, 1024);
+        a.write_all(&[0x7f, 0xff, 0xff, 0xff]).await.unwrap();
+        let err = rx.recv().await.unwrap_err();
+        assert!(matches!(err, ProtoError::Malformed(_)), "{err:?}");
+    }
+}

@@ -1,0 +1,474 @@
+//! Every message between client, controller and engine, and how they travel.
+//!
+//! - [`tls`]: TLS 1.3 with the cluster's own pinned certificate.
+//! - [`auth`]: the handshake — protocol version and an HMAC challenge with separate client and
+//!   engine keys — as a pure state machine.
+//! - [`conn`]: length-delimited MessagePack frames with a hard size limit, and connections
+//!   typed by what they receive and send, so a message cannot go down the wrong socket.
+//! - [`value`]: the values that code returns and takes.
+//!
+//! One enum per direction: [`ClientToController`], [`ControllerToClient`],
+//! [`EngineToController`], [`ControllerToEngine`].
+
+pub mod auth;
+pub mod conn;
+pub mod tls;
+pub mod value;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+pub use value::Value;
+
+/// Bumped whenever a message changes shape; checked in the handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default hard limit on one frame (64 MiB): large enough for a big push or a map chunk, small
+/// enough that a garbage length prefix cannot make a peer allocate gigabytes.
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Errors of the wire layer. Each closes only the connection it happened on.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("network error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("a frame could not be decoded ({0}); the peer is not speaking starling's protocol")]
+    Malformed(String),
+    #[error("the connection closed")]
+    Closed,
+    #[error("the controller refused this connection: {0}")]
+    Refused(#[from] auth::Refusal),
+    #[error("no answer within {0} s during the handshake")]
+    HandshakeTimeout(u64),
+    #[error("unexpected message during the handshake")]
+    Unexpected,
+}
+
+/// Microseconds since the Unix epoch: timestamps on the wire and in the task store.
+pub type Micros = u64;
+
+/// Now, as [`Micros`].
+pub fn now_micros() -> Micros {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident($inner:ty)) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub $inner);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// An engine's number, stable for its life, also across kernel restarts.
+    EngineId(u32)
+);
+id_type!(
+    /// One submission from a client: a `px`, a map, a push.
+    JobId(u64)
+);
+id_type!(
+    /// One unit of work on one engine.
+    TaskId(u64)
+);
+
+/// Which engines a direct job runs on. Python slice syntax counts positions in the sorted list of
+/// engine ids, like ipyparallel's `--targets`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Targets {
+    All,
+    Ids(Vec<EngineId>),
+    Slice {
+        start: Option<i64>,
+        stop: Option<i64>,
+        step: Option<i64>,
+    },
+}
+
+impl Targets {
+    /// Parses `all`, `3`, `0,2,5` or a slice such as `::2`, `:-1`, `1:3`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() || text == "all" {
+            return Ok(Targets::All);
+        }
+        let bad = || {
+            format!(
+                "bad --targets '{text}': use an engine id (3), a list (0,2,5), a slice (::2, :-1, 1:3) or 'all'"
+            )
+        };
+        if text.contains(':') {
+            let parts: Vec<&str> = text.split(':').collect();
+            if parts.len() > 3 {
+                return Err(bad());
+            }
+            let num = |s: &str| -> Result<Option<i64>, String> {
+                let s = s.trim();
+                if s.is_empty() {
+                    Ok(None)
+                } else {
+                    s.parse().map(Some).map_err(|_| bad())
+                }
+            };
+            let step = if parts.len() == 3 {
+                num(parts[2])?
+            } else {
+                None
+            };
+            if step == Some(0) {
+                return Err(format!(
+                    "bad --targets '{text}': a slice step cannot be zero"
+                ));
+            }
+            return Ok(Targets::Slice {
+                start: num(parts[0])?,
+                stop: num(parts[1])?,
+                step,
+            });
+        }
+        let ids = text
+            .split(',')
+            .map(|s| s.trim().parse::<u32>().map(EngineId).map_err(|_| bad()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Targets::Ids(ids))
+    }
+
+    /// The engines these targets name, given the registered ids in ascending order.
+    pub fn resolve(&self, ids: &[EngineId]) -> Result<Vec<EngineId>, String> {
+        let chosen = match self {
+            Targets::All => ids.to_vec(),
+            Targets::Ids(want) => {
+                for id in want {
+                    if !ids.contains(id) {
+                        return Err(format!(
+                            "there is no engine {id}; the engines are {}",
+                            format_ids(ids)
+                        ));
+                    }
+                }
+                want.clone()
+            }
+            Targets::Slice { start, stop, step } => slice(ids, *start, *stop, step.unwrap_or(1)),
+        };
+        if chosen.is_empty() {
+            return Err(if ids.is_empty() {
+                "no engine is registered yet; `starling status` shows the cluster".to_string()
+            } else {
+                format!(
+                    "the targets select no engine; the engines are {}",
+                    format_ids(ids)
+                )
+            });
+        }
+        Ok(chosen)
+    }
+}
+
+impl From<EngineId> for Targets {
+    fn from(id: EngineId) -> Self {
+        Targets::Ids(vec![id])
+    }
+}
+
+impl From<Vec<EngineId>> for Targets {
+    fn from(ids: Vec<EngineId>) -> Self {
+        Targets::Ids(ids)
+    }
+}
+
+/// Formats ids like Python prints a list: `[0, 1, 2]`.
+pub fn format_ids(ids: &[EngineId]) -> String {
+    let inner: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    format!("[{}]", inner.join(", "))
+}
+
+fn slice<T: Clone>(items: &[T], start: Option<i64>, stop: Option<i64>, step: i64) -> Vec<T> {
+    let len = items.len() as i64;
+    let clamp = |i: i64, lo: i64, hi: i64| i.max(lo).min(hi);
+    let norm = |i: i64| if i < 0 { i + len } else { i };
+    let mut out = Vec::new();
+    if step > 0 {
+        let s = start.map_or(0, |i| clamp(norm(i), 0, len));
+        let e = stop.map_or(len, |i| clamp(norm(i), 0, len));
+        let mut i = s;
+        while i < e {
+            out.push(items[i as usize].clone());
+            i += step;
+        }
+    } else {
+        let s = start.map_or(len - 1, |i| clamp(norm(i), -1, len - 1));
+        let e = stop.map_or(-1, |i| clamp(norm(i), -1, len - 1));
+        let mut i = s;
+        while i > e {
+            out.push(items[i as usize].clone());
+            i += step;
+        }
+    }
+    out
+}
+
+/// Which kernel runs a piece of code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KernelKind {
+    /// A persistent `python3` with its own namespace.
+    Python,
+    /// `bash -c` per task, in the engine's working directory.
+    Shell,
+}
+
+/// What one task asks of a kernel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Work {
+    /// Python code; the value of a final expression is the result, like IPython's `Out`.
+    Execute { code: String },
+    /// A shell command; its exit status decides success.
+    Shell { command: String },
+    /// Calls a Python callable — an expression such as `lambda x: x*x`, or a name defined on the
+    /// engine — with these arguments; its return value is the result.
+    Apply { func: String, args: Vec<Value> },
+}
+
+/// A submission from a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum JobSpec {
+    /// The same work on each of the targeted engines.
+    Direct { targets: Targets, work: Work },
+}
+
+/// What a job is, as the controller reports it on submit or subscribe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub job: JobId,
+    pub submitted: Micros,
+    /// Each task and the engine it runs on, in the order results are reported by `get()`.
+    pub tasks: Vec<(TaskId, EngineId)>,
+}
+
+/// An error raised by user code, or by the cluster on its behalf (a lost engine, a dead kernel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// The exception's type name (`ZeroDivisionError`), or `EngineLost`, `KernelDied`, …
+    pub ename: String,
+    pub evalue: String,
+    /// The formatted traceback, as Python prints it; may be empty.
+    pub traceback: String,
+}
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.ename, self.evalue)
+    }
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// `display` is the `repr` of a final expression's value, like IPython's `Out[...]`; `None`
+    /// when the code ended in a statement or the value was `None`.
+    Ok {
+        value: Value,
+        display: Option<String>,
+    },
+    Err(RemoteError),
+}
+
+/// The result of one task, with its captured output and timing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task: TaskId,
+    pub engine: EngineId,
+    pub outcome: Outcome,
+    pub stdout: String,
+    pub stderr: String,
+    /// The engine's execution counter, like IPython's `In [n]`.
+    pub execution_count: u64,
+    pub started: Micros,
+    pub completed: Micros,
+}
+
+/// Client → controller: a request, numbered so replies can be matched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientToController {
+    pub id: u64,
+    pub body: ClientRequest,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// The registered engine ids, ascending.
+    Ids,
+    Status,
+    /// Replies once at least `count` engines are registered, or with an error after the timeout.
+    WaitEngines {
+        count: u32,
+        timeout_ms: u64,
+    },
+    /// Replies [`Reply::Job`]; results follow as [`ControllerToClient::Results`].
+    Submit(JobSpec),
+    /// Attach to a job by id, also one another client submitted: replies [`Reply::Job`], then
+    /// every result already in, then the rest as they complete.
+    Subscribe {
+        job: JobId,
+    },
+    /// Stop the engines and the controller.
+    Shutdown,
+}
+
+/// Client ← controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControllerToClient {
+    Reply {
+        id: u64,
+        body: Reply,
+    },
+    /// Results of a job this client submitted or subscribed to, as they complete.
+    Results {
+        job: JobId,
+        results: Vec<TaskResult>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    Ids(Vec<EngineId>),
+    Status(ClusterStatus),
+    Job(JobInfo),
+    Done,
+    Error(String),
+}
+
+/// What `starling status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster: String,
+    pub controller_pid: u32,
+    pub engines: Vec<EngineStatus>,
+    /// Tasks waiting or running across all engines.
+    pub queued: u64,
+    pub jobs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStatus {
+    pub id: EngineId,
+    pub node: String,
+    pub host: String,
+    /// The kernel's process id (what `os.getpid()` prints on that engine).
+    pub pid: u32,
+    pub state: EngineState,
+    pub tasks_done: u64,
+    /// Tasks assigned and not finished, the running one included.
+    pub queued: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EngineState {
+    Idle,
+    Busy,
+}
+
+impl std::fmt::Display for EngineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineState::Idle => "idle",
+            EngineState::Busy => "busy",
+        })
+    }
+}
+
+/// Engine process → controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EngineToController {
+    /// First message after the handshake: one engine process with `kernel_pids.len()` engines.
+    Register {
+        node: String,
+        host: String,
+        kernel_pids: Vec<u32>,
+    },
+    Heartbeat,
+    Done(Vec<TaskResult>),
+    /// A kernel died and was replaced; the engine keeps its id.
+    KernelRestarted {
+        engine: EngineId,
+        pid: u32,
+        reason: String,
+    },
+}
+
+/// Controller → engine process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ControllerToEngine {
+    /// The ids of this process's engines, in slot order, and how often to send heartbeats.
+    Registered {
+        ids: Vec<EngineId>,
+        heartbeat_ms: u64,
+    },
+    /// Work to do, several tasks a frame; each engine runs its tasks in order.
+    Run(Vec<Assignment>),
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task: TaskId,
+    pub engine: EngineId,
+    pub work: Work,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: u32) -> Vec<EngineId> {
+        (0..n).map(EngineId).collect()
+    }
+
+    fn pick(t: &str) -> Vec<u32> {
+        Targets::parse(t)
+            .unwrap()
+            .resolve(&ids(4))
+            .unwrap()
+            .iter()
+            .map(|e| e.0)
+            .collect()
+    }
+
+    #[test]
+    fn targets_follow_python_slices() {
+        assert_eq!(pick("all"), vec![0, 1, 2, 3]);
+        assert_eq!(pick(":-1"), vec![0, 1, 2]);
+        assert_eq!(pick("::2"), vec![0, 2]);
+        assert_eq!(pick("1:3"), vec![1, 2]);
+        assert_eq!(pick("-1:"), vec![3]);
+        assert_eq!(pick("::-1"), vec![3, 2, 1, 0]);
+        assert_eq!(pick("1"), vec![1]);
+        assert_eq!(pick("0,3"), vec![0, 3]);
+    }
+
+    #[test]
+    fn bad_targets_say_what_is_allowed() {
+        assert!(Targets::parse("x")
+            .unwrap_err()
+            .contains("use an engine id"));
+        assert!(Targets::parse("::0")
+            .unwrap_err()
+            .contains("cannot be zero"));
+        let err = Targets::parse("7").unwrap().resolve(&ids(4)).unwrap_err();
+        assert_eq!(err, "there is no engine 7; the engines are [0, 1, 2, 3]");
+        let err = Targets::parse("5:").unwrap().resolve(&ids(4)).unwrap_err();
+        assert!(err.contains("select no engine"), "{err}");
+    }
+}

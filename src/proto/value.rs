@@ -1,0 +1,156 @@
+//! Values that travel between Rust, the controller and the kernels.
+//!
+//! JSON-compatible values travel as JSON values (carried inside MessagePack frames). A Python
+//! value with no faithful JSON form — a tuple, a set, a NumPy array, a float NaN, an int wider
+//! than 64 bits — travels as pickle bytes together with its `repr`, so a Rust client can show it
+//! and a Python client can use it.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    /// A JSON value; the Python kernel sends it as the matching Python object.
+    Json(serde_json::Value),
+    /// A Python object with no JSON form: its pickle and its `repr`.
+    Pickle { repr: String, bytes: Vec<u8> },
+    /// A Python object that could be neither JSON-encoded nor pickled (a module, an open
+    /// file): only its `repr` came back.
+    Opaque { repr: String },
+}
+
+impl Value {
+    /// The JSON form, if the value has one.
+    pub fn as_json(&self) -> Option<&serde_json::Value> {
+        match self {
+            Value::Json(v) => Some(v),
+            Value::Pickle { .. } | Value::Opaque { .. } => None,
+        }
+    }
+
+    /// The value as a Python programmer would see it: `repr` for pickled values, Python
+    /// literal syntax for JSON ones (`None`, `True`, `'text'`).
+    pub fn to_python_repr(&self) -> String {
+        match self {
+            Value::Pickle { repr, .. } | Value::Opaque { repr } => repr.clone(),
+            Value::Json(v) => python_repr(v),
+        }
+    }
+
+    /// Builds the form the Python kernel reads: plain JSON, or `{"__pickle__": b64}`.
+    pub(crate) fn to_kernel_json(&self) -> serde_json::Value {
+        use base64::Engine as _;
+        match self {
+            Value::Json(v) => v.clone(),
+            Value::Pickle { bytes, .. } => serde_json::json!({
+                "__starling_pickle__": base64::engine::general_purpose::STANDARD.encode(bytes)
+            }),
+            Value::Opaque { repr } => serde_json::json!({ "__starling_opaque__": repr }),
+        }
+    }
+}
+
+impl From<serde_json::Value> for Value {
+    fn from(v: serde_json::Value) -> Self {
+        Value::Json(v)
+    }
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_python_repr())
+    }
+}
+
+fn python_repr(v: &serde_json::Value) -> String {
+    use serde_json::Value as J;
+    match v {
+        J::Null => "None".into(),
+        J::Bool(true) => "True".into(),
+        J::Bool(false) => "False".into(),
+        J::Number(n) => {
+            if n.is_f64() {
+                let x = n.as_f64().unwrap_or(f64::NAN);
+                // Python prints floats with a point or an exponent, never as a bare integer.
+                let s = format!("{x:?}");
+                s.replace("e", "e+").replace("e+-", "e-")
+            } else {
+                n.to_string()
+            }
+        }
+        J::String(s) => python_str(s),
+        J::Array(items) => {
+            let inner: Vec<String> = items.iter().map(python_repr).collect();
+            format!("[{}]", inner.join(", "))
+        }
+        J::Object(map) => {
+            let inner: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{}: {}", python_str(k), python_repr(v)))
+                .collect();
+            format!("{{{}}}", inner.join(", "))
+        }
+    }
+}
+
+fn python_str(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_values_print_as_python_would() {
+        let cases = [
+            (json!(null), "None"),
+            (json!(true), "True"),
+            (json!(5050), "5050"),
+            (json!(0.5), "0.5"),
+            (json!(1.0), "1.0"),
+            (json!(1e300), "1e+300"),
+            (json!("it's"), "\"it's\""),
+            (json!("a\nb"), "'a\\nb'"),
+            (json!([1, "x", null]), "[1, 'x', None]"),
+            (json!({"a": [1, 2]}), "{'a': [1, 2]}"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(Value::Json(v).to_python_repr(), want);
+        }
+    }
+
+    #[test]
+    fn pickled_values_show_their_repr() {
+        let v = Value::Pickle {
+            repr: "(1, 2)".into(),
+            bytes: vec![1, 2, 3],
+        };
+        assert_eq!(v.to_string(), "(1, 2)");
+        assert!(v.as_json().is_none());
+    }
+}

@@ -1,0 +1,384 @@
+//! The `local` provider: a cluster of processes on this machine.
+//!
+//! `launch` writes the controller's and engine's config (mode 0600) under
+//! `~/.starling/node/<cluster>/<node>/`, starts `starlingd controller` and `starlingd engine` as
+//! daemons, each in its own process group with its log in its node directory, records their
+//! pids in `~/.starling/clusters/<cluster>/local.json`, writes the connection file, and waits
+//! for every engine to register. `terminate` asks the controller to stop, waits for the
+//! processes to exit, and kills whatever of theirs remains, by pid: every process of a local
+//! cluster carries [`MARK_VAR`] in its environment, so none is missed and no stranger is hit.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::{ClusterSummary, Launched, Provider, ProviderError, Terminated};
+use crate::client::connection::{known_clusters, ConnectionInfo, CONNECTION_FORMAT};
+use crate::client::Client;
+use crate::controller::ControllerConfig;
+use crate::engine::EngineConfig;
+use crate::home;
+use crate::proto::auth::Key;
+use crate::proto::tls::ClusterCert;
+use crate::spec::{ClusterSpec, ProviderKind};
+
+/// How long the controller may take to bind its port and say so.
+const CONTROLLER_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `down` waits for processes to exit after asking them to, before it kills them.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How often `down` looks whether the processes are gone.
+const EXIT_POLL: Duration = Duration::from_millis(5);
+
+/// The provider's record of a local cluster: `clusters/<name>/local.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LocalState {
+    cluster: String,
+    controller_pid: u32,
+    engine_pids: Vec<u32>,
+    node_root: PathBuf,
+}
+
+#[derive(Debug, Default)]
+pub struct LocalProvider;
+
+impl LocalProvider {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+fn state_path(cluster: &str) -> PathBuf {
+    home::cluster_dir(cluster).join("local.json")
+}
+
+fn load_state(cluster: &str) -> Option<LocalState> {
+    let text = std::fs::read_to_string(state_path(cluster)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The environment variable that marks every process of a local cluster — the daemons, and
+/// through inheritance their kernels and shell tasks — with the cluster's node root.
+pub const MARK_VAR: &str = "STARLING_NODE_ROOT";
+
+/// The live processes of the cluster whose node root is `node_root`, found by the mark in their
+/// environment; a reused pid is never mistaken for ours.
+pub fn our_processes(node_root: &Path) -> Vec<u32> {
+    let mark = format!("{MARK_VAR}={}", node_root.display());
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == mark.as_bytes()))
+        })
+        .filter(|pid| !is_zombie(*pid))
+        .collect()
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    if all.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\n--- last lines of {} ---\n{}",
+            path.display(),
+            all[start..].join("\n")
+        )
+    }
+}
+
+fn log_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+impl Provider for LocalProvider {
+    async fn launch(&self, spec: &ClusterSpec) -> Result<Launched, ProviderError> {
+        let started = Instant::now();
+        let name = spec.name.as_str();
+        home::check_name("cluster", name).map_err(ProviderError::Invalid)?;
+        let daemon = super::daemon_path()?;
+        let mut notes = Vec::new();
+        if let Some(old) = load_state(name) {
+            if !our_processes(&old.node_root).is_empty() {
+                return Err(ProviderError::AlreadyRunning {
+                    name: name.to_string(),
+                    pid: old.controller_pid,
+                });
+            }
+            notes.push(format!(
+                "cluster '{name}' had stopped without `down`; cleaned up what it left"
+            ));
+            remove_files(&old);
+        } else if home::connection_path(name).exists() {
+            return Err(ProviderError::Invalid(format!(
+                "a cluster named '{name}' from another provider exists on this machine; take it down first or pick another name"
+            )));
+        }
+
+        let cert =
+            ClusterCert::generate(name).map_err(|e| ProviderError::Invalid(e.to_string()))?;
+        let (client_key, engine_key) = (Key::generate(), Key::generate());
+        let node_root = home::node_dir(&home::home(), name, "")
+            .components()
+            .collect::<PathBuf>();
+        let master = node_root.join("master");
+        let node0 = node_root.join("node000");
+        for d in [&master, &node0] {
+            home::create_private_dir(&d.join("config"))?;
+            home::create_private_dir(&d.join("logs"))?;
+        }
+
+        // The controller.
+        let controller_config = ControllerConfig {
+            cluster: name.to_string(),
+            listen: "127.0.0.1:0".into(),
+            cert_pem: cert.cert_pem.clone(),
+            key_pem: cert.key_pem.clone(),
+            client_key: client_key.clone(),
+            engine_key: engine_key.clone(),
+            db: Some(master.join("tasks.db")),
+            heartbeat_ms: spec.heartbeat_ms,
+            max_frame: spec.max_frame(),
+        };
+        let cfg_path = master.join("config/controller.json");
+        home::write_private(
+            &cfg_path,
+            &serde_json::to_vec_pretty(&controller_config).expect("serializes"),
+        )?;
+        let controller_log = master.join("logs/controller.log");
+        let mut child = tokio::process::Command::new(&daemon)
+            .arg("controller")
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file(&controller_log)?)
+            .env(MARK_VAR, &node_root)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| ProviderError::Start {
+                what: "controller".into(),
+                why: format!("cannot run {}: {e}", daemon.display()),
+                log: String::new(),
+            })?;
+        let controller_pid = child.id().unwrap_or(0);
+        let mut state = LocalState {
+            cluster: name.to_string(),
+            controller_pid,
+            engine_pids: Vec::new(),
+            node_root: node_root.clone(),
+        };
+        home::write_private(
+            &state_path(name),
+            &serde_json::to_vec_pretty(&state).expect("serializes"),
+        )?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut first = String::new();
+        let read = tokio::time::timeout(
+            CONTROLLER_START_TIMEOUT,
+            BufReader::new(stdout).read_line(&mut first),
+        )
+        .await;
+        let addr = match (read, first.trim().strip_prefix("listening ")) {
+            (Ok(Ok(_)), Some(addr)) => addr.to_string(),
+            _ => {
+                let _ = self.terminate(name).await;
+                return Err(ProviderError::Start {
+                    what: "controller".into(),
+                    why: "it did not report its address".into(),
+                    log: tail(&controller_log, 20),
+                });
+            }
+        };
+        drop(child);
+
+        // The engines: one engine process on this machine, hosting them all.
+        let engines = spec.engines_per_node.resolve_here();
+        let engine_config = EngineConfig {
+            cluster: name.to_string(),
+            controller: addr.clone(),
+            cert_pem: cert.cert_pem.clone(),
+            engine_key,
+            node: "node000".into(),
+            host: "127.0.0.1".into(),
+            engines,
+            python: spec.python.clone(),
+            workdir: std::env::current_dir()?,
+            log: Some(node0.join("logs/kernels.log")),
+            max_frame: spec.max_frame(),
+        };
+        let ecfg_path = node0.join("config/engine.json");
+        home::write_private(
+            &ecfg_path,
+            &serde_json::to_vec_pretty(&engine_config).expect("serializes"),
+        )?;
+        let engine_log = node0.join("logs/engine.log");
+        let engine = std::process::Command::new(&daemon)
+            .arg("engine")
+            .arg("--config")
+            .arg(&ecfg_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(&engine_log)?)
+            .env(MARK_VAR, &node_root)
+            .process_group(0)
+            .spawn();
+        let engine = match engine {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = self.terminate(name).await;
+                return Err(ProviderError::Start {
+                    what: "engine process".into(),
+                    why: format!("cannot run {}: {e}", daemon.display()),
+                    log: String::new(),
+                });
+            }
+        };
+        state.engine_pids.push(engine.id());
+        home::write_private(
+            &state_path(name),
+            &serde_json::to_vec_pretty(&state).expect("serializes"),
+        )?;
+        for (dir, pid) in [(&master, controller_pid), (&node0, engine.id())] {
+            std::fs::write(dir.join("starlingd.pid"), format!("{pid}\n"))?;
+        }
+
+        let info = ConnectionInfo {
+            version: CONNECTION_FORMAT,
+            cluster: name.to_string(),
+            provider: ProviderKind::Local.to_string(),
+            controller: addr,
+            certificate: cert.cert_pem,
+            client_key,
+            ssh: None,
+            max_frame: spec.max_frame(),
+        };
+        let connection = home::connection_path(name);
+        info.save(&connection)?;
+
+        let timeout = Duration::from_secs(spec.register_timeout_s);
+        let registered = async {
+            let client = Client::connect_with(info).await?;
+            client.wait_for_engines(engines, timeout).await
+        };
+        match registered.await {
+            Ok(ids) => Ok(Launched {
+                cluster: name.to_string(),
+                connection,
+                engines: ids,
+                elapsed: started.elapsed(),
+                notes,
+            }),
+            Err(e) => {
+                let log = format!(
+                    "{}{}{}",
+                    tail(&engine_log, 20),
+                    tail(&node0.join("logs/kernels.log"), 20),
+                    tail(&controller_log, 10)
+                );
+                let _ = self.terminate(name).await;
+                Err(ProviderError::Start {
+                    what: "cluster".into(),
+                    why: format!("{e}; everything it started was stopped again"),
+                    log,
+                })
+            }
+        }
+    }
+
+    async fn terminate(&self, cluster: &str) -> Result<Terminated, ProviderError> {
+        home::check_name("cluster", cluster).map_err(ProviderError::Invalid)?;
+        let Some(state) = load_state(cluster) else {
+            return Err(ProviderError::NoSuchCluster(cluster.to_string()));
+        };
+        let live = our_processes(&state.node_root);
+        if !live.is_empty() {
+            // Politely first: the controller tells its engines to stop, and they their kernels.
+            if let Ok(info) = ConnectionInfo::load(&home::connection_path(cluster)) {
+                if let Ok(Ok(client)) =
+                    tokio::time::timeout(Duration::from_secs(2), Client::connect_with(info)).await
+                {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
+                }
+            }
+            let deadline = Instant::now() + STOP_GRACE;
+            while !our_processes(&state.node_root).is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(EXIT_POLL).await;
+            }
+            // Whatever is left — a hung daemon, a kernel stuck in C code — is killed by pid.
+            let deadline = Instant::now() + STOP_GRACE;
+            loop {
+                let left = our_processes(&state.node_root);
+                if left.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+                for pid in left {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                tokio::time::sleep(EXIT_POLL).await;
+            }
+        }
+        remove_files(&state);
+        Ok(Terminated {
+            cluster: cluster.to_string(),
+            stopped: live.len(),
+            was_dead: live.is_empty(),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<ClusterSummary>, ProviderError> {
+        let mut out = Vec::new();
+        for name in known_clusters() {
+            let Some(state) = load_state(&name) else {
+                continue;
+            };
+            let info = ConnectionInfo::load(&home::connection_path(&name)).ok();
+            let live = our_processes(&state.node_root);
+            let running = live.contains(&state.controller_pid);
+            out.push(ClusterSummary {
+                name,
+                provider: ProviderKind::Local,
+                state: if running { "running" } else { "stopped" }.into(),
+                controller: info.map(|i| i.controller).unwrap_or_default(),
+                engine_processes: state
+                    .engine_pids
+                    .iter()
+                    .filter(|p| live.contains(p))
+                    .count(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn remove_files(state: &LocalState) {
+    let _ = std::fs::remove_dir_all(home::cluster_dir(&state.cluster));
+    let _ = std::fs::remove_dir_all(&state.node_root);
+}
