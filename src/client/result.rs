@@ -95,7 +95,7 @@ impl std::fmt::Display for CompositeError {
             if n == 1 { "" } else { "s" }
         )?;
         for e in &self.errors {
-            write!(f, "\n[{}:{}] {}", e.engine, e.index, e.error)?;
+            write!(f, "\n[engine {}] {}", e.engine, e.error)?;
         }
         Ok(())
     }

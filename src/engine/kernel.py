@@ -7,6 +7,7 @@ import base64
 import builtins
 import io
 import json
+import linecache
 import math
 import os
 import pickle
@@ -90,6 +91,8 @@ def _error(e):
 
 
 def _execute(code, filename):
+    # Tracebacks then show the user's lines, as IPython's do.
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     tree = ast.parse(code, filename, "exec")
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):

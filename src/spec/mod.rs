@@ -38,16 +38,9 @@ impl std::fmt::Display for ProviderKind {
 }
 
 /// A number, or `auto` for one per core.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Count {
     N(u32),
-    Auto(AutoWord),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AutoWord {
     Auto,
 }
 
@@ -56,8 +49,43 @@ impl Count {
     pub fn resolve_here(self) -> u32 {
         match self {
             Count::N(n) => n,
-            Count::Auto(_) => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            Count::Auto => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         }
+    }
+}
+
+impl Serialize for Count {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Count::N(n) => s.serialize_u32(*n),
+            Count::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a whole number or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Count, E> {
+                u32::try_from(v).map(Count::N).map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Count, E> {
+                Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Count, E> {
+                if v == "auto" {
+                    Ok(Count::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -150,7 +178,7 @@ pub fn parse(origin: &str, text: &str) -> Result<ClusterSpec, SpecError> {
         engines_per_node: file
             .engines_per_node
             .or(defaults.engines_per_node)
-            .unwrap_or(Count::Auto(AutoWord::Auto)),
+            .unwrap_or(Count::Auto),
         python: file
             .python
             .or(defaults.python)
@@ -228,7 +256,7 @@ mod tests {
         );
         let s = parse("empty.yaml", "").unwrap();
         assert_eq!(s.heartbeat_ms, 1000);
-        assert_eq!(s.engines_per_node, Count::Auto(AutoWord::Auto));
+        assert_eq!(s.engines_per_node, Count::Auto);
     }
 
     #[test]
