@@ -116,7 +116,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Err(e) => {
             let mut msg = format!("error: {e}");
             for cause in e.chain().skip(1) {
-                msg.push_str(&format!("\n  caused by: {cause}"));
+                msg = format!("{msg}\n  caused by: {cause}");
             }
             eprintln!("{msg}");
             ExitCode::FAILURE

@@ -182,7 +182,7 @@ pub fn status(f: Format, s: &ClusterStatus) {
 pub fn list(f: Format, clusters: &[ClusterSummary]) {
     match f {
         Format::Text if clusters.is_empty() => {
-            println!("no clusters; `starling up --local -n 4` starts one")
+            println!("no clusters; `starling up --local -n 4` starts one");
         }
         Format::Text => {
             println!(

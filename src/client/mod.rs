@@ -62,11 +62,14 @@ pub enum ClientError {
     Remote(#[from] CompositeError),
 }
 
+/// Where a reply goes: the requester, with the job state when the reply creates one.
+type ReplySender = oneshot::Sender<(Reply, Option<Arc<JobState>>)>;
+
 struct Shared {
     info: ConnectionInfo,
     out: mpsc::UnboundedSender<ClientToController>,
     next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<(Reply, Option<Arc<JobState>>)>>>,
+    pending: Mutex<HashMap<u64, ReplySender>>,
     jobs: Mutex<HashMap<JobId, Weak<JobState>>>,
 }
 

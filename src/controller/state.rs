@@ -161,7 +161,7 @@ impl State {
                     });
                 }
             }
-            ClientRequest::Submit(spec) => match self.submit(comm, conn, spec) {
+            ClientRequest::Submit(spec) => match self.submit(comm, conn, &spec) {
                 Ok(info) => reply(comm, Reply::Job(info)),
                 Err(e) => reply(comm, Reply::Error(e)),
             },
@@ -197,7 +197,7 @@ impl State {
         &mut self,
         comm: &mut impl Comm,
         conn: ConnId,
-        spec: JobSpec,
+        spec: &JobSpec,
     ) -> Result<JobInfo, String> {
         let JobSpec::Direct { targets, work } = &spec;
         let chosen = targets.resolve(&self.ids())?;
@@ -226,7 +226,7 @@ impl State {
             submitted: now_micros(),
             tasks,
         };
-        comm.record_job(&info, &spec);
+        comm.record_job(&info, spec);
         self.jobs.insert(
             job,
             Job {

@@ -182,7 +182,7 @@ impl PythonKernel {
         }
         while replies.len() < tasks.len() {
             match self.read_line().await {
-                Ok(Some(reply)) => replies.push(decode_reply(reply)),
+                Ok(Some(reply)) => replies.push(decode_reply(&reply)),
                 Ok(None) => {
                     let why = self.exit_reason().await;
                     return BatchOutcome {
@@ -228,12 +228,12 @@ fn text(v: &Json, key: &str) -> String {
         .to_string()
 }
 
-fn decode_reply(v: Json) -> KernelReply {
+fn decode_reply(v: &Json) -> KernelReply {
     use base64::Engine as _;
     let outcome = if v.get("ok").and_then(Json::as_bool) == Some(true) {
         let value = if let Some(p) = v.get("p").and_then(Json::as_str) {
             Value::Pickle {
-                repr: text(&v, "r"),
+                repr: text(v, "r"),
                 bytes: base64::engine::general_purpose::STANDARD
                     .decode(p)
                     .unwrap_or_default(),
@@ -251,15 +251,15 @@ fn decode_reply(v: Json) -> KernelReply {
         }
     } else {
         Outcome::Err(RemoteError {
-            ename: text(&v, "ename"),
-            evalue: text(&v, "evalue"),
-            traceback: text(&v, "traceback"),
+            ename: text(v, "ename"),
+            evalue: text(v, "evalue"),
+            traceback: text(v, "traceback"),
         })
     };
     KernelReply {
         outcome,
-        stdout: text(&v, "out"),
-        stderr: text(&v, "err"),
+        stdout: text(v, "out"),
+        stderr: text(v, "err"),
         execution_count: v.get("n").and_then(Json::as_u64).unwrap_or(0),
         started: v.get("t0").and_then(Json::as_u64).unwrap_or(0),
         completed: v.get("t1").and_then(Json::as_u64).unwrap_or(0),

@@ -170,7 +170,7 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
                             let _ = tx.send(tasks);
                         }
                         None => {
-                            tracing::warn!(engine = %id, "work for an engine this process does not host")
+                            tracing::warn!(engine = %id, "work for an engine this process does not host");
                         }
                     }
                 }
@@ -179,7 +179,7 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
                 break "the controller asked this engine to stop".to_string()
             }
             Ok(Some(ControllerToEngine::Registered { .. })) => {
-                tracing::warn!("registered twice; ignored")
+                tracing::warn!("registered twice; ignored");
             }
             Ok(None) => break "the controller closed the connection".to_string(),
             Err(e) => break format!("the connection to the controller failed: {e}"),

@@ -5,6 +5,8 @@
 //! than 64 bits — travels as pickle bytes together with its `repr`, so a Rust client can show it
 //! and a Python client can use it.
 
+use std::fmt::Write as _;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,7 +74,7 @@ fn python_repr(v: &serde_json::Value) -> String {
                 let x = n.as_f64().unwrap_or(f64::NAN);
                 // Python prints floats with a point or an exponent, never as a bare integer.
                 let s = format!("{x:?}");
-                s.replace("e", "e+").replace("e+-", "e-")
+                s.replace('e', "e+").replace("e+-", "e-")
             } else {
                 n.to_string()
             }
@@ -111,7 +113,7 @@ fn python_str(s: &str) -> String {
                 out.push(c);
             }
             c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32));
+                let _ = write!(out, "\\x{:02x}", c as u32);
             }
             c => out.push(c),
         }

@@ -72,7 +72,9 @@ impl<'de> Deserialize<'de> for Count {
                 f.write_str("a whole number or \"auto\"")
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Count, E> {
-                u32::try_from(v).map(Count::N).map_err(|_| E::custom(format!("{v} is too large")))
+                u32::try_from(v)
+                    .map(Count::N)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Count, E> {
                 Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self))
@@ -152,7 +154,7 @@ fn invalid(origin: &str, err: &serde_yaml::Error) -> SpecError {
     }
 }
 
-fn field_error(origin: &str, field: &str, message: String) -> SpecError {
+fn field_error(origin: &str, field: &str, message: &str) -> SpecError {
     SpecError::Invalid {
         origin: origin.to_string(),
         location: String::new(),
@@ -205,33 +207,33 @@ pub fn load(path: &Path) -> Result<ClusterSpec, SpecError> {
 
 impl ClusterSpec {
     fn validate(&self, origin: &str) -> Result<(), SpecError> {
-        home::check_name("cluster", &self.name).map_err(|m| field_error(origin, "name", m))?;
+        home::check_name("cluster", &self.name).map_err(|m| field_error(origin, "name", &m))?;
         if self.engines_per_node == Count::N(0) {
             return Err(field_error(
                 origin,
                 "engines_per_node",
-                "must be at least 1, or \"auto\"".into(),
+                "must be at least 1, or \"auto\"",
             ));
         }
         if !(10..=600_000).contains(&self.heartbeat_ms) {
             return Err(field_error(
                 origin,
                 "heartbeat_ms",
-                format!("{} is out of range; use 10 to 600000", self.heartbeat_ms),
+                &format!("{} is out of range; use 10 to 600000", self.heartbeat_ms),
             ));
         }
         if !(1..=4096).contains(&self.max_frame_mb) {
             return Err(field_error(
                 origin,
                 "max_frame_mb",
-                format!("{} is out of range; use 1 to 4096", self.max_frame_mb),
+                &format!("{} is out of range; use 1 to 4096", self.max_frame_mb),
             ));
         }
         if self.python.trim().is_empty() {
             return Err(field_error(
                 origin,
                 "python",
-                "must name an interpreter, e.g. python3".into(),
+                "must name an interpreter, e.g. python3",
             ));
         }
         Ok(())

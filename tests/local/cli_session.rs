@@ -7,56 +7,118 @@ fn the_readme_session_works_line_by_line() {
     let c = Cluster::new("session");
     let up = c.starling(&["up", "--local", "-n", "4"]);
     up.ok();
-    assert!(up.stdout.contains("cluster 'session' is up: 4 engines [0, 1, 2, 3] registered"), "{}", up.stdout);
+    assert!(
+        up.stdout
+            .contains("cluster 'session' is up: 4 engines [0, 1, 2, 3] registered"),
+        "{}",
+        up.stdout
+    );
 
     assert_eq!(c.starling(&["ids"]).ok().stdout.trim(), "[0, 1, 2, 3]");
 
     let px = c.starling(&["px", "sum(range(101))"]);
-    assert_eq!(px.ok().lines(), vec!["Out[0:1]: 5050", "Out[1:1]: 5050", "Out[2:1]: 5050", "Out[3:1]: 5050"]);
+    assert_eq!(
+        px.ok().lines(),
+        vec![
+            "Out[0:1]: 5050",
+            "Out[1:1]: 5050",
+            "Out[2:1]: 5050",
+            "Out[3:1]: 5050"
+        ]
+    );
 
     // Slices pick engines by position, like ipyparallel's --targets.
     let pids = c.starling(&["px", "--targets", ":-1", "import os; print(os.getpid())"]);
     let lines = pids.ok().lines();
     assert_eq!(lines.len(), 3, "{lines:?}");
     for (i, line) in lines.iter().enumerate() {
-        let pid = line.strip_prefix(&format!("[stdout:{i}] ")).unwrap_or_else(|| panic!("{line}"));
+        let pid = line
+            .strip_prefix(&format!("[stdout:{i}] "))
+            .unwrap_or_else(|| panic!("{line}"));
         assert!(pid.parse::<u32>().is_ok(), "{line}");
     }
 
     // State persists per engine.
     c.starling(&["px", "--targets", "1", "x = 10"]).ok();
     let x = c.starling(&["px", "--targets", "1", "x"]);
-    assert!(x.ok().stdout.starts_with("Out[1:") && x.stdout.trim_end().ends_with("]: 10"), "{}", x.stdout);
+    assert!(
+        x.ok().stdout.starts_with("Out[1:") && x.stdout.trim_end().ends_with("]: 10"),
+        "{}",
+        x.stdout
+    );
     let missing = c.starling(&["px", "--targets", "2", "x"]);
-    assert!(missing.fails().stdout.contains("[2:error] NameError: name 'x' is not defined"), "{}", missing.stdout);
+    assert!(
+        missing
+            .fails()
+            .stdout
+            .contains("[2:error] NameError: name 'x' is not defined"),
+        "{}",
+        missing.stdout
+    );
 
     // Non-blocking: returns at once with a job id; `result` waits and prints the outputs.
-    let nb = c.starling(&["px", "--noblock", "import time, os; time.sleep(1); os.getpid()"]);
+    let nb = c.starling(&[
+        "px",
+        "--noblock",
+        "import time, os; time.sleep(1); os.getpid()",
+    ]);
     let text = nb.ok().stdout.clone();
-    assert!(text.starts_with("job ") && text.contains("submitted to engines [0, 1, 2, 3]"), "{text}");
+    assert!(
+        text.starts_with("job ") && text.contains("submitted to engines [0, 1, 2, 3]"),
+        "{text}"
+    );
     let status = c.starling(&["status", "--output", "json"]).ok().json();
-    assert_eq!(status["queued"], 4, "the sleeping job is still running: {status}");
+    assert_eq!(
+        status["queued"], 4,
+        "the sleeping job is still running: {status}"
+    );
     let res = c.starling(&["result"]);
-    let outs: Vec<&str> = res.ok().lines().into_iter().filter(|l| l.starts_with("Out[")).collect();
+    let outs: Vec<&str> = res
+        .ok()
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("Out["))
+        .collect();
     assert_eq!(outs.len(), 4, "{}", res.stdout);
 
     // Shell kernel.
     let sh = c.starling(&["px", "--sh", "hostname; echo engine=$STARLING_ENGINE_ID"]);
     for i in 0..4 {
-        assert!(sh.ok().stdout.contains(&format!("engine={i}")), "{}", sh.stdout);
+        assert!(
+            sh.ok().stdout.contains(&format!("engine={i}")),
+            "{}",
+            sh.stdout
+        );
     }
     let sh_fail = c.starling(&["px", "--sh", "--targets", "0", "echo oops >&2; exit 3"]);
-    assert!(sh_fail.fails().stdout.contains("[stderr:0] oops"), "{}", sh_fail.stdout);
-    assert!(sh_fail.stdout.contains("[0:error] ShellError: the command exited with status 3"), "{}", sh_fail.stdout);
+    assert!(
+        sh_fail.fails().stdout.contains("[stderr:0] oops"),
+        "{}",
+        sh_fail.stdout
+    );
+    assert!(
+        sh_fail
+            .stdout
+            .contains("[0:error] ShellError: the command exited with status 3"),
+        "{}",
+        sh_fail.stdout
+    );
 
     // Status: one row per engine with id, host, pid, state and tasks done.
     let st = c.starling(&["status"]);
     let text = st.ok().stdout.clone();
-    assert!(text.starts_with("cluster 'session': controller pid "), "{text}");
+    assert!(
+        text.starts_with("cluster 'session': controller pid "),
+        "{text}"
+    );
     assert!(text.contains("4 engines, 0 tasks queued"), "{text}");
     let rows: Vec<&str> = text.lines().skip(2).collect();
     assert_eq!(rows.len(), 4, "{text}");
-    assert!(rows.iter().all(|r| r.contains("127.0.0.1") && r.contains("idle")), "{text}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("127.0.0.1") && r.contains("idle")),
+        "{text}"
+    );
 
     let json = c.starling(&["status", "--output", "json"]).ok().json();
     let engines = json["engines"].as_array().unwrap();
@@ -66,24 +128,54 @@ fn the_readme_session_works_line_by_line() {
     // down: nothing of ours remains.
     assert!(!c.processes().is_empty());
     let down = c.starling(&["down"]);
-    assert!(down.ok().stdout.contains("cluster 'session' is down"), "{}", down.stdout);
-    assert!(c.processes().is_empty(), "processes left after down: {:?}", c.processes());
+    assert!(
+        down.ok().stdout.contains("cluster 'session' is down"),
+        "{}",
+        down.stdout
+    );
+    assert!(
+        c.processes().is_empty(),
+        "processes left after down: {:?}",
+        c.processes()
+    );
     assert!(!c.connection_file().exists());
     let after = c.starling(&["ids"]);
-    assert!(after.fails().stderr.contains("there is no cluster 'session'"), "{}", after.stderr);
+    assert!(
+        after
+            .fails()
+            .stderr
+            .contains("there is no cluster 'session'"),
+        "{}",
+        after.stderr
+    );
 }
 
 #[test]
 fn json_output_is_one_document_for_scripts() {
     let c = Cluster::up("jsonout", 2);
-    assert_eq!(c.starling(&["ids", "--output", "json"]).ok().json(), serde_json::json!([0, 1]));
-    let px = c.starling(&["px", "--output", "json", "[1, 'a', None]"]).ok().json();
+    assert_eq!(
+        c.starling(&["ids", "--output", "json"]).ok().json(),
+        serde_json::json!([0, 1])
+    );
+    let px = c
+        .starling(&["px", "--output", "json", "[1, 'a', None]"])
+        .ok()
+        .json();
     assert_eq!(px[0]["value"], serde_json::json!([1, "a", null]));
     assert_eq!(px[1]["display"], "[1, 'a', None]");
-    let nb = c.starling(&["px", "--noblock", "--output", "json", "(1, 2)"]).ok().json();
+    let nb = c
+        .starling(&["px", "--noblock", "--output", "json", "(1, 2)"])
+        .ok()
+        .json();
     let job = nb["job"].as_u64().unwrap();
-    let res = c.starling(&["result", &job.to_string(), "--output", "json"]).ok().json();
-    assert_eq!(res[0]["value"]["repr"], "(1, 2)", "a tuple has no JSON form: {res}");
+    let res = c
+        .starling(&["result", &job.to_string(), "--output", "json"])
+        .ok()
+        .json();
+    assert_eq!(
+        res[0]["value"]["repr"], "(1, 2)",
+        "a tuple has no JSON form: {res}"
+    );
     let list = c.starling_raw(&["list", "--output", "json"]).ok().json();
     assert_eq!(list[0]["name"], "jsonout");
     assert_eq!(list[0]["state"], "running");
@@ -97,19 +189,45 @@ fn the_only_cluster_is_found_without_naming_it_and_two_need_a_name() {
     let b = a.starling_raw(&["up", "--local", "-n", "1", "--name", "second"]);
     b.ok();
     let either = a.starling_raw(&["ids"]);
-    assert!(either.fails().stderr.contains("there are 2 clusters (first, second); say which with --cluster NAME"), "{}", either.stderr);
-    assert_eq!(a.starling_raw(&["ids", "--cluster", "second"]).ok().stdout.trim(), "[0]");
+    assert!(
+        either
+            .fails()
+            .stderr
+            .contains("there are 2 clusters (first, second); say which with --cluster NAME"),
+        "{}",
+        either.stderr
+    );
+    assert_eq!(
+        a.starling_raw(&["ids", "--cluster", "second"])
+            .ok()
+            .stdout
+            .trim(),
+        "[0]"
+    );
     let conn = a.home_path().join("clusters/second/connection.json");
-    assert_eq!(a.starling_raw(&["ids", "--connection", conn.to_str().unwrap()]).ok().stdout.trim(), "[0]");
+    assert_eq!(
+        a.starling_raw(&["ids", "--connection", conn.to_str().unwrap()])
+            .ok()
+            .stdout
+            .trim(),
+        "[0]"
+    );
     a.starling_raw(&["down", "--cluster", "second"]).ok();
 }
 
 #[test]
 fn result_with_a_timeout_says_how_far_the_job_got() {
     let c = Cluster::up("slowjob", 1);
-    c.starling(&["px", "--noblock", "import time; time.sleep(3)"]).ok();
+    c.starling(&["px", "--noblock", "import time; time.sleep(3)"])
+        .ok();
     let r = c.starling(&["result", "--timeout", "0.2"]);
-    assert!(r.fails().stderr.contains("is not done after 0.2 s (0 of 1 tasks finished)"), "{}", r.stderr);
+    assert!(
+        r.fails()
+            .stderr
+            .contains("is not done after 0.2 s (0 of 1 tasks finished)"),
+        "{}",
+        r.stderr
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = c.client().await;

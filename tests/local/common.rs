@@ -1,6 +1,7 @@
 //! The harness: a private STARLING_HOME per test, the real `starling` binary, and a guard that
 //! takes the cluster down — and prints its logs if the test failed — whatever happens.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -19,13 +20,21 @@ pub struct Run {
 impl Run {
     #[track_caller]
     pub fn ok(&self) -> &Self {
-        assert_eq!(self.code, 0, "expected success\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 
     #[track_caller]
     pub fn fails(&self) -> &Self {
-        assert_ne!(self.code, 0, "expected failure\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_ne!(
+            self.code, 0,
+            "expected failure\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 
@@ -34,7 +43,8 @@ impl Run {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
     }
 }
 
@@ -49,7 +59,10 @@ impl Cluster {
     /// A home with no cluster yet.
     pub fn new(name: &str) -> Self {
         Self {
-            home: tempfile::Builder::new().prefix("starling-test-").tempdir().expect("a temp dir"),
+            home: tempfile::Builder::new()
+                .prefix("starling-test-")
+                .tempdir()
+                .expect("a temp dir"),
             name: name.to_string(),
             workdir: tempfile::tempdir().expect("a temp dir"),
         }
@@ -58,7 +71,8 @@ impl Cluster {
     /// `starling up --local -n N` and checks it worked.
     pub fn up(name: &str, engines: u32) -> Self {
         let c = Self::new(name);
-        c.starling(&["up", "--local", "-n", &engines.to_string()]).ok();
+        c.starling(&["up", "--local", "-n", &engines.to_string()])
+            .ok();
         c
     }
 
@@ -90,7 +104,11 @@ impl Cluster {
     }
 
     pub fn connection_file(&self) -> PathBuf {
-        self.home.path().join("clusters").join(&self.name).join("connection.json")
+        self.home
+            .path()
+            .join("clusters")
+            .join(&self.name)
+            .join("connection.json")
     }
 
     pub fn node_root(&self) -> PathBuf {
@@ -98,7 +116,9 @@ impl Cluster {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(self.connection_file()).await.expect("the client connects")
+        Client::connect(self.connection_file())
+            .await
+            .expect("the client connects")
     }
 
     /// Live processes of this cluster (daemons, kernels), found by the mark in their
@@ -109,16 +129,25 @@ impl Cluster {
 
     /// Pid of the engine process (`starlingd engine`).
     pub fn engine_process(&self) -> u32 {
-        let pid = std::fs::read_to_string(self.node_root().join("node000/starlingd.pid")).expect("the engine pid file");
+        let pid = std::fs::read_to_string(self.node_root().join("node000/starlingd.pid"))
+            .expect("the engine pid file");
         pid.trim().parse().expect("a pid")
     }
 
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for node in std::fs::read_dir(self.node_root()).into_iter().flatten().flatten() {
-            for log in std::fs::read_dir(node.path().join("logs")).into_iter().flatten().flatten() {
+        for node in std::fs::read_dir(self.node_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for log in std::fs::read_dir(node.path().join("logs"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let text = std::fs::read_to_string(log.path()).unwrap_or_default();
-                out.push_str(&format!("--- {} ---\n{text}\n", log.path().display()));
+                let _ = writeln!(out, "--- {} ---\n{text}", log.path().display());
             }
         }
         out
@@ -135,7 +164,10 @@ impl Drop for Cluster {
         }
         // Whatever `down` missed (it should miss nothing) is killed by pid, never by name.
         for pid in self.processes() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

@@ -15,54 +15,122 @@ async fn a_dead_kernel_is_reported_and_replaced_and_the_engine_keeps_its_id() {
     let c = Cluster::up("deadkernel", 2);
     let client = c.client().await;
     let before = client.status().await.unwrap();
-    client.all().execute("x = 'kept'").await.unwrap().get().await.unwrap();
+    client
+        .all()
+        .execute("x = 'kept'")
+        .await
+        .unwrap()
+        .get()
+        .await
+        .unwrap();
 
-    let ar = client.direct(EngineId(1)).execute("import os; os._exit(1)").await.unwrap();
-    let ClientError::Remote(err) = ar.get().await.unwrap_err() else { panic!() };
+    let ar = client
+        .direct(EngineId(1))
+        .execute("import os; os._exit(1)")
+        .await
+        .unwrap();
+    let ClientError::Remote(err) = ar.get().await.unwrap_err() else {
+        panic!()
+    };
     assert_eq!(err.errors[0].engine, EngineId(1));
     assert_eq!(err.errors[0].error.ename, "KernelDied");
-    assert!(err.errors[0].error.evalue.contains("the kernel of engine 1 exited with status 1 while running this task"), "{}", err.errors[0].error.evalue);
+    assert!(
+        err.errors[0]
+            .error
+            .evalue
+            .contains("the kernel of engine 1 exited with status 1 while running this task"),
+        "{}",
+        err.errors[0].error.evalue
+    );
 
     // Engine 1 is back with a fresh kernel (and an empty namespace); engine 0 kept its state.
-    let ar = client.all().execute("globals().get('x', 'fresh')").await.unwrap();
-    assert_eq!(ar.get().await.unwrap(), vec![Value::Json(json!("kept")), Value::Json(json!("fresh"))]);
+    let ar = client
+        .all()
+        .execute("globals().get('x', 'fresh')")
+        .await
+        .unwrap();
+    assert_eq!(
+        ar.get().await.unwrap(),
+        vec![Value::Json(json!("kept")), Value::Json(json!("fresh"))]
+    );
     assert_eq!(client.ids().await.unwrap(), vec![EngineId(0), EngineId(1)]);
     let after = client.status().await.unwrap();
     assert_eq!(after.engines[0].pid, before.engines[0].pid);
-    assert_ne!(after.engines[1].pid, before.engines[1].pid, "status shows the new kernel's pid");
+    assert_ne!(
+        after.engines[1].pid, before.engines[1].pid,
+        "status shows the new kernel's pid"
+    );
 
     // A kernel killed by a signal, with tasks queued behind the fatal one: they run on the new kernel.
     let pid = after.engines[0].pid;
-    let ar = client.direct(EngineId(0)).execute("import time; time.sleep(30)").await.unwrap();
+    let ar = client
+        .direct(EngineId(0))
+        .execute("import time; time.sleep(30)")
+        .await
+        .unwrap();
     let queued = client.direct(EngineId(0)).execute("'after'").await.unwrap();
     assert!(eventually(Duration::from_secs(5), || c.processes().contains(&pid)).await);
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
-    let ClientError::Remote(err) = ar.get().await.unwrap_err() else { panic!() };
-    assert!(err.errors[0].error.evalue.contains("was killed by signal 9 (SIGKILL)"), "{}", err.errors[0].error.evalue);
-    assert_eq!(queued.get().await.unwrap(), vec![Value::Json(json!("after"))]);
+    let ClientError::Remote(err) = ar.get().await.unwrap_err() else {
+        panic!()
+    };
+    assert!(
+        err.errors[0]
+            .error
+            .evalue
+            .contains("was killed by signal 9 (SIGKILL)"),
+        "{}",
+        err.errors[0].error.evalue
+    );
+    assert_eq!(
+        queued.get().await.unwrap(),
+        vec![Value::Json(json!("after"))]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_that_misses_two_heartbeats_is_lost_and_its_work_fails_with_the_reason() {
     let c = Cluster::new("lostengine");
     let spec = c.home_path().join("fast.yaml");
-    std::fs::write(&spec, "name: lostengine\nengines_per_node: 2\nheartbeat_ms: 200\n").unwrap();
+    std::fs::write(
+        &spec,
+        "name: lostengine\nengines_per_node: 2\nheartbeat_ms: 200\n",
+    )
+    .unwrap();
     c.starling_raw(&["up", "-f", spec.to_str().unwrap()]).ok();
     let client = c.client().await;
-    let ar = client.all().execute("import time; time.sleep(20)").await.unwrap();
+    let ar = client
+        .all()
+        .execute("import time; time.sleep(20)")
+        .await
+        .unwrap();
     let engine = c.engine_process();
     kill(Pid::from_raw(engine as i32), Signal::SIGSTOP).unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(10), ar.get()).await;
     kill(Pid::from_raw(engine as i32), Signal::SIGCONT).unwrap();
-    let ClientError::Remote(err) = outcome.expect("the loss is noticed in time").unwrap_err() else { panic!() };
+    let ClientError::Remote(err) = outcome.expect("the loss is noticed in time").unwrap_err()
+    else {
+        panic!()
+    };
     assert_eq!(err.errors.len(), 2);
     for e in &err.errors {
         assert_eq!(e.error.ename, "EngineLost");
-        assert!(e.error.evalue.contains(&format!("engine {} (node node000, host 127.0.0.1) was lost: no heartbeat for", e.engine)), "{}", e.error.evalue);
+        assert!(
+            e.error.evalue.contains(&format!(
+                "engine {} (node node000, host 127.0.0.1) was lost: no heartbeat for",
+                e.engine
+            )),
+            "{}",
+            e.error.evalue
+        );
     }
     assert!(client.ids().await.unwrap().is_empty());
     // The controller cut it loose: the engine process notices and exits with its kernels.
-    assert!(eventually(Duration::from_secs(10), || c.processes().len() == 1).await, "only the controller remains: {:?}", c.processes());
+    assert!(
+        eventually(Duration::from_secs(10), || c.processes().len() == 1).await,
+        "only the controller remains: {:?}",
+        c.processes()
+    );
     let st = c.starling(&["status"]);
     assert!(st.ok().stdout.contains("0 engines"), "{}", st.stdout);
 }
@@ -71,20 +139,51 @@ async fn an_engine_that_misses_two_heartbeats_is_lost_and_its_work_fails_with_th
 fn up_twice_is_a_clear_error_and_down_of_a_dead_cluster_cleans_up() {
     let c = Cluster::up("twice", 1);
     let again = c.starling(&["up", "--local", "-n", "1"]);
-    assert!(again.fails().stderr.contains("error: cluster 'twice' is already running (controller pid "), "{}", again.stderr);
-    assert!(again.stderr.contains("use `starling down --cluster twice` first, or pick another name with --name"), "{}", again.stderr);
-    assert_eq!(c.starling(&["ids"]).ok().stdout.trim(), "[0]", "the running cluster is untouched");
+    assert!(
+        again
+            .fails()
+            .stderr
+            .contains("error: cluster 'twice' is already running (controller pid "),
+        "{}",
+        again.stderr
+    );
+    assert!(
+        again.stderr.contains(
+            "use `starling down --cluster twice` first, or pick another name with --name"
+        ),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(
+        c.starling(&["ids"]).ok().stdout.trim(),
+        "[0]",
+        "the running cluster is untouched"
+    );
 
     // Every process dies behind starling's back.
     for pid in c.processes() {
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    assert!(rt.block_on(eventually(Duration::from_secs(5), || c.processes().is_empty())));
+    assert!(rt.block_on(eventually(Duration::from_secs(5), || c
+        .processes()
+        .is_empty())));
     let ids = c.starling(&["ids"]);
-    assert!(ids.fails().stderr.contains("cannot reach the controller of cluster 'twice'"), "{}", ids.stderr);
+    assert!(
+        ids.fails()
+            .stderr
+            .contains("cannot reach the controller of cluster 'twice'"),
+        "{}",
+        ids.stderr
+    );
     let down = c.starling(&["down"]);
-    assert!(down.ok().stdout.contains("cluster 'twice' was not running (its processes had already exited); removed its files"), "{}", down.stdout);
+    assert!(
+        down.ok().stdout.contains(
+            "cluster 'twice' was not running (its processes had already exited); removed its files"
+        ),
+        "{}",
+        down.stdout
+    );
     assert!(!c.connection_file().exists());
 
     // And it can come up again under the same name.
@@ -98,11 +197,30 @@ fn up_refuses_bad_specs_with_file_line_and_column() {
     let spec = c.home_path().join("bad.yaml");
     std::fs::write(&spec, "name: badspec\nengines: 4\n").unwrap();
     let r = c.starling_raw(&["up", "-f", spec.to_str().unwrap()]);
-    assert!(r.fails().stderr.contains(&format!("error: {}:2:1: unknown field `engines`", spec.display())), "{}", r.stderr);
+    assert!(
+        r.fails().stderr.contains(&format!(
+            "error: {}:2:1: unknown field `engines`",
+            spec.display()
+        )),
+        "{}",
+        r.stderr
+    );
     let r = c.starling_raw(&["up", "--local", "--name", "Bad Name"]);
-    assert!(r.fails().stderr.contains("'Bad Name' is not a valid cluster name"), "{}", r.stderr);
+    assert!(
+        r.fails()
+            .stderr
+            .contains("'Bad Name' is not a valid cluster name"),
+        "{}",
+        r.stderr
+    );
     let r = c.starling_raw(&["up", "-f", "/nonexistent/spec.yaml"]);
-    assert!(r.fails().stderr.contains("cannot read the cluster spec /nonexistent/spec.yaml"), "{}", r.stderr);
+    assert!(
+        r.fails()
+            .stderr
+            .contains("cannot read the cluster spec /nonexistent/spec.yaml"),
+        "{}",
+        r.stderr
+    );
     assert!(c.processes().is_empty());
 }
 
@@ -112,7 +230,13 @@ fn a_missing_python_fails_up_with_the_reason_and_leaves_nothing() {
     let spec = c.home_path().join("nopy.yaml");
     std::fs::write(&spec, "name: nopython\nengines_per_node: 1\npython: /nonexistent/python3\nregister_timeout_s: 5\n").unwrap();
     let r = c.starling_raw(&["up", "-f", spec.to_str().unwrap()]);
-    assert!(r.fails().stderr.contains("cannot start `/nonexistent/python3`"), "{}", r.stderr);
+    assert!(
+        r.fails()
+            .stderr
+            .contains("cannot start `/nonexistent/python3`"),
+        "{}",
+        r.stderr
+    );
     assert!(c.processes().is_empty(), "{:?}", c.processes());
     assert!(!c.connection_file().exists());
 }
@@ -124,9 +248,20 @@ fn user_output_cannot_corrupt_the_protocol() {
     let r = c.starling(&["px", "--output", "json", code]).ok().json();
     assert_eq!(r[0]["value"], "fine");
     assert_eq!(r[0]["stdout"].as_str().unwrap().len(), 100_001);
-    let again = c.starling(&["px", "input() if False else 'still fine'"]).ok().stdout.clone();
+    let again = c
+        .starling(&["px", "input() if False else 'still fine'"])
+        .ok()
+        .stdout
+        .clone();
     assert!(again.contains("'still fine'"), "{again}");
     let r = c.starling(&["px", "input()"]);
-    assert!(r.fails().stdout.contains("EOFError"), "stdin is closed for kernels: {}", r.stdout);
-    let _ = Outcome::Ok { value: Value::Json(json!(null)), display: None };
+    assert!(
+        r.fails().stdout.contains("EOFError"),
+        "stdin is closed for kernels: {}",
+        r.stdout
+    );
+    let _ = Outcome::Ok {
+        value: Value::Json(json!(null)),
+        display: None,
+    };
 }

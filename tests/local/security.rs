@@ -15,32 +15,62 @@ use crate::common::Cluster;
 async fn a_client_with_the_wrong_key_is_refused_and_nothing_else_is_disturbed() {
     let c = Cluster::up("wrongkey", 1);
     let good = c.client().await;
-    let ar = good.all().execute("import time; time.sleep(0.3); 'survived'").await.unwrap();
+    let ar = good
+        .all()
+        .execute("import time; time.sleep(0.3); 'survived'")
+        .await
+        .unwrap();
 
     let mut info = ConnectionInfo::load(&c.connection_file()).unwrap();
     info.client_key = Key::generate();
-    let err = Client::connect_with(info.clone()).await.err().expect("refused");
+    let err = Client::connect_with(info.clone())
+        .await
+        .err()
+        .expect("refused");
     let text = err.to_string();
-    assert!(matches!(&err, ClientError::Connect { source: ProtoError::Refused(_), .. }), "{err:?}");
+    assert!(
+        matches!(
+            &err,
+            ClientError::Connect {
+                source: ProtoError::Refused(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(text.contains("the client key is wrong"), "{text}");
 
     // The engine key does not open the client door either.
-    let engine_cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(c.node_root().join("node000/config/engine.json")).unwrap()).unwrap();
+    let engine_cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(c.node_root().join("node000/config/engine.json")).unwrap(),
+    )
+    .unwrap();
     info.client_key = Key::from_hex(engine_cfg["engine_key"].as_str().unwrap()).unwrap();
     assert!(Client::connect_with(info.clone()).await.is_err());
 
     // Another cluster's certificate is not accepted by the client.
     let other = Cluster::up("othercert", 1);
     let mut forged = ConnectionInfo::load(&c.connection_file()).unwrap();
-    forged.certificate = ConnectionInfo::load(&other.connection_file()).unwrap().certificate;
+    forged.certificate = ConnectionInfo::load(&other.connection_file())
+        .unwrap()
+        .certificate;
     let err = Client::connect_with(forged).await.err().expect("refused");
-    assert!(err.to_string().contains("not the one pinned in the connection file"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("not the one pinned in the connection file"),
+        "{err}"
+    );
 
-    assert_eq!(ar.get().await.unwrap(), vec![Value::Json(json!("survived"))]);
+    assert_eq!(
+        ar.get().await.unwrap(),
+        vec![Value::Json(json!("survived"))]
+    );
     assert_eq!(good.ids().await.unwrap().len(), 1);
     let log = std::fs::read_to_string(c.node_root().join("master/logs/controller.log")).unwrap();
-    assert!(log.contains("the client key is wrong"), "refusals are logged:\n{log}");
+    assert!(
+        log.contains("the client key is wrong"),
+        "refusals are logged:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,30 +80,63 @@ async fn garbage_closes_only_its_own_connection() {
     let info = ConnectionInfo::load(&c.connection_file()).unwrap();
 
     // Bytes that are not TLS at all.
-    let mut raw = tokio::net::TcpStream::connect(&info.controller).await.unwrap();
+    let mut raw = tokio::net::TcpStream::connect(&info.controller)
+        .await
+        .unwrap();
     raw.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let mut answer = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut answer)).await;
-    assert!(closed.is_ok(), "the controller closes a connection that does not speak TLS");
-    assert!(!answer.starts_with(b"HTTP"), "and answers nothing but a TLS alert");
+    assert!(
+        closed.is_ok(),
+        "the controller closes a connection that does not speak TLS"
+    );
+    assert!(
+        !answer.starts_with(b"HTTP"),
+        "and answers nothing but a TLS alert"
+    );
 
     // An authenticated client that sends a frame of garbage is cut off...
-    let mut bad: conn::Conn<PeerStream, ControllerToClient, String> =
-        conn::connect(&info.controller, &info.certificate, Role::Client, &info.client_key, info.max_frame).await.unwrap();
-    bad.send(&"this is not a request".to_string()).await.unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(5), bad.recv()).await.expect("closed in time");
+    let mut bad: conn::Conn<PeerStream, ControllerToClient, String> = conn::connect(
+        &info.controller,
+        &info.certificate,
+        Role::Client,
+        &info.client_key,
+        info.max_frame,
+    )
+    .await
+    .unwrap();
+    bad.send(&"this is not a request".to_string())
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), bad.recv())
+        .await
+        .expect("closed in time");
     assert!(matches!(next, Ok(None) | Err(_)), "{next:?}");
 
     // ...and so is one that announces a frame larger than the limit.
-    let mut huge: conn::Conn<PeerStream, ControllerToClient, serde_json::Value> =
-        conn::connect(&info.controller, &info.certificate, Role::Client, &info.client_key, usize::MAX >> 1).await.unwrap();
-    huge.send(&json!("x".repeat(info.max_frame + 10))).await.unwrap_or(());
-    let next = tokio::time::timeout(Duration::from_secs(5), huge.recv()).await.expect("closed in time");
+    let mut huge: conn::Conn<PeerStream, ControllerToClient, serde_json::Value> = conn::connect(
+        &info.controller,
+        &info.certificate,
+        Role::Client,
+        &info.client_key,
+        usize::MAX >> 1,
+    )
+    .await
+    .unwrap();
+    huge.send(&json!("x".repeat(info.max_frame + 10)))
+        .await
+        .unwrap_or(());
+    let next = tokio::time::timeout(Duration::from_secs(5), huge.recv())
+        .await
+        .expect("closed in time");
     assert!(matches!(next, Ok(None) | Err(_)), "{next:?}");
 
     // The good client never noticed.
     let ar = good.all().execute("'unbothered'").await.unwrap();
-    assert_eq!(ar.get().await.unwrap(), vec![Value::Json(json!("unbothered"))]);
+    assert_eq!(
+        ar.get().await.unwrap(),
+        vec![Value::Json(json!("unbothered"))]
+    );
     let log = std::fs::read_to_string(c.node_root().join("master/logs/controller.log")).unwrap();
     assert!(log.contains("client connection closed"), "{log}");
 }
