@@ -90,16 +90,32 @@ def _error(e):
     }
 
 
-def _execute(code, filename):
+_compiled = {}
+
+
+def _compile(code):
+    """Compiles a cell once: the body, and its final expression (if any) for the result."""
+    hit = _compiled.get(code)
+    if hit is not None:
+        return hit
+    if len(_compiled) >= 512:
+        _compiled.clear()
+    filename = "<px-%d>" % (len(_compiled) + 1)
     # Tracebacks then show the user's lines, as IPython's do.
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     tree = ast.parse(code, filename, "exec")
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
-    exec(compile(tree, filename, "exec"), _ns)
+        last = compile(ast.Expression(tree.body.pop().value), filename, "eval")
+    hit = _compiled[code] = (compile(tree, filename, "exec"), last)
+    return hit
+
+
+def _execute(code):
+    body, last = _compile(code)
+    exec(body, _ns)
     if last is not None:
-        return eval(compile(last, filename, "eval"), _ns)
+        return eval(last, _ns)
     return None
 
 
@@ -115,7 +131,7 @@ def _run(task):
             reply = {"ok": True, "v": None}
         elif op == "execute":
             _count += 1
-            value = _execute(task["code"], "<px-%d>" % _count)
+            value = _execute(task["code"])
             reply = _encode(value)
             reply["ok"] = True
             if value is not None:

@@ -57,6 +57,18 @@ impl From<serde_json::Value> for Value {
     }
 }
 
+macro_rules! from_json_scalar {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Value {
+            fn from(v: $t) -> Self {
+                Value::Json(serde_json::Value::from(v))
+            }
+        }
+    )*};
+}
+
+from_json_scalar!(bool, i32, i64, u32, u64, f64, &str, String);
+
 impl std::fmt::Display for Value {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_python_repr())
