@@ -3,7 +3,8 @@
 
 mod output;
 
-use std::path::PathBuf;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::client::{connection, AsyncResult, Client, ClientError};
 use crate::home;
-use crate::proto::{JobId, Targets};
+use crate::proto::{Func, JobId, JobKind, Mapper, Targets, Value};
 use crate::provider::{self, local::LocalProvider, Provider};
 use crate::spec;
 
@@ -49,6 +50,8 @@ pub struct Global {
 pub enum Format {
     Text,
     Json,
+    /// One JSON document per line: per item for maps, per engine otherwise.
+    Jsonl,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +66,16 @@ pub enum Command {
     Px(PxArgs),
     /// Wait for a job (the last non-blocking one by default) and print its outputs, like %pxresult.
     Result(ResultArgs),
+    /// Map a function over items, load-balanced (or on fixed engines with --targets).
+    Map(MapArgs),
+    /// Set names on engines from a JSON object: `push '{"a": 1}'`.
+    Push(PushArgs),
+    /// Read names from engines.
+    Pull(PullArgs),
+    /// Split items into one contiguous chunk per engine, set as NAME there.
+    Scatter(ScatterArgs),
+    /// Concatenate the lists named NAME on the engines, in engine order.
+    Gather(GatherArgs),
     /// Engines (id, host, pid, state, tasks done) and the queue.
     Status,
     /// The clusters this machine knows.
@@ -100,6 +113,83 @@ pub struct PxArgs {
     pub sh: bool,
 }
 
+/// Where a command's items come from.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ItemArgs {
+    /// Integers: `N` for 0..N, or `START:STOP[:STEP]`.
+    #[arg(long, value_name = "RANGE")]
+    pub range: Option<String>,
+    /// A JSON file holding an array of items (`-` for stdin).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// A text file, one item (a string) per line (`-` for stdin).
+    #[arg(long, value_name = "FILE")]
+    pub lines: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MapArgs {
+    /// The function: an expression (`lambda x: x*x`), a name defined by --def, or FILE.py:NAME.
+    #[arg(required_unless_present = "sh")]
+    pub func: Option<String>,
+    /// Python code defining the function named FUNC (it may import what it needs).
+    #[arg(long = "def", value_name = "CODE")]
+    pub def: Option<String>,
+    /// A shell command line instead of a function; `{}` is replaced by the item, shell-quoted.
+    #[arg(long, value_name = "COMMAND", conflicts_with_all = ["func", "def"])]
+    pub sh: Option<String>,
+    #[command(flatten)]
+    pub items: ItemArgs,
+    /// Items per task (default: adaptive, large chunks first and small ones at the end).
+    #[arg(long)]
+    pub chunksize: Option<u32>,
+    /// Map on these engines, one contiguous chunk each, instead of load-balancing.
+    #[arg(short, long, allow_hyphen_values = true)]
+    pub targets: Option<String>,
+    /// Return at once with the job id; `starling result` fetches the results.
+    #[arg(long)]
+    pub noblock: bool,
+    /// Show progress while waiting (a bar on a terminal, lines otherwise).
+    #[arg(long)]
+    pub progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// A JSON object: each key becomes a name on the engines.
+    pub values: String,
+    #[arg(short, long, default_value = "all", allow_hyphen_values = true)]
+    pub targets: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The names to read.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    #[arg(short, long, default_value = "all", allow_hyphen_values = true)]
+    pub targets: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ScatterArgs {
+    /// The name each engine's chunk gets.
+    pub name: String,
+    #[command(flatten)]
+    pub items: ItemArgs,
+    #[arg(short, long, default_value = "all", allow_hyphen_values = true)]
+    pub targets: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GatherArgs {
+    /// The name of the list on each engine.
+    pub name: String,
+    #[arg(short, long, default_value = "all", allow_hyphen_values = true)]
+    pub targets: String,
+}
+
 #[derive(Debug, Args)]
 pub struct ResultArgs {
     /// The job id (default: the last job submitted with --noblock from this machine).
@@ -107,6 +197,9 @@ pub struct ResultArgs {
     /// Give up after this many seconds.
     #[arg(long)]
     pub timeout: Option<f64>,
+    /// Show progress while waiting (a bar on a terminal, lines otherwise).
+    #[arg(long)]
+    pub progress: bool,
 }
 
 /// Runs a parsed command line; the binary's `main` is a call to this.
@@ -136,6 +229,49 @@ async fn dispatch(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Px(args) => px(g, args).await,
+        Command::Map(args) => map(g, args).await,
+        Command::Push(args) => {
+            let values: serde_json::Value = serde_json::from_str(&args.values)
+                .context("push takes a JSON object, e.g. '{\"a\": 1, \"b\": [1, 2]}'")?;
+            let serde_json::Value::Object(map) = values else {
+                bail!("push takes a JSON object, e.g. '{{\"a\": 1}}': its keys become names on the engines");
+            };
+            let names: Vec<String> = map.keys().cloned().collect();
+            let values = map.into_iter().map(|(k, v)| (k, Value::Json(v))).collect();
+            let client = connect(g).await?;
+            let ar = client.direct(targets(&args.targets)?).push(values).await?;
+            ar.get().await?;
+            output::pushed(g.output, &names, &ar.engines());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pull(args) => {
+            let client = connect(g).await?;
+            let names: Vec<&str> = args.names.iter().map(String::as_str).collect();
+            let ar = client.direct(targets(&args.targets)?).pull(&names).await?;
+            ar.wait(None).await?;
+            Ok(exit(output::pulled(g.output, &args.names, &ar)))
+        }
+        Command::Scatter(args) => {
+            let items = read_items(&args.items)?;
+            let n = items.len();
+            let client = connect(g).await?;
+            let ar = client
+                .direct(targets(&args.targets)?)
+                .scatter(&args.name, items)
+                .await?;
+            ar.get().await?;
+            output::scattered(g.output, &args.name, n, &ar.engines());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gather(args) => {
+            let client = connect(g).await?;
+            let values = client
+                .direct(targets(&args.targets)?)
+                .gather(&args.name)
+                .await?;
+            output::list(g.output, &values);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Result(args) => result(g, args).await,
         Command::Status => {
             let client = connect(g).await?;
@@ -144,7 +280,7 @@ async fn dispatch(cli: &Cli) -> Result<ExitCode> {
         }
         Command::List => {
             let clusters = LocalProvider::new().list().await?;
-            output::list(g.output, &clusters);
+            output::clusters(g.output, &clusters);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -200,8 +336,128 @@ fn last_job_path(g: &Global) -> Result<PathBuf> {
     Ok(path.with_file_name("last_job"))
 }
 
+fn targets(text: &str) -> Result<Targets> {
+    Targets::parse(text).map_err(anyhow::Error::msg)
+}
+
+fn exit(failed: bool) -> ExitCode {
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn read_source(path: &Path) -> Result<String> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read stdin")?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    }
+}
+
+/// The items of `--range`, `--json` or `--lines`.
+fn read_items(args: &ItemArgs) -> Result<Vec<Value>> {
+    if let Some(r) = &args.range {
+        let bad = || {
+            anyhow::anyhow!(
+                "bad --range '{r}': use N (for 0..N) or START:STOP[:STEP], e.g. 10 or 0:100:5"
+            )
+        };
+        let parts: Vec<i64> = r
+            .split(':')
+            .map(|p| p.trim().parse::<i64>().map_err(|_| bad()))
+            .collect::<Result<_>>()?;
+        let (start, stop, step) = match parts.as_slice() {
+            [n] => (0, *n, 1),
+            [a, b] => (*a, *b, 1),
+            [a, b, c] if *c != 0 => (*a, *b, *c),
+            _ => return Err(bad()),
+        };
+        let mut items = Vec::new();
+        let mut i = start;
+        while (step > 0 && i < stop) || (step < 0 && i > stop) {
+            items.push(Value::from(i));
+            i += step;
+        }
+        return Ok(items);
+    }
+    if let Some(path) = &args.json {
+        let text = read_source(path)?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let serde_json::Value::Array(items) = value else {
+            bail!("{} must hold a JSON array of items", path.display());
+        };
+        return Ok(items.into_iter().map(Value::Json).collect());
+    }
+    if let Some(path) = &args.lines {
+        return Ok(read_source(path)?.lines().map(Value::from).collect());
+    }
+    bail!("give the items with --range, --json or --lines")
+}
+
+/// The mapper named on the command line.
+fn mapper(args: &MapArgs) -> Result<Mapper> {
+    if let Some(sh) = &args.sh {
+        return Ok(Mapper::Shell(sh.clone()));
+    }
+    let func = args.func.as_deref().unwrap_or_default();
+    if let Some(code) = &args.def {
+        let name = func.trim();
+        if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+            bail!("with --def, FUNC is the name of the function the code defines, e.g. `map f --def 'def f(x): ...'`");
+        }
+        return Ok(Mapper::Python(Func::from_source(code, name)));
+    }
+    if let Some((file, name)) = func.rsplit_once(':') {
+        let path = Path::new(file);
+        if path.extension().is_some_and(|e| e == "py") {
+            let f = Func::from_file(path, name)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            return Ok(Mapper::Python(f));
+        }
+    }
+    Ok(Mapper::Python(Func::Expr(func.to_string())))
+}
+
+async fn map(g: &Global, args: &MapArgs) -> Result<ExitCode> {
+    let mapper = mapper(args)?;
+    let items = read_items(&args.items)?;
+    let client = connect(g).await?;
+    let ar = match &args.targets {
+        Some(t) => {
+            if args.chunksize.is_some() {
+                bail!("--chunksize is for load-balanced maps; with --targets each engine gets one contiguous chunk");
+            }
+            client.direct(targets(t)?).map_with(mapper, items).await?
+        }
+        None => {
+            let mut view = client.load_balanced();
+            if let Some(c) = args.chunksize {
+                if c == 0 {
+                    bail!("--chunksize must be at least 1");
+                }
+                view = view.chunksize(c);
+            }
+            view.map_with(mapper, items).await?
+        }
+    };
+    if args.noblock {
+        let job = ar.job_id();
+        std::fs::write(last_job_path(g)?, job.to_string()).context("cannot remember the job id")?;
+        output::submitted(g.output, job, &ar.engines());
+        return Ok(ExitCode::SUCCESS);
+    }
+    finish(g, &ar, None, args.progress).await
+}
+
 async fn px(g: &Global, args: &PxArgs) -> Result<ExitCode> {
-    let targets = Targets::parse(&args.targets).map_err(anyhow::Error::msg)?;
+    let targets = targets(&args.targets)?;
     let client = connect(g).await?;
     let view = client.direct(targets);
     let ar = if args.sh {
@@ -215,7 +471,7 @@ async fn px(g: &Global, args: &PxArgs) -> Result<ExitCode> {
         output::submitted(g.output, job, &ar.engines());
         return Ok(ExitCode::SUCCESS);
     }
-    finish(g, &ar, None).await
+    finish(g, &ar, None, false).await
 }
 
 async fn result(g: &Global, args: &ResultArgs) -> Result<ExitCode> {
@@ -235,11 +491,27 @@ async fn result(g: &Global, args: &ResultArgs) -> Result<ExitCode> {
     };
     let client = connect(g).await?;
     let ar = client.result(job).await?;
-    finish(g, &ar, args.timeout.map(Duration::from_secs_f64)).await
+    finish(
+        g,
+        &ar,
+        args.timeout.map(Duration::from_secs_f64),
+        args.progress,
+    )
+    .await
 }
 
-async fn finish(g: &Global, ar: &AsyncResult, timeout: Option<Duration>) -> Result<ExitCode> {
-    if !ar.wait(timeout).await? {
+async fn finish(
+    g: &Global,
+    ar: &AsyncResult,
+    timeout: Option<Duration>,
+    progress: bool,
+) -> Result<ExitCode> {
+    let done = if progress {
+        output::progress(ar, timeout).await?
+    } else {
+        ar.wait(timeout).await?
+    };
+    if !done {
         let (done, total) = ar.progress();
         bail!(
             "job {} is not done after {:.1} s ({done} of {total} tasks finished); `starling result {}` waits again",
@@ -248,11 +520,14 @@ async fn finish(g: &Global, ar: &AsyncResult, timeout: Option<Duration>) -> Resu
             ar.job_id()
         );
     }
-    let results: Vec<_> = ar.results().into_iter().flatten().collect();
-    let failed = output::results(g.output, &results);
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    let failed = match ar.kind() {
+        JobKind::Map => output::map_results(g.output, ar),
+        JobKind::Pull => output::pulled(g.output, &[], ar),
+        _ => {
+            let mut results = ar.results();
+            results.sort_by_key(|r| r.first);
+            output::results(g.output, &results)
+        }
+    };
+    Ok(exit(failed))
 }

@@ -34,8 +34,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::proto::auth::Role;
 use crate::proto::conn;
 use crate::proto::{
-    ClientRequest, ClientToController, ClusterStatus, ControllerToClient, EngineId, JobId, JobSpec,
-    ProtoError, Reply, Targets, Value, Work,
+    ClientRequest, ClientToController, ClusterStatus, ControllerToClient, EngineId, Func, JobId,
+    JobSpec, Mapper, ProtoError, Reply, Targets, Value, Work,
 };
 pub use connection::ConnectionInfo;
 use result::JobState;
@@ -211,6 +211,14 @@ impl Client {
         }
     }
 
+    /// A view that sends work wherever there is room.
+    pub fn load_balanced(&self) -> LoadBalancedView {
+        LoadBalancedView {
+            client: self.clone(),
+            chunksize: None,
+        }
+    }
+
     /// A view on every engine.
     pub fn all(&self) -> DirectView {
         self.direct(Targets::All)
@@ -341,12 +349,161 @@ impl DirectView {
     }
 
     /// Calls a Python callable on each engine with `args`: `func` is an expression such as
-    /// `"lambda x, y: x + y"` or the name of a function defined there.
-    pub async fn apply(&self, func: &str, args: Vec<Value>) -> Result<AsyncResult, ClientError> {
+    /// `"lambda x, y: x + y"`, the name of a function defined there, or a [`Func`] from a file.
+    pub async fn apply(
+        &self,
+        func: impl Into<Func>,
+        args: Vec<Value>,
+    ) -> Result<AsyncResult, ClientError> {
         self.submit(Work::Apply {
-            func: func.to_string(),
+            func: func.into(),
             args,
         })
         .await
+    }
+
+    /// Maps `func` over `items`, split into contiguous chunks, one per engine; results in item
+    /// order, like ipyparallel's `DirectView.map`.
+    pub async fn map(
+        &self,
+        func: impl Into<Func>,
+        items: Vec<Value>,
+    ) -> Result<AsyncResult, ClientError> {
+        self.map_with(Mapper::Python(func.into()), items).await
+    }
+
+    /// [`Self::map`] with any [`Mapper`], e.g. a shell command line.
+    pub async fn map_with(
+        &self,
+        mapper: Mapper,
+        items: Vec<Value>,
+    ) -> Result<AsyncResult, ClientError> {
+        let spec = JobSpec::DirectMap {
+            targets: self.targets.clone(),
+            mapper,
+            items,
+        };
+        self.client
+            .submit_or_subscribe(ClientRequest::Submit(spec))
+            .await
+    }
+
+    /// Sets names in each engine's namespace.
+    pub async fn push(&self, values: Vec<(String, Value)>) -> Result<AsyncResult, ClientError> {
+        self.submit(Work::Push { values }).await
+    }
+
+    /// Reads names from each engine: per engine, the value of one name, or a list for several.
+    pub async fn pull(&self, names: &[&str]) -> Result<AsyncResult, ClientError> {
+        let names = names.iter().map(|n| (*n).to_string()).collect();
+        self.submit(Work::Pull { names }).await
+    }
+
+    /// Splits `items` into contiguous chunks, one per engine, and sets `name` to its chunk there.
+    pub async fn scatter(&self, name: &str, items: Vec<Value>) -> Result<AsyncResult, ClientError> {
+        let spec = JobSpec::Scatter {
+            targets: self.targets.clone(),
+            name: name.to_string(),
+            items,
+        };
+        self.client
+            .submit_or_subscribe(ClientRequest::Submit(spec))
+            .await
+    }
+
+    /// The concatenation of the lists named `name` on each engine, in engine order: the
+    /// inverse of [`Self::scatter`]. Each engine's part must be a list with a JSON form.
+    pub async fn gather(&self, name: &str) -> Result<Vec<Value>, ClientError> {
+        let ar = self.pull(&[name]).await?;
+        let parts = ar.get().await?;
+        let mut out = Vec::new();
+        for (engine, part) in ar.engines().into_iter().zip(parts) {
+            match part {
+                Value::Json(serde_json::Value::Array(items)) => out.extend(items.into_iter().map(Value::Json)),
+                other => {
+                    return Err(ClientError::Controller(format!(
+                        "cannot gather '{name}': on engine {engine} it is {}, not a list with a JSON form; use pull instead",
+                        other.to_python_repr()
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Sends work wherever there is room, like ipyparallel's `LoadBalancedView`.
+#[derive(Clone)]
+pub struct LoadBalancedView {
+    client: Client,
+    chunksize: Option<u32>,
+}
+
+impl LoadBalancedView {
+    /// Fixes the number of items per task; by default chunks adapt (large first, small last).
+    #[must_use]
+    pub fn chunksize(mut self, chunksize: u32) -> Self {
+        self.chunksize = Some(chunksize.max(1));
+        self
+    }
+
+    /// Maps `func` over `items` as one submission; the controller splits it into chunks and
+    /// gives them to engines as they free up. Results keep item order in
+    /// [`AsyncResult::get`]; [`AsyncResult::stream`] yields them ordered or as they complete.
+    pub async fn map(
+        &self,
+        func: impl Into<Func>,
+        items: Vec<Value>,
+    ) -> Result<AsyncResult, ClientError> {
+        self.map_with(Mapper::Python(func.into()), items).await
+    }
+
+    /// [`Self::map`] with any [`Mapper`], e.g. a shell command line with `{}` for the item.
+    pub async fn map_with(
+        &self,
+        mapper: Mapper,
+        items: Vec<Value>,
+    ) -> Result<AsyncResult, ClientError> {
+        let spec = JobSpec::Map {
+            mapper,
+            items,
+            chunksize: self.chunksize,
+        };
+        self.client
+            .submit_or_subscribe(ClientRequest::Submit(spec))
+            .await
+    }
+
+    /// Calls `func(*args)` once, on whichever engine is free first.
+    pub async fn apply(
+        &self,
+        func: impl Into<Func>,
+        args: Vec<Value>,
+    ) -> Result<AsyncResult, ClientError> {
+        let func = func.into();
+        let lambda = Func::Expr(format!(
+            "lambda __starling_args: ({})(*__starling_args)",
+            match &func {
+                Func::Expr(e) => e.clone(),
+                Func::Module { .. } => "__starling_f".into(),
+            }
+        ));
+        let func = match func {
+            Func::Expr(_) => lambda,
+            Func::Module {
+                module,
+                source,
+                attr,
+            } => Func::Module {
+                module,
+                source: format!(
+                    "{source}\n\ndef __starling_apply(args):\n    return {attr}(*args)\n"
+                ),
+                attr: "__starling_apply".into(),
+            },
+        };
+        // One item: the argument list, whose members keep their own encoding.
+        let args = serde_json::Value::Array(args.iter().map(Value::to_kernel_json).collect());
+        self.map(func, vec![Value::Json(args)]).await
     }
 }

@@ -1,55 +1,94 @@
 //! [`AsyncResult`]: a job in flight or done, like ipyparallel's `AsyncResult`.
+//!
+//! A job has result *slots*: one per task for direct jobs (`execute` on four engines has four),
+//! one per item for maps. The connection's reader task files each arriving [`TaskResult`] into
+//! its slots and wakes whoever waits.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::Stream;
 use tokio::sync::watch;
 
 use super::ClientError;
-use crate::proto::{EngineId, JobId, JobInfo, Outcome, RemoteError, TaskId, TaskResult, Value};
+use crate::proto::{
+    EngineId, JobId, JobInfo, JobKind, Outcome, RemoteError, TaskId, TaskResult, Value,
+};
+
+/// One filled slot.
+#[derive(Debug, Clone)]
+struct Slot {
+    engine: EngineId,
+    task: TaskId,
+    value: Result<Value, RemoteError>,
+}
+
+#[derive(Default)]
+struct Filled {
+    slots: Vec<Option<Slot>>,
+    /// Slot indices in the order they were filled.
+    order: Vec<usize>,
+    /// Every finished task, in the order they finished; map items are moved out into `slots`.
+    tasks: Vec<TaskResult>,
+}
 
 /// What the client knows of one job; filled by the connection's reader task.
 pub(crate) struct JobState {
     pub(crate) info: JobInfo,
-    index: HashMap<TaskId, usize>,
-    results: Mutex<Vec<Option<TaskResult>>>,
-    /// Number of finished tasks; `Err` once the connection is gone.
+    filled: Mutex<Filled>,
+    /// Number of filled slots; `Err` once the connection is gone.
     done: watch::Sender<Result<usize, String>>,
 }
 
 impl JobState {
     pub(crate) fn new(info: JobInfo) -> Self {
-        let index = info
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, (t, _))| (*t, i))
-            .collect();
-        let results = Mutex::new(vec![None; info.tasks.len()]);
+        let filled = Filled {
+            slots: vec![None; info.slots as usize],
+            ..Filled::default()
+        };
         Self {
             info,
-            index,
-            results,
+            filled: Mutex::new(filled),
             done: watch::channel(Ok(0)).0,
         }
     }
 
+    fn total(&self) -> usize {
+        self.info.slots as usize
+    }
+
     pub(crate) fn add(&self, results: Vec<TaskResult>) {
-        let mut slots = self.results.lock().expect("not poisoned");
-        for r in results {
-            if let Some(i) = self.index.get(&r.task) {
-                slots[*i] = Some(r);
+        let mut f = self.filled.lock().expect("not poisoned");
+        for mut r in results {
+            let first = r.first as usize;
+            let values: Vec<Result<Value, RemoteError>> = match &mut r.outcome {
+                Outcome::Items(items) => std::mem::take(items),
+                Outcome::Ok { value, .. } => vec![Ok(value.clone())],
+                Outcome::Err(e) => vec![Err(e.clone())],
+            };
+            for (i, value) in values.into_iter().enumerate() {
+                let index = first + i;
+                if let Some(slot) = f.slots.get_mut(index) {
+                    if slot.is_none() {
+                        *slot = Some(Slot {
+                            engine: r.engine,
+                            task: r.task,
+                            value,
+                        });
+                        f.order.push(index);
+                    }
+                }
             }
+            f.tasks.push(r);
         }
-        let n = slots.iter().filter(|r| r.is_some()).count();
-        drop(slots);
+        let n = f.order.len();
+        drop(f);
         let _ = self.done.send_replace(Ok(n));
     }
 
     pub(crate) fn broken(&self, why: &str) {
+        let total = self.total();
         self.done.send_if_modified(|d| {
-            let total = self.info.tasks.len();
             if matches!(d, Ok(n) if *n == total) {
                 false
             } else {
@@ -68,34 +107,43 @@ pub struct AsyncResult {
     pub(crate) state: Arc<JobState>,
 }
 
-/// One engine's error in a [`CompositeError`].
+/// One failed slot in a [`CompositeError`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineError {
     pub engine: EngineId,
     pub task: TaskId,
-    /// The task's position in the job (for a map, the item's index).
+    /// The slot: the task's position in a direct job, the item's index in a map.
     pub index: usize,
     pub error: RemoteError,
 }
 
-/// Errors from one or more engines, each with its engine id and traceback — like ipyparallel's
-/// `CompositeError`. The results that did succeed stay available through
-/// [`AsyncResult::results`].
+/// Errors from one or more engines or items, each with its engine id and traceback — like
+/// ipyparallel's `CompositeError`. The results that did succeed stay available through
+/// [`AsyncResult::values`] and [`AsyncResult::results`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompositeError {
+    pub per_item: bool,
     pub errors: Vec<EngineError>,
 }
 
 impl std::fmt::Display for CompositeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n = self.errors.len();
+        let what = if self.per_item { "item" } else { "task" };
         write!(
             f,
-            "{n} task{} raised an error:",
+            "{n} {what}{} raised an error:",
             if n == 1 { "" } else { "s" }
         )?;
-        for e in &self.errors {
-            write!(f, "\n[engine {}] {}", e.engine, e.error)?;
+        for e in self.errors.iter().take(20) {
+            if self.per_item {
+                write!(f, "\n[item {} on engine {}] {}", e.index, e.engine, e.error)?;
+            } else {
+                write!(f, "\n[engine {}] {}", e.engine, e.error)?;
+            }
+        }
+        if n > 20 {
+            write!(f, "\n… and {} more", n - 20)?;
         }
         Ok(())
     }
@@ -109,18 +157,24 @@ impl AsyncResult {
         self.state.info.job
     }
 
-    /// Which engine runs each task, in result order.
+    /// What kind of job this is.
+    pub fn kind(&self) -> JobKind {
+        self.state.info.kind
+    }
+
+    /// The engines the job's tasks were sent to up front, in order (empty for a load-balanced
+    /// map, whose chunks go wherever there is room).
     pub fn engines(&self) -> Vec<EngineId> {
         self.state.info.tasks.iter().map(|(_, e)| *e).collect()
     }
 
-    /// `(finished, total)` tasks.
+    /// `(finished, total)`: tasks for direct jobs, items for maps.
     pub fn progress(&self) -> (usize, usize) {
         let done = self.state.done.borrow().clone().unwrap_or(0);
-        (done, self.state.info.tasks.len())
+        (done, self.state.total())
     }
 
-    /// Whether every task has finished.
+    /// Whether everything has finished.
     pub fn ready(&self) -> bool {
         let (done, total) = self.progress();
         done == total
@@ -128,20 +182,7 @@ impl AsyncResult {
 
     /// Waits until the job is done or `timeout` passes; returns whether it is done.
     pub async fn wait(&self, timeout: Option<Duration>) -> Result<bool, ClientError> {
-        let total = self.state.info.tasks.len();
-        let mut rx = self.state.done.subscribe();
-        let until_done = async {
-            loop {
-                match &*rx.borrow_and_update() {
-                    Ok(n) if *n == total => return Ok(()),
-                    Ok(_) => {}
-                    Err(why) => return Err(ClientError::Disconnected(why.clone())),
-                }
-                if rx.changed().await.is_err() {
-                    return Err(ClientError::Disconnected("the client was dropped".into()));
-                }
-            }
-        };
+        let until_done = self.wait_for(self.state.total());
         match timeout {
             None => until_done.await.map(|()| true),
             Some(t) => match tokio::time::timeout(t, until_done).await {
@@ -151,54 +192,142 @@ impl AsyncResult {
         }
     }
 
-    /// Waits for the job and returns one value per task, in order. If any task failed, the
-    /// error lists every failure with its engine and traceback.
+    /// Waits until at least `n` slots are filled.
+    async fn wait_for(&self, n: usize) -> Result<(), ClientError> {
+        let mut rx = self.state.done.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                Ok(done) if *done >= n => return Ok(()),
+                Ok(_) => {}
+                Err(why) => return Err(ClientError::Disconnected(why.clone())),
+            }
+            if rx.changed().await.is_err() {
+                return Err(ClientError::Disconnected("the client was dropped".into()));
+            }
+        }
+    }
+
+    /// Waits for the job and returns one value per slot (task, or map item), in order. If any
+    /// failed, the error lists every failure with its engine and traceback.
     pub async fn get(&self) -> Result<Vec<Value>, ClientError> {
         self.wait(None).await?;
-        let results = self.results();
-        let mut values = Vec::with_capacity(results.len());
+        let f = self.state.filled.lock().expect("not poisoned");
+        let mut values = Vec::with_capacity(f.slots.len());
         let mut errors = Vec::new();
-        for (index, r) in results.into_iter().enumerate() {
-            let r = r.expect("every task finished");
-            match r.outcome {
-                Outcome::Ok { value, .. } => values.push(value),
-                Outcome::Err(error) => errors.push(EngineError {
-                    engine: r.engine,
-                    task: r.task,
+        for (index, slot) in f.slots.iter().enumerate() {
+            let slot = slot.as_ref().expect("every slot is filled");
+            match &slot.value {
+                Ok(v) => values.push(v.clone()),
+                Err(error) => errors.push(EngineError {
+                    engine: slot.engine,
+                    task: slot.task,
                     index,
-                    error,
+                    error: error.clone(),
                 }),
             }
         }
         if errors.is_empty() {
             Ok(values)
         } else {
-            Err(ClientError::Remote(CompositeError { errors }))
+            Err(ClientError::Remote(CompositeError {
+                per_item: self.kind().per_item(),
+                errors,
+            }))
         }
     }
 
-    /// Every task's result so far (`None` for those still running), in order, with captured
-    /// stdout/stderr, execution count and timestamps.
-    pub fn results(&self) -> Vec<Option<TaskResult>> {
-        self.state.results.lock().expect("not poisoned").clone()
+    /// The failures so far, each with its slot, engine and traceback.
+    pub fn errors(&self) -> Vec<EngineError> {
+        let f = self.state.filled.lock().expect("not poisoned");
+        f.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(index, s)| match s {
+                Some(Slot {
+                    engine,
+                    task,
+                    value: Err(error),
+                }) => Some(EngineError {
+                    engine: *engine,
+                    task: *task,
+                    index,
+                    error: error.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
     }
 
-    /// Each engine's captured stdout, for the tasks finished so far.
+    /// Every slot so far: `None` while pending, else its value or error. The partial results of
+    /// a job that failed in places.
+    pub fn values(&self) -> Vec<Option<Result<Value, RemoteError>>> {
+        let f = self.state.filled.lock().expect("not poisoned");
+        f.slots
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.value.clone()))
+            .collect()
+    }
+
+    /// The finished tasks, in the order they finished, with captured stdout/stderr, execution
+    /// count and timestamps. (For maps, the per-item values are in [`Self::values`].)
+    pub fn results(&self) -> Vec<TaskResult> {
+        self.state
+            .filled
+            .lock()
+            .expect("not poisoned")
+            .tasks
+            .clone()
+    }
+
+    /// Each finished task's captured stdout, with its engine.
     pub fn stdout(&self) -> Vec<(EngineId, String)> {
         self.results()
             .into_iter()
-            .flatten()
             .map(|r| (r.engine, r.stdout))
             .collect()
     }
 
-    /// Each engine's captured stderr, for the tasks finished so far.
+    /// Each finished task's captured stderr, with its engine.
     pub fn stderr(&self) -> Vec<(EngineId, String)> {
         self.results()
             .into_iter()
-            .flatten()
             .map(|r| (r.engine, r.stderr))
             .collect()
+    }
+
+    /// Results as they complete, like ipyparallel's `imap`: `(slot, value or error)`. With
+    /// `ordered`, in slot order (each waits for the ones before it); otherwise in the order they
+    /// finish. Ends when every slot has been yielded, or with an error if the connection drops.
+    pub fn stream(
+        &self,
+        ordered: bool,
+    ) -> impl Stream<Item = Result<(usize, Result<Value, RemoteError>), ClientError>> + '_ {
+        futures::stream::unfold(0usize, move |cursor| async move {
+            if cursor >= self.state.total() {
+                return None;
+            }
+            if let Err(e) = self.wait_for(if ordered { 0 } else { cursor + 1 }).await {
+                return Some((Err(e), usize::MAX));
+            }
+            loop {
+                let next = {
+                    let f = self.state.filled.lock().expect("not poisoned");
+                    let index = if ordered {
+                        Some(cursor)
+                    } else {
+                        f.order.get(cursor).copied()
+                    };
+                    index.and_then(|i| f.slots[i].as_ref().map(|s| (i, s.value.clone())))
+                };
+                if let Some(item) = next {
+                    return Some((Ok(item), cursor + 1));
+                }
+                let have = self.progress().0;
+                if let Err(e) = self.wait_for(have + 1).await {
+                    return Some((Err(e), usize::MAX));
+                }
+            }
+        })
     }
 
     /// When the controller accepted the job (µs since the epoch).
@@ -210,12 +339,8 @@ impl AsyncResult {
     pub fn elapsed(&self) -> Duration {
         let start = self.state.info.submitted;
         let end = if self.ready() {
-            self.results()
-                .iter()
-                .flatten()
-                .map(|r| r.completed)
-                .max()
-                .unwrap_or(start)
+            let f = self.state.filled.lock().expect("not poisoned");
+            f.tasks.iter().map(|r| r.completed).max().unwrap_or(start)
         } else {
             crate::proto::now_micros()
         };
@@ -225,10 +350,10 @@ impl AsyncResult {
     /// Time the engines spent computing, summed over tasks: compare with [`Self::elapsed`] to
     /// see the parallel speed-up.
     pub fn serial_time(&self) -> Duration {
-        let micros: u64 = self
-            .results()
+        let f = self.state.filled.lock().expect("not poisoned");
+        let micros: u64 = f
+            .tasks
             .iter()
-            .flatten()
             .map(|r| r.completed.saturating_sub(r.started))
             .sum();
         Duration::from_micros(micros)

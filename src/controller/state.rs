@@ -11,9 +11,25 @@ use tokio::time::Instant;
 
 use crate::proto::{
     now_micros, Assignment, ClientRequest, ClusterStatus, ControllerToClient, ControllerToEngine,
-    EngineId, EngineState, EngineStatus, EngineToController, JobId, JobInfo, JobSpec, Outcome,
-    RemoteError, Reply, TaskId, TaskResult, Value,
+    EngineId, EngineState, EngineStatus, EngineToController, JobId, JobInfo, JobKind, JobSpec,
+    Mapper, Outcome, RemoteError, Reply, TaskId, TaskResult, Value, Work,
 };
+
+/// Every engine may hold this many tasks (the running one included) whatever their cost, so it
+/// never waits for its next task.
+const MIN_PREFETCH: usize = 2;
+/// Beyond [`MIN_PREFETCH`], an engine is given more tasks while the work queued on it is
+/// estimated to take less than this — a few controller round trips. Cheap tasks then travel
+/// hundreds a frame; expensive ones stay in the shared queue, where any engine can take them.
+const PREFETCH_TIME: Duration = Duration::from_millis(20);
+/// The most tasks one engine holds at once.
+const MAX_PREFETCH: usize = 4096;
+/// Adaptive chunking gives an engine `remaining / (GSS_DIVISOR × engines)` items at a time:
+/// large chunks while much is left, ever smaller ones towards the end, so the engines finish
+/// together (guided self-scheduling, halved as in "factoring").
+const GSS_DIVISOR: usize = 2;
+/// The largest adaptive chunk, so a big map starts on every engine quickly and frames stay small.
+const MAX_CHUNK: usize = 5000;
 
 /// One connection, client or engine, as the controller numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,22 +54,40 @@ struct Engine {
     host: String,
     pid: u32,
     tasks_done: u64,
-    /// Assigned and not finished, in order; the front one is running.
-    assigned: VecDeque<TaskId>,
+    /// Assigned and not finished, in order, with their item counts; the front one is running.
+    assigned: VecDeque<(TaskId, u64)>,
+    /// Items in `assigned`.
+    outstanding: u64,
 }
 
 #[derive(Debug)]
 struct EngineConn {
     engines: Vec<EngineId>,
     last_seen: Instant,
+    /// Map jobs whose mapper this engine process has been sent.
+    defs: HashSet<JobId>,
 }
 
 #[derive(Debug)]
 struct Job {
     info: JobInfo,
-    results: Vec<Option<TaskResult>>,
-    remaining: usize,
+    /// Finished tasks, in the order they finished.
+    done: Vec<TaskResult>,
+    /// Result slots not yet filled.
+    remaining: u64,
     subscribers: Vec<ConnId>,
+    mapper: Option<Mapper>,
+    feed: Option<Feed>,
+    /// Mean engine time per item, from finished chunks (µs); guides prefetching.
+    item_micros: Option<f64>,
+}
+
+/// The items of a load-balanced map not yet handed out.
+#[derive(Debug)]
+struct Feed {
+    items: VecDeque<Value>,
+    next: u64,
+    chunksize: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -64,11 +98,12 @@ struct WaitEngines {
     deadline: Instant,
 }
 
-/// Where a task is: its job and its position there.
+/// Where a task is: its job, its first result slot and how many slots it fills.
 #[derive(Debug, Clone, Copy)]
 struct TaskRef {
     job: JobId,
-    index: usize,
+    first: u64,
+    slots: u64,
 }
 
 /// The whole state of a controller.
@@ -80,6 +115,8 @@ pub struct State {
     clients: HashSet<ConnId>,
     jobs: HashMap<JobId, Job>,
     tasks: HashMap<TaskId, TaskRef>,
+    /// Load-balanced maps with items still to hand out, oldest first.
+    feeds: VecDeque<JobId>,
     waiting: Vec<WaitEngines>,
     next_engine: u32,
     next_job: u64,
@@ -96,6 +133,7 @@ impl State {
             clients: HashSet::new(),
             jobs: HashMap::new(),
             tasks: HashMap::new(),
+            feeds: VecDeque::new(),
             waiting: Vec::new(),
             next_engine: 0,
             next_job: 0,
@@ -131,6 +169,7 @@ impl State {
             EngineConn {
                 engines: Vec::new(),
                 last_seen: now,
+                defs: HashSet::new(),
             },
         );
     }
@@ -175,9 +214,14 @@ impl State {
                 ),
                 Some(j) => {
                     reply(comm, Reply::Job(j.info.clone()));
-                    let done: Vec<TaskResult> = j.results.iter().flatten().cloned().collect();
-                    if !done.is_empty() {
-                        comm.to_client(conn, ControllerToClient::Results { job, results: done });
+                    if !j.done.is_empty() {
+                        comm.to_client(
+                            conn,
+                            ControllerToClient::Results {
+                                job,
+                                results: j.done.clone(),
+                            },
+                        );
                     }
                     if j.remaining > 0 && !j.subscribers.contains(&conn) {
                         j.subscribers.push(conn);
@@ -193,53 +237,271 @@ impl State {
         }
     }
 
+    fn new_task(&mut self, job: JobId, first: u64, slots: u64) -> TaskId {
+        let task = TaskId(self.next_task);
+        self.next_task += 1;
+        self.tasks.insert(task, TaskRef { job, first, slots });
+        task
+    }
+
     fn submit(
         &mut self,
         comm: &mut impl Comm,
         conn: ConnId,
         spec: &JobSpec,
     ) -> Result<JobInfo, String> {
-        let JobSpec::Direct { targets, work } = &spec;
-        let chosen = targets.resolve(&self.ids())?;
         let job = JobId(self.next_job);
+        // Per target: the work and how many result slots it fills.
+        let (kind, targets, mut per_target, mapper, feed): (JobKind, _, Vec<(Work, u64)>, _, _) =
+            match spec {
+                JobSpec::Direct { targets, work } => {
+                    let kind =
+                        match work {
+                            Work::Execute { .. } => JobKind::Execute,
+                            Work::Shell { .. } => JobKind::Shell,
+                            Work::Apply { .. } => JobKind::Apply,
+                            Work::Push { .. } => JobKind::Push,
+                            Work::Pull { .. } => JobKind::Pull,
+                            Work::MapChunk { .. } | Work::Scatter { .. } => return Err(
+                                "map chunks and scatters are made by the controller, not submitted"
+                                    .into(),
+                            ),
+                        };
+                    (kind, Some(targets), vec![(work.clone(), 1)], None, None)
+                }
+                JobSpec::Scatter {
+                    targets,
+                    name,
+                    items,
+                } => {
+                    let chosen = targets.resolve(&self.ids())?;
+                    let work = split(items, chosen.len())
+                        .map(|chunk| {
+                            let work = Work::Scatter {
+                                name: name.clone(),
+                                items: chunk.to_vec(),
+                            };
+                            (work, 1)
+                        })
+                        .collect();
+                    (JobKind::Scatter, Some(targets), work, None, None)
+                }
+                JobSpec::DirectMap {
+                    targets,
+                    mapper,
+                    items,
+                } => {
+                    let chosen = targets.resolve(&self.ids())?;
+                    let work = split(items, chosen.len())
+                        .map(|chunk| {
+                            let n = chunk.len() as u64;
+                            (
+                                Work::MapChunk {
+                                    job,
+                                    items: chunk.to_vec(),
+                                },
+                                n,
+                            )
+                        })
+                        .collect();
+                    (
+                        JobKind::Map,
+                        Some(targets),
+                        work,
+                        Some(mapper.clone()),
+                        None,
+                    )
+                }
+                JobSpec::Map {
+                    mapper,
+                    items,
+                    chunksize,
+                } => {
+                    if self.engines.is_empty() {
+                        return Err(
+                            "no engine is registered yet; `starling status` shows the cluster"
+                                .into(),
+                        );
+                    }
+                    if *chunksize == Some(0) {
+                        return Err("chunksize must be at least 1".into());
+                    }
+                    let feed = Feed {
+                        items: items.iter().cloned().collect(),
+                        next: 0,
+                        chunksize: *chunksize,
+                    };
+                    (
+                        JobKind::Map,
+                        None,
+                        Vec::new(),
+                        Some(mapper.clone()),
+                        Some(feed),
+                    )
+                }
+            };
+        let chosen = match targets {
+            Some(t) => t.resolve(&self.ids())?,
+            None => Vec::new(),
+        };
+        if per_target.len() == 1 && chosen.len() > 1 {
+            per_target = vec![per_target[0].clone(); chosen.len()];
+        }
         self.next_job += 1;
-        let mut tasks = Vec::with_capacity(chosen.len());
+        let slots = match (&feed, kind) {
+            (Some(f), _) => f.items.len() as u64,
+            (None, JobKind::Map) => per_target.iter().map(|(_, n)| n).sum(),
+            (None, _) => chosen.len() as u64,
+        };
+        let mut info = JobInfo {
+            job,
+            kind,
+            submitted: now_micros(),
+            tasks: Vec::with_capacity(chosen.len()),
+            slots,
+        };
         let mut per_conn: BTreeMap<ConnId, Vec<Assignment>> = BTreeMap::new();
-        for (index, engine_id) in chosen.iter().enumerate() {
-            let task = TaskId(self.next_task);
-            self.next_task += 1;
-            tasks.push((task, *engine_id));
-            self.tasks.insert(task, TaskRef { job, index });
+        let mut first = 0;
+        for (engine_id, (work, n)) in chosen.iter().zip(per_target) {
+            let slot_first = if kind == JobKind::Map {
+                first
+            } else {
+                info.tasks.len() as u64
+            };
+            first += n;
+            let task = self.new_task(job, slot_first, n.max(1));
+            info.tasks.push((task, *engine_id));
             let engine = self
                 .engines
                 .get_mut(engine_id)
                 .expect("resolved ids are registered");
-            engine.assigned.push_back(task);
+            engine.assigned.push_back((task, n));
+            engine.outstanding += n;
             per_conn.entry(engine.conn).or_default().push(Assignment {
                 task,
                 engine: *engine_id,
-                work: work.clone(),
+                first: slot_first,
+                work,
             });
         }
-        let info = JobInfo {
-            job,
-            submitted: now_micros(),
-            tasks,
-        };
         comm.record_job(&info, spec);
+        let empty = info.slots == 0;
         self.jobs.insert(
             job,
             Job {
-                results: vec![None; info.tasks.len()],
-                remaining: info.tasks.len(),
-                subscribers: vec![conn],
+                done: Vec::new(),
+                remaining: info.slots,
+                subscribers: if empty { Vec::new() } else { vec![conn] },
                 info: info.clone(),
+                mapper,
+                feed: None,
+                item_micros: None,
             },
         );
-        for (econn, batch) in per_conn {
-            comm.to_engine(econn, ControllerToEngine::Run(batch));
+        for (econn, tasks) in per_conn {
+            let defs = self.defs_for(econn, &tasks);
+            comm.to_engine(econn, ControllerToEngine::Run { defs, tasks });
+        }
+        if let Some(feed) = feed {
+            if !feed.items.is_empty() {
+                self.jobs.get_mut(&job).expect("just inserted").feed = Some(feed);
+                self.feeds.push_back(job);
+                self.fill(comm);
+            }
         }
         Ok(info)
+    }
+
+    /// The mapper definitions an engine process needs for these tasks and has not had yet.
+    fn defs_for(&mut self, econn: ConnId, tasks: &[Assignment]) -> Vec<(JobId, Mapper)> {
+        let mut defs = Vec::new();
+        let Some(ec) = self.engine_conns.get_mut(&econn) else {
+            return defs;
+        };
+        for a in tasks {
+            if let Work::MapChunk { job, .. } = &a.work {
+                if ec.defs.insert(*job) {
+                    if let Some(m) = self.jobs.get(job).and_then(|j| j.mapper.clone()) {
+                        defs.push((*job, m));
+                    }
+                }
+            }
+        }
+        defs
+    }
+
+    /// Whether an engine should be given another task of a job whose items take `item_micros`.
+    fn has_room(engine: &Engine, item_micros: Option<f64>) -> bool {
+        let n = engine.assigned.len();
+        if n < MIN_PREFETCH {
+            return true;
+        }
+        if n >= MAX_PREFETCH {
+            return false;
+        }
+        match item_micros {
+            Some(us) => (engine.outstanding as f64) * us < PREFETCH_TIME.as_micros() as f64,
+            None => false,
+        }
+    }
+
+    /// Hands out chunks of load-balanced maps to the least-loaded engines with room.
+    fn fill(&mut self, comm: &mut impl Comm) {
+        let mut per_conn: BTreeMap<ConnId, Vec<Assignment>> = BTreeMap::new();
+        let n_engines = self.engines.len().max(1);
+        while let Some(&job_id) = self.feeds.front() {
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                self.feeds.pop_front();
+                continue;
+            };
+            let item_micros = job.item_micros;
+            let Some(feed) = job.feed.as_mut().filter(|f| !f.items.is_empty()) else {
+                job.feed = None;
+                self.feeds.pop_front();
+                continue;
+            };
+            let Some((engine_id, engine)) = self
+                .engines
+                .iter_mut()
+                .filter(|(_, e)| Self::has_room(e, item_micros))
+                .min_by_key(|(_, e)| (e.outstanding, e.assigned.len()))
+            else {
+                break;
+            };
+            let remaining = feed.items.len();
+            let size = match feed.chunksize {
+                Some(c) => c as usize,
+                None => remaining
+                    .div_ceil(GSS_DIVISOR * n_engines)
+                    .clamp(1, MAX_CHUNK),
+            }
+            .min(remaining);
+            let items: Vec<Value> = feed.items.drain(..size).collect();
+            let first = feed.next;
+            feed.next += size as u64;
+            let task = TaskId(self.next_task);
+            self.next_task += 1;
+            self.tasks.insert(
+                task,
+                TaskRef {
+                    job: job_id,
+                    first,
+                    slots: size as u64,
+                },
+            );
+            engine.assigned.push_back((task, size as u64));
+            engine.outstanding += size as u64;
+            per_conn.entry(engine.conn).or_default().push(Assignment {
+                task,
+                engine: *engine_id,
+                first,
+                work: Work::MapChunk { job: job_id, items },
+            });
+        }
+        for (econn, tasks) in per_conn {
+            let defs = self.defs_for(econn, &tasks);
+            comm.to_engine(econn, ControllerToEngine::Run { defs, tasks });
+        }
     }
 
     pub fn on_engine_message(
@@ -278,6 +540,7 @@ impl State {
                             pid,
                             tasks_done: 0,
                             assigned: VecDeque::new(),
+                            outstanding: 0,
                         },
                     );
                 }
@@ -291,6 +554,7 @@ impl State {
                     },
                 );
                 self.answer_waiters(comm, now);
+                self.fill(comm);
             }
             EngineToController::Done(results) => self.finish(comm, results),
             EngineToController::KernelRestarted {
@@ -307,7 +571,7 @@ impl State {
     }
 
     fn finish(&mut self, comm: &mut impl Comm, results: Vec<TaskResult>) {
-        let mut by_job: BTreeMap<JobId, Vec<(usize, TaskResult)>> = BTreeMap::new();
+        let mut by_job: BTreeMap<JobId, Vec<TaskResult>> = BTreeMap::new();
         for result in results {
             let Some(tref) = self.tasks.remove(&result.task) else {
                 tracing::warn!(task = %result.task, "result for an unknown task; ignored");
@@ -315,25 +579,28 @@ impl State {
             };
             if let Some(engine) = self.engines.get_mut(&result.engine) {
                 engine.tasks_done += 1;
-                engine.assigned.retain(|t| *t != result.task);
+                if let Some(i) = engine.assigned.iter().position(|(t, _)| *t == result.task) {
+                    let (_, n) = engine.assigned.remove(i).expect("found");
+                    engine.outstanding -= n;
+                }
             }
-            by_job
-                .entry(tref.job)
-                .or_default()
-                .push((tref.index, result));
+            if let Some(job) = self.jobs.get_mut(&tref.job) {
+                job.remaining = job.remaining.saturating_sub(tref.slots);
+                if matches!(result.outcome, Outcome::Items(_)) && result.completed > result.started
+                {
+                    let per_item = (result.completed - result.started) as f64 / tref.slots as f64;
+                    job.item_micros = Some(match job.item_micros {
+                        None => per_item,
+                        Some(old) => 0.7 * old + 0.3 * per_item,
+                    });
+                }
+            }
+            by_job.entry(tref.job).or_default().push(result);
         }
-        for (job_id, indexed) in by_job {
+        for (job_id, results) in by_job {
             let Some(job) = self.jobs.get_mut(&job_id) else {
                 continue;
             };
-            let mut results = Vec::with_capacity(indexed.len());
-            for (index, r) in indexed {
-                if job.results[index].is_none() {
-                    job.remaining -= 1;
-                }
-                job.results[index] = Some(r.clone());
-                results.push(r);
-            }
             comm.record_results(job_id, &results);
             for sub in &job.subscribers {
                 if self.clients.contains(sub) {
@@ -346,9 +613,13 @@ impl State {
                     );
                 }
             }
+            job.done.extend(results);
             if job.remaining == 0 {
                 job.subscribers.clear();
             }
+        }
+        if !self.feeds.is_empty() {
+            self.fill(comm);
         }
     }
 
@@ -365,18 +636,31 @@ impl State {
             };
             tracing::warn!(engine = %id, node = engine.node, reason, "engine lost");
             let now = now_micros();
-            for task in engine.assigned {
+            for (task, _) in engine.assigned {
+                let Some(tref) = self.tasks.get(&task).copied() else {
+                    continue;
+                };
+                let error = RemoteError {
+                    ename: "EngineLost".into(),
+                    evalue: format!(
+                        "engine {id} (node {}, host {}) was lost: {reason}",
+                        engine.node, engine.host
+                    ),
+                    traceback: String::new(),
+                };
+                let per_item = self
+                    .jobs
+                    .get(&tref.job)
+                    .is_some_and(|j| j.info.kind.per_item());
                 failed.push(TaskResult {
                     task,
                     engine: id,
-                    outcome: Outcome::Err(RemoteError {
-                        ename: "EngineLost".into(),
-                        evalue: format!(
-                            "engine {id} (node {}, host {}) was lost: {reason}",
-                            engine.node, engine.host
-                        ),
-                        traceback: String::new(),
-                    }),
+                    first: tref.first,
+                    outcome: if per_item {
+                        Outcome::Items(vec![Err(error); tref.slots as usize])
+                    } else {
+                        Outcome::Err(error)
+                    },
                     stdout: String::new(),
                     stderr: String::new(),
                     execution_count: 0,
@@ -455,18 +739,31 @@ impl State {
             cluster: self.cluster.clone(),
             controller_pid: std::process::id(),
             engines,
-            queued: self.tasks.len() as u64,
+            queued: self.tasks.len() as u64
+                + self
+                    .feeds
+                    .iter()
+                    .filter_map(|j| self.jobs.get(j))
+                    .filter_map(|j| j.feed.as_ref())
+                    .map(|f| f.items.len() as u64)
+                    .sum::<u64>(),
             jobs: self.jobs.len() as u64,
         }
     }
 }
 
-/// A result's value when it is `Ok`, for tests and logs.
-pub fn ok_value(r: &TaskResult) -> Option<&Value> {
-    match &r.outcome {
-        Outcome::Ok { value, .. } => Some(value),
-        Outcome::Err(_) => None,
-    }
+/// Splits items into `n` contiguous chunks whose sizes differ by at most one, larger first —
+/// how ipyparallel scatters.
+pub fn split<T>(items: &[T], n: usize) -> impl Iterator<Item = &[T]> {
+    let n = n.max(1);
+    let (base, extra) = (items.len() / n, items.len() % n);
+    let mut start = 0;
+    (0..n).map(move |i| {
+        let len = base + usize::from(i < extra);
+        let chunk = &items[start..start + len];
+        start += len;
+        chunk
+    })
 }
 
 #[cfg(test)]
@@ -540,10 +837,11 @@ mod tests {
         }
     }
 
-    fn ok(task: TaskId, engine: EngineId) -> TaskResult {
+    fn ok(task: TaskId, engine: EngineId, first: u64) -> TaskResult {
         TaskResult {
             task,
             engine,
+            first,
             outcome: Outcome::Ok {
                 value: Value::Json(1.into()),
                 display: Some("1".into()),
@@ -570,7 +868,7 @@ mod tests {
         assert_eq!(c.to_engines.len(), 2, "one Run frame per engine connection");
         assert_eq!(c.recorded_jobs, 1);
         for (_, msg) in &c.to_engines {
-            let ControllerToEngine::Run(batch) = msg else {
+            let ControllerToEngine::Run { tasks: batch, .. } = msg else {
                 panic!("{msg:?}")
             };
             assert_eq!(batch.len(), 2);
@@ -585,7 +883,7 @@ mod tests {
         s.on_engine_message(
             &mut c,
             ConnId(0),
-            EngineToController::Done(vec![ok(t0, e0)]),
+            EngineToController::Done(vec![ok(t0, e0, 0)]),
             now,
         );
         assert!(matches!(
@@ -621,7 +919,7 @@ mod tests {
         s.on_engine_message(
             &mut c,
             ConnId(0),
-            EngineToController::Done(vec![ok(t1, e1)]),
+            EngineToController::Done(vec![ok(t1, e1, 1)]),
             now,
         );
         assert_eq!(c.to_clients.len(), 3);
@@ -740,5 +1038,158 @@ mod tests {
             matches!(&c.to_clients[1].1, ControllerToClient::Reply { body: Reply::Error(e), .. } if e.contains("no job 42"))
         );
         assert!(c.to_engines.is_empty());
+    }
+
+    fn map_spec(n: usize, chunksize: Option<u32>) -> JobSpec {
+        JobSpec::Map {
+            mapper: Mapper::Python(crate::proto::Func::Expr("lambda x: x".into())),
+            items: (0..n as i64).map(Value::from).collect(),
+            chunksize,
+        }
+    }
+
+    /// Every Run frame sent so far, as (engine process, assignments), and forgets them.
+    fn runs(c: &mut Recorder) -> Vec<(ConnId, Vec<Assignment>, usize)> {
+        c.to_engines
+            .drain(..)
+            .filter_map(|(conn, m)| match m {
+                ControllerToEngine::Run { defs, tasks } => Some((conn, tasks, defs.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn items_of(a: &Assignment) -> usize {
+        match &a.work {
+            Work::MapChunk { items, .. } => items.len(),
+            _ => 0,
+        }
+    }
+
+    /// The engine finishes a map chunk, at `micros` per item.
+    fn finish_chunk(s: &mut State, c: &mut Recorder, conn: ConnId, a: &Assignment, micros: u64) {
+        let n = items_of(a);
+        let r = TaskResult {
+            task: a.task,
+            engine: a.engine,
+            first: a.first,
+            outcome: Outcome::Items(vec![Ok(Value::from(0)); n]),
+            stdout: String::new(),
+            stderr: String::new(),
+            execution_count: 0,
+            started: 1_000,
+            completed: 1_000 + micros * n as u64,
+        };
+        s.on_engine_message(c, conn, EngineToController::Done(vec![r]), Instant::now());
+    }
+
+    #[test]
+    fn a_load_balanced_map_is_one_submission_split_into_shrinking_chunks() {
+        let (mut s, mut c, now) = cluster_with(&[1, 1]);
+        let spec = map_spec(1000, None);
+        s.on_client_request(&mut c, CLIENT, 1, ClientRequest::Submit(spec), now);
+        let first = runs(&mut c);
+        // Two tasks per engine up front, the mapper sent once per engine process.
+        assert_eq!(first.len(), 2);
+        assert!(first
+            .iter()
+            .all(|(_, tasks, defs)| tasks.len() == 2 && *defs == 1));
+        let sizes: Vec<usize> = first
+            .iter()
+            .flat_map(|(_, t, _)| t.iter().map(items_of))
+            .collect();
+        assert_eq!(
+            sizes.iter().sum::<usize>(),
+            250 + 188 + 141 + 106,
+            "{sizes:?}"
+        );
+
+        // Finishing chunks hands out ever smaller ones until every item went out exactly once.
+        let mut pending: Vec<(ConnId, Assignment)> = first
+            .into_iter()
+            .flat_map(|(conn, t, _)| t.into_iter().map(move |a| (conn, a)))
+            .collect();
+        let mut seen = vec![0u32; 1000];
+        let mut last_size = usize::MAX;
+        while let Some((conn, a)) = pending.pop() {
+            for i in a.first..a.first + items_of(&a) as u64 {
+                seen[i as usize] += 1;
+            }
+            finish_chunk(&mut s, &mut c, conn, &a, 10_000);
+            for (conn, tasks, defs) in runs(&mut c) {
+                assert_eq!(defs, 0, "the mapper is not sent twice");
+                for a in tasks {
+                    assert!(items_of(&a) <= last_size.max(items_of(&a)));
+                    last_size = items_of(&a);
+                    pending.push((conn, a));
+                }
+            }
+        }
+        assert!(seen.iter().all(|n| *n == 1));
+        assert_eq!(last_size, 1, "the last chunks are single items");
+        assert!(matches!(
+            c.to_clients.last(),
+            Some((_, ControllerToClient::Results { .. }))
+        ));
+        assert_eq!(s.jobs[&JobId(0)].remaining, 0);
+    }
+
+    #[test]
+    fn cheap_tasks_are_prefetched_deeply_and_expensive_ones_stay_queued() {
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            1,
+            ClientRequest::Submit(map_spec(10_000, Some(1))),
+            now,
+        );
+        let first = runs(&mut c);
+        assert_eq!(
+            first[0].1.len(),
+            MIN_PREFETCH,
+            "nothing is known of the cost yet"
+        );
+        // Cheap items (2 µs): the engine is given hundreds at once.
+        finish_chunk(&mut s, &mut c, ConnId(0), &first[0].1[0], 2);
+        let next = runs(&mut c);
+        assert!(next[0].1.len() > 100, "{}", next[0].1.len());
+
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            1,
+            ClientRequest::Submit(map_spec(100, Some(1))),
+            now,
+        );
+        let first = runs(&mut c);
+        // Expensive items (1 s): one more task to replace the finished one, no more.
+        finish_chunk(&mut s, &mut c, ConnId(0), &first[0].1[0], 1_000_000);
+        assert_eq!(runs(&mut c)[0].1.len(), 1);
+        assert_eq!(s.status().queued, 100 - 1);
+    }
+
+    #[test]
+    fn a_direct_map_splits_items_contiguously_one_chunk_per_target() {
+        let (mut s, mut c, now) = cluster_with(&[3]);
+        let spec = JobSpec::DirectMap {
+            targets: Targets::All,
+            mapper: Mapper::Shell("echo {}".into()),
+            items: (0..10).map(Value::from).collect(),
+        };
+        s.on_client_request(&mut c, CLIENT, 1, ClientRequest::Submit(spec), now);
+        let (_, tasks, defs) = runs(&mut c).remove(0);
+        assert_eq!(defs, 1);
+        let chunks: Vec<(u64, usize)> = tasks.iter().map(|a| (a.first, items_of(a))).collect();
+        assert_eq!(chunks, vec![(0, 4), (4, 3), (7, 3)]);
+    }
+
+    #[test]
+    fn split_is_even_and_contiguous() {
+        let v: Vec<u32> = (0..7).collect();
+        let parts: Vec<&[u32]> = split(&v, 3).collect();
+        assert_eq!(parts, vec![&[0, 1, 2][..], &[3, 4], &[5, 6]]);
+        assert_eq!(split(&v, 10).filter(|p| !p.is_empty()).count(), 7);
     }
 }

@@ -129,6 +129,19 @@ fn write_batch(conn: &mut Connection, batch: Vec<StoreOp>) -> rusqlite::Result<(
                         let (ok, text) = match &r.outcome {
                             Outcome::Ok { value, .. } => (true, value.to_python_repr()),
                             Outcome::Err(e) => (false, format!("{e}\n{}", e.traceback)),
+                            Outcome::Items(items) => {
+                                let shown: Vec<String> = items
+                                    .iter()
+                                    .map(|i| match i {
+                                        Ok(v) => v.to_python_repr(),
+                                        Err(e) => format!("<{e}>"),
+                                    })
+                                    .collect();
+                                (
+                                    items.iter().all(Result::is_ok),
+                                    format!("[{}]", shown.join(", ")),
+                                )
+                            }
                         };
                         task_stmt.execute(params![
                             r.task.0 as i64,

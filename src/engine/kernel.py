@@ -91,6 +91,41 @@ def _error(e):
 
 
 _compiled = {}
+_maps = {}
+_modules = {}
+
+
+def _resolve(func):
+    """A callable from its description: {"expr": source} or {"module", "source", "attr"}."""
+    if "expr" in func:
+        return eval(func["expr"], _ns)
+    key = (func["module"], func["source"])
+    mod = _modules.get(key)
+    if mod is None:
+        name = func["module"]
+        filename = name + ".py"
+        source = func["source"]
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        mod = types.ModuleType(name)
+        mod.__file__ = filename
+        # Registered under its name, so its functions and classes pickle by reference.
+        sys.modules[name] = mod
+        exec(compile(source, filename, "exec"), mod.__dict__)
+        if len(_modules) >= 64:
+            _modules.clear()
+        _modules[key] = mod
+    try:
+        return getattr(mod, func["attr"])
+    except AttributeError:
+        raise AttributeError("%s has no function %r" % (func["module"] + ".py", func["attr"])) from None
+
+
+def _call(func, item):
+    """One map item: its encoded result, or {"e": error}."""
+    try:
+        return _encode(func(item))
+    except Exception as e:  # noqa: BLE001 - an item's error is that item's result
+        return {"e": _error(e)}
 
 
 def _compile(code):
@@ -136,9 +171,32 @@ def _run(task):
             reply["ok"] = True
             if value is not None:
                 reply["d"] = _safe_repr(value)
+        elif op == "map":
+            job = task["job"]
+            if "func" in task:
+                _maps.pop(job, None)
+                if len(_maps) >= 256:
+                    _maps.clear()
+                _maps[job] = _resolve(task["func"])
+            func = _maps.get(job)
+            if func is None:
+                raise RuntimeError("this kernel does not know the function of job %d" % job)
+            reply = {"ok": True, "items": [_call(func, x) for x in _decode(task["items"])]}
         elif op == "apply":
-            func = eval(task["func"], _ns)
+            func = _resolve(task["func"])
             reply = _encode(func(*_decode(task["args"])))
+            reply["ok"] = True
+        elif op == "push":
+            for name, value in task["values"].items():
+                _ns[name] = _decode(value)
+            reply = {"ok": True, "v": None}
+        elif op == "pull":
+            names = task["names"]
+            missing = [n for n in names if n not in _ns]
+            if missing:
+                raise NameError("name %r is not defined on this engine" % missing[0])
+            values = [_ns[n] for n in names]
+            reply = _encode(values[0] if len(values) == 1 else values)
             reply["ok"] = True
         else:
             reply = {"ok": False, "ename": "KernelError", "evalue": "unknown op %r" % op, "traceback": ""}

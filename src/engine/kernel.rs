@@ -228,33 +228,52 @@ fn text(v: &Json, key: &str) -> String {
         .to_string()
 }
 
-fn decode_reply(v: &Json) -> KernelReply {
+/// A value as the kernel encodes it: `{"v": json}`, `{"p": pickle-b64, "r": repr}` or
+/// `{"o": repr}`.
+fn decode_value(v: &Json) -> Value {
     use base64::Engine as _;
-    let outcome = if v.get("ok").and_then(Json::as_bool) == Some(true) {
-        let value = if let Some(p) = v.get("p").and_then(Json::as_str) {
-            Value::Pickle {
-                repr: text(v, "r"),
-                bytes: base64::engine::general_purpose::STANDARD
-                    .decode(p)
-                    .unwrap_or_default(),
-            }
-        } else if let Some(o) = v.get("o").and_then(Json::as_str) {
-            Value::Opaque {
-                repr: o.to_string(),
-            }
-        } else {
-            Value::Json(v.get("v").cloned().unwrap_or(Json::Null))
-        };
-        Outcome::Ok {
-            value,
-            display: v.get("d").and_then(Json::as_str).map(str::to_string),
+    if let Some(p) = v.get("p").and_then(Json::as_str) {
+        Value::Pickle {
+            repr: text(v, "r"),
+            bytes: base64::engine::general_purpose::STANDARD
+                .decode(p)
+                .unwrap_or_default(),
+        }
+    } else if let Some(o) = v.get("o").and_then(Json::as_str) {
+        Value::Opaque {
+            repr: o.to_string(),
         }
     } else {
-        Outcome::Err(RemoteError {
-            ename: text(v, "ename"),
-            evalue: text(v, "evalue"),
-            traceback: text(v, "traceback"),
-        })
+        Value::Json(v.get("v").cloned().unwrap_or(Json::Null))
+    }
+}
+
+fn decode_error(v: &Json) -> RemoteError {
+    RemoteError {
+        ename: text(v, "ename"),
+        evalue: text(v, "evalue"),
+        traceback: text(v, "traceback"),
+    }
+}
+
+fn decode_reply(v: &Json) -> KernelReply {
+    let outcome = if v.get("ok").and_then(Json::as_bool) != Some(true) {
+        Outcome::Err(decode_error(v))
+    } else if let Some(items) = v.get("items").and_then(Json::as_array) {
+        Outcome::Items(
+            items
+                .iter()
+                .map(|item| match item.get("e") {
+                    Some(e) => Err(decode_error(e)),
+                    None => Ok(decode_value(item)),
+                })
+                .collect(),
+        )
+    } else {
+        Outcome::Ok {
+            value: decode_value(v),
+            display: v.get("d").and_then(Json::as_str).map(str::to_string),
+        }
     };
     KernelReply {
         outcome,

@@ -9,8 +9,9 @@
 
 pub mod kernel;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -20,14 +21,17 @@ use tokio::sync::mpsc;
 use crate::proto::auth::{Key, Role};
 use crate::proto::conn::{self, PeerStream};
 use crate::proto::{
-    Assignment, ControllerToEngine, EngineId, EngineToController, Outcome, ProtoError, RemoteError,
-    TaskResult, Work,
+    Assignment, ControllerToEngine, EngineId, EngineToController, Func, JobId, Mapper, Outcome,
+    ProtoError, RemoteError, TaskResult, Value, Work,
 };
 use kernel::{KernelReply, PythonKernel};
 
 /// How long an engine keeps trying to reach its controller before it gives up: long enough for
 /// a controller that is still starting on a slow node.
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Map jobs whose mapper an engine process remembers; older ones are sent again if needed.
+const MAX_MAPPERS: usize = 256;
 
 /// Pause between attempts to reach the controller.
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
@@ -132,7 +136,7 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
     let (out_tx, out_rx) = mpsc::unbounded_channel::<EngineToController>();
     let pump = tokio::spawn(writer.pump(out_rx));
 
-    let mut slots: HashMap<EngineId, mpsc::UnboundedSender<Vec<Assignment>>> = HashMap::new();
+    let mut slots: HashMap<EngineId, mpsc::UnboundedSender<Vec<Task>>> = HashMap::new();
     let mut slot_tasks = Vec::new();
     for (id, kernel) in ids.iter().copied().zip(kernels) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -140,6 +144,7 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
         let slot = Slot {
             id,
             kernel: Some(kernel),
+            known: HashSet::new(),
             config: config.clone(),
             out: out_tx.clone(),
         };
@@ -157,12 +162,26 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
         }
     });
 
+    let mut mappers: HashMap<JobId, Arc<Mapper>> = HashMap::new();
     let why = loop {
         match reader.recv().await {
-            Ok(Some(ControllerToEngine::Run(batch))) => {
-                let mut per_slot: HashMap<EngineId, Vec<Assignment>> = HashMap::new();
-                for a in batch {
-                    per_slot.entry(a.engine).or_default().push(a);
+            Ok(Some(ControllerToEngine::Run { defs, tasks })) => {
+                for (job, mapper) in defs {
+                    if mappers.len() >= MAX_MAPPERS {
+                        mappers.clear();
+                    }
+                    mappers.insert(job, Arc::new(mapper));
+                }
+                let mut per_slot: HashMap<EngineId, Vec<Task>> = HashMap::new();
+                for a in tasks {
+                    let mapper = match &a.work {
+                        Work::MapChunk { job, .. } => mappers.get(job).cloned(),
+                        _ => None,
+                    };
+                    per_slot
+                        .entry(a.engine)
+                        .or_default()
+                        .push(Task { a, mapper });
                 }
                 for (id, tasks) in per_slot {
                     match slots.get(&id) {
@@ -196,16 +215,62 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// A task and, for a map chunk, its job's mapper.
+struct Task {
+    a: Assignment,
+    mapper: Option<Arc<Mapper>>,
+}
+
+impl Task {
+    /// Whether the Python kernel runs it (else the engine runs it with bash).
+    fn in_kernel(&self) -> bool {
+        match &self.a.work {
+            Work::Shell { .. } => false,
+            Work::MapChunk { .. } => !matches!(self.mapper.as_deref(), Some(Mapper::Shell(_))),
+            _ => true,
+        }
+    }
+
+    fn items(&self) -> Option<usize> {
+        match &self.a.work {
+            Work::MapChunk { items, .. } => Some(items.len()),
+            _ => None,
+        }
+    }
+}
+
 /// One engine: its id, its kernel, the way out.
 struct Slot {
     id: EngineId,
     kernel: Option<PythonKernel>,
+    /// Map jobs whose function the current kernel has compiled.
+    known: HashSet<JobId>,
     config: EngineConfig,
     out: mpsc::UnboundedSender<EngineToController>,
 }
 
+fn func_json(f: &Func) -> serde_json::Value {
+    match f {
+        Func::Expr(e) => json!({ "expr": e }),
+        Func::Module {
+            module,
+            source,
+            attr,
+        } => json!({ "module": module, "source": source, "attr": attr }),
+    }
+}
+
+fn values_json(values: &[Value]) -> Vec<serde_json::Value> {
+    values.iter().map(Value::to_kernel_json).collect()
+}
+
+/// Quotes a string for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 impl Slot {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<Assignment>>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<Task>>) {
         self.init_kernel().await;
         while let Some(mut tasks) = rx.recv().await {
             while let Ok(more) = rx.try_recv() {
@@ -213,23 +278,68 @@ impl Slot {
             }
             let mut rest = &tasks[..];
             while !rest.is_empty() {
-                let python = rest
-                    .iter()
-                    .take_while(|a| !matches!(a.work, Work::Shell { .. }))
-                    .count();
+                let python = rest.iter().take_while(|t| t.in_kernel()).count();
                 if python > 0 {
                     let (batch, tail) = rest.split_at(python);
                     self.run_python(batch).await;
                     rest = tail;
                 } else {
-                    let a = &rest[0];
-                    if let Work::Shell { command } = &a.work {
-                        let reply = kernel::run_shell(command, self.id, &self.config.workdir).await;
-                        self.send(vec![self.result(a, reply)]);
-                    }
+                    let result = self.run_shell(&rest[0]).await;
+                    self.send(vec![result]);
                     rest = &rest[1..];
                 }
             }
+        }
+    }
+
+    async fn run_shell(&self, t: &Task) -> TaskResult {
+        match (&t.a.work, t.mapper.as_deref()) {
+            (Work::Shell { command }, _) => {
+                let reply = kernel::run_shell(command, self.id, &self.config.workdir).await;
+                self.result(&t.a, reply)
+            }
+            (Work::MapChunk { items, .. }, Some(Mapper::Shell(template))) => {
+                let started = crate::proto::now_micros();
+                let mut outcomes = Vec::with_capacity(items.len());
+                for item in items {
+                    let text = match item {
+                        Value::Json(serde_json::Value::String(s)) => s.clone(),
+                        other => other
+                            .as_json()
+                            .map_or_else(|| other.to_python_repr(), ToString::to_string),
+                    };
+                    let command = template.replace("{}", &shell_quote(&text));
+                    let reply = kernel::run_shell(&command, self.id, &self.config.workdir).await;
+                    outcomes.push(match reply.outcome {
+                        Outcome::Ok { .. } => {
+                            let out = reply.stdout.strip_suffix('\n').unwrap_or(&reply.stdout);
+                            Ok(Value::Json(out.into()))
+                        }
+                        Outcome::Err(mut e) => {
+                            let err = reply.stderr.trim_end();
+                            if !err.is_empty() {
+                                e.traceback = err.to_string();
+                            }
+                            Err(e)
+                        }
+                        Outcome::Items(_) => unreachable!("a shell command has one outcome"),
+                    });
+                }
+                let reply = KernelReply {
+                    outcome: Outcome::Items(outcomes),
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    execution_count: 0,
+                    started,
+                    completed: crate::proto::now_micros(),
+                };
+                self.result(&t.a, reply)
+            }
+            _ => self.failure(
+                t,
+                "EngineError",
+                "a map chunk arrived without its function; this is a bug".into(),
+            ),
         }
     }
 
@@ -238,10 +348,18 @@ impl Slot {
     }
 
     fn result(&self, a: &Assignment, r: KernelReply) -> TaskResult {
+        let outcome = match (&a.work, r.outcome) {
+            // A map chunk whose function could not even be made fails item by item.
+            (Work::MapChunk { items, .. }, Outcome::Err(e)) => {
+                Outcome::Items(vec![Err(e); items.len()])
+            }
+            (_, o) => o,
+        };
         TaskResult {
             task: a.task,
             engine: self.id,
-            outcome: r.outcome,
+            first: a.first,
+            outcome,
             stdout: r.stdout,
             stderr: r.stderr,
             execution_count: r.execution_count,
@@ -250,16 +368,21 @@ impl Slot {
         }
     }
 
-    fn failure(&self, a: &Assignment, ename: &str, evalue: String) -> TaskResult {
+    fn failure(&self, t: &Task, ename: &str, evalue: String) -> TaskResult {
         let now = crate::proto::now_micros();
+        let error = RemoteError {
+            ename: ename.into(),
+            evalue,
+            traceback: String::new(),
+        };
         TaskResult {
-            task: a.task,
+            task: t.a.task,
             engine: self.id,
-            outcome: Outcome::Err(RemoteError {
-                ename: ename.into(),
-                evalue,
-                traceback: String::new(),
-            }),
+            first: t.a.first,
+            outcome: match t.items() {
+                Some(n) => Outcome::Items(vec![Err(error); n]),
+                None => Outcome::Err(error),
+            },
             stdout: String::new(),
             stderr: String::new(),
             execution_count: 0,
@@ -270,6 +393,7 @@ impl Slot {
 
     /// Tells a fresh kernel which engine it is.
     async fn init_kernel(&mut self) {
+        self.known.clear();
         if let Some(k) = &mut self.kernel {
             let out = k.run(&[json!({"op": "init", "engine": self.id.0})]).await;
             if let Some(why) = out.died {
@@ -304,7 +428,39 @@ impl Slot {
         }
     }
 
-    async fn run_python(&mut self, mut batch: &[Assignment]) {
+    /// The kernel request for a task; a map chunk carries its function the first time the
+    /// kernel sees the job.
+    fn request(&mut self, t: &Task) -> serde_json::Value {
+        match &t.a.work {
+            Work::Execute { code } => json!({"op": "execute", "code": code}),
+            Work::Apply { func, args } => {
+                json!({"op": "apply", "func": func_json(func), "args": values_json(args)})
+            }
+            Work::Push { values } => {
+                let map: serde_json::Map<String, serde_json::Value> = values
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_kernel_json()))
+                    .collect();
+                json!({"op": "push", "values": map})
+            }
+            Work::Scatter { name, items } => {
+                json!({"op": "push", "values": { name.clone(): values_json(items) }})
+            }
+            Work::Pull { names } => json!({"op": "pull", "names": names}),
+            Work::MapChunk { job, items } => {
+                let mut req = json!({"op": "map", "job": job.0, "items": values_json(items)});
+                if let Some(Mapper::Python(func)) = t.mapper.as_deref() {
+                    if self.known.insert(*job) {
+                        req["func"] = func_json(func);
+                    }
+                }
+                req
+            }
+            Work::Shell { .. } => unreachable!("shell tasks never reach the kernel"),
+        }
+    }
+
+    async fn run_python(&mut self, mut batch: &[Task]) {
         while !batch.is_empty() {
             if self.kernel.is_none() {
                 if let Err(e) = self
@@ -313,9 +469,9 @@ impl Slot {
                 {
                     let failed = batch
                         .iter()
-                        .map(|a| {
+                        .map(|t| {
                             self.failure(
-                                a,
+                                t,
                                 "KernelUnavailable",
                                 format!("engine {} has no kernel: {e}", self.id),
                             )
@@ -325,25 +481,14 @@ impl Slot {
                     return;
                 }
             }
+            let requests: Vec<serde_json::Value> = batch.iter().map(|t| self.request(t)).collect();
             let kernel = self.kernel.as_mut().expect("a kernel was just ensured");
-            let requests: Vec<serde_json::Value> = batch
-                .iter()
-                .map(|a| match &a.work {
-                    Work::Execute { code } => json!({"op": "execute", "code": code}),
-                    Work::Apply { func, args } => json!({
-                        "op": "apply",
-                        "func": func,
-                        "args": args.iter().map(crate::proto::Value::to_kernel_json).collect::<Vec<_>>(),
-                    }),
-                    Work::Shell { .. } => unreachable!("shell tasks never reach the kernel"),
-                })
-                .collect();
             let outcome = kernel.run(&requests).await;
             let done = outcome.replies.len();
             let mut results: Vec<TaskResult> = batch
                 .iter()
                 .zip(outcome.replies)
-                .map(|(a, r)| self.result(a, r))
+                .map(|(t, r)| self.result(&t.a, r))
                 .collect();
             match outcome.died {
                 None => {
@@ -352,16 +497,19 @@ impl Slot {
                 }
                 Some(why) => {
                     let killer = &batch[done];
-                    let reason = format!("the kernel of engine {} {why} while running this task; a new kernel (with an empty namespace) replaces it", self.id);
+                    let reason = format!(
+                        "the kernel of engine {} {why} while running this task; a new kernel (with an empty namespace) replaces it",
+                        self.id
+                    );
                     results.push(self.failure(killer, "KernelDied", reason.clone()));
                     self.send(results);
                     batch = &batch[done + 1..];
                     if let Err(e) = self.replace_kernel(&reason).await {
                         let failed = batch
                             .iter()
-                            .map(|a| {
+                            .map(|t| {
                                 self.failure(
-                                    a,
+                                    t,
                                     "KernelUnavailable",
                                     format!("engine {} could not restart its kernel: {e}", self.id),
                                 )

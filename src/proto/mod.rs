@@ -229,16 +229,86 @@ pub enum KernelKind {
     Shell,
 }
 
-/// What one task asks of a kernel.
+/// A Python callable, travelling as source.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Func {
+    /// An expression that evaluates to a callable in the engine's namespace: `lambda x: x*x`,
+    /// `math.sqrt`, or the name of a function defined there.
+    Expr(String),
+    /// The attribute `attr` of a module built from `source` and registered as `module` (so the
+    /// functions in it pickle by reference): `work.py:simulate`, or code given with `--def`.
+    Module {
+        module: String,
+        source: String,
+        attr: String,
+    },
+}
+
+impl Func {
+    /// A function named `attr` in a Python file, which travels whole.
+    pub fn from_file(path: &std::path::Path, attr: &str) -> std::io::Result<Self> {
+        let source = std::fs::read_to_string(path)?;
+        let module = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("starling_module")
+            .to_string();
+        Ok(Func::Module {
+            module,
+            source,
+            attr: attr.to_string(),
+        })
+    }
+
+    /// A function named `attr` defined by `source`.
+    pub fn from_source(source: &str, attr: &str) -> Self {
+        Func::Module {
+            module: "starling_def".into(),
+            source: source.to_string(),
+            attr: attr.to_string(),
+        }
+    }
+}
+
+impl From<&str> for Func {
+    fn from(expr: &str) -> Self {
+        Func::Expr(expr.to_string())
+    }
+}
+
+impl From<String> for Func {
+    fn from(expr: String) -> Self {
+        Func::Expr(expr)
+    }
+}
+
+/// What a map applies to each item.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Mapper {
+    /// A Python callable called with the item as its one argument.
+    Python(Func),
+    /// A shell command line; `{}` stands for the item, shell-quoted. Its stdout is the result.
+    Shell(String),
+}
+
+/// What one task asks of an engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Work {
     /// Python code; the value of a final expression is the result, like IPython's `Out`.
     Execute { code: String },
     /// A shell command; its exit status decides success.
     Shell { command: String },
-    /// Calls a Python callable — an expression such as `lambda x: x*x`, or a name defined on the
-    /// engine — with these arguments; its return value is the result.
-    Apply { func: String, args: Vec<Value> },
+    /// Calls a Python callable with these arguments; its return value is the result.
+    Apply { func: Func, args: Vec<Value> },
+    /// A chunk of a map: the job's mapper (sent once per engine process, see
+    /// [`ControllerToEngine::Run`]) applied to each item.
+    MapChunk { job: JobId, items: Vec<Value> },
+    /// Sets names in the engine's namespace.
+    Push { values: Vec<(String, Value)> },
+    /// Reads names from the engine's namespace: one name gives its value, several a list.
+    Pull { names: Vec<String> },
+    /// Sets `name` to the list of `items` (this engine's part of a scatter).
+    Scatter { name: String, items: Vec<Value> },
 }
 
 /// A submission from a client.
@@ -246,15 +316,58 @@ pub enum Work {
 pub enum JobSpec {
     /// The same work on each of the targeted engines.
     Direct { targets: Targets, work: Work },
+    /// Items split into contiguous chunks, one per target, each pushed as `name` there.
+    Scatter {
+        targets: Targets,
+        name: String,
+        items: Vec<Value>,
+    },
+    /// A map on fixed engines: items split into contiguous chunks, one per target; results in
+    /// item order (ipyparallel's `DirectView.map`).
+    DirectMap {
+        targets: Targets,
+        mapper: Mapper,
+        items: Vec<Value>,
+    },
+    /// A load-balanced map: the controller hands out chunks as engines free up. `chunksize`
+    /// fixes the chunk size; by default it adapts (large chunks first, small at the end).
+    Map {
+        mapper: Mapper,
+        items: Vec<Value>,
+        chunksize: Option<u32>,
+    },
+}
+
+/// What kind of job a [`JobInfo`] describes, so a client that re-attaches knows how to show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobKind {
+    Execute,
+    Shell,
+    Apply,
+    Push,
+    Pull,
+    Scatter,
+    Map,
+}
+
+impl JobKind {
+    /// Whether results are one per item (maps) rather than one per task.
+    pub fn per_item(self) -> bool {
+        self == JobKind::Map
+    }
 }
 
 /// What a job is, as the controller reports it on submit or subscribe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {
     pub job: JobId,
+    pub kind: JobKind,
     pub submitted: Micros,
-    /// Each task and the engine it runs on, in the order results are reported by `get()`.
+    /// The tasks known up front and their engines: one per target for direct jobs, one per
+    /// target's chunk for a direct map, none for a load-balanced map.
     pub tasks: Vec<(TaskId, EngineId)>,
+    /// Result slots: one per task, or one per item for maps.
+    pub slots: u64,
 }
 
 /// An error raised by user code, or by the cluster on its behalf (a lost engine, a dead kernel).
@@ -283,6 +396,8 @@ pub enum Outcome {
         display: Option<String>,
     },
     Err(RemoteError),
+    /// A map chunk: each item's result or error, in item order.
+    Items(Vec<Result<Value, RemoteError>>),
 }
 
 /// The result of one task, with its captured output and timing.
@@ -290,6 +405,9 @@ pub enum Outcome {
 pub struct TaskResult {
     pub task: TaskId,
     pub engine: EngineId,
+    /// The job's result slot this task fills first: its position among the job's tasks, or for
+    /// a map chunk the index of its first item.
+    pub first: u64,
     pub outcome: Outcome,
     pub stdout: String,
     pub stderr: String,
@@ -416,8 +534,12 @@ pub enum ControllerToEngine {
         ids: Vec<EngineId>,
         heartbeat_ms: u64,
     },
-    /// Work to do, several tasks a frame; each engine runs its tasks in order.
-    Run(Vec<Assignment>),
+    /// Work to do, several tasks a frame; each engine runs its tasks in order. `defs` carries
+    /// the mapper of each map job this engine process has not seen yet.
+    Run {
+        defs: Vec<(JobId, Mapper)>,
+        tasks: Vec<Assignment>,
+    },
     Shutdown,
 }
 
@@ -425,6 +547,8 @@ pub enum ControllerToEngine {
 pub struct Assignment {
     pub task: TaskId,
     pub engine: EngineId,
+    /// The result slot of the task's first item or of the task itself (see [`TaskResult::first`]).
+    pub first: u64,
     pub work: Work,
 }
 

@@ -29,7 +29,8 @@ async fn execute_apply_and_async_result_behave_like_ipyparallel() {
     for (engine, text) in out {
         assert_eq!(text, format!("hi from {engine}\n"));
     }
-    let results: Vec<_> = ar.results().into_iter().flatten().collect();
+    let results = ar.results();
+    assert_eq!(results.len(), 3);
     for r in &results {
         assert!(
             r.started >= ar.submitted() && r.completed >= r.started,
@@ -144,16 +145,11 @@ async fn errors_on_some_engines_leave_the_others_results_intact() {
         composite.to_string(),
         "1 task raised an error:\n[engine 1] ValueError: bad engine"
     );
-    let ok: Vec<_> = ar
-        .results()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| match r.outcome {
-            Outcome::Ok { value, .. } => Some(value),
-            Outcome::Err(_) => None,
-        })
-        .collect();
-    assert_eq!(ok, vec![Value::Json(json!(0)), Value::Json(json!(20))]);
+    // The partial results stay, in engine order.
+    let values = ar.values();
+    assert_eq!(values[0], Some(Ok(Value::Json(json!(0)))));
+    assert!(matches!(&values[1], Some(Err(e)) if e.ename == "ValueError"));
+    assert_eq!(values[2], Some(Ok(Value::Json(json!(20)))));
 
     // A SyntaxError on every engine is one error per engine, each with its engine id.
     let ar = client.all().execute("def (").await.unwrap();
