@@ -96,6 +96,9 @@ pub fn terminated(f: Format, t: &Terminated) {
 
 pub fn submitted(f: Format, job: JobId, engines: &[EngineId]) {
     match f {
+        Format::Text if engines.is_empty() => {
+            println!("job {job} submitted, load-balanced; `starling result` waits for it");
+        }
         Format::Text => println!(
             "job {job} submitted to engines {}; `starling result` waits for it",
             format_ids(engines)
@@ -304,13 +307,16 @@ pub fn map_results(f: Format, ar: &AsyncResult) -> bool {
                 let _ = out.write_all(b"]\n");
             }
             let (elapsed, serial) = (ar.elapsed(), ar.serial_time());
-            eprintln!(
-                "{} items in {:.2} s; serial time {:.2} s ({:.1}× speed-up)",
-                values.len(),
-                elapsed.as_secs_f64(),
-                serial.as_secs_f64(),
-                serial.as_secs_f64() / elapsed.as_secs_f64().max(1e-9)
-            );
+            // Timing is news only when there was time to speak of.
+            if elapsed >= Duration::from_millis(500) {
+                eprintln!(
+                    "{} items in {:.2} s; serial time {:.2} s ({:.1}× speed-up)",
+                    values.len(),
+                    elapsed.as_secs_f64(),
+                    serial.as_secs_f64(),
+                    serial.as_secs_f64() / elapsed.as_secs_f64().max(1e-9)
+                );
+            }
         }
         _ => {
             let items: Vec<Json> = values

@@ -92,13 +92,22 @@ def _error(e):
 
 _compiled = {}
 _maps = {}
+_funcs = {}
 _modules = {}
 
 
 def _resolve(func):
     """A callable from its description: {"expr": source} or {"module", "source", "attr"}."""
     if "expr" in func:
-        return eval(func["expr"], _ns)
+        expr = func["expr"]
+        code = _funcs.get(expr)
+        if code is None:
+            filename = "<func-%d>" % (len(_funcs) + 1)
+            linecache.cache[filename] = (len(expr), None, expr.splitlines(True), filename)
+            if len(_funcs) >= 512:
+                _funcs.clear()
+            code = _funcs[expr] = compile(expr, filename, "eval")
+        return eval(code, _ns)
     key = (func["module"], func["source"])
     mod = _modules.get(key)
     if mod is None:

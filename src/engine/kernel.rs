@@ -60,10 +60,10 @@ pub struct KernelReply {
     pub completed: u64,
 }
 
-/// What came of a batch: a reply for each task that finished, in order; and, if the kernel
-/// died, why — the task after the last reply is the one that killed it.
+/// What came of a batch: how many tasks finished (their replies went to the callback), and,
+/// if the kernel died, why — the task after the last reply is the one that killed it.
 pub struct BatchOutcome {
-    pub replies: Vec<KernelReply>,
+    pub done: usize,
     pub died: Option<String>,
 }
 
@@ -168,42 +168,51 @@ impl PythonKernel {
         }
     }
 
-    /// Runs a batch of kernel tasks (`{"op": "execute", "code": …}` objects).
-    pub async fn run(&mut self, tasks: &[Json]) -> BatchOutcome {
-        let mut replies = Vec::with_capacity(tasks.len());
+    /// Runs a batch of kernel tasks (`{"op": "execute", "code": …}` objects). Replies are
+    /// handed to `ready` in order as they arrive — whenever the kernel has nothing more written
+    /// yet — so a slow task does not hold back the results before it.
+    pub async fn run(
+        &mut self,
+        tasks: &[Json],
+        mut ready: impl FnMut(Vec<KernelReply>),
+    ) -> BatchOutcome {
+        let mut pending = Vec::new();
+        let mut done = 0;
         let mut line = serde_json::to_vec(tasks).expect("JSON values serialize");
         line.push(b'\n');
         if let Err(e) = self.to_kernel.write_all(&line).await {
             let why = self.exit_reason().await;
             return BatchOutcome {
-                replies,
+                done,
                 died: Some(format!("{why} (write failed: {e})")),
             };
         }
-        while replies.len() < tasks.len() {
+        let mut died = None;
+        while done < tasks.len() {
             match self.read_line().await {
-                Ok(Some(reply)) => replies.push(decode_reply(&reply)),
+                Ok(Some(reply)) => {
+                    pending.push(decode_reply(&reply));
+                    done += 1;
+                    if self.from_kernel.buffer().is_empty() {
+                        ready(std::mem::take(&mut pending));
+                    }
+                }
                 Ok(None) => {
-                    let why = self.exit_reason().await;
-                    return BatchOutcome {
-                        replies,
-                        died: Some(why),
-                    };
+                    died = Some(self.exit_reason().await);
+                    break;
                 }
                 Err(e) => {
                     let _ = self.child.start_kill();
                     let _ = self.child.wait().await;
-                    return BatchOutcome {
-                        replies,
-                        died: Some(e.to_string()),
-                    };
+                    died = Some(e.to_string());
+                    break;
                 }
             }
         }
-        BatchOutcome {
-            replies,
-            died: None,
+        if !pending.is_empty() {
+            ready(pending);
         }
+        BatchOutcome { done, died }
     }
 }
 

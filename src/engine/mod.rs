@@ -395,7 +395,9 @@ impl Slot {
     async fn init_kernel(&mut self) {
         self.known.clear();
         if let Some(k) = &mut self.kernel {
-            let out = k.run(&[json!({"op": "init", "engine": self.id.0})]).await;
+            let out = k
+                .run(&[json!({"op": "init", "engine": self.id.0})], |_| {})
+                .await;
             if let Some(why) = out.died {
                 tracing::error!(engine = %self.id, "the kernel {why} while starting");
                 self.kernel = None;
@@ -482,27 +484,30 @@ impl Slot {
                 }
             }
             let requests: Vec<serde_json::Value> = batch.iter().map(|t| self.request(t)).collect();
-            let kernel = self.kernel.as_mut().expect("a kernel was just ensured");
-            let outcome = kernel.run(&requests).await;
-            let done = outcome.replies.len();
-            let mut results: Vec<TaskResult> = batch
-                .iter()
-                .zip(outcome.replies)
-                .map(|(t, r)| self.result(&t.a, r))
-                .collect();
-            match outcome.died {
-                None => {
+            let mut kernel = self.kernel.take().expect("a kernel was just ensured");
+            let mut sent = 0;
+            let outcome = kernel
+                .run(&requests, |replies| {
+                    let results = batch[sent..]
+                        .iter()
+                        .zip(replies)
+                        .map(|(t, r)| self.result(&t.a, r))
+                        .collect::<Vec<_>>();
+                    sent += results.len();
                     self.send(results);
-                    return;
-                }
+                })
+                .await;
+            self.kernel = Some(kernel);
+            let done = outcome.done;
+            match outcome.died {
+                None => return,
                 Some(why) => {
                     let killer = &batch[done];
                     let reason = format!(
                         "the kernel of engine {} {why} while running this task; a new kernel (with an empty namespace) replaces it",
                         self.id
                     );
-                    results.push(self.failure(killer, "KernelDied", reason.clone()));
-                    self.send(results);
+                    self.send(vec![self.failure(killer, "KernelDied", reason.clone())]);
                     batch = &batch[done + 1..];
                     if let Err(e) = self.replace_kernel(&reason).await {
                         let failed = batch
