@@ -84,9 +84,17 @@ fn python_repr(v: &serde_json::Value) -> String {
         J::Number(n) => {
             if n.is_f64() {
                 let x = n.as_f64().unwrap_or(f64::NAN);
-                // Python prints floats with a point or an exponent, never as a bare integer.
+                // Rust's `{:?}` and Python's `repr` agree on digits and on when to switch to an
+                // exponent; Python writes the exponent signed and with at least two digits.
                 let s = format!("{x:?}");
-                s.replace('e', "e+").replace("e+-", "e-")
+                match s.split_once('e') {
+                    Some((mantissa, exp)) => {
+                        let e: i32 = exp.parse().unwrap_or(0);
+                        let sign = if e < 0 { '-' } else { '+' };
+                        format!("{mantissa}e{sign}{:02}", e.abs())
+                    }
+                    None => s,
+                }
             } else {
                 n.to_string()
             }
@@ -148,6 +156,9 @@ mod tests {
             (json!(0.5), "0.5"),
             (json!(1.0), "1.0"),
             (json!(1e300), "1e+300"),
+            (json!(1e-5), "1e-05"),
+            (json!(1.5e16), "1.5e+16"),
+            (json!(0.0001), "0.0001"),
             (json!("it's"), "\"it's\""),
             (json!("a\nb"), "'a\\nb'"),
             (json!([1, "x", null]), "[1, 'x', None]"),

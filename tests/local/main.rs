@@ -6,4 +6,5 @@ mod common;
 mod cli_session;
 mod client_lib;
 mod failures;
+mod maps;
 mod security;
