@@ -37,8 +37,8 @@ fn report(name: &str, count: usize, seconds: f64) {
     );
 }
 
-/// The Monte Carlo kernel shared with `examples/montecarlo_pi.rs`.
-pub const MONTECARLO: &str = "import random\n\ndef hits(args):\n    seed, n = args\n    r = random.Random(seed)\n    rnd = r.random\n    return sum(1 for _ in range(n) if rnd() ** 2 + rnd() ** 2 <= 1.0)\n";
+/// The Monte Carlo function of `examples/montecarlo_pi.rs`: 10⁵ samples per task.
+const MONTECARLO: &str = include_str!("../examples/montecarlo.py");
 
 async fn best<F, Fut>(mut run: F) -> f64
 where

@@ -311,7 +311,7 @@ async fn a_sleep_map_on_two_engines_takes_about_half_its_serial_time() {
         (0..8).map(|i| Value::from(i * i)).collect::<Vec<_>>()
     );
     let (elapsed, serial) = (ar.elapsed(), ar.serial_time());
-    assert!(serial >= Duration::from_millis(2000), "{serial:?}");
+    assert!(serial >= Duration::from_secs(2), "{serial:?}");
     assert!(
         elapsed < serial.mul_f64(0.7),
         "elapsed {elapsed:?} vs serial {serial:?}"
