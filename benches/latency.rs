@@ -5,29 +5,17 @@
 //! - the median and p99 latency of `execute("a = sum(range(101))")` on all engines, over 200
 //!   calls through the client library.
 
-use std::process::Command;
+mod support;
+
+use support::BenchCluster;
+
 use std::time::{Duration, Instant};
 
 use starling::client::Client;
 
-const STARLING: &str = env!("CARGO_BIN_EXE_starling");
 const CALLS: usize = 200;
 const WARMUP: usize = 20;
 const UP_RUNS: usize = 5;
-
-fn starling(home: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(STARLING)
-        .args(args)
-        .env("STARLING_HOME", home)
-        .output()
-        .expect("starling runs");
-    assert!(
-        out.status.success(),
-        "starling {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -39,12 +27,9 @@ fn main() {
     let mut ups = Vec::new();
     for _ in 0..UP_RUNS {
         let t = Instant::now();
-        starling(
-            home.path(),
-            &["up", "--local", "-n", "2", "--name", "bench"],
-        );
+        let cluster = BenchCluster::up(home.path(), 2);
         ups.push(t.elapsed());
-        starling(home.path(), &["down", "--cluster", "bench"]);
+        drop(cluster);
     }
     ups.sort();
     println!(
@@ -53,11 +38,8 @@ fn main() {
         ups[0].as_secs_f64() * 1e3
     );
 
-    starling(
-        home.path(),
-        &["up", "--local", "-n", "2", "--name", "bench"],
-    );
-    let conn = home.path().join("clusters/bench/connection.json");
+    let cluster = BenchCluster::up(home.path(), 2);
+    let conn = cluster.connection_file();
     for (flavor, rt) in [
         (
             "current-thread",
@@ -85,7 +67,6 @@ fn main() {
             sorted[0].as_secs_f64() * 1e3
         );
     }
-    starling(home.path(), &["down", "--cluster", "bench"]);
 }
 
 async fn execute_latency(conn: &std::path::Path) -> Vec<Duration> {

@@ -7,28 +7,17 @@
 //! - `direct_map`: a DirectView map of 100,000 items;
 //! - `montecarlo`: π from 2·10⁷ samples in 200 load-balanced tasks (seconds; items/s is samples/s).
 
-use std::process::Command;
+mod support;
+
+use support::BenchCluster;
+
 use std::time::Instant;
 
 use starling::client::Client;
 use starling::proto::{Func, Value};
 
-const STARLING: &str = env!("CARGO_BIN_EXE_starling");
 /// Runs per workload; the best is reported (the machine is shared with the engines).
 const RUNS: usize = 3;
-
-fn starling(home: &std::path::Path, args: &[&str]) {
-    let out = Command::new(STARLING)
-        .args(args)
-        .env("STARLING_HOME", home)
-        .output()
-        .expect("starling runs");
-    assert!(
-        out.status.success(),
-        "starling {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn report(name: &str, count: usize, seconds: f64) {
     println!(
@@ -54,16 +43,13 @@ where
 
 fn main() {
     let home = tempfile::tempdir().expect("a temp dir");
-    starling(
-        home.path(),
-        &["up", "--local", "-n", "2", "--name", "bench"],
-    );
+    let cluster = BenchCluster::up(home.path(), 2);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let client = Client::connect(home.path().join("clusters/bench/connection.json"))
+        let client = Client::connect(cluster.connection_file())
             .await
             .expect("connects");
         let lb = client.load_balanced();
@@ -141,5 +127,4 @@ fn main() {
         );
         report("montecarlo", 20_000_000, s);
     });
-    starling(home.path(), &["down", "--cluster", "bench"]);
 }

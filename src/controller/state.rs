@@ -363,13 +363,19 @@ impl State {
         let mut per_conn: BTreeMap<ConnId, Vec<Assignment>> = BTreeMap::new();
         let mut first = 0;
         for (engine_id, (work, n)) in chosen.iter().zip(per_target) {
+            if kind == JobKind::Map && n == 0 {
+                // More engines than items: this one has nothing to do.
+                continue;
+            }
             let slot_first = if kind == JobKind::Map {
                 first
             } else {
                 info.tasks.len() as u64
             };
             first += n;
-            let task = self.new_task(job, slot_first, n.max(1));
+            // Every task fills `n` slots (one, for direct jobs): the job is complete, and its
+            // subscribers released, exactly when every task has reported.
+            let task = self.new_task(job, slot_first, n);
             info.tasks.push((task, *engine_id));
             let engine = self
                 .engines
@@ -1191,5 +1197,25 @@ mod tests {
         let parts: Vec<&[u32]> = split(&v, 3).collect();
         assert_eq!(parts, vec![&[0, 1, 2][..], &[3, 4], &[5, 6]]);
         assert_eq!(split(&v, 10).filter(|p| !p.is_empty()).count(), 7);
+    }
+
+    #[test]
+    fn a_direct_map_with_fewer_items_than_engines_completes_whatever_the_order() {
+        let (mut s, mut c, now) = cluster_with(&[3]);
+        let spec = JobSpec::DirectMap {
+            targets: Targets::All,
+            mapper: Mapper::Python(crate::proto::Func::Expr("lambda x: x".into())),
+            items: vec![Value::from(7)],
+        };
+        s.on_client_request(&mut c, CLIENT, 1, ClientRequest::Submit(spec), now);
+        let (_, tasks, _) = runs(&mut c).remove(0);
+        assert_eq!(tasks.len(), 1, "engines with no items get no task");
+        c.to_clients.clear();
+        finish_chunk(&mut s, &mut c, ConnId(0), &tasks[0], 1);
+        assert!(matches!(
+            &c.to_clients[..],
+            [(CLIENT, ControllerToClient::Results { .. })]
+        ));
+        assert!(s.jobs[&JobId(0)].subscribers.is_empty());
     }
 }
