@@ -19,4 +19,5 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --locked
+# A hung test fails here, loudly and in time, instead of running into CI's limit.
+timeout 1800 cargo test --locked

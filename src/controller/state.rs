@@ -28,6 +28,11 @@ const MAX_PREFETCH: usize = 4096;
 /// large chunks while much is left, ever smaller ones towards the end, so the engines finish
 /// together (guided self-scheduling, halved as in "factoring").
 const GSS_DIVISOR: usize = 2;
+/// Finished jobs whose results the controller keeps in memory for clients that attach later,
+/// at most this many; older ones are forgotten (the task store keeps their record).
+const KEEP_FINISHED_JOBS: usize = 1000;
+/// …and at most this many result slots (items or tasks) across them.
+const KEEP_FINISHED_SLOTS: u64 = 5_000_000;
 /// The largest adaptive chunk, so a big map starts on every engine quickly and frames stay small.
 const MAX_CHUNK: usize = 5000;
 
@@ -117,6 +122,9 @@ pub struct State {
     tasks: HashMap<TaskId, TaskRef>,
     /// Load-balanced maps with items still to hand out, oldest first.
     feeds: VecDeque<JobId>,
+    /// Finished jobs still held in memory, oldest first, and their slots in all.
+    finished: VecDeque<JobId>,
+    finished_slots: u64,
     waiting: Vec<WaitEngines>,
     next_engine: u32,
     next_job: u64,
@@ -134,6 +142,8 @@ impl State {
             jobs: HashMap::new(),
             tasks: HashMap::new(),
             feeds: VecDeque::new(),
+            finished: VecDeque::new(),
+            finished_slots: 0,
             waiting: Vec::new(),
             next_engine: 0,
             next_job: 0,
@@ -205,6 +215,12 @@ impl State {
                 Err(e) => reply(comm, Reply::Error(e)),
             },
             ClientRequest::Subscribe { job } => match self.jobs.get_mut(&job) {
+                None if job.0 < self.next_job => reply(
+                    comm,
+                    Reply::Error(format!(
+                        "job {job} finished long ago and its results are no longer held (the controller keeps the last {KEEP_FINISHED_JOBS} jobs); the task store tasks.db on the master has its record"
+                    )),
+                ),
                 None => reply(
                     comm,
                     Reply::Error(format!(
@@ -404,6 +420,10 @@ impl State {
                 item_micros: None,
             },
         );
+        if empty {
+            self.finished.push_back(job);
+            self.forget_old_jobs();
+        }
         for (econn, tasks) in per_conn {
             let defs = self.defs_for(econn, &tasks);
             comm.to_engine(econn, ControllerToEngine::Run { defs, tasks });
@@ -622,10 +642,26 @@ impl State {
             job.done.extend(results);
             if job.remaining == 0 {
                 job.subscribers.clear();
+                self.finished.push_back(job_id);
+                self.finished_slots += job.info.slots;
             }
         }
+        self.forget_old_jobs();
         if !self.feeds.is_empty() {
             self.fill(comm);
+        }
+    }
+
+    /// Drops the oldest finished jobs beyond the memory bounds.
+    fn forget_old_jobs(&mut self) {
+        while self.finished.len() > KEEP_FINISHED_JOBS || self.finished_slots > KEEP_FINISHED_SLOTS
+        {
+            let Some(old) = self.finished.pop_front() else {
+                break;
+            };
+            if let Some(job) = self.jobs.remove(&old) {
+                self.finished_slots -= job.info.slots;
+            }
         }
     }
 
@@ -753,7 +789,7 @@ impl State {
                     .filter_map(|j| j.feed.as_ref())
                     .map(|f| f.items.len() as u64)
                     .sum::<u64>(),
-            jobs: self.jobs.len() as u64,
+            jobs: self.next_job,
         }
     }
 }
@@ -1217,5 +1253,47 @@ mod tests {
             [(CLIENT, ControllerToClient::Results { .. })]
         ));
         assert!(s.jobs[&JobId(0)].subscribers.is_empty());
+    }
+
+    #[test]
+    fn finished_jobs_are_forgotten_beyond_the_memory_bound_with_a_clear_answer() {
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        for _ in 0..=KEEP_FINISHED_JOBS {
+            let info = submit(&mut s, &mut c, Targets::All, now);
+            let (t, e) = info.tasks[0];
+            s.on_engine_message(
+                &mut c,
+                ConnId(0),
+                EngineToController::Done(vec![ok(t, e, 0)]),
+                now,
+            );
+        }
+        assert_eq!(s.jobs.len(), KEEP_FINISHED_JOBS);
+        c.to_clients.clear();
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            3,
+            ClientRequest::Subscribe { job: JobId(0) },
+            now,
+        );
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            4,
+            ClientRequest::Subscribe { job: JobId(1) },
+            now,
+        );
+        assert!(
+            matches!(&c.to_clients[0].1, ControllerToClient::Reply { body: Reply::Error(e), .. } if e.contains("no longer held"))
+        );
+        assert!(matches!(
+            &c.to_clients[1].1,
+            ControllerToClient::Reply {
+                body: Reply::Job(_),
+                ..
+            }
+        ));
+        assert_eq!(s.status().jobs, KEEP_FINISHED_JOBS as u64 + 1);
     }
 }
