@@ -216,6 +216,7 @@ impl Client {
         LoadBalancedView {
             client: self.clone(),
             chunksize: None,
+            ordered: true,
         }
     }
 
@@ -245,7 +246,10 @@ impl Client {
 
     async fn submit_or_subscribe(&self, body: ClientRequest) -> Result<AsyncResult, ClientError> {
         match self.request_job(body).await? {
-            (Reply::Job(_), Some(state)) => Ok(AsyncResult { state }),
+            (Reply::Job(_), Some(state)) => Ok(AsyncResult {
+                state,
+                ordered: true,
+            }),
             (other, _) => Err(unexpected(&other)),
         }
     }
@@ -437,6 +441,7 @@ impl DirectView {
 pub struct LoadBalancedView {
     client: Client,
     chunksize: Option<u32>,
+    ordered: bool,
 }
 
 impl LoadBalancedView {
@@ -444,6 +449,14 @@ impl LoadBalancedView {
     #[must_use]
     pub fn chunksize(mut self, chunksize: u32) -> Self {
         self.chunksize = Some(chunksize.max(1));
+        self
+    }
+
+    /// Whether the results of this view's maps stream in item order (the default) or as they
+    /// complete ([`AsyncResult::stream`]); `get()` always returns item order.
+    #[must_use]
+    pub fn ordered(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
         self
     }
 
@@ -472,6 +485,7 @@ impl LoadBalancedView {
         self.client
             .submit_or_subscribe(ClientRequest::Submit(spec))
             .await
+            .map(|ar| ar.ordered(self.ordered))
     }
 
     /// Calls `func(*args)` once, on whichever engine is free first.

@@ -105,6 +105,8 @@ impl JobState {
 #[derive(Clone)]
 pub struct AsyncResult {
     pub(crate) state: Arc<JobState>,
+    /// Whether [`Self::stream`] yields in item order (else as results complete).
+    pub(crate) ordered: bool,
 }
 
 /// One failed slot in a [`CompositeError`].
@@ -295,13 +297,22 @@ impl AsyncResult {
             .collect()
     }
 
-    /// Results as they complete, like ipyparallel's `imap`: `(slot, value or error)`. With
-    /// `ordered`, in slot order (each waits for the ones before it); otherwise in the order they
-    /// finish. Ends when every slot has been yielded, or with an error if the connection drops.
+    /// The same result, streamed in item order (`true`, the default) or as results complete.
+    #[must_use]
+    pub fn ordered(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
+        self
+    }
+
+    /// Results as they complete, like iterating over ipyparallel's `AsyncMapResult`:
+    /// `(slot, value or error)`. Ordered (the default, see [`Self::ordered`] and
+    /// [`super::LoadBalancedView::ordered`]) yields in slot order, each waiting for the ones
+    /// before it; unordered yields in the order they finish. Ends when every slot has been
+    /// yielded, or with an error if the connection drops.
     pub fn stream(
         &self,
-        ordered: bool,
     ) -> impl Stream<Item = Result<(usize, Result<Value, RemoteError>), ClientError>> + '_ {
+        let ordered = self.ordered;
         futures::stream::unfold(0usize, move |cursor| async move {
             if cursor >= self.state.total() {
                 return None;

@@ -254,10 +254,11 @@ async fn results_stream_in_order_or_as_they_complete() {
     let ar = client
         .load_balanced()
         .chunksize(1)
+        .ordered(false)
         .map(slow_first, items.clone())
         .await
         .unwrap();
-    let unordered: Vec<usize> = ar.stream(false).map(|r| r.unwrap().0).collect().await;
+    let unordered: Vec<usize> = ar.stream().map(|r| r.unwrap().0).collect().await;
     assert_eq!(unordered.len(), 6);
     assert_ne!(
         unordered[0], 0,
@@ -274,7 +275,7 @@ async fn results_stream_in_order_or_as_they_complete() {
         .await
         .unwrap();
     let ordered: Vec<(usize, Value)> = ar
-        .stream(true)
+        .stream()
         .map(|r| {
             let (i, v) = r.unwrap();
             (i, v.unwrap())
