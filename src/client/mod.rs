@@ -60,6 +60,8 @@ pub enum ClientError {
     Controller(String),
     #[error(transparent)]
     Remote(#[from] CompositeError),
+    #[error("the request is {mib} MiB, above the cluster's frame limit of {limit_mib} MiB (max_frame_mb in the spec); send the items in several smaller maps, or raise the limit")]
+    TooLarge { mib: usize, limit_mib: usize },
 }
 
 /// Where a reply goes: the requester, with the job state when the reply creates one.
@@ -67,7 +69,8 @@ type ReplySender = oneshot::Sender<(Reply, Option<Arc<JobState>>)>;
 
 struct Shared {
     info: ConnectionInfo,
-    out: mpsc::UnboundedSender<ClientToController>,
+    /// Encoded frames to the writer task.
+    out: mpsc::UnboundedSender<bytes::Bytes>,
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, ReplySender>>,
     jobs: Mutex<HashMap<JobId, Weak<JobState>>>,
@@ -111,7 +114,6 @@ impl Client {
             })?;
         let (mut reader, writer) = c.split();
         let (out, out_rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer.pump(out_rx));
         let shared = Arc::new(Shared {
             info,
             out,
@@ -120,6 +122,14 @@ impl Client {
             jobs: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&shared);
+        let on_write_error = weak.clone();
+        tokio::spawn(async move {
+            if let Err(e) = writer.pump_frames(out_rx).await {
+                if let Some(shared) = on_write_error.upgrade() {
+                    shared.on_disconnect(&e.to_string());
+                }
+            }
+        });
         tokio::spawn(async move {
             let why = loop {
                 let msg = match reader.recv().await {
@@ -151,18 +161,21 @@ impl Client {
         body: ClientRequest,
     ) -> Result<(Reply, Option<Arc<JobState>>), ClientError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = conn::encode(&ClientToController { id, body });
+        let limit = self.shared.info.max_frame;
+        if frame.len() > limit {
+            return Err(ClientError::TooLarge {
+                mib: frame.len() >> 20,
+                limit_mib: limit >> 20,
+            });
+        }
         let (tx, rx) = oneshot::channel();
         self.shared
             .pending
             .lock()
             .expect("not poisoned")
             .insert(id, tx);
-        if self
-            .shared
-            .out
-            .send(ClientToController { id, body })
-            .is_err()
-        {
+        if self.shared.out.send(frame).is_err() {
             self.shared
                 .pending
                 .lock()

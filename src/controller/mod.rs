@@ -59,7 +59,7 @@ type Flushed = tokio::task::JoinHandle<Result<(), ProtoError>>;
 const FLUSH_ON_EXIT: Duration = Duration::from_secs(2);
 
 enum Event {
-    ClientUp(ConnId, mpsc::UnboundedSender<ControllerToClient>, Flushed),
+    ClientUp(ConnId, mpsc::UnboundedSender<bytes::Bytes>, Flushed),
     ClientRequest(ConnId, u64, ClientRequest),
     ClientGone(ConnId),
     EngineUp(ConnId, mpsc::UnboundedSender<ControllerToEngine>, Flushed),
@@ -69,16 +69,29 @@ enum Event {
 
 /// The real [`Comm`]: queues to connection writers, the task store.
 struct Wire {
-    clients: HashMap<ConnId, mpsc::UnboundedSender<ControllerToClient>>,
+    /// Encoded frames to each client's writer: results are fitted to the frame limit here.
+    clients: HashMap<ConnId, mpsc::UnboundedSender<bytes::Bytes>>,
     engines: HashMap<ConnId, mpsc::UnboundedSender<ControllerToEngine>>,
+    max_frame: usize,
     store: Option<Store>,
     shutdown_requested: bool,
 }
 
 impl Comm for Wire {
     fn to_client(&mut self, conn: ConnId, msg: ControllerToClient) {
-        if let Some(tx) = self.clients.get(&conn) {
-            let _ = tx.send(msg);
+        let Some(tx) = self.clients.get(&conn) else {
+            return;
+        };
+        match msg {
+            ControllerToClient::Results { job, results } => {
+                let wrap = |results| ControllerToClient::Results { job, results };
+                for frame in crate::proto::encode_results(results, self.max_frame, wrap) {
+                    let _ = tx.send(frame);
+                }
+            }
+            reply @ ControllerToClient::Reply { .. } => {
+                let _ = tx.send(conn::encode(&reply));
+            }
         }
     }
     fn to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {
@@ -179,6 +192,7 @@ pub async fn run(
         engines: HashMap::new(),
         store,
         shutdown_requested: false,
+        max_frame: config.max_frame,
     };
     let mut writers: Vec<Flushed> = Vec::new();
     let mut ticker = tokio::time::interval(heartbeat / 4);
@@ -220,7 +234,7 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
         Accepted::Client(c) => {
             let (mut reader, writer) = c.split();
             let (tx, rx) = mpsc::unbounded_channel();
-            let flushed = tokio::spawn(writer.pump(rx));
+            let flushed = tokio::spawn(writer.pump_frames(rx));
             let _ = events.send(Event::ClientUp(conn, tx, flushed));
             loop {
                 match reader.recv().await {

@@ -133,8 +133,9 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
     tracing::info!(engines = %crate::proto::format_ids(&ids), "registered");
 
     let (mut reader, writer) = conn.split();
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<EngineToController>();
-    let pump = tokio::spawn(writer.pump(out_rx));
+    // Frames go out pre-encoded, so results can be fitted to the frame limit before they leave.
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<bytes::Bytes>();
+    let pump = tokio::spawn(writer.pump_frames(out_rx));
 
     let mut slots: HashMap<EngineId, mpsc::UnboundedSender<Vec<Task>>> = HashMap::new();
     let mut slot_tasks = Vec::new();
@@ -156,7 +157,10 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
         let mut tick = tokio::time::interval(heartbeat);
         loop {
             tick.tick().await;
-            if beat.send(EngineToController::Heartbeat).is_err() {
+            if beat
+                .send(conn::encode(&EngineToController::Heartbeat))
+                .is_err()
+            {
                 break;
             }
         }
@@ -246,7 +250,7 @@ struct Slot {
     /// Map jobs whose function the current kernel has compiled.
     known: HashSet<JobId>,
     config: EngineConfig,
-    out: mpsc::UnboundedSender<EngineToController>,
+    out: mpsc::UnboundedSender<bytes::Bytes>,
 }
 
 fn func_json(f: &Func) -> serde_json::Value {
@@ -344,7 +348,11 @@ impl Slot {
     }
 
     fn send(&self, results: Vec<TaskResult>) {
-        let _ = self.out.send(EngineToController::Done(results));
+        for frame in
+            crate::proto::encode_results(results, self.config.max_frame, EngineToController::Done)
+        {
+            let _ = self.out.send(frame);
+        }
     }
 
     fn result(&self, a: &Assignment, r: KernelReply) -> TaskResult {
@@ -419,11 +427,13 @@ impl Slot {
                 self.kernel = Some(k);
                 self.init_kernel().await;
                 tracing::warn!(engine = %self.id, pid, "kernel replaced: {reason}");
-                let _ = self.out.send(EngineToController::KernelRestarted {
-                    engine: self.id,
-                    pid,
-                    reason: reason.to_string(),
-                });
+                let _ = self
+                    .out
+                    .send(conn::encode(&EngineToController::KernelRestarted {
+                        engine: self.id,
+                        pid,
+                        reason: reason.to_string(),
+                    }));
                 Ok(())
             }
             Err(e) => Err(e.to_string()),

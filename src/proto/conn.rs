@@ -168,6 +168,23 @@ impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
         let _ = SinkExt::<bytes::Bytes>::close(&mut self.inner).await;
         Ok(())
     }
+
+    /// Like [`Self::pump`], for frames already encoded (see [`encode`]) — by a sender that
+    /// checked their size against the limit first.
+    pub async fn pump_frames(
+        mut self,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+    ) -> Result<(), ProtoError> {
+        while let Some(frame) = rx.recv().await {
+            self.inner.feed(frame).await?;
+            while let Ok(more) = rx.try_recv() {
+                self.inner.feed(more).await?;
+            }
+            SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
+        }
+        let _ = SinkExt::<bytes::Bytes>::close(&mut self.inner).await;
+        Ok(())
+    }
 }
 
 /// The TLS stream on the controller's side.

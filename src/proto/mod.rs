@@ -417,6 +417,64 @@ pub struct TaskResult {
     pub completed: Micros,
 }
 
+/// Encodes a message carrying task results as frames within `limit` bytes: one frame when it
+/// fits (the usual case, encoded once), else the results split over several, and any single
+/// result too large for a frame replaced by an error that says so — so a huge result fails its
+/// own task instead of the connection that carries it.
+pub fn encode_results<T: Serialize>(
+    results: Vec<TaskResult>,
+    limit: usize,
+    wrap: impl Fn(Vec<TaskResult>) -> T,
+) -> Vec<bytes::Bytes> {
+    let whole = conn::encode(&wrap(results.clone()));
+    if whole.len() <= limit {
+        return vec![whole];
+    }
+    // Room for the message around the results.
+    let budget = limit.saturating_sub(1024);
+    let mut frames = Vec::new();
+    let mut group = Vec::new();
+    let mut size = 0;
+    for r in results {
+        let mut len = conn::encode(&r).len();
+        let r = if len > budget {
+            let error = RemoteError {
+                ename: "ResultTooLarge".into(),
+                evalue: format!(
+                    "the result is {} MiB, above the cluster's frame limit of {} MiB (max_frame_mb in the spec); return less per task, e.g. write large data to files",
+                    len >> 20,
+                    limit >> 20
+                ),
+                traceback: String::new(),
+            };
+            let outcome = match &r.outcome {
+                Outcome::Items(items) => Outcome::Items(vec![Err(error); items.len()]),
+                _ => Outcome::Err(error),
+            };
+            let small = TaskResult {
+                outcome,
+                stdout: String::new(),
+                stderr: String::new(),
+                ..r
+            };
+            len = conn::encode(&small).len();
+            small
+        } else {
+            r
+        };
+        if size + len > budget && !group.is_empty() {
+            frames.push(conn::encode(&wrap(std::mem::take(&mut group))));
+            size = 0;
+        }
+        size += len;
+        group.push(r);
+    }
+    if !group.is_empty() {
+        frames.push(conn::encode(&wrap(group)));
+    }
+    frames
+}
+
 /// Client → controller: a request, numbered so replies can be matched.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientToController {
@@ -594,5 +652,63 @@ mod tests {
         assert_eq!(err, "there is no engine 7; the engines are [0, 1, 2, 3]");
         let err = Targets::parse("5:").unwrap().resolve(&ids(4)).unwrap_err();
         assert!(err.contains("select no engine"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod fit_tests {
+    use super::*;
+
+    fn result(task: u64, text_len: usize) -> TaskResult {
+        TaskResult {
+            task: TaskId(task),
+            engine: EngineId(0),
+            first: task,
+            outcome: Outcome::Ok {
+                value: Value::Json("x".repeat(text_len).into()),
+                display: None,
+            },
+            stdout: String::new(),
+            stderr: String::new(),
+            execution_count: 1,
+            started: 0,
+            completed: 0,
+        }
+    }
+
+    #[test]
+    fn results_are_split_to_fit_frames_and_a_result_too_large_fails_alone() {
+        let limit = 10_000;
+        let small = encode_results(
+            vec![result(0, 10), result(1, 10)],
+            limit,
+            EngineToController::Done,
+        );
+        assert_eq!(small.len(), 1, "what fits is one frame");
+
+        let many: Vec<TaskResult> = (0..10).map(|i| result(i, 3000)).collect();
+        let frames = encode_results(many, limit, EngineToController::Done);
+        assert!(frames.len() > 2 && frames.iter().all(|f| f.len() <= limit));
+        let back: usize = frames
+            .iter()
+            .map(|f| match conn::decode::<EngineToController>(f).unwrap() {
+                EngineToController::Done(r) => r.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(back, 10, "nothing is lost");
+
+        let frames = encode_results(
+            vec![result(0, 10), result(1, 50_000)],
+            limit,
+            EngineToController::Done,
+        );
+        let EngineToController::Done(rs) = conn::decode(&frames[0]).unwrap() else {
+            panic!()
+        };
+        assert!(
+            matches!(&rs[1].outcome, Outcome::Err(e) if e.ename == "ResultTooLarge" && e.evalue.contains("frame limit"))
+        );
+        assert!(matches!(&rs[0].outcome, Outcome::Ok { .. }));
     }
 }

@@ -265,3 +265,48 @@ fn user_output_cannot_corrupt_the_protocol() {
         display: None,
     };
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_frame_limit_fails_what_is_too_large_and_nothing_else() {
+    let c = Cluster::new("bigframes");
+    let spec = c.home_path().join("small.yaml");
+    std::fs::write(
+        &spec,
+        "name: bigframes\nengines_per_node: 1\nmax_frame_mb: 1\n",
+    )
+    .unwrap();
+    c.starling_raw(&["up", "-f", spec.to_str().unwrap()]).ok();
+    let client = c.client().await;
+
+    // A submission larger than the limit is refused before it leaves, with the fix.
+    let items: Vec<Value> = (0..300_000).map(Value::from).collect();
+    let err = client
+        .load_balanced()
+        .map("lambda x: x", items)
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, ClientError::TooLarge { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("above the cluster's frame limit of 1 MiB"),
+        "{err}"
+    );
+
+    // A result larger than the limit fails its own task; the engine and the connection live on.
+    let ar = client.all().execute("'x' * 3_000_000").await.unwrap();
+    let ClientError::Remote(e) = ar.get().await.unwrap_err() else {
+        panic!()
+    };
+    assert_eq!(e.errors[0].error.ename, "ResultTooLarge");
+    let ok = client
+        .all()
+        .execute("'still here'")
+        .await
+        .unwrap()
+        .get()
+        .await
+        .unwrap();
+    assert_eq!(ok, vec![Value::Json(json!("still here"))]);
+    assert_eq!(client.ids().await.unwrap(), vec![EngineId(0)]);
+}
