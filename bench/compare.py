@@ -2,7 +2,7 @@
 """The Python half of bench/compare.sh: the workloads of benches/throughput.rs through
 ipyparallel, dask.distributed and multiprocessing, each on 2 workers on this machine.
 
-    python bench/compare.py [--runs N] [ipyparallel] [dask] [multiprocessing]
+    python bench/compare.py [--runs N] [multiprocessing] [ipyparallel] [dask]
 
 With no framework named, all three run, one after the other. Each framework's block starts with
 a line `# <framework> <version>`, then one line per workload, as the Rust benchmark prints them:
@@ -22,15 +22,18 @@ Workloads, with each framework's equivalent:
 - lb_chunk1: 10,000 tasks of one item: ipyparallel `map_sync(f, xs, chunksize=1)`, dask
   `client.map(f, xs)`, multiprocessing `pool.map(f, xs, chunksize=1)`.
 - lb_chunk100: 10,000 items in tasks of 100: ipyparallel `chunksize=100`; dask 100 tasks each
-  mapping a list of 100 items; multiprocessing `chunksize=100`.
+  mapping a `range` of 100 items (ipyparallel too ships slices of a `range` as ranges);
+  multiprocessing `chunksize=100`.
 - direct_map: a DirectView map of 100,000 items: ipyparallel `rc[:].map_sync(f, xs)` (one
   contiguous block per engine). Neither dask nor multiprocessing has a DirectView; their natural
   equivalent is used, one contiguous block per worker: dask submits one task per worker, pinned to
-  it with `workers=[address]`, each mapping its half of the items; multiprocessing runs
+  it with `workers=[address]`, each mapping its half of the items (a `range`, as ipyparallel
+  ships it); multiprocessing runs
   `pool.map(f, xs, chunksize=len(xs) // 2)` (two chunks; the pool decides which process takes
   which).
-- montecarlo: pi from 2*10^7 samples in 200 tasks of 100,000 samples, the MONTECARLO kernel of
-  benches/throughput.rs, mapped with each framework's default load-balanced map.
+- montecarlo: pi from 2*10^7 samples in 200 tasks of 100,000 samples, the computation of the
+  MONTECARLO kernel of benches/throughput.rs (examples/montecarlo.py: random.Random(seed), count
+  the points inside the quarter circle), mapped with each framework's default load-balanced map.
 
 Everything listens on 127.0.0.1 only, and every process started here is stopped here, also when a
 workload fails (try/finally; SIGTERM is turned into SystemExit so that the finally blocks run).
@@ -62,8 +65,9 @@ def map_chunk(chunk):
 
 
 def hits(args):
-    # The MONTECARLO kernel of benches/throughput.rs; `import random` is inside the function so
-    # that it also works where only the function is shipped (ipyparallel).
+    # The computation of examples/montecarlo.py (the MONTECARLO kernel of benches/throughput.rs),
+    # with the sample count passed in; `import random` is inside the function so that it also
+    # works where only the function's code is shipped (ipyparallel).
     import random
 
     seed, n = args
@@ -158,6 +162,9 @@ def run_dask(runs):
             host=LOOPBACK,
             dashboard_address=None,
             worker_dashboard_address=None,
+            # No dashboard, and the scheduler's remaining HTTP routes (health, metrics) on a free
+            # loopback port rather than the fixed 8787.
+            scheduler_kwargs={"dashboard": False, "dashboard_address": f"{LOOPBACK}:0"},
             local_directory=scratch,
         )
         client = Client(cluster)
@@ -170,7 +177,7 @@ def run_dask(runs):
             check(client.gather(client.map(identity, range(n), pure=False)), n)
 
         def chunked(n, size):
-            chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+            chunks = [range(i, min(i + size, n)) for i in range(0, n, size)]
             out = client.gather(client.map(map_chunk, chunks, pure=False))
             check([x for part in out for x in part], n)
 
@@ -180,7 +187,7 @@ def run_dask(runs):
             step = -(-n // len(workers))
             futures = [
                 client.submit(
-                    map_chunk, list(range(i * step, min((i + 1) * step, n))), workers=[w], pure=False
+                    map_chunk, range(i * step, min((i + 1) * step, n)), workers=[w], pure=False
                 )
                 for i, w in enumerate(workers)
             ]
@@ -219,16 +226,16 @@ def run_multiprocessing(runs):
             "direct_map", N_DIRECT, best(runs, lambda: mp_map(N_DIRECT, chunksize=N_DIRECT // 2))
         )
         montecarlo(lambda tasks: pool.map(hits, tasks))
-        pool.close()
     finally:
         pool.terminate()
         pool.join()
 
 
+# multiprocessing first: its pool forks, best before the other two have started threads.
 FRAMEWORKS = {
+    "multiprocessing": run_multiprocessing,
     "ipyparallel": run_ipyparallel,
     "dask": run_dask,
-    "multiprocessing": run_multiprocessing,
 }
 
 
@@ -238,9 +245,12 @@ def _sigterm(signum, frame):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("frameworks", nargs="*", choices=[[], *FRAMEWORKS], default=[])
+    parser.add_argument("frameworks", nargs="*", metavar="FRAMEWORK", help=", ".join(FRAMEWORKS))
     parser.add_argument("--runs", type=int, default=3, help="runs per workload; the best counts")
     args = parser.parse_args()
+    unknown = sorted(set(args.frameworks) - set(FRAMEWORKS))
+    if unknown:
+        parser.error(f"unknown framework(s) {', '.join(unknown)}; known: {', '.join(FRAMEWORKS)}")
     signal.signal(signal.SIGTERM, _sigterm)
     failed = []
     for name in args.frameworks or list(FRAMEWORKS):

@@ -104,9 +104,7 @@ fn main() {
         .await;
         report("direct_map", 100_000, s);
 
-        let tasks: Vec<Value> = (0..200)
-            .map(|seed| Value::Json(serde_json::json!([seed, 100_000])))
-            .collect();
+        let tasks: Vec<Value> = (0..200).map(Value::from).collect();
         let t = Instant::now();
         let ar = lb
             .map(Func::from_source(MONTECARLO, "hits"), tasks)

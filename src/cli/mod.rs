@@ -195,7 +195,7 @@ pub struct ResultArgs {
     /// The job id (default: the last job submitted with --noblock from this machine).
     pub job: Option<u64>,
     /// Give up after this many seconds.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_seconds)]
     pub timeout: Option<f64>,
     /// Show progress while waiting (a bar on a terminal, lines otherwise).
     #[arg(long)]
@@ -322,10 +322,19 @@ async fn up(g: &Global, args: &UpArgs) -> Result<ExitCode> {
 
 async fn down(g: &Global) -> Result<ExitCode> {
     let path = connection_file(g)?;
-    let name = match &g.cluster {
-        Some(n) => n.clone(),
-        None => connection::ConnectionInfo::load(&path)?.cluster,
-    };
+    let info = connection::ConnectionInfo::load(&path)?;
+    let name = g.cluster.clone().unwrap_or_else(|| info.cluster.clone());
+    // A connection file from elsewhere (a teammate's cluster with the same name) must not
+    // take down the cluster of that name this machine started.
+    let ours = home::connection_path(&name);
+    let same = connection::ConnectionInfo::load(&ours)
+        .is_ok_and(|o| o.controller == info.controller && o.certificate == info.certificate);
+    if !same {
+        bail!(
+            "{} is not the connection file of a cluster started from this machine, so `down` will not stop it; whoever started it takes it down",
+            path.display()
+        );
+    }
     let t = LocalProvider::new().terminate(&name).await?;
     output::terminated(g.output, &t);
     Ok(ExitCode::SUCCESS)
@@ -334,6 +343,16 @@ async fn down(g: &Global) -> Result<ExitCode> {
 fn last_job_path(g: &Global) -> Result<PathBuf> {
     let path = connection_file(g)?;
     Ok(path.with_file_name("last_job"))
+}
+
+/// A positive, finite number of seconds.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.0..1e9).contains(&s) => Ok(s),
+        _ => Err(format!(
+            "'{text}' is not a number of seconds; write e.g. 2.5"
+        )),
+    }
 }
 
 fn targets(text: &str) -> Result<Targets> {

@@ -67,12 +67,19 @@ pub enum ClientError {
 /// Where a reply goes: the requester, with the job state when the reply creates one.
 type ReplySender = oneshot::Sender<(Reply, Option<Arc<JobState>>)>;
 
+/// Requests waiting for their replies; once the connection is gone, why, and no more requests.
+#[derive(Default)]
+struct Pending {
+    waiting: HashMap<u64, ReplySender>,
+    closed: Option<String>,
+}
+
 struct Shared {
     info: ConnectionInfo,
     /// Encoded frames to the writer task.
     out: mpsc::UnboundedSender<bytes::Bytes>,
     next_id: AtomicU64,
-    pending: Mutex<HashMap<u64, ReplySender>>,
+    pending: Mutex<Pending>,
     jobs: Mutex<HashMap<JobId, Weak<JobState>>>,
 }
 
@@ -118,7 +125,7 @@ impl Client {
             info,
             out,
             next_id: AtomicU64::new(1),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             jobs: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&shared);
@@ -162,24 +169,32 @@ impl Client {
     ) -> Result<(Reply, Option<Arc<JobState>>), ClientError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = conn::encode(&ClientToController { id, body });
-        let limit = self.shared.info.max_frame;
+        // Room for the envelope the controller puts around the work on its way to an engine.
+        let limit = self
+            .shared
+            .info
+            .max_frame
+            .saturating_sub(conn::ENVELOPE_MARGIN);
         if frame.len() > limit {
             return Err(ClientError::TooLarge {
                 mib: frame.len() >> 20,
-                limit_mib: limit >> 20,
+                limit_mib: self.shared.info.max_frame >> 20,
             });
         }
         let (tx, rx) = oneshot::channel();
-        self.shared
-            .pending
-            .lock()
-            .expect("not poisoned")
-            .insert(id, tx);
+        {
+            let mut pending = self.shared.pending.lock().expect("not poisoned");
+            if let Some(why) = &pending.closed {
+                return Err(ClientError::Disconnected(why.clone()));
+            }
+            pending.waiting.insert(id, tx);
+        }
         if self.shared.out.send(frame).is_err() {
             self.shared
                 .pending
                 .lock()
                 .expect("not poisoned")
+                .waiting
                 .remove(&id);
             return Err(ClientError::Disconnected("the connection is closed".into()));
         }
@@ -289,7 +304,13 @@ impl Shared {
                 } else {
                     None
                 };
-                if let Some(tx) = self.pending.lock().expect("not poisoned").remove(&id) {
+                if let Some(tx) = self
+                    .pending
+                    .lock()
+                    .expect("not poisoned")
+                    .waiting
+                    .remove(&id)
+                {
                     let _ = tx.send((body, job));
                 }
             }
@@ -308,7 +329,11 @@ impl Shared {
     }
 
     fn on_disconnect(&self, why: &str) {
-        self.pending.lock().expect("not poisoned").clear();
+        {
+            let mut pending = self.pending.lock().expect("not poisoned");
+            pending.closed = Some(why.to_string());
+            pending.waiting.clear();
+        }
         for state in self
             .jobs
             .lock()

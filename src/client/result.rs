@@ -321,19 +321,22 @@ impl AsyncResult {
                 return Some((Err(e), usize::MAX));
             }
             loop {
-                let next = {
+                // The check and the count under one lock: a result landing in between would
+                // otherwise leave us waiting for one more than will ever come.
+                let (next, have) = {
                     let f = self.state.filled.lock().expect("not poisoned");
                     let index = if ordered {
                         Some(cursor)
                     } else {
                         f.order.get(cursor).copied()
                     };
-                    index.and_then(|i| f.slots[i].as_ref().map(|s| (i, s.value.clone())))
+                    let next =
+                        index.and_then(|i| f.slots[i].as_ref().map(|s| (i, s.value.clone())));
+                    (next, f.order.len())
                 };
                 if let Some(item) = next {
                     return Some((Ok(item), cursor + 1));
                 }
-                let have = self.progress().0;
                 if let Err(e) = self.wait_for(have + 1).await {
                     return Some((Err(e), usize::MAX));
                 }

@@ -62,7 +62,7 @@ enum Event {
     ClientUp(ConnId, mpsc::UnboundedSender<bytes::Bytes>, Flushed),
     ClientRequest(ConnId, u64, ClientRequest),
     ClientGone(ConnId),
-    EngineUp(ConnId, mpsc::UnboundedSender<ControllerToEngine>, Flushed),
+    EngineUp(ConnId, mpsc::UnboundedSender<bytes::Bytes>, Flushed),
     EngineMessage(ConnId, EngineToController),
     EngineGone(ConnId, String),
 }
@@ -71,7 +71,8 @@ enum Event {
 struct Wire {
     /// Encoded frames to each client's writer: results are fitted to the frame limit here.
     clients: HashMap<ConnId, mpsc::UnboundedSender<bytes::Bytes>>,
-    engines: HashMap<ConnId, mpsc::UnboundedSender<ControllerToEngine>>,
+    /// Encoded frames to each engine process's writer.
+    engines: HashMap<ConnId, mpsc::UnboundedSender<bytes::Bytes>>,
     max_frame: usize,
     store: Option<Store>,
     shutdown_requested: bool,
@@ -95,11 +96,27 @@ impl Comm for Wire {
         }
     }
     fn to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {
-        if matches!(msg, ControllerToEngine::Shutdown) {
-            self.shutdown_requested = true;
-        }
-        if let Some(tx) = self.engines.get(&conn) {
-            let _ = tx.send(msg);
+        let Some(tx) = self.engines.get(&conn) else {
+            return;
+        };
+        let frame = conn::encode(&msg);
+        match msg {
+            // The same large push to every engine of a process can outgrow one frame: then
+            // each task goes in a frame of its own (each fits, since its request did).
+            ControllerToEngine::Run { mut defs, tasks }
+                if frame.len() > self.max_frame && tasks.len() > 1 =>
+            {
+                for task in tasks {
+                    let run = ControllerToEngine::Run {
+                        defs: std::mem::take(&mut defs),
+                        tasks: vec![task],
+                    };
+                    let _ = tx.send(conn::encode(&run));
+                }
+            }
+            _ => {
+                let _ = tx.send(frame);
+            }
         }
     }
     fn close(&mut self, conn: ConnId) {
@@ -113,6 +130,9 @@ impl Comm for Wire {
                 spec: store::spec_text(spec),
             });
         }
+    }
+    fn shutdown(&mut self) {
+        self.shutdown_requested = true;
     }
     fn record_results(&mut self, job: JobId, results: &[TaskResult]) {
         if let Some(store) = &self.store {
@@ -234,7 +254,15 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
         Accepted::Client(c) => {
             let (mut reader, writer) = c.split();
             let (tx, rx) = mpsc::unbounded_channel();
-            let flushed = tokio::spawn(writer.pump_frames(rx));
+            let on_error = events.clone();
+            let flushed = tokio::spawn(async move {
+                let sent = writer.pump_frames(rx).await;
+                if let Err(e) = &sent {
+                    tracing::warn!(?conn, "sending to a client failed: {e}");
+                    let _ = on_error.send(Event::ClientGone(conn));
+                }
+                sent
+            });
             let _ = events.send(Event::ClientUp(conn, tx, flushed));
             loop {
                 match reader.recv().await {
@@ -253,7 +281,17 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
         Accepted::Engine(c) => {
             let (mut reader, writer) = c.split();
             let (tx, rx) = mpsc::unbounded_channel();
-            let flushed = tokio::spawn(writer.pump(rx));
+            let on_error = events.clone();
+            let flushed = tokio::spawn(async move {
+                let sent = writer.pump_frames(rx).await;
+                if let Err(e) = &sent {
+                    let _ = on_error.send(Event::EngineGone(
+                        conn,
+                        format!("sending to it failed: {e}"),
+                    ));
+                }
+                sent
+            });
             let _ = events.send(Event::EngineUp(conn, tx, flushed));
             let why = loop {
                 match reader.recv().await {

@@ -50,6 +50,8 @@ pub trait Comm {
     fn record_job(&mut self, info: &JobInfo, spec: &JobSpec);
     /// Records finished tasks in the task store.
     fn record_results(&mut self, job: JobId, results: &[TaskResult]);
+    /// Stops the controller once the messages queued so far are sent.
+    fn shutdown(&mut self);
 }
 
 #[derive(Debug)]
@@ -249,6 +251,7 @@ impl State {
                     comm.to_engine(*econn, ControllerToEngine::Shutdown);
                 }
                 reply(comm, Reply::Done);
+                comm.shutdown();
             }
         }
     }
@@ -642,6 +645,13 @@ impl State {
             job.done.extend(results);
             if job.remaining == 0 {
                 job.subscribers.clear();
+                if job.mapper.is_some() {
+                    for (econn, ec) in &mut self.engine_conns {
+                        if ec.defs.remove(&job_id) {
+                            comm.to_engine(*econn, ControllerToEngine::Forget(vec![job_id]));
+                        }
+                    }
+                }
                 self.finished.push_back(job_id);
                 self.finished_slots += job.info.slots;
             }
@@ -672,6 +682,7 @@ impl State {
             return;
         };
         let mut failed = Vec::new();
+        let lost = ec.engines.first().copied().unwrap_or(EngineId(0));
         for id in ec.engines {
             let Some(engine) = self.engines.remove(&id) else {
                 continue;
@@ -711,10 +722,48 @@ impl State {
                 });
             }
         }
+        if self.engines.is_empty() {
+            // Nobody is left to take the rest of the load-balanced maps: fail their items now
+            // rather than leave the maps waiting for ever.
+            failed.extend(self.drain_feeds(
+                lost,
+                &format!("no engine is left to run it (engine {lost} was lost: {reason})"),
+            ));
+        }
         if !failed.is_empty() {
             self.finish(comm, failed);
         }
         comm.close(conn);
+    }
+
+    /// Takes every item not yet handed out and makes it an `EngineLost` failure.
+    fn drain_feeds(&mut self, lost: EngineId, why: &str) -> Vec<TaskResult> {
+        let now = now_micros();
+        let mut failed = Vec::new();
+        for job_id in std::mem::take(&mut self.feeds) {
+            let Some(feed) = self.jobs.get_mut(&job_id).and_then(|j| j.feed.take()) else {
+                continue;
+            };
+            let n = feed.items.len() as u64;
+            let task = self.new_task(job_id, feed.next, n);
+            let error = RemoteError {
+                ename: "EngineLost".into(),
+                evalue: why.to_string(),
+                traceback: String::new(),
+            };
+            failed.push(TaskResult {
+                task,
+                engine: lost,
+                first: feed.next,
+                outcome: Outcome::Items(vec![Err(error); n as usize]),
+                stdout: String::new(),
+                stderr: String::new(),
+                execution_count: 0,
+                started: now,
+                completed: now,
+            });
+        }
+        failed
     }
 
     /// The clock: loses silent engines and answers waiters whose time ran out.
@@ -838,6 +887,7 @@ mod tests {
         fn record_results(&mut self, _: JobId, r: &[TaskResult]) {
             self.recorded_results += r.len();
         }
+        fn shutdown(&mut self) {}
     }
 
     const CLIENT: ConnId = ConnId(100);
@@ -1295,5 +1345,66 @@ mod tests {
             }
         ));
         assert_eq!(s.status().jobs, KEEP_FINISHED_JOBS as u64 + 1);
+    }
+
+    #[test]
+    fn a_map_whose_last_engine_is_lost_fails_its_remaining_items_instead_of_waiting() {
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            1,
+            ClientRequest::Submit(map_spec(100, Some(1))),
+            now,
+        );
+        c.to_clients.clear();
+        s.on_engine_gone(&mut c, ConnId(0), "its connection closed");
+        let failed: usize = c
+            .to_clients
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ControllerToClient::Results { results, .. } => Some(
+                    results
+                        .iter()
+                        .map(|r| match &r.outcome {
+                            Outcome::Items(items) => items.len(),
+                            _ => 1,
+                        })
+                        .sum::<usize>(),
+                ),
+                ControllerToClient::Reply { .. } => None,
+            })
+            .sum();
+        assert_eq!(failed, 100, "the two assigned items and the 98 queued ones");
+        assert_eq!(s.jobs[&JobId(0)].remaining, 0);
+        assert_eq!(s.status().queued, 0);
+    }
+
+    #[test]
+    fn engines_are_told_to_forget_a_finished_maps_function() {
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            1,
+            ClientRequest::Submit(map_spec(2, Some(2))),
+            now,
+        );
+        let (_, tasks, defs) = runs(&mut c).remove(0);
+        assert_eq!(defs, 1);
+        finish_chunk(&mut s, &mut c, ConnId(0), &tasks[0], 1);
+        assert!(c
+            .to_engines
+            .iter()
+            .any(|(_, m)| *m == ControllerToEngine::Forget(vec![JobId(0)])));
+        // A later map sends its own function again.
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            2,
+            ClientRequest::Submit(map_spec(2, Some(2))),
+            now,
+        );
+        assert_eq!(runs(&mut c)[0].2, 1);
     }
 }

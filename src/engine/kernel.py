@@ -30,7 +30,14 @@ _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 def _is_json(v):
     t = type(v)
-    if v is None or t is bool or t is str:
+    if v is None or t is bool:
+        return True
+    if t is str:
+        # A lone surrogate (a file name that is not UTF-8, say) has no JSON form: pickle it.
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
         return True
     if t is int:
         return _INT_MIN <= v <= _INT_MAX
@@ -41,6 +48,20 @@ def _is_json(v):
     if t is dict:
         return all(type(k) is str and _is_json(x) for k, x in v.items())
     return False
+
+
+def _safe_str(e):
+    try:
+        return str(e)
+    except Exception as inner:  # noqa: BLE001 - a broken __str__ must not kill the kernel
+        return "<%s (str failed: %s)>" % (type(e).__name__, inner)
+
+
+def _name(kind):
+    """A file name for tracebacks, never reused in this kernel's life."""
+    global _names
+    _names += 1
+    return "<%s-%d>" % (kind, _names)
 
 
 def _safe_repr(v):
@@ -85,13 +106,15 @@ def _error(e):
     return {
         "ok": False,
         "ename": type(e).__name__,
-        "evalue": str(e),
+        "evalue": _safe_str(e),
         "traceback": "".join(lines),
     }
 
 
 _compiled = {}
 _maps = {}
+_names = 0
+_own_modules = set()
 _funcs = {}
 _modules = {}
 
@@ -102,7 +125,7 @@ def _resolve(func):
         expr = func["expr"]
         code = _funcs.get(expr)
         if code is None:
-            filename = "<func-%d>" % (len(_funcs) + 1)
+            filename = _name("func")
             linecache.cache[filename] = (len(expr), None, expr.splitlines(True), filename)
             if len(_funcs) >= 512:
                 _funcs.clear()
@@ -112,7 +135,12 @@ def _resolve(func):
     mod = _modules.get(key)
     if mod is None:
         name = func["module"]
-        filename = name + ".py"
+        if name in sys.modules and name not in _own_modules:
+            # Never shadow a module already imported (a user's random.py must not replace
+            # the standard library's for the rest of this kernel's life).
+            name = "starling_user_" + name
+        _own_modules.add(name)
+        filename = func["module"] + ".py"
         source = func["source"]
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         mod = types.ModuleType(name)
@@ -144,7 +172,7 @@ def _compile(code):
         return hit
     if len(_compiled) >= 512:
         _compiled.clear()
-    filename = "<px-%d>" % (len(_compiled) + 1)
+    filename = _name("px")
     # Tracebacks then show the user's lines, as IPython's do.
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     tree = ast.parse(code, filename, "exec")
@@ -183,9 +211,6 @@ def _run(task):
         elif op == "map":
             job = task["job"]
             if "func" in task:
-                _maps.pop(job, None)
-                if len(_maps) >= 256:
-                    _maps.clear()
                 _maps[job] = _resolve(task["func"])
             func = _maps.get(job)
             if func is None:
@@ -215,6 +240,8 @@ def _run(task):
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     reply["out"] = out.getvalue()
     reply["err"] = err.getvalue()
+    for job in task.get("forget", ()):
+        _maps.pop(job, None)
     reply["n"] = _count
     reply["t0"] = int(started * 1e6)
     reply["t1"] = int(time.time() * 1e6)
@@ -234,7 +261,10 @@ def main():
         for task in tasks:
             # One line per task, written at once: if a task kills the process, the results
             # before it are already out.
-            _write(json.dumps(_run(task), separators=(",", ":")).encode() + b"\n")
+            # Text that cannot be UTF-8 (lone surrogates in output or messages) becomes '?'
+            # rather than a line the engine cannot read.
+            line = json.dumps(_run(task), separators=(",", ":"), ensure_ascii=False)
+            _write(line.encode("utf-8", "replace") + b"\n")
 
 
 main()

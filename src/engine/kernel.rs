@@ -29,6 +29,10 @@ const BOOTSTRAP: &str = "import os; exec(compile(os.environ.pop('STARLING_KERNEL
 /// on a small cloud instance can take a few seconds; half a minute means something is wrong.
 pub const KERNEL_START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// After a kernel exits, how long to keep reading replies it wrote just before: the pipe may
+/// stay open (a process it forked holds it), so this is a bound, not a wait for the end.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
+
 /// Why a kernel could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -152,12 +156,7 @@ impl PythonKernel {
         if self.from_kernel.read_line(&mut line).await? == 0 {
             return Ok(None);
         }
-        serde_json::from_str(&line).map(Some).map_err(|e| {
-            KernelError::Garbled(format!(
-                "{e}: {}",
-                line.chars().take(200).collect::<String>()
-            ))
-        })
+        parse_line(&line).map(Some)
     }
 
     /// How the kernel process ended, in words.
@@ -188,23 +187,56 @@ impl PythonKernel {
             };
         }
         let mut died = None;
+        // The line being read lives out here: if the kernel's exit wins the race below, what
+        // was read of the line so far is kept.
+        let mut buf = String::new();
         while done < tasks.len() {
-            match self.read_line().await {
-                Ok(Some(reply)) => {
-                    pending.push(decode_reply(&reply));
-                    done += 1;
-                    if self.from_kernel.buffer().is_empty() {
-                        ready(std::mem::take(&mut pending));
+            let read = tokio::select! {
+                biased;
+                r = self.from_kernel.read_line(&mut buf) => r,
+                status = self.child.wait() => {
+                    // The kernel is gone, though something it forked may still hold the pipe
+                    // open: take what it wrote before it died, then report it.
+                    while let Ok(Ok(n)) = tokio::time::timeout(DRAIN_AFTER_EXIT, self.from_kernel.read_line(&mut buf)).await {
+                        if n == 0 || !buf.ends_with('\n') {
+                            break;
+                        }
+                        match parse_line(&std::mem::take(&mut buf)) {
+                            Ok(reply) => {
+                                pending.push(decode_reply(&reply));
+                                done += 1;
+                            }
+                            Err(_) => break,
+                        }
                     }
+                    died = Some(status.map_or_else(|e| format!("ended ({e})"), describe_exit));
+                    break;
                 }
-                Ok(None) => {
+            };
+            match read {
+                Ok(0) => {
                     died = Some(self.exit_reason().await);
                     break;
                 }
+                Ok(_) => match parse_line(&std::mem::take(&mut buf)) {
+                    Ok(reply) => {
+                        pending.push(decode_reply(&reply));
+                        done += 1;
+                        if self.from_kernel.buffer().is_empty() {
+                            ready(std::mem::take(&mut pending));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = self.child.start_kill();
+                        let _ = self.child.wait().await;
+                        died = Some(e.to_string());
+                        break;
+                    }
+                },
                 Err(e) => {
                     let _ = self.child.start_kill();
                     let _ = self.child.wait().await;
-                    died = Some(e.to_string());
+                    died = Some(format!("could not be read from: {e}"));
                     break;
                 }
             }
@@ -214,6 +246,16 @@ impl PythonKernel {
         }
         BatchOutcome { done, died }
     }
+}
+
+/// One reply line.
+fn parse_line(line: &str) -> Result<Json, KernelError> {
+    serde_json::from_str(line).map_err(|e| {
+        KernelError::Garbled(format!(
+            "{e}: {}",
+            line.chars().take(200).collect::<String>()
+        ))
+    })
 }
 
 /// Words for how a process ended: `exited with status 1`, `was killed by signal 9 (SIGKILL)`.

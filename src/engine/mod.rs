@@ -30,9 +30,6 @@ use kernel::{KernelReply, PythonKernel};
 /// a controller that is still starting on a slow node.
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Map jobs whose mapper an engine process remembers; older ones are sent again if needed.
-const MAX_MAPPERS: usize = 256;
-
 /// Pause between attempts to reach the controller.
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
 
@@ -137,7 +134,7 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
     let (out_tx, out_rx) = mpsc::unbounded_channel::<bytes::Bytes>();
     let pump = tokio::spawn(writer.pump_frames(out_rx));
 
-    let mut slots: HashMap<EngineId, mpsc::UnboundedSender<Vec<Task>>> = HashMap::new();
+    let mut slots: HashMap<EngineId, mpsc::UnboundedSender<SlotMsg>> = HashMap::new();
     let mut slot_tasks = Vec::new();
     for (id, kernel) in ids.iter().copied().zip(kernels) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -146,6 +143,7 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
             id,
             kernel: Some(kernel),
             known: HashSet::new(),
+            forget: Vec::new(),
             config: config.clone(),
             out: out_tx.clone(),
         };
@@ -169,11 +167,16 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
     let mut mappers: HashMap<JobId, Arc<Mapper>> = HashMap::new();
     let why = loop {
         match reader.recv().await {
+            Ok(Some(ControllerToEngine::Forget(jobs))) => {
+                for job in &jobs {
+                    mappers.remove(job);
+                }
+                for tx in slots.values() {
+                    let _ = tx.send(SlotMsg::Forget(jobs.clone()));
+                }
+            }
             Ok(Some(ControllerToEngine::Run { defs, tasks })) => {
                 for (job, mapper) in defs {
-                    if mappers.len() >= MAX_MAPPERS {
-                        mappers.clear();
-                    }
                     mappers.insert(job, Arc::new(mapper));
                 }
                 let mut per_slot: HashMap<EngineId, Vec<Task>> = HashMap::new();
@@ -190,7 +193,7 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
                 for (id, tasks) in per_slot {
                     match slots.get(&id) {
                         Some(tx) => {
-                            let _ = tx.send(tasks);
+                            let _ = tx.send(SlotMsg::Tasks(tasks));
                         }
                         None => {
                             tracing::warn!(engine = %id, "work for an engine this process does not host");
@@ -217,6 +220,13 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
     drop(out_tx);
     pump.abort();
     Ok(())
+}
+
+/// What a slot is told.
+enum SlotMsg {
+    Tasks(Vec<Task>),
+    /// Finished map jobs whose functions the kernel can drop.
+    Forget(Vec<JobId>),
 }
 
 /// A task and, for a map chunk, its job's mapper.
@@ -249,6 +259,8 @@ struct Slot {
     kernel: Option<PythonKernel>,
     /// Map jobs whose function the current kernel has compiled.
     known: HashSet<JobId>,
+    /// Finished jobs the kernel is to drop with its next request.
+    forget: Vec<u64>,
     config: EngineConfig,
     out: mpsc::UnboundedSender<bytes::Bytes>,
 }
@@ -274,11 +286,21 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 impl Slot {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<Task>>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SlotMsg>) {
         self.init_kernel().await;
-        while let Some(mut tasks) = rx.recv().await {
-            while let Ok(more) = rx.try_recv() {
-                tasks.extend(more);
+        while let Some(first) = rx.recv().await {
+            let mut tasks = Vec::new();
+            for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                match msg {
+                    SlotMsg::Tasks(more) => tasks.extend(more),
+                    SlotMsg::Forget(jobs) => {
+                        for job in jobs {
+                            if self.known.remove(&job) {
+                                self.forget.push(job.0);
+                            }
+                        }
+                    }
+                }
             }
             let mut rest = &tasks[..];
             while !rest.is_empty() {
@@ -493,7 +515,11 @@ impl Slot {
                     return;
                 }
             }
-            let requests: Vec<serde_json::Value> = batch.iter().map(|t| self.request(t)).collect();
+            let mut requests: Vec<serde_json::Value> =
+                batch.iter().map(|t| self.request(t)).collect();
+            if !self.forget.is_empty() {
+                requests[0]["forget"] = json!(std::mem::take(&mut self.forget));
+            }
             let mut kernel = self.kernel.take().expect("a kernel was just ensured");
             let mut sent = 0;
             let outcome = kernel

@@ -23,6 +23,14 @@ use super::{
 /// a freshly booted node can be slow, yet short enough that a silent peer is dropped quickly.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The frame limit until the handshake is done: its frames are tiny, and a peer that has not
+/// proved it holds a key must not make the controller buffer megabytes.
+pub const HANDSHAKE_MAX_FRAME: usize = 16 * 1024;
+
+/// Bytes a client leaves free below the frame limit in every request, for the envelope the
+/// controller wraps around the work when it passes it on to an engine.
+pub const ENVELOPE_MARGIN: usize = 4096;
+
 /// How long to wait for the TCP connection to the controller to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -87,6 +95,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, Rx: DeserializeOwned, Tx: Serialize> Con
             Ok(Ok(None)) => Err(ProtoError::Closed),
             Ok(Err(e)) => Err(e),
         }
+    }
+
+    /// Changes the frame limit (after the handshake).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.framed.codec_mut().set_max_frame_length(max_frame);
     }
 
     /// The same stream, typed for the next phase of the conversation.
@@ -224,13 +237,14 @@ pub async fn accept(
         .map_err(|_| ProtoError::HandshakeTimeout(HANDSHAKE_TIMEOUT.as_secs()))?
         .map_err(|e| ProtoError::Tls(e.to_string()))?;
     let hs = ServerHandshake::new();
-    let mut conn: Conn<ServerStream, Auth, Hello> = Conn::new(tls, max_frame);
+    let mut conn: Conn<ServerStream, Auth, Hello> = Conn::new(tls, HANDSHAKE_MAX_FRAME);
     conn.send(&hs.hello()).await?;
     let auth = conn.recv_within(HANDSHAKE_TIMEOUT).await?;
     let mut conn: Conn<ServerStream, (), Verdict> = conn.retype();
     match hs.verify(&auth, &keys.client, &keys.engine) {
         Ok(role) => {
             conn.send(&Verdict::Welcome).await?;
+            conn.set_max_frame(max_frame);
             Ok(match role {
                 Role::Client => Accepted::Client(conn.retype()),
                 Role::Engine => Accepted::Engine(conn.retype()),
@@ -271,12 +285,15 @@ pub async fn connect<Rx: DeserializeOwned, Tx: Serialize>(
     .await
     .map_err(|_| ProtoError::HandshakeTimeout(HANDSHAKE_TIMEOUT.as_secs()))?
     .map_err(|e| ProtoError::Tls(e.to_string()))?;
-    let mut conn: Conn<PeerStream, Hello, Auth> = Conn::new(tls, max_frame);
+    let mut conn: Conn<PeerStream, Hello, Auth> = Conn::new(tls, HANDSHAKE_MAX_FRAME);
     let hello = conn.recv_within(HANDSHAKE_TIMEOUT).await?;
     conn.send(&auth::answer(&hello, role, key)).await?;
     let mut conn: Conn<PeerStream, Verdict, ()> = conn.retype();
     match conn.recv_within(HANDSHAKE_TIMEOUT).await? {
-        Verdict::Welcome => Ok(conn.retype()),
+        Verdict::Welcome => {
+            conn.set_max_frame(max_frame);
+            Ok(conn.retype())
+        }
         Verdict::Refused(r) => Err(ProtoError::Refused(r)),
     }
 }

@@ -206,7 +206,10 @@ fn slice<T: Clone>(items: &[T], start: Option<i64>, stop: Option<i64>, step: i64
         let mut i = s;
         while i < e {
             out.push(items[i as usize].clone());
-            i += step;
+            let Some(next) = i.checked_add(step) else {
+                break;
+            };
+            i = next;
         }
     } else {
         let s = start.map_or(len - 1, |i| clamp(norm(i), -1, len - 1));
@@ -214,7 +217,10 @@ fn slice<T: Clone>(items: &[T], start: Option<i64>, stop: Option<i64>, step: i64
         let mut i = s;
         while i > e {
             out.push(items[i as usize].clone());
-            i += step;
+            let Some(next) = i.checked_add(step) else {
+                break;
+            };
+            i = next;
         }
     }
     out
@@ -592,6 +598,8 @@ pub enum ControllerToEngine {
         ids: Vec<EngineId>,
         heartbeat_ms: u64,
     },
+    /// These map jobs are finished: their mappers can be dropped.
+    Forget(Vec<JobId>),
     /// Work to do, several tasks a frame; each engine runs its tasks in order. `defs` carries
     /// the mapper of each map job this engine process has not seen yet.
     Run {
@@ -638,6 +646,8 @@ mod tests {
         assert_eq!(pick("::-1"), vec![3, 2, 1, 0]);
         assert_eq!(pick("1"), vec![1]);
         assert_eq!(pick("0,3"), vec![0, 3]);
+        assert_eq!(pick("1::9223372036854775807"), vec![1]);
+        assert_eq!(pick("::-9223372036854775807"), vec![3]);
     }
 
     #[test]

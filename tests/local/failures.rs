@@ -310,3 +310,79 @@ async fn the_frame_limit_fails_what_is_too_large_and_nothing_else() {
     assert_eq!(ok, vec![Value::Json(json!("still here"))]);
     assert_eq!(client.ids().await.unwrap(), vec![EngineId(0)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernels_survive_odd_text_forks_and_extreme_targets() {
+    let c = Cluster::up("oddities", 2);
+    let client = c.client().await;
+    // A string with a lone surrogate (a file name that is not UTF-8) has no JSON form.
+    let v = client
+        .direct(EngineId(0))
+        .execute("print('bad \\udcff name'); 'x\\udcff'")
+        .await
+        .unwrap();
+    let got = v.get().await.unwrap().remove(0);
+    assert_eq!(got.to_string(), "'x\\udcff'");
+    assert_eq!(v.stdout()[0].1, "bad ? name\n");
+
+    // A kernel that dies while a process it forked still holds its pipe is noticed.
+    let ar = client
+        .direct(EngineId(1))
+        .execute(
+            "import os, time\nif os.fork() == 0:\n    time.sleep(30)\n    os._exit(0)\nos._exit(7)",
+        )
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(15), ar.get())
+        .await
+        .expect("noticed in time");
+    let ClientError::Remote(err) = outcome.unwrap_err() else {
+        panic!()
+    };
+    assert!(
+        err.errors[0].error.evalue.contains("exited with status 7"),
+        "{}",
+        err.errors[0].error.evalue
+    );
+    assert_eq!(
+        client
+            .direct(EngineId(1))
+            .execute("1")
+            .await
+            .unwrap()
+            .get()
+            .await
+            .unwrap(),
+        vec![Value::from(1)]
+    );
+
+    // Slices with absurd steps select what Python would.
+    let r = c.starling(&["px", "--targets", "1::9223372036854775807", "1"]);
+    assert_eq!(r.ok().lines(), vec!["Out[1:2]: 1"]);
+    let r = c.starling(&["result", "--timeout=-1"]);
+    assert!(
+        r.fails().stderr.contains("'-1' is not a number of seconds"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn down_with_someone_elses_connection_file_stops_nothing() {
+    let mine = Cluster::up("local", 1);
+    let theirs = Cluster::up("local", 1);
+    let r = mine.starling_raw(&[
+        "down",
+        "--connection",
+        theirs.connection_file().to_str().unwrap(),
+    ]);
+    assert!(
+        r.fails()
+            .stderr
+            .contains("is not the connection file of a cluster started from this machine"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(mine.starling(&["ids"]).ok().stdout.trim(), "[0]");
+    assert_eq!(theirs.starling(&["ids"]).ok().stdout.trim(), "[0]");
+}
