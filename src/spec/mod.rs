@@ -2,7 +2,11 @@
 //!
 //! A spec file is read into [`SpecFile`] (every field optional, unknown keys refused, each
 //! error carrying the file's line and column), then laid over `config/defaults.yaml` to give a
-//! complete [`ClusterSpec`]. Nothing here touches the network.
+//! complete [`ClusterSpec`]. [`types`] holds the value types that check themselves as they are
+//! read (names, CIDR blocks, instance types, AMI ids), so a bad value is reported with its line
+//! and column. Nothing here touches the network.
+
+pub mod types;
 
 use std::path::Path;
 
