@@ -451,7 +451,7 @@ pub async fn progress(ar: &AsyncResult, timeout: Option<Duration>) -> Result<boo
         }
         if done {
             if let Some(b) = bar {
-                b.finish();
+                b.finish_and_clear();
             }
             return Ok(true);
         }
