@@ -124,6 +124,8 @@ pub struct State {
     tasks: HashMap<TaskId, TaskRef>,
     /// Load-balanced maps with items still to hand out, oldest first.
     feeds: VecDeque<JobId>,
+    /// When the clock last ticked.
+    last_tick: Option<Instant>,
     /// Finished jobs still held in memory, oldest first, and their slots in all.
     finished: VecDeque<JobId>,
     finished_slots: u64,
@@ -144,6 +146,7 @@ impl State {
             jobs: HashMap::new(),
             tasks: HashMap::new(),
             feeds: VecDeque::new(),
+            last_tick: None,
             finished: VecDeque::new(),
             finished_slots: 0,
             waiting: Vec::new(),
@@ -769,6 +772,17 @@ impl State {
     /// The clock: loses silent engines and answers waiters whose time ran out.
     pub fn on_tick(&mut self, comm: &mut impl Comm, now: Instant) {
         let limit = self.lost_after();
+        // If the controller itself was stalled (a suspended VM, a starved CPU), the engines'
+        // heartbeats may still sit unread in its sockets: judge nobody on this tick.
+        let stalled = self
+            .last_tick
+            .is_some_and(|t| now.saturating_duration_since(t) > limit / 2);
+        self.last_tick = Some(now);
+        if stalled {
+            for ec in self.engine_conns.values_mut() {
+                ec.last_seen = ec.last_seen.max(now - self.heartbeat);
+            }
+        }
         let silent: Vec<(ConnId, Duration)> = self
             .engine_conns
             .iter()
@@ -1406,5 +1420,27 @@ mod tests {
             now,
         );
         assert_eq!(runs(&mut c)[0].2, 1);
+    }
+
+    #[test]
+    fn a_controller_that_was_itself_stalled_does_not_declare_its_engines_lost() {
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        s.on_tick(&mut c, now);
+        // Nothing ticked, nothing was read for 5 s; then the clock comes back first.
+        let later = now + Duration::from_secs(5);
+        s.on_tick(&mut c, later);
+        assert_eq!(
+            s.ids().len(),
+            1,
+            "a stall of the controller is not the engine's fault"
+        );
+        // The engine really is silent: lost on the next ticks, once it had its chance.
+        let mut t = later;
+        while s.ids().len() == 1 && t < later + Duration::from_secs(5) {
+            t += Duration::from_millis(250);
+            s.on_tick(&mut c, t);
+        }
+        assert!(s.ids().is_empty());
+        assert!(t - later <= Duration::from_millis(1750), "{:?}", t - later);
     }
 }

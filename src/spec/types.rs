@@ -193,10 +193,14 @@ mod tests {
     fn values_are_checked_with_a_fix_in_the_message() {
         assert!(Cidr::new("10.0.0.0/8").is_ok());
         assert!(Cidr::new("::1/128").is_ok());
-        assert!(Cidr::new("10.0.0.0").unwrap_err().contains("e.g. 203.0.113.7/32"));
+        assert!(Cidr::new("10.0.0.0")
+            .unwrap_err()
+            .contains("e.g. 203.0.113.7/32"));
         assert!(Cidr::new("10.0.0.0/33").unwrap_err().contains("at most 32"));
         assert!(InstanceType::new("c6i.2xlarge").is_ok());
-        assert!(InstanceType::new("large").unwrap_err().contains("e.g. t3.medium"));
+        assert!(InstanceType::new("large")
+            .unwrap_err()
+            .contains("e.g. t3.medium"));
         assert!(AmiId::new("ami-0abc123").is_ok());
         assert!(AmiId::new("ubuntu").unwrap_err().contains("image.name"));
         assert!(Region::new("us-east-1").is_ok());
@@ -208,6 +212,8 @@ mod tests {
         assert!(UserName::new("ubuntu").is_ok());
         assert!(UserName::new("$(id)").is_err());
         assert!(TagKey::new("team").is_ok());
-        assert!(TagKey::new("starling:cluster").unwrap_err().contains("reserved"));
+        assert!(TagKey::new("starling:cluster")
+            .unwrap_err()
+            .contains("reserved"));
     }
 }
