@@ -56,6 +56,8 @@ pub enum Format {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write a starter cluster spec from a template (local, ec2, ec2-spot, localstack, ssh-hosts).
+    Init(InitArgs),
     /// Start a cluster and wait until every engine has registered.
     Up(UpArgs),
     /// Stop a cluster: controller, engines and kernels; nothing of it remains.
@@ -80,6 +82,19 @@ pub enum Command {
     Status,
     /// The clusters this machine knows.
     List,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The template: local, ec2, ec2-spot, localstack or ssh-hosts.
+    #[arg(long, default_value = "local")]
+    pub template: String,
+    /// Where to write the spec.
+    #[arg(short, long, default_value = "cluster.yaml")]
+    pub output_file: PathBuf,
+    /// Overwrite the file if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +235,24 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn dispatch(cli: &Cli) -> Result<ExitCode> {
     let g = &cli.global;
     match &cli.command {
+        Command::Init(args) => {
+            let text = spec::template(&args.template).map_err(anyhow::Error::msg)?;
+            if args.output_file.exists() && !args.force {
+                bail!(
+                    "{} exists; pass --force to overwrite it, or -o to write elsewhere",
+                    args.output_file.display()
+                );
+            }
+            std::fs::write(&args.output_file, text)
+                .with_context(|| format!("cannot write {}", args.output_file.display()))?;
+            println!(
+                "wrote {} from the {} template; edit it, then `starling up -f {}`",
+                args.output_file.display(),
+                args.template,
+                args.output_file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Up(args) => up(g, args).await,
         Command::Down => down(g).await,
         Command::Ids => {

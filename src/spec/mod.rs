@@ -6,11 +6,19 @@
 //! read (names, CIDR blocks, instance types, AMI ids), so a bad value is reported with its line
 //! and column. Nothing here touches the network.
 
+pub mod cloud;
 pub mod types;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use cloud::{
+    Ec2Spec, FileCopy, HostFile, HostSpec, ImageFile, ImageSpec, NetworkFile, NetworkSpec,
+    SpotFile, SshAccessSpec, SshFile,
+};
+use types::{EndpointUrl, InstanceType, Region, TagKey, UserName};
 
 use crate::home;
 
@@ -18,6 +26,33 @@ use crate::home;
 pub const DEFAULTS_YAML: &str = include_str!("../../config/defaults.yaml");
 /// `templates/local.yaml`, built in: the spec `up --local` starts from.
 pub const LOCAL_TEMPLATE: &str = include_str!("../../templates/local.yaml");
+
+/// Every template in `templates/`, by name, for `starling init --template NAME`.
+pub const TEMPLATES: &[(&str, &str)] = &[
+    ("local", LOCAL_TEMPLATE),
+    ("ec2", include_str!("../../templates/ec2.yaml")),
+    ("ec2-spot", include_str!("../../templates/ec2-spot.yaml")),
+    (
+        "localstack",
+        include_str!("../../templates/localstack.yaml"),
+    ),
+    ("ssh-hosts", include_str!("../../templates/ssh-hosts.yaml")),
+];
+
+/// The text of a template, or an error naming the templates there are.
+pub fn template(name: &str) -> Result<&'static str, String> {
+    TEMPLATES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<&str> = TEMPLATES.iter().map(|(n, _)| *n).collect();
+            format!(
+                "there is no template '{name}'; the templates are {}",
+                names.join(", ")
+            )
+        })
+}
 
 /// Which provider runs the nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,13 +134,31 @@ impl<'de> Deserialize<'de> for Count {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpecFile {
-    pub name: Option<String>,
+    pub name: Option<types::ClusterName>,
     pub provider: Option<ProviderKind>,
     pub engines_per_node: Option<Count>,
     pub python: Option<String>,
     pub heartbeat_ms: Option<u64>,
     pub max_frame_mb: Option<u64>,
     pub register_timeout_s: Option<u64>,
+    /// The port the controller listens on (on the master; a local cluster picks a free one).
+    pub controller_port: Option<u16>,
+    /// Shell commands run on every node, in order, before the engines start.
+    pub setup: Option<Vec<String>>,
+    pub files: Option<Vec<FileCopy>>,
+    pub ssh: Option<SshFile>,
+    // ec2
+    pub region: Option<Region>,
+    pub endpoint_url: Option<EndpointUrl>,
+    pub image: Option<ImageFile>,
+    pub master_type: Option<InstanceType>,
+    pub node_type: Option<InstanceType>,
+    pub nodes: Option<u32>,
+    pub spot: Option<SpotFile>,
+    pub network: Option<NetworkFile>,
+    pub tags: Option<BTreeMap<TagKey, String>>,
+    // ssh
+    pub hosts: Option<Vec<HostFile>>,
 }
 
 /// A complete, validated spec.
@@ -118,6 +171,14 @@ pub struct ClusterSpec {
     pub heartbeat_ms: u64,
     pub max_frame_mb: u64,
     pub register_timeout_s: u64,
+    pub controller_port: u16,
+    pub setup: Vec<String>,
+    pub files: Vec<FileCopy>,
+    pub ssh: SshAccessSpec,
+    /// For `provider: ec2`.
+    pub ec2: Option<Ec2Spec>,
+    /// For `provider: ssh`.
+    pub hosts: Vec<HostSpec>,
 }
 
 /// A spec that could not be used; the message names the file, line and column and the fix.
@@ -176,7 +237,10 @@ pub fn parse(origin: &str, text: &str) -> Result<ClusterSpec, SpecError> {
     let defaults: SpecFile =
         serde_yaml::from_str(DEFAULTS_YAML).map_err(|e| invalid("config/defaults.yaml", &e))?;
     let spec = ClusterSpec {
-        name: file.name.unwrap_or_else(|| "local".to_string()),
+        name: file
+            .name
+            .as_ref()
+            .map_or_else(|| "local".to_string(), ToString::to_string),
         provider: file
             .provider
             .or(defaults.provider)
@@ -187,7 +251,8 @@ pub fn parse(origin: &str, text: &str) -> Result<ClusterSpec, SpecError> {
             .unwrap_or(Count::Auto),
         python: file
             .python
-            .or(defaults.python)
+            .clone()
+            .or_else(|| defaults.python.clone())
             .unwrap_or_else(|| "python3".into()),
         heartbeat_ms: file.heartbeat_ms.or(defaults.heartbeat_ms).unwrap_or(1000),
         max_frame_mb: file.max_frame_mb.or(defaults.max_frame_mb).unwrap_or(64),
@@ -195,9 +260,207 @@ pub fn parse(origin: &str, text: &str) -> Result<ClusterSpec, SpecError> {
             .register_timeout_s
             .or(defaults.register_timeout_s)
             .unwrap_or(60),
+        controller_port: file
+            .controller_port
+            .or(defaults.controller_port)
+            .unwrap_or(7120),
+        setup: file.setup.clone().unwrap_or_default(),
+        files: file.files.clone().unwrap_or_default(),
+        ssh: ssh_access(
+            file.ssh.clone().unwrap_or_default(),
+            defaults.ssh.clone().unwrap_or_default(),
+        ),
+        ec2: None,
+        hosts: Vec::new(),
     };
     spec.validate(origin)?;
+    let mut spec = spec;
+    check_provider_keys(origin, spec.provider, &file)?;
+    match spec.provider {
+        ProviderKind::Local => {}
+        ProviderKind::Ec2 => spec.ec2 = Some(ec2_spec(origin, &file, &defaults, &spec.ssh)?),
+        ProviderKind::Ssh => {
+            let hosts = file.hosts.clone().unwrap_or_default();
+            if hosts.is_empty() {
+                return Err(field_error(origin, "hosts", "provider ssh needs the hosts to use, e.g.\n  hosts:\n    - host: 192.0.2.10\n    - host: node2.example.org\n      user: admin"));
+            }
+            spec.hosts = hosts
+                .into_iter()
+                .map(|h| HostSpec {
+                    host: h.host,
+                    user: h.user.unwrap_or_else(|| spec.ssh.user.clone()),
+                    port: h.port.unwrap_or(spec.ssh.port),
+                })
+                .collect();
+        }
+    }
     Ok(spec)
+}
+
+fn ssh_access(file: SshFile, defaults: SshFile) -> SshAccessSpec {
+    SshAccessSpec {
+        user: file
+            .user
+            .or(defaults.user)
+            .unwrap_or_else(|| UserName::new("ubuntu").expect("a valid user name")),
+        key_file: file.key_file.or(defaults.key_file),
+        port: file.port.or(defaults.port).unwrap_or(22),
+    }
+}
+
+/// Keys that mean something for one provider only are refused for the others, so a spec never
+/// silently ignores what its author wrote.
+fn check_provider_keys(
+    origin: &str,
+    provider: ProviderKind,
+    file: &SpecFile,
+) -> Result<(), SpecError> {
+    let ec2_only = [
+        ("region", file.region.is_some()),
+        ("endpoint_url", file.endpoint_url.is_some()),
+        ("image", file.image.is_some()),
+        ("master_type", file.master_type.is_some()),
+        ("node_type", file.node_type.is_some()),
+        ("nodes", file.nodes.is_some()),
+        ("spot", file.spot.is_some()),
+        ("network", file.network.is_some()),
+        ("tags", file.tags.is_some()),
+    ];
+    for (key, present) in ec2_only {
+        if present && provider != ProviderKind::Ec2 {
+            return Err(field_error(
+                origin,
+                key,
+                &format!("applies to provider ec2 only; this spec's provider is {provider}"),
+            ));
+        }
+    }
+    if file.hosts.is_some() && provider != ProviderKind::Ssh {
+        return Err(field_error(
+            origin,
+            "hosts",
+            &format!("applies to provider ssh only; this spec's provider is {provider}"),
+        ));
+    }
+    let remote_only = [
+        ("setup", file.setup.is_some()),
+        ("files", file.files.is_some()),
+        ("ssh", file.ssh.is_some()),
+    ];
+    for (key, present) in remote_only {
+        if present && provider == ProviderKind::Local {
+            return Err(field_error(origin, key, "applies to clusters on other machines (provider ec2 or ssh); a local cluster runs where you are"));
+        }
+    }
+    Ok(())
+}
+
+fn ec2_spec(
+    origin: &str,
+    file: &SpecFile,
+    defaults: &SpecFile,
+    ssh: &SshAccessSpec,
+) -> Result<Ec2Spec, SpecError> {
+    let region = file
+        .region
+        .clone()
+        .or_else(|| defaults.region.clone())
+        .ok_or_else(|| {
+            field_error(
+                origin,
+                "region",
+                "provider ec2 needs a region, e.g. region: us-east-1",
+            )
+        })?;
+    let image = match file.image.clone().unwrap_or_default() {
+        ImageFile {
+            id: Some(id),
+            name: None,
+            owners: None,
+        } => ImageSpec::Id(id),
+        ImageFile {
+            id: None,
+            name: Some(pattern),
+            owners,
+        } => ImageSpec::Name {
+            pattern,
+            owners: owners.unwrap_or_default(),
+        },
+        ImageFile { id: Some(_), .. } => {
+            return Err(field_error(
+                origin,
+                "image",
+                "give either image.id or image.name (with image.owners), not both",
+            ))
+        }
+        ImageFile {
+            id: None,
+            name: None,
+            ..
+        } => {
+            return Err(field_error(
+                origin,
+                "image",
+                "provider ec2 needs an image: image.id (ami-…) or image.name (a name pattern)",
+            ))
+        }
+    };
+    if ssh.key_file.is_none() {
+        return Err(field_error(origin, "ssh.key_file", "provider ec2 needs a private key file; its public half (FILE.pub) becomes the cluster's key pair"));
+    }
+    if let Some(price) = file.spot.as_ref().and_then(|s| s.max_price.as_ref()) {
+        if !price.parse::<f64>().is_ok_and(|p| p.is_finite() && p > 0.0) {
+            return Err(field_error(
+                origin,
+                "spot.max_price",
+                &format!("'{price}' is not a price; write dollars per hour, e.g. \"0.25\""),
+            ));
+        }
+    }
+    let net = file.network.clone().unwrap_or_default();
+    let net_defaults = defaults.network.clone().unwrap_or_default();
+    let ssh_cidrs = net.ssh_cidrs.ok_or_else(|| {
+        field_error(origin, "network.ssh_cidrs", "say who may reach SSH on the nodes, e.g. [203.0.113.7/32] (your address); starling opens nothing to the world unasked")
+    })?;
+    let client_cidrs = net.client_cidrs.ok_or_else(|| {
+        field_error(origin, "network.client_cidrs", "say who may reach the controller, e.g. [203.0.113.7/32]; [] keeps it reachable from inside the cluster only")
+    })?;
+    let nodes = file.nodes.or(defaults.nodes).unwrap_or(1);
+    if nodes > 1000 {
+        return Err(field_error(
+            origin,
+            "nodes",
+            &format!("{nodes} is more than starling starts at once (1000)"),
+        ));
+    }
+    Ok(Ec2Spec {
+        region,
+        endpoint_url: file.endpoint_url.clone(),
+        image,
+        master_type: file
+            .master_type
+            .clone()
+            .or_else(|| defaults.master_type.clone())
+            .expect("defaults name a master type"),
+        node_type: file
+            .node_type
+            .clone()
+            .or_else(|| defaults.node_type.clone())
+            .expect("defaults name a node type"),
+        nodes,
+        spot: file.spot.clone(),
+        network: NetworkSpec {
+            vpc_id: net.vpc_id,
+            subnet_id: net.subnet_id,
+            use_private_ip: net
+                .use_private_ip
+                .or(net_defaults.use_private_ip)
+                .unwrap_or(false),
+            ssh_cidrs,
+            client_cidrs,
+        },
+        tags: file.tags.clone().unwrap_or_default(),
+    })
 }
 
 /// Reads a spec file.
@@ -287,10 +550,10 @@ mod tests {
             "{err}"
         );
 
-        let err = parse("c.yaml", "name: x\n  bad: [\n")
+        let err = parse("c.yaml", "name: x\nsetup: [\n")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("c.yaml:2:"), "{err}");
+        assert!(err.starts_with("c.yaml:3:"), "{err}");
 
         let err = parse("c.yaml", "engines_per_node: many\n")
             .unwrap_err()
@@ -301,7 +564,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("name: 'My Cluster' is not a valid cluster name"),
+            err.starts_with("c.yaml:1:7: name: 'My Cluster' is not a valid cluster name"),
             "{err}"
         );
 

@@ -8,3 +8,4 @@ mod client_lib;
 mod failures;
 mod maps;
 mod security;
+mod specs;
