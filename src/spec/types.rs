@@ -196,7 +196,9 @@ mod tests {
         assert!(Cidr::new("127.0.0.1")
             .unwrap_err()
             .contains("e.g. 203.0.113.7/32"));
-        assert!(Cidr::new("127.0.0.0/33").unwrap_err().contains("at most 32"));
+        assert!(Cidr::new("127.0.0.0/33")
+            .unwrap_err()
+            .contains("at most 32"));
         assert!(InstanceType::new("c6i.2xlarge").is_ok());
         assert!(InstanceType::new("large")
             .unwrap_err()
