@@ -21,9 +21,10 @@ pub fn cluster_dir(name: &str) -> PathBuf {
     home().join("clusters").join(name)
 }
 
-/// `node/<cluster>/<node>/` under `root` (this machine's [`home`] for local nodes).
-pub fn node_dir(root: &Path, cluster: &str, node: &str) -> PathBuf {
-    root.join("node").join(cluster).join(node)
+/// `node/<cluster>/` under `root` (this machine's [`home`] for local nodes): one directory per
+/// node of the cluster below it.
+pub fn nodes_dir(root: &Path, cluster: &str) -> PathBuf {
+    root.join("node").join(cluster)
 }
 
 /// The connection file of a cluster.

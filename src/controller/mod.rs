@@ -83,16 +83,8 @@ impl Comm for Wire {
         let Some(tx) = self.clients.get(&conn) else {
             return;
         };
-        match msg {
-            ControllerToClient::Results { job, results } => {
-                let wrap = |results| ControllerToClient::Results { job, results };
-                for frame in crate::proto::encode_results(results, self.max_frame, wrap) {
-                    let _ = tx.send(frame);
-                }
-            }
-            reply @ ControllerToClient::Reply { .. } => {
-                let _ = tx.send(conn::encode(&reply));
-            }
+        for frame in crate::proto::encode_results(msg, self.max_frame) {
+            let _ = tx.send(frame);
         }
     }
     fn to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {

@@ -4,7 +4,7 @@
 //! commits whatever has queued up in one transaction. The file outlives the controller, so a
 //! cluster's history can be read with `sqlite3` after it is gone.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -28,7 +28,6 @@ pub enum StoreOp {
 pub struct Store {
     tx: Option<mpsc::Sender<StoreOp>>,
     thread: Option<JoinHandle<()>>,
-    path: PathBuf,
 }
 
 const SCHEMA: &str = "
@@ -67,23 +66,13 @@ impl Store {
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
-            path: path.to_path_buf(),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     pub fn send(&self, op: StoreOp) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(op);
         }
-    }
-
-    /// A sender for another thread.
-    pub fn sender(&self) -> Option<mpsc::Sender<StoreOp>> {
-        self.tx.clone()
     }
 }
 

@@ -370,9 +370,8 @@ impl Slot {
     }
 
     fn send(&self, results: Vec<TaskResult>) {
-        for frame in
-            crate::proto::encode_results(results, self.config.max_frame, EngineToController::Done)
-        {
+        let done = EngineToController::Done(results);
+        for frame in crate::proto::encode_results(done, self.config.max_frame) {
             let _ = self.out.send(frame);
         }
     }

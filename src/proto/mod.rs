@@ -423,19 +423,54 @@ pub struct TaskResult {
     pub completed: Micros,
 }
 
+/// A message that carries task results, and can be made again around a part of them.
+pub trait CarriesResults: Serialize + Sized {
+    fn into_results(self) -> Vec<TaskResult>;
+    #[must_use]
+    fn around(&self, results: Vec<TaskResult>) -> Self;
+}
+
+impl CarriesResults for EngineToController {
+    fn into_results(self) -> Vec<TaskResult> {
+        match self {
+            EngineToController::Done(results) => results,
+            _ => Vec::new(),
+        }
+    }
+    fn around(&self, results: Vec<TaskResult>) -> Self {
+        EngineToController::Done(results)
+    }
+}
+
+impl CarriesResults for ControllerToClient {
+    fn into_results(self) -> Vec<TaskResult> {
+        match self {
+            ControllerToClient::Results { results, .. } => results,
+            ControllerToClient::Reply { .. } => Vec::new(),
+        }
+    }
+    fn around(&self, results: Vec<TaskResult>) -> Self {
+        match self {
+            ControllerToClient::Results { job, .. } => {
+                ControllerToClient::Results { job: *job, results }
+            }
+            reply @ ControllerToClient::Reply { .. } => reply.clone(),
+        }
+    }
+}
+
 /// Encodes a message carrying task results as frames within `limit` bytes: one frame when it
-/// fits (the usual case, encoded once), else the results split over several, and any single
-/// result too large for a frame replaced by an error that says so — so a huge result fails its
-/// own task instead of the connection that carries it.
-pub fn encode_results<T: Serialize>(
-    results: Vec<TaskResult>,
-    limit: usize,
-    wrap: impl Fn(Vec<TaskResult>) -> T,
-) -> Vec<bytes::Bytes> {
-    let whole = conn::encode(&wrap(results.clone()));
+/// fits (the usual case, encoded once, nothing copied), else the results split over several,
+/// and any single result too large for a frame replaced by an error that says so — so a huge
+/// result fails its own task instead of the connection that carries it.
+pub fn encode_results<T: CarriesResults>(msg: T, limit: usize) -> Vec<bytes::Bytes> {
+    let whole = conn::encode(&msg);
     if whole.len() <= limit {
         return vec![whole];
     }
+    let template = msg.around(Vec::new());
+    let results = msg.into_results();
+    let wrap = |results| template.around(results);
     // Room for the message around the results.
     let budget = limit.saturating_sub(1024);
     let mut frames = Vec::new();
@@ -690,14 +725,13 @@ mod fit_tests {
     fn results_are_split_to_fit_frames_and_a_result_too_large_fails_alone() {
         let limit = 10_000;
         let small = encode_results(
-            vec![result(0, 10), result(1, 10)],
+            EngineToController::Done(vec![result(0, 10), result(1, 10)]),
             limit,
-            EngineToController::Done,
         );
         assert_eq!(small.len(), 1, "what fits is one frame");
 
         let many: Vec<TaskResult> = (0..10).map(|i| result(i, 3000)).collect();
-        let frames = encode_results(many, limit, EngineToController::Done);
+        let frames = encode_results(EngineToController::Done(many), limit);
         assert!(frames.len() > 2 && frames.iter().all(|f| f.len() <= limit));
         let back: usize = frames
             .iter()
@@ -709,9 +743,8 @@ mod fit_tests {
         assert_eq!(back, 10, "nothing is lost");
 
         let frames = encode_results(
-            vec![result(0, 10), result(1, 50_000)],
+            EngineToController::Done(vec![result(0, 10), result(1, 50_000)]),
             limit,
-            EngineToController::Done,
         );
         let EngineToController::Done(rs) = conn::decode(&frames[0]).unwrap() else {
             panic!()

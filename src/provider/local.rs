@@ -140,9 +140,7 @@ impl Provider for LocalProvider {
         let cert =
             ClusterCert::generate(name).map_err(|e| ProviderError::Invalid(e.to_string()))?;
         let (client_key, engine_key) = (Key::generate(), Key::generate());
-        let node_root = home::node_dir(&home::home(), name, "")
-            .components()
-            .collect::<PathBuf>();
+        let node_root = home::nodes_dir(&home::home(), name);
         let master = node_root.join("master");
         let node0 = node_root.join("node000");
         for d in [&master, &node0] {
