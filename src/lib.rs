@@ -3,7 +3,9 @@
 //! Layout — data flows top to bottom:
 //!
 //! - [`spec`]: the YAML cluster spec, its defaults and validation.
-//! - [`provider`]: where nodes come from (`local` processes on this machine today).
+//! - [`provider`]: where nodes come from: `local` processes, `ec2` instances, `ssh` hosts.
+//! - [`bootstrap`]: over SSH, turns machines into a running cluster (upload, setup, start).
+//! - [`node`]: a node's processes, found by the mark they carry.
 //! - [`proto`]: every message between client, controller and engine; frames, TLS, the
 //!   authentication handshake.
 //! - [`controller`]: engine registry, heartbeats, scheduling, the SQLite task store.
@@ -15,11 +17,13 @@
 //! Two binaries: `starling` (the CLI) and `starlingd` (`starlingd controller`,
 //! `starlingd engine`: what runs on a node).
 
+pub mod bootstrap;
 pub mod cli;
 pub mod client;
 pub mod controller;
 pub mod engine;
 pub mod home;
+pub mod node;
 pub mod proto;
 pub mod provider;
 pub mod spec;

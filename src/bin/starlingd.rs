@@ -1,11 +1,16 @@
 //! `starlingd`: what runs on a node. `starlingd controller --config FILE` serves the cluster;
-//! `starlingd engine --config FILE` hosts engines. Both log to stderr.
+//! `starlingd engine --config FILE` hosts engines; `starlingd stop --root DIR` stops a node's
+//! processes. Both daemons log to stderr, or with `--daemon` detach from the terminal (their
+//! own session, stderr to `--log`, pid to `--pid-file`) and return once they are ready — which
+//! is how bootstrap starts them over SSH.
 
-use std::io::Write;
+use std::io::{BufRead as _, Write};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde::de::DeserializeOwned;
 
 #[derive(Parser)]
@@ -21,12 +26,38 @@ enum Role {
     Controller {
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        daemon: Daemon,
     },
     /// Host engines and their kernels.
     Engine {
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        daemon: Daemon,
     },
+    /// Stop every process of the node whose directory is DIR (SIGTERM, then SIGKILL).
+    Stop {
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// Seconds to wait after SIGTERM before SIGKILL.
+        #[arg(long, default_value_t = 3)]
+        grace: u64,
+    },
+}
+
+#[derive(Args)]
+#[allow(clippy::struct_field_names)] // the flags are --daemon, --log, --pid-file
+struct Daemon {
+    /// Detach: run in a new session, log to --log, and return once ready.
+    #[arg(long, requires = "log")]
+    daemon: bool,
+    /// The log file (appended to) when detached.
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// Where to write the daemon's pid.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
 }
 
 fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
@@ -45,33 +76,115 @@ async fn shutdown_signal() {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
-    match cli.role {
-        Role::Controller { config } => {
+/// Says "ready" on stdout — to the terminal, or through the pipe to the parent that waits
+/// for it when detached — and then lets go of stdout.
+fn ready(line: &str, detached: bool) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    if detached {
+        if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+        }
+    }
+}
+
+async fn run(role: Role, detached: bool) -> Result<(), String> {
+    match role {
+        Role::Controller { config, .. } => {
             let config: starling::controller::ControllerConfig = read_config(&config)?;
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await
                 .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
-            let mut out = std::io::stdout();
-            let _ = writeln!(out, "listening {addr}");
-            let _ = out.flush();
+            ready(&format!("listening {addr}"), detached);
             starling::controller::run(listener, config, shutdown_signal())
                 .await
                 .map_err(|e| e.to_string())
         }
-        Role::Engine { config } => {
+        Role::Engine { config, .. } => {
             let config: starling::engine::EngineConfig = read_config(&config)?;
+            ready(&format!("started {}", std::process::id()), detached);
             tokio::select! {
                 r = starling::engine::run(config) => r.map_err(|e| e.to_string()),
                 () = shutdown_signal() => Ok(()),
             }
+        }
+        Role::Stop { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// Forks: the parent waits for the child's ready line (or its exit) and prints it; the child
+/// goes on in its own session with stdin from /dev/null and stderr to the log. Returns in the
+/// child only.
+fn detach(daemon: &Daemon) -> Result<(), ExitCode> {
+    let log_path = daemon.log.as_deref().expect("clap requires --log");
+    let fail = |msg: String| {
+        eprintln!("starlingd: {msg}");
+        ExitCode::FAILURE
+    };
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| fail(format!("cannot open the log {}: {e}", log_path.display())))?;
+    let (read, write): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe().map_err(|e| fail(format!("cannot make a pipe: {e}")))?;
+    // SAFETY: no thread has been started yet; the child goes on as a single-threaded process.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(fail(format!("cannot fork: {e}"))),
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {
+            drop(write);
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(std::fs::File::from(read)).read_line(&mut line);
+            if line.is_empty() {
+                let text = std::fs::read_to_string(log_path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Err(fail(format!(
+                    "the daemon exited before it was ready; last lines of {}:\n{}",
+                    log_path.display(),
+                    tail.join("\n")
+                )));
+            }
+            print!("{line}");
+            Err(ExitCode::SUCCESS)
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(read);
+            let _ = nix::unistd::setsid();
+            if let Ok(null) = std::fs::File::open("/dev/null") {
+                let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+            }
+            let _ = nix::unistd::dup2(write.as_raw_fd(), 1);
+            let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
+            Ok(())
         }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Role::Stop { root, grace } = &cli.role {
+        let n = starling::node::stop(root, Duration::from_secs(*grace));
+        println!("stopped {n}");
+        return ExitCode::SUCCESS;
+    }
+    let (Role::Controller { daemon, .. } | Role::Engine { daemon, .. }) = &cli.role else {
+        unreachable!("stop returned above");
+    };
+    let detached = daemon.daemon;
+    if detached {
+        if let Err(code) = detach(daemon) {
+            return code;
+        }
+    }
+    if let Some(pid_file) = &daemon.pid_file {
+        if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
+            eprintln!("starlingd: cannot write {}: {e}", pid_file.display());
+            return ExitCode::FAILURE;
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
@@ -86,7 +199,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli.role, detached)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -1,6 +1,7 @@
 //! The `starling` command line: clap commands and formatting, nothing more. Every command calls
 //! the library ([`crate::provider`], [`crate::client`]); `run` can be called from tests.
 
+mod nodes;
 mod output;
 
 use std::io::Read as _;
@@ -44,6 +45,15 @@ pub struct Global {
     /// Log more (repeat for even more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// EC2 region, for clusters this machine did not start (default: AWS_REGION).
+    #[arg(long, global = true, value_name = "REGION")]
+    pub region: Option<String>,
+    /// EC2 endpoint, e.g. LocalStack's (default: AWS_ENDPOINT_URL, else AWS).
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// The SSH key to log in to nodes with (default: the spec's `ssh.key_file`).
+    #[arg(short = 'i', long, global = true, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,8 +70,8 @@ pub enum Command {
     Init(InitArgs),
     /// Start a cluster and wait until every engine has registered.
     Up(UpArgs),
-    /// Stop a cluster: controller, engines and kernels; nothing of it remains.
-    Down,
+    /// Take a cluster down: processes, and on EC2 its instances, security group and key pair.
+    Down(NameArgs),
     /// The ids of the registered engines.
     Ids,
     /// Run code on engines, like %px: Python by default, shell with --sh.
@@ -78,10 +88,102 @@ pub enum Command {
     Scatter(ScatterArgs),
     /// Concatenate the lists named NAME on the engines, in engine order.
     Gather(GatherArgs),
-    /// Engines (id, host, pid, state, tasks done) and the queue.
-    Status,
-    /// The clusters this machine knows.
+    /// Nodes (instances or hosts), engines (id, host, pid, state, tasks done) and the queue.
+    Status(NameArgs),
+    /// Every cluster this machine knows, and every EC2 cluster in the region.
     List,
+    /// Log in to a node (the master by default), or run a command there: `ssh NAME node001 -- uptime`.
+    Ssh(SshArgs),
+    /// Run a shell command on every node at once; output prefixed by node.
+    Exec(ExecArgs),
+    /// Copy a local file to every node (or those named with --node).
+    Put(PutArgs),
+    /// Copy a file from a node (the master by default) to this machine.
+    Get(GetArgs),
+    /// Launch K more nodes and bootstrap their engines into the running cluster (EC2).
+    AddNode(AddNodeArgs),
+    /// Stop a node's engines and terminate its instance (EC2).
+    RemoveNode(RemoveNodeArgs),
+    /// Stop the cluster's instances; their disks stay, `start` resumes them (EC2, EBS-backed).
+    Stop(ClusterArg),
+    /// Start a stopped cluster again: instances, controller and engines (EC2).
+    Start(ClusterArg),
+    /// Fetch a cluster's connection file from its master over SSH (for a teammate).
+    Connect(ClusterArg),
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// The cluster (default: --cluster, STARLING_CLUSTER, or the only one there is).
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterArg {
+    /// The cluster.
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    pub name: String,
+    /// The node (default: master).
+    pub node: Option<String>,
+    /// A command to run instead of a login shell (after `--`).
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    pub name: String,
+    /// The shell command.
+    pub command: String,
+    /// Only these nodes (repeatable).
+    #[arg(long = "node", value_name = "NODE")]
+    pub nodes: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    pub name: String,
+    /// A local file.
+    pub src: PathBuf,
+    /// Where it goes on the nodes (relative to the login user's home; a directory keeps the name).
+    pub dest: String,
+    /// Only these nodes (repeatable; default: every node).
+    #[arg(long = "node", value_name = "NODE")]
+    pub nodes: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    pub name: String,
+    /// The file on the node (relative to the login user's home).
+    pub src: String,
+    /// Where to write it here (a directory keeps the name).
+    pub dest: PathBuf,
+    /// The node (default: master).
+    #[arg(long, default_value = "master")]
+    pub node: String,
+}
+
+#[derive(Debug, Args)]
+pub struct AddNodeArgs {
+    pub name: String,
+    /// How many nodes to add.
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    pub count: u32,
+    /// The cluster's spec, when this machine did not start it.
+    #[arg(short = 'f', long = "file", value_name = "SPEC")]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoveNodeArgs {
+    pub name: String,
+    /// The node, e.g. node002.
+    pub node: String,
 }
 
 #[derive(Debug, Args)]
@@ -254,7 +356,7 @@ async fn dispatch(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Up(args) => up(g, args).await,
-        Command::Down => down(g).await,
+        Command::Down(args) => down(g, args).await,
         Command::Ids => {
             let client = connect(g).await?;
             let ids = client.ids().await?;
@@ -306,17 +408,65 @@ async fn dispatch(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Result(args) => result(g, args).await,
-        Command::Status => {
-            let client = connect(g).await?;
-            output::status(g.output, &client.status().await?);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status(args) => status(g, args).await,
         Command::List => {
-            let clusters = LocalProvider::new().list().await?;
+            let clusters = provider::list(&hints(g)).await?;
             output::clusters(g.output, &clusters);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Ssh(args) => nodes::ssh(g, args).await,
+        Command::Exec(args) => nodes::exec(g, args).await,
+        Command::Put(args) => nodes::put(g, args).await,
+        Command::Get(args) => nodes::get(g, args).await,
+        Command::AddNode(args) => nodes::add_node(g, args).await,
+        Command::RemoveNode(args) => nodes::remove_node(g, args).await,
+        Command::Stop(args) => nodes::stop(g, args).await,
+        Command::Start(args) => nodes::start(g, args).await,
+        Command::Connect(args) => nodes::connect(g, args).await,
     }
+}
+
+fn hints(g: &Global) -> provider::Hints {
+    provider::Hints {
+        region: g.region.clone(),
+        endpoint_url: g.endpoint_url.clone(),
+        key_file: g.key_file.clone(),
+    }
+}
+
+/// The cluster a command is about: its argument, --cluster, or the connection file's.
+fn cluster_name(g: &Global, name: Option<&String>) -> Result<String> {
+    if let Some(n) = name.or(g.cluster.as_ref()) {
+        home::check_name("cluster", n).map_err(anyhow::Error::msg)?;
+        return Ok(n.clone());
+    }
+    let path = connection_file(g)?;
+    Ok(connection::ConnectionInfo::load(&path)?.cluster)
+}
+
+async fn status(g: &Global, args: &NameArgs) -> Result<ExitCode> {
+    let name = match (&args.name, &g.connection) {
+        (None, Some(_)) => None,
+        _ => Some(cluster_name(g, args.name.as_ref())?),
+    };
+    // Nodes, for clusters on other machines (EC2 from the tags, so without a connection file too).
+    if let Some(name) = &name {
+        if provider::remote::Record::load(name).is_some() || g.region.is_some() {
+            let cluster = provider::open(name, &hints(g)).await?;
+            let nodes = match &cluster.api {
+                Some(api) => output::NodeRows::Ec2(api.instances(Some(name)).await?),
+                None => output::NodeRows::Hosts(cluster.nodes().await?),
+            };
+            output::nodes(g.output, &nodes);
+        }
+    }
+    let path = match &name {
+        Some(n) if g.connection.is_none() => connection::find(Some(n), None)?,
+        _ => connection_file(g)?,
+    };
+    let client = Client::connect(path).await?;
+    output::status(g.output, &client.status().await?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn connection_file(g: &Global) -> Result<PathBuf, ClientError> {
@@ -348,27 +498,56 @@ async fn up(g: &Global, args: &UpArgs) -> Result<ExitCode> {
         }
         spec.engines_per_node = spec::Count::N(n);
     }
-    let launched = provider::up(&spec).await?;
+    let progress = crate::bootstrap::Progress::new();
+    let launched = tokio::select! {
+        r = provider::up(&spec, &progress) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            let name = &spec.name;
+            let what = match spec.provider {
+                spec::ProviderKind::Local => {
+                    let _ = LocalProvider::new().terminate(name).await;
+                    eprintln!("interrupted: everything `up` had started was stopped again");
+                    return Ok(ExitCode::from(130));
+                }
+                spec::ProviderKind::Ec2 => match provider::ec2::api_for(&spec).await {
+                    Ok(api) => api.resources(name).await.map_or_else(|e| format!("unknown ({e})"), |r| r.describe()),
+                    Err(e) => format!("unknown ({e})"),
+                },
+                spec::ProviderKind::Ssh => format!(
+                    "starlingd may run, and files may be, on {}",
+                    spec.hosts.iter().map(|h| h.host.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            };
+            eprintln!("interrupted: what exists of cluster '{name}' now: {what}\n`starling down {name}` removes it");
+            return Ok(ExitCode::from(130));
+        }
+    };
     output::launched(g.output, &launched);
     Ok(ExitCode::SUCCESS)
 }
 
-async fn down(g: &Global) -> Result<ExitCode> {
-    let path = connection_file(g)?;
-    let info = connection::ConnectionInfo::load(&path)?;
-    let name = g.cluster.clone().unwrap_or_else(|| info.cluster.clone());
-    // A connection file from elsewhere (a teammate's cluster with the same name) must not
-    // take down the cluster of that name this machine started.
-    let ours = home::connection_path(&name);
-    let same = connection::ConnectionInfo::load(&ours)
-        .is_ok_and(|o| o.controller == info.controller && o.certificate == info.certificate);
-    if !same {
-        bail!(
-            "{} is not the connection file of a cluster started from this machine, so `down` will not stop it; whoever started it takes it down",
-            path.display()
-        );
-    }
-    let t = LocalProvider::new().terminate(&name).await?;
+async fn down(g: &Global, args: &NameArgs) -> Result<ExitCode> {
+    let name = match (&args.name, &g.connection) {
+        (None, Some(path)) => {
+            let info = connection::ConnectionInfo::load(path)?;
+            let name = g.cluster.clone().unwrap_or_else(|| info.cluster.clone());
+            // A connection file from elsewhere (a teammate's cluster with the same name) must
+            // not take down the cluster of that name this machine started.
+            let ours = home::connection_path(&name);
+            let same = connection::ConnectionInfo::load(&ours).is_ok_and(|o| {
+                o.controller == info.controller && o.certificate == info.certificate
+            });
+            if !same {
+                bail!(
+                    "{} is not the connection file of a cluster started from this machine, so `down` will not stop it; name the cluster to take down (`starling down NAME`)",
+                    path.display()
+                );
+            }
+            name
+        }
+        _ => cluster_name(g, args.name.as_ref())?,
+    };
+    let t = provider::down(&name, &hints(g)).await?;
     output::terminated(g.output, &t);
     Ok(ExitCode::SUCCESS)
 }

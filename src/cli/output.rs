@@ -6,11 +6,12 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use super::Format;
+use crate::bootstrap::{NodeReport, NodeTarget};
 use crate::client::{AsyncResult, ClientError};
 use crate::proto::{
     format_ids, ClusterStatus, EngineId, JobId, Outcome, RemoteError, TaskResult, Value,
 };
-use crate::provider::{ClusterSummary, Launched, Terminated};
+use crate::provider::{ec2::Instance, ClusterSummary, Launched, Terminated};
 
 fn print_json(v: &Json) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
@@ -72,6 +73,7 @@ pub fn launched(f: Format, l: &Launched) {
                 "seconds": l.elapsed.as_secs_f64(),
                 "connection": l.connection,
                 "notes": l.notes,
+                "nodes": l.nodes,
             }),
         ),
     }
@@ -79,19 +81,144 @@ pub fn launched(f: Format, l: &Launched) {
 
 pub fn terminated(f: Format, t: &Terminated) {
     match f {
-        Format::Text if t.was_dead => println!(
-            "cluster '{}' was not running (its processes had already exited); removed its files",
-            t.cluster
-        ),
-        Format::Text => println!(
-            "cluster '{}' is down: stopped {} processes; nothing of it remains",
-            t.cluster, t.stopped
-        ),
+        Format::Text => {
+            for n in &t.notes {
+                eprintln!("note: {n}");
+            }
+            if !t.removed.is_empty() {
+                println!(
+                    "cluster '{}' is down: removed {}; nothing of it remains",
+                    t.cluster,
+                    t.removed.join("; ")
+                );
+            } else if t.was_dead {
+                println!(
+                    "cluster '{}' was not running (nothing of it was left); removed its files",
+                    t.cluster
+                );
+            } else {
+                println!(
+                    "cluster '{}' is down: stopped {} processes; nothing of it remains",
+                    t.cluster, t.stopped
+                );
+            }
+        }
         _ => print_doc(
             f,
-            &json!({"cluster": t.cluster, "stopped": t.stopped, "was_running": !t.was_dead}),
+            &json!({"cluster": t.cluster, "stopped": t.stopped, "was_running": !t.was_dead,
+                    "removed": t.removed, "notes": t.notes}),
         ),
     }
+}
+
+/// A one-line result of a command, or its JSON.
+pub fn message(f: Format, text: &str, doc: &Json) {
+    match f {
+        Format::Text => println!("{text}"),
+        _ => print_doc(f, doc),
+    }
+}
+
+/// The machines of a cluster, for `status`.
+pub enum NodeRows {
+    Ec2(Vec<Instance>),
+    Hosts(Vec<NodeTarget>),
+}
+
+pub fn nodes(f: Format, rows: &NodeRows) {
+    match (f, rows) {
+        (Format::Text, NodeRows::Ec2(list)) => {
+            println!(
+                "{:<8}  {:<20}  {:<12}  {:<9}  {:<15}  {:<15}",
+                "node", "instance", "type", "state", "private", "public"
+            );
+            for i in list {
+                println!(
+                    "{:<8}  {:<20}  {:<12}  {:<9}  {:<15}  {:<15}",
+                    i.node,
+                    i.id,
+                    i.instance_type,
+                    i.state,
+                    i.private_ip.as_deref().unwrap_or("-"),
+                    i.public_ip.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        (Format::Text, NodeRows::Hosts(list)) => {
+            println!("{:<8}  {:<24}  {:<10}", "node", "host", "user");
+            for n in list {
+                println!(
+                    "{:<8}  {:<24}  {:<10}",
+                    n.name,
+                    format!("{}:{}", n.ssh_host, n.port),
+                    n.user
+                );
+            }
+        }
+        (_, NodeRows::Ec2(list)) => print_doc(f, &json!({"nodes": list})),
+        (_, NodeRows::Hosts(list)) => print_doc(
+            f,
+            &json!({"nodes": list.iter().map(|n| json!({"node": n.name, "host": n.ssh_host, "port": n.port, "user": n.user})).collect::<Vec<_>>()}),
+        ),
+    }
+}
+
+/// Output of a command run on several nodes, prefixed by node. Returns whether any failed.
+pub fn per_node(f: Format, results: &[(NodeTarget, Result<String, String>)]) -> bool {
+    let failed = results.iter().any(|(_, r)| r.is_err());
+    match f {
+        Format::Text => {
+            for (node, r) in results {
+                match r {
+                    Ok(out) => {
+                        for line in out.lines() {
+                            println!("{}: {line}", node.name);
+                        }
+                    }
+                    Err(e) => {
+                        for line in e.lines() {
+                            eprintln!("{}: {line}", node.name);
+                        }
+                    }
+                }
+            }
+        }
+        _ => print_doc(
+            f,
+            &json!(results
+                .iter()
+                .map(|(n, r)| match r {
+                    Ok(out) =>
+                        json!({"node": n.name, "host": n.ssh_host, "ok": true, "output": out}),
+                    Err(e) => json!({"node": n.name, "host": n.ssh_host, "ok": false, "error": e}),
+                })
+                .collect::<Vec<_>>()),
+        ),
+    }
+    failed
+}
+
+pub fn fetched(f: Format, node: &str, src: &str, dest: &std::path::Path, bytes: usize) {
+    message(
+        f,
+        &format!("{node}:{src} -> {} ({bytes} bytes)", dest.display()),
+        &json!({"node": node, "src": src, "dest": dest, "bytes": bytes}),
+    );
+}
+
+pub fn added(f: Format, reports: &[NodeReport], ids: &[EngineId], elapsed: Duration) {
+    let names: Vec<&str> = reports.iter().map(|r| r.node.as_str()).collect();
+    let new: u32 = reports.iter().map(|r| r.engines).sum();
+    message(
+        f,
+        &format!(
+            "added {} ({new} engines) in {:.1} s; the cluster has {} engines",
+            names.join(", "),
+            elapsed.as_secs_f64(),
+            ids.len()
+        ),
+        &json!({"nodes": reports, "engines": ids, "seconds": elapsed.as_secs_f64()}),
+    );
 }
 
 pub fn submitted(f: Format, job: JobId, engines: &[EngineId]) {
@@ -225,21 +352,34 @@ pub fn clusters(f: Format, clusters: &[ClusterSummary]) {
         }
         Format::Text => {
             println!(
-                "{:<20}  {:<8}  {:<8}  {:<22}  {:>7}",
-                "name", "provider", "state", "controller", "engine processes"
+                "{:<20}  {:<8}  {:<10}  {:<9}  {:>5}  {:<12}  {:>6}  {:>7}  controller",
+                "name", "provider", "region", "state", "nodes", "types", "age", "engines"
             );
             for c in clusters {
                 println!(
-                    "{:<20}  {:<8}  {:<8}  {:<22}  {:>7}",
+                    "{:<20}  {:<8}  {:<10}  {:<9}  {:>5}  {:<12}  {:>6}  {:>7}  {}",
                     c.name,
                     c.provider.to_string(),
+                    c.region.as_deref().unwrap_or("-"),
                     c.state,
+                    c.nodes,
+                    if c.types.is_empty() { "-" } else { &c.types },
+                    c.age_s.map_or_else(|| "-".into(), age),
+                    c.engines.map_or_else(|| "-".into(), |e| e.to_string()),
                     c.controller,
-                    c.engine_processes
                 );
             }
         }
         _ => print_doc(f, &json!(clusters)),
+    }
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
     }
 }
 

@@ -6,7 +6,7 @@
 //! pids in `~/.starling/clusters/<cluster>/local.json`, writes the connection file, and waits
 //! for every engine to register. `terminate` asks the controller to stop, waits for the
 //! processes to exit, and kills whatever of theirs remains, by pid: every process of a local
-//! cluster carries [`MARK_VAR`] in its environment, so none is missed and no stranger is hit.
+//! cluster carries [`MARK_VAR`](crate::node::MARK_VAR) in its environment, so none is missed and no stranger is hit.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ use crate::client::Client;
 use crate::controller::ControllerConfig;
 use crate::engine::EngineConfig;
 use crate::home;
+use crate::node::{self, our_processes, MARK_VAR};
 use crate::proto::auth::Key;
 use crate::proto::tls::ClusterCert;
 use crate::spec::{ClusterSpec, ProviderKind};
@@ -58,37 +59,6 @@ fn state_path(cluster: &str) -> PathBuf {
 fn load_state(cluster: &str) -> Option<LocalState> {
     let text = std::fs::read_to_string(state_path(cluster)).ok()?;
     serde_json::from_str(&text).ok()
-}
-
-/// The environment variable that marks every process of a local cluster — the daemons, and
-/// through inheritance their kernels and shell tasks — with the cluster's node root.
-pub const MARK_VAR: &str = "STARLING_NODE_ROOT";
-
-/// The live processes of the cluster whose node root is `node_root`, found by the mark in their
-/// environment; a reused pid is never mistaken for ours.
-pub fn our_processes(node_root: &Path) -> Vec<u32> {
-    let mark = format!("{MARK_VAR}={}", node_root.display());
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == mark.as_bytes()))
-        })
-        .filter(|pid| !is_zombie(*pid))
-        .collect()
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-        s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -288,6 +258,7 @@ impl Provider for LocalProvider {
                 engines: ids,
                 elapsed: started.elapsed(),
                 notes,
+                nodes: Vec::new(),
             }),
             Err(e) => {
                 let log = format!(
@@ -326,26 +297,15 @@ impl Provider for LocalProvider {
                 tokio::time::sleep(EXIT_POLL).await;
             }
             // Whatever is left — a hung daemon, a kernel stuck in C code — is killed by pid.
-            let deadline = Instant::now() + STOP_GRACE;
-            loop {
-                let left = our_processes(&state.node_root);
-                if left.is_empty() || Instant::now() >= deadline {
-                    break;
-                }
-                for pid in left {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                tokio::time::sleep(EXIT_POLL).await;
-            }
+            node::kill_all(&state.node_root, STOP_GRACE).await;
         }
         remove_files(&state);
         Ok(Terminated {
             cluster: cluster.to_string(),
             stopped: live.len(),
             was_dead: live.is_empty(),
+            removed: Vec::new(),
+            notes: Vec::new(),
         })
     }
 
@@ -361,13 +321,17 @@ impl Provider for LocalProvider {
             out.push(ClusterSummary {
                 name,
                 provider: ProviderKind::Local,
+                region: None,
                 state: if running { "running" } else { "stopped" }.into(),
-                controller: info.map(|i| i.controller).unwrap_or_default(),
-                engine_processes: state
+                nodes: state
                     .engine_pids
                     .iter()
                     .filter(|p| live.contains(p))
                     .count(),
+                types: String::new(),
+                age_s: None,
+                controller: info.map(|i| i.controller).unwrap_or_default(),
+                engines: None,
             });
         }
         Ok(out)

@@ -1,17 +1,25 @@
 //! Providers: where a cluster's nodes come from.
 //!
-//! A [`Provider`] launches, lists and terminates the nodes of a named cluster. This release
-//! has the `local` provider ([`local`]: processes on this machine, the default); `ec2` and
-//! `ssh` are specified in the spec but not built yet, and say so.
+//! Three kinds: [`local`] (processes on this machine, the default), [`ec2`] (EC2 instances,
+//! or LocalStack's) and [`ssh`] (hosts listed in the spec). The last two share [`remote`]:
+//! starting a cluster on SSH-reachable nodes through [`crate::bootstrap`], and the commands
+//! that act on its nodes. [`open`] finds a cluster by name — from this machine's record of it,
+//! or for EC2 from the instances' tags — for every command after `up`.
 
+pub mod ec2;
 pub mod local;
+pub mod remote;
+pub mod ssh;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::bootstrap::{Login, NodeFailure, NodeReport, NodeTarget, Progress};
 use crate::client::ClientError;
+use crate::home;
 use crate::proto::EngineId;
 use crate::spec::{ClusterSpec, ProviderKind};
+use remote::Record;
 
 /// A cluster that came up.
 #[derive(Debug, Clone)]
@@ -23,6 +31,8 @@ pub struct Launched {
     pub elapsed: Duration,
     /// A note for the user, e.g. that a dead cluster of the same name was cleaned up first.
     pub notes: Vec<String>,
+    /// How each node's bootstrap went (clusters on other machines).
+    pub nodes: Vec<NodeReport>,
 }
 
 /// A cluster that was taken down.
@@ -33,6 +43,10 @@ pub struct Terminated {
     pub stopped: usize,
     /// Whether its processes had already exited before `down`.
     pub was_dead: bool,
+    /// What was removed besides processes (instances, security group, key pair).
+    pub removed: Vec<String>,
+    /// Warnings: what could not be done and did not need to be.
+    pub notes: Vec<String>,
 }
 
 /// One line of `starling list`.
@@ -40,9 +54,18 @@ pub struct Terminated {
 pub struct ClusterSummary {
     pub name: String,
     pub provider: ProviderKind,
+    /// The EC2 region.
+    pub region: Option<String>,
     pub state: String,
+    /// Machines (instances, hosts) or node processes.
+    pub nodes: usize,
+    /// Instance types.
+    pub types: String,
+    /// Seconds since the oldest instance was launched.
+    pub age_s: Option<u64>,
     pub controller: String,
-    pub engine_processes: usize,
+    /// Registered engines, when the controller answers.
+    pub engines: Option<usize>,
 }
 
 /// Errors of providers.
@@ -66,10 +89,22 @@ pub enum ProviderError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("the {0} provider is not available in this release; use `provider: local`")]
-    NotBuilt(ProviderKind),
     #[error("{0}")]
     Invalid(String),
+    /// An EC2 call failed; the message says what starling was doing and what to do.
+    #[error("{0}")]
+    Cloud(String),
+    #[error("{0}")]
+    Ssh(String),
+    #[error("bootstrap failed on {} node(s):\n{}", .0.len(), .0.iter().map(|f| format!("  {f}")).collect::<Vec<_>>().join("\n"))]
+    Bootstrap(Vec<NodeFailure>),
+    /// `up` failed after creating things: what exists, and how to remove it.
+    #[error("{error}\nwhat exists of cluster '{cluster}' now: {exists}\n`starling down {cluster}` removes it")]
+    Partial {
+        cluster: String,
+        error: Box<ProviderError>,
+        exists: String,
+    },
 }
 
 /// What every provider does.
@@ -108,9 +143,180 @@ pub fn daemon_path() -> Result<PathBuf, ProviderError> {
 }
 
 /// Brings a cluster up with the provider its spec names.
-pub async fn up(spec: &ClusterSpec) -> Result<Launched, ProviderError> {
+pub async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, ProviderError> {
     match spec.provider {
         ProviderKind::Local => local::LocalProvider::new().launch(spec).await,
-        other => Err(ProviderError::NotBuilt(other)),
+        ProviderKind::Ec2 => ec2::up(spec, progress).await,
+        ProviderKind::Ssh => ssh::up(spec, progress).await,
     }
+}
+
+/// What a caller knows about a cluster that this machine has no record of (a teammate's):
+/// the region and endpoint to find it in by its tags, and a key to log in with.
+#[derive(Debug, Clone, Default)]
+pub struct Hints {
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// A cluster on other machines, found by name.
+pub struct Cluster {
+    pub name: String,
+    pub provider: ProviderKind,
+    /// This machine's record (the spec it was started from), if it has one.
+    pub record: Option<Record>,
+    /// The EC2 API of its region (provider ec2).
+    pub api: Option<ec2::Ec2>,
+    pub hints: Hints,
+}
+
+impl Cluster {
+    /// How to log in, waiting at most `timeout` for a node.
+    pub fn login(&self, timeout: Duration) -> Login {
+        ec2::login_for(
+            &self.name,
+            self.record.as_ref(),
+            self.hints.key_file.as_deref(),
+            timeout,
+        )
+    }
+
+    /// Its nodes, the master first (EC2: the running instances).
+    pub async fn nodes(&self) -> Result<Vec<NodeTarget>, ProviderError> {
+        match (&self.api, &self.record) {
+            (Some(api), record) => {
+                let instances: Vec<ec2::Instance> = api
+                    .instances(Some(&self.name))
+                    .await?
+                    .into_iter()
+                    .filter(|i| i.state == "running")
+                    .collect();
+                if instances.is_empty() {
+                    return Err(ProviderError::NoSuchCluster(self.name.clone()));
+                }
+                let (private, port, user) = ec2::reach(record.as_ref());
+                ec2::targets(&instances, private, port, &user)
+            }
+            (None, Some(r)) => Ok(remote::ssh_nodes(&r.spec)),
+            (None, None) => Err(ProviderError::NoSuchCluster(self.name.clone())),
+        }
+    }
+
+    /// The spec the cluster was started from (needed to add nodes or start it again).
+    pub fn spec(&self, action: &str) -> Result<&ClusterSpec, ProviderError> {
+        self.record.as_ref().map(|r| &r.spec).ok_or_else(|| {
+            ProviderError::Invalid(format!(
+                "{action} needs the cluster's spec, and this machine did not start '{}'; pass it with -f SPEC",
+                self.name
+            ))
+        })
+    }
+}
+
+/// The region to look for a cluster in: the hint, or AWS_REGION / AWS_DEFAULT_REGION.
+fn region_hint(hints: &Hints) -> Option<String> {
+    hints.region.clone().or_else(|| {
+        ["AWS_REGION", "AWS_DEFAULT_REGION"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+    })
+}
+
+/// Finds a cluster on other machines by name: this machine's record of it, or (with a region)
+/// its EC2 tags.
+pub async fn open(name: &str, hints: &Hints) -> Result<Cluster, ProviderError> {
+    home::check_name("cluster", name).map_err(ProviderError::Invalid)?;
+    if let Some(record) = Record::load(name) {
+        let api = match record.provider {
+            ProviderKind::Ec2 => Some(ec2::api_for(&record.spec).await?),
+            _ => None,
+        };
+        return Ok(Cluster {
+            name: name.to_string(),
+            provider: record.provider,
+            record: Some(record),
+            api,
+            hints: hints.clone(),
+        });
+    }
+    if local_state_exists(name) {
+        return Err(ProviderError::Invalid(format!(
+            "'{name}' is a local cluster: it has no nodes to reach over SSH"
+        )));
+    }
+    let Some(region) = region_hint(hints) else {
+        return Err(ProviderError::Invalid(format!(
+            "this machine has no record of cluster '{name}'; for a teammate's EC2 cluster pass --region (or set AWS_REGION), and --key-file to log in"
+        )));
+    };
+    let api = ec2::Ec2::connect(&region, hints.endpoint_url.as_deref()).await;
+    if api.instances(Some(name)).await?.is_empty() && api.resources(name).await?.is_empty() {
+        return Err(ProviderError::Invalid(format!(
+            "there is no cluster '{name}' in {region}, and this machine has no record of one by that name; `starling list` shows the clusters there are"
+        )));
+    }
+    Ok(Cluster {
+        name: name.to_string(),
+        provider: ProviderKind::Ec2,
+        record: None,
+        api: Some(api),
+        hints: hints.clone(),
+    })
+}
+
+fn local_state_exists(name: &str) -> bool {
+    home::cluster_dir(name).join("local.json").exists()
+}
+
+/// Takes a cluster down with whichever provider it belongs to; idempotent.
+pub async fn down(name: &str, hints: &Hints) -> Result<Terminated, ProviderError> {
+    if local_state_exists(name) {
+        return local::LocalProvider::new().terminate(name).await;
+    }
+    let cluster = open(name, hints).await?;
+    match (&cluster.api, &cluster.record) {
+        (Some(api), record) => {
+            let login = cluster.login(remote::QUICK_LOGIN);
+            ec2::down(api, name, &login, record.as_ref()).await
+        }
+        (None, Some(record)) => ssh::down(record).await,
+        (None, None) => Err(ProviderError::NoSuchCluster(name.to_string())),
+    }
+}
+
+/// Every cluster this machine knows, and every EC2 cluster in the regions it knows of (the
+/// hint, AWS_REGION, and the regions of the EC2 clusters it started).
+pub async fn list(hints: &Hints) -> Result<Vec<ClusterSummary>, ProviderError> {
+    let mut out = local::LocalProvider::new().list().await?;
+    let mut regions: Vec<(String, Option<String>)> = Vec::new();
+    if let Some(r) = region_hint(hints) {
+        regions.push((r, hints.endpoint_url.clone()));
+    }
+    for name in crate::client::connection::known_clusters() {
+        if let Some(record) = Record::load(&name) {
+            match (&record.provider, &record.spec.ec2) {
+                (ProviderKind::Ec2, Some(e)) => {
+                    let key = (
+                        e.region.as_str().to_string(),
+                        e.endpoint_url.as_ref().map(|u| u.as_str().to_string()),
+                    );
+                    if !regions.contains(&key) {
+                        regions.push(key);
+                    }
+                }
+                (ProviderKind::Ssh, _) => out.push(ssh::summary(&record).await),
+                _ => {}
+            }
+        }
+    }
+    for (region, endpoint) in regions {
+        let api = ec2::Ec2::connect(&region, endpoint.as_deref()).await;
+        for c in ec2::list(&api).await? {
+            if !out.iter().any(|o| o.name == c.name) {
+                out.push(c);
+            }
+        }
+    }
+    Ok(out)
 }

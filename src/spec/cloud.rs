@@ -45,6 +45,8 @@ pub struct SshFile {
     /// key pair.
     pub key_file: Option<PathBuf>,
     pub port: Option<u16>,
+    /// How long to keep trying to log in to a node (sshd starting, key not yet installed).
+    pub timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +54,7 @@ pub struct SshAccessSpec {
     pub user: UserName,
     pub key_file: Option<PathBuf>,
     pub port: u16,
+    pub timeout_s: u64,
 }
 
 /// Where the instances live and who may reach them.

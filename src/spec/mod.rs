@@ -305,6 +305,7 @@ fn ssh_access(file: SshFile, defaults: SshFile) -> SshAccessSpec {
             .unwrap_or_else(|| UserName::new("ubuntu").expect("a valid user name")),
         key_file: file.key_file.or(defaults.key_file),
         port: file.port.or(defaults.port).unwrap_or(22),
+        timeout_s: file.timeout_s.or(defaults.timeout_s).unwrap_or(300),
     }
 }
 

@@ -124,7 +124,7 @@ impl Cluster {
     /// Live processes of this cluster (daemons, kernels), found by the mark in their
     /// environment.
     pub fn processes(&self) -> Vec<u32> {
-        starling::provider::local::our_processes(&self.node_root())
+        starling::node::our_processes(&self.node_root())
     }
 
     /// Pid of the engine process (`starlingd engine`).

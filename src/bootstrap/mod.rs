@@ -1,0 +1,606 @@
+//! Bootstrap: turn machines reachable by SSH into a running cluster.
+//!
+//! For every node, concurrently (at most [`PARALLEL`] at once) and each as soon as it answers:
+//! log in (retrying until the login deadline), detect its architecture, home and cores, upload
+//! `starlingd` (skipped when the checksum already matches), run the spec's setup commands, copy
+//! its files, check Python, write the config and secrets (mode 0600), then start the
+//! controller (on the master) and the node's engines. Everything a node holds lives under
+//! `~/.starling/node/<cluster>/<node>/` on it, and every process started there carries that
+//! directory in [`MARK_VAR`](crate::node::MARK_VAR), so `starlingd stop --root` finds them all.
+//! The caller then waits for the engines to register.
+
+pub mod ssh;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::watch;
+
+pub use ssh::{Login, NodeTarget, Remote};
+
+use crate::controller::ControllerConfig;
+use crate::engine::{shell_quote, EngineConfig};
+use crate::node::MARK_VAR;
+use crate::spec::{ClusterSpec, Count};
+
+/// Nodes bootstrapped at once.
+pub const PARALLEL: usize = 32;
+
+/// A node's directory, relative to the login user's home.
+pub fn node_dir(cluster: &str, node: &str) -> String {
+    format!(".starling/node/{cluster}/{node}")
+}
+
+/// The secrets and addresses engines need to join a cluster.
+#[derive(Debug, Clone)]
+pub struct Join {
+    /// `host:port` of the controller as the nodes reach it.
+    pub controller: String,
+    pub cert_pem: String,
+    pub engine_key: crate::proto::auth::Key,
+    pub max_frame: usize,
+}
+
+/// What to start on the master, besides its engines.
+#[derive(Debug, Clone)]
+pub struct MasterRole {
+    /// The controller's config (its `listen` is set from the master's private address).
+    pub controller: ControllerConfig,
+    /// The connection file, kept on the master for `starling connect`.
+    pub connection: Vec<u8>,
+}
+
+/// What bootstrap needs to know besides the nodes.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub cluster: String,
+    pub spec: ClusterSpec,
+    pub login: Login,
+    /// The local `starlingd` to upload.
+    pub daemon: PathBuf,
+    pub join: Join,
+    /// `Some` when the first node given is the master and starts the controller.
+    pub master: Option<MasterRole>,
+}
+
+/// How one node's bootstrap went.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeReport {
+    pub node: String,
+    pub address: String,
+    pub engines: u32,
+    /// Whether `starlingd` had to be uploaded (false: the checksum matched).
+    pub uploaded: bool,
+    pub seconds: f64,
+}
+
+/// A node that failed, at which step, and why.
+#[derive(Debug, Clone)]
+pub struct NodeFailure {
+    pub node: String,
+    pub address: String,
+    pub step: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for NodeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}: {}",
+            self.node, self.address, self.step, self.message
+        )
+    }
+}
+
+/// Live progress, one line per node: a spinner on a terminal, plain lines otherwise.
+#[derive(Clone)]
+pub struct Progress {
+    multi: Option<MultiProgress>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        use std::io::IsTerminal as _;
+        Self {
+            multi: std::io::stderr()
+                .is_terminal()
+                .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
+        }
+    }
+
+    /// A line above the bars (or on stderr).
+    pub fn say(&self, line: &str) {
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn node(&self, name: &str) -> NodeBar {
+        let bar = self.multi.as_ref().map(|m| {
+            let bar = m.add(ProgressBar::new_spinner());
+            bar.set_style(
+                ProgressStyle::with_template("  {spinner} {prefix:<8} {elapsed:>4} {msg}")
+                    .expect("a valid template"),
+            );
+            bar.set_prefix(name.to_string());
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        NodeBar {
+            bar,
+            progress: self.clone(),
+        }
+    }
+}
+
+struct NodeBar {
+    bar: Option<ProgressBar>,
+    progress: Progress,
+}
+
+impl NodeBar {
+    fn step(&self, msg: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(msg.to_string());
+        }
+    }
+
+    fn finish(&self, line: String) {
+        match &self.bar {
+            Some(b) => b.finish_with_message(line),
+            None => self.progress.say(&format!("  {line}")),
+        }
+    }
+}
+
+/// The state of the controller, as the nodes waiting to start their engines see it.
+type ControllerState = Option<Result<(), String>>;
+
+struct Shared {
+    plan: Plan,
+    daemon: Vec<u8>,
+    daemon_sha: String,
+    controller: watch::Sender<ControllerState>,
+    progress: Progress,
+}
+
+/// Bootstraps `nodes` (the master first when `plan.master` is set). Returns every node's
+/// report, or every failure.
+pub async fn run(
+    plan: Plan,
+    nodes: Vec<NodeTarget>,
+    progress: &Progress,
+) -> Result<Vec<NodeReport>, Vec<NodeFailure>> {
+    let daemon = match std::fs::read(&plan.daemon) {
+        Ok(d) => d,
+        Err(e) => {
+            return Err(vec![NodeFailure {
+                node: "this machine".into(),
+                address: "local".into(),
+                step: "reading starlingd".into(),
+                message: format!("cannot read {}: {e}", plan.daemon.display()),
+            }])
+        }
+    };
+    let daemon_sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &daemon));
+    let initial = if plan.master.is_some() {
+        None
+    } else {
+        Some(Ok(()))
+    };
+    let (tx, _) = watch::channel(initial);
+    let shared = Arc::new(Shared {
+        plan,
+        daemon,
+        daemon_sha,
+        controller: tx,
+        progress: progress.clone(),
+    });
+    let has_master = shared.plan.master.is_some();
+    let results: Vec<Result<NodeReport, NodeFailure>> =
+        futures::stream::iter(nodes.into_iter().enumerate().map(|(i, node)| {
+            let shared = shared.clone();
+            async move {
+                let is_master = has_master && i == 0;
+                let bar = shared.progress.node(&node.name);
+                let started = Instant::now();
+                let r = boot(&shared, &node, is_master, &bar).await;
+                match r {
+                    Ok((engines, uploaded)) => {
+                        bar.finish(format!(
+                            "{} ready: {engines} engine{} in {:.1} s",
+                            node.name,
+                            if engines == 1 { "" } else { "s" },
+                            started.elapsed().as_secs_f64()
+                        ));
+                        Ok(NodeReport {
+                            node: node.name.clone(),
+                            address: node.ssh_host.clone(),
+                            engines,
+                            uploaded,
+                            seconds: started.elapsed().as_secs_f64(),
+                        })
+                    }
+                    Err((step, message)) => {
+                        if is_master {
+                            shared
+                                .controller
+                                .send_replace(Some(Err(format!("the master failed at {step}"))));
+                        }
+                        bar.finish(format!("{} failed at {step}", node.name));
+                        Err(NodeFailure {
+                            node: node.name.clone(),
+                            address: node.ssh_host.clone(),
+                            step,
+                            message,
+                        })
+                    }
+                }
+            }
+        }))
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    if failed.is_empty() {
+        let mut reports: Vec<NodeReport> = ok.into_iter().map(Result::unwrap).collect();
+        reports.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(reports)
+    } else {
+        Err(failed.into_iter().map(|r| r.unwrap_err()).collect())
+    }
+}
+
+type StepError = (String, String);
+
+fn at(step: &str) -> impl Fn(String) -> StepError + '_ {
+    move |message| (step.to_string(), message)
+}
+
+/// Facts about a node, from one command.
+struct Probe {
+    arch: String,
+    home: String,
+    cores: u32,
+}
+
+fn machine_arch(uname: &str) -> &str {
+    match uname {
+        "amd64" => "x86_64",
+        "arm64" => "aarch64",
+        other => other,
+    }
+}
+
+async fn boot(
+    shared: &Shared,
+    node: &NodeTarget,
+    is_master: bool,
+    bar: &NodeBar,
+) -> Result<(u32, bool), StepError> {
+    let plan = &shared.plan;
+    bar.step("waiting for sshd");
+    let remote = Remote::connect(node, &plan.login)
+        .await
+        .map_err(at("logging in"))?;
+    let result = boot_in(shared, &remote, is_master, bar).await;
+    remote.close().await;
+    result
+}
+
+async fn boot_in(
+    shared: &Shared,
+    remote: &Remote,
+    is_master: bool,
+    bar: &NodeBar,
+) -> Result<(u32, bool), StepError> {
+    let plan = &shared.plan;
+    let node = &remote.node;
+    let spec = &plan.spec;
+
+    bar.step("detecting the machine");
+    let probe = remote
+        .run("uname -m; printf '%s\\n' \"$HOME\"; nproc 2>/dev/null || getconf _NPROCESSORS_ONLN")
+        .await
+        .map_err(at("detecting the machine"))?;
+    let mut lines = probe.lines();
+    let probe = Probe {
+        arch: lines.next().unwrap_or("").trim().to_string(),
+        home: lines.next().unwrap_or("").trim().to_string(),
+        cores: lines
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(1),
+    };
+    let ours = std::env::consts::ARCH;
+    if machine_arch(&probe.arch) != ours {
+        return Err((
+            "detecting the machine".into(),
+            format!(
+                "the node is {} but this starlingd is built for {ours}; use {ours} instances, or set STARLINGD to a starlingd built for {}",
+                probe.arch, probe.arch
+            ),
+        ));
+    }
+    if !probe.home.starts_with('/') {
+        return Err((
+            "detecting the machine".into(),
+            format!(
+                "the login user's home is '{}', not an absolute path",
+                probe.home
+            ),
+        ));
+    }
+    let dir = format!("{}/{}", probe.home, node_dir(&plan.cluster, &node.name));
+    let qdir = shell_quote(&dir);
+
+    bar.step("installing starlingd");
+    let have = remote
+        .run(&format!(
+            "mkdir -p {qdir}/bin {qdir}/config {qdir}/logs && chmod 700 {qdir} {qdir}/config && \
+             {{ sha256sum {qdir}/bin/starlingd 2>/dev/null || true; }}"
+        ))
+        .await
+        .map_err(at("installing starlingd"))?;
+    let uploaded = have.split_whitespace().next() != Some(shared.daemon_sha.as_str());
+    if uploaded {
+        remote
+            .run_with_input(
+                &format!(
+                    "cat > {qdir}/bin/starlingd.part && chmod 755 {qdir}/bin/starlingd.part && \
+                     mv -f {qdir}/bin/starlingd.part {qdir}/bin/starlingd && sha256sum {qdir}/bin/starlingd"
+                ),
+                Some(&shared.daemon),
+            )
+            .await
+            .and_then(|out| {
+                if out.split_whitespace().next() == Some(shared.daemon_sha.as_str()) {
+                    Ok(())
+                } else {
+                    Err("the uploaded starlingd does not match its checksum".into())
+                }
+            })
+            .map_err(at("uploading starlingd"))?;
+    }
+
+    for (i, cmd) in spec.setup.iter().enumerate() {
+        let step = format!(
+            "setup command {} of {} (`{}`)",
+            i + 1,
+            spec.setup.len(),
+            one_line(cmd)
+        );
+        bar.step(&format!("setup {}/{}", i + 1, spec.setup.len()));
+        remote
+            .run(&format!(
+                "out=$(cd \"$HOME\" && bash -c {} 2>&1 </dev/null); rc=$?; \
+                 printf '%s\\n' \"$out\" >> {qdir}/logs/setup.log; printf '%s\\n' \"$out\"; exit $rc",
+                shell_quote(cmd)
+            ))
+            .await
+            .map_err(|m| (step, m))?;
+    }
+
+    for f in &spec.files {
+        bar.step(&format!("copying {}", f.dest));
+        let step = format!("copying {} to {}", f.src.display(), f.dest);
+        let bytes = std::fs::read(expand_home(&f.src)).map_err(|e| {
+            (
+                step.clone(),
+                format!("cannot read {}: {e}", f.src.display()),
+            )
+        })?;
+        let dest = shell_quote(&f.dest);
+        remote
+            .run_with_input(
+                &format!("cd \"$HOME\" && mkdir -p \"$(dirname {dest})\" && cat > {dest}"),
+                Some(&bytes),
+            )
+            .await
+            .map_err(|m| (step, m))?;
+    }
+
+    bar.step("checking python");
+    let py = shell_quote(&spec.python);
+    remote
+        .run(&format!(
+            "command -v {py} >/dev/null 2>&1 || {{ echo 'no {} on the PATH'; exit 1; }}; \
+             {py} -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' || {{ echo 'it is older than 3.8'; exit 1; }}",
+            spec.python.replace('\'', "")
+        ))
+        .await
+        .map_err(|m| {
+            (
+                "checking python".to_string(),
+                format!("{m}; install Python 3.8 or newer with a setup command (e.g. `sudo apt-get install -y python3`), or set `python:` in the spec"),
+            )
+        })?;
+
+    bar.step("writing config");
+    let engines = match spec.engines_per_node {
+        Count::N(n) => n,
+        Count::Auto => probe.cores.max(1),
+    };
+    let engine = EngineConfig {
+        cluster: plan.cluster.clone(),
+        controller: plan.join.controller.clone(),
+        cert_pem: plan.join.cert_pem.clone(),
+        engine_key: plan.join.engine_key.clone(),
+        node: node.name.clone(),
+        host: node.private.clone(),
+        engines,
+        python: spec.python.clone(),
+        workdir: PathBuf::from(&probe.home),
+        log: Some(PathBuf::from(format!("{dir}/logs/kernels.log"))),
+        max_frame: plan.join.max_frame,
+    };
+    let mut files = vec![(
+        "engine.json",
+        serde_json::to_vec_pretty(&engine).expect("serializes"),
+    )];
+    let master = if is_master {
+        plan.master.as_ref()
+    } else {
+        None
+    };
+    if let Some(m) = master {
+        let mut controller = m.controller.clone();
+        controller.listen = format!("{}:{}", node.private, spec.controller_port);
+        controller.db = Some(PathBuf::from(format!("{dir}/tasks.db")));
+        files.push((
+            "controller.json",
+            serde_json::to_vec_pretty(&controller).expect("serializes"),
+        ));
+        files.push(("connection.json", m.connection.clone()));
+    }
+    for (name, bytes) in &files {
+        remote
+            .run_with_input(
+                &format!(
+                    "umask 077 && cat > {qdir}/config/{name}.part && mv -f {qdir}/config/{name}.part {qdir}/config/{name}"
+                ),
+                Some(bytes),
+            )
+            .await
+            .map_err(at("writing config"))?;
+    }
+
+    let start = |role: &str| {
+        format!(
+            "cd \"$HOME\" && {MARK_VAR}={qdir} exec {qdir}/bin/starlingd {role} --config {qdir}/config/{role}.json \
+             --daemon --log {qdir}/logs/{role}.log --pid-file {qdir}/{role}.pid"
+        )
+    };
+    if master.is_some() {
+        bar.step("starting the controller");
+        let started = remote.run(&start("controller")).await;
+        match started {
+            Ok(out) if out.starts_with("listening ") => {
+                shared.controller.send_replace(Some(Ok(())));
+            }
+            Ok(out) => {
+                return Err((
+                    "starting the controller".into(),
+                    format!("it said '{}' instead of its address", out.trim()),
+                ))
+            }
+            Err(m) => return Err(("starting the controller".into(), m)),
+        }
+    } else {
+        bar.step("waiting for the controller");
+        let mut rx = shared.controller.subscribe();
+        let state = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_or(Some(Err("the master's bootstrap ended".into())), |s| {
+                s.clone()
+            });
+        if let Some(Err(why)) = state {
+            return Err(("waiting for the controller".into(), why));
+        }
+    }
+
+    bar.step("starting engines");
+    remote
+        .run(&start("engine"))
+        .await
+        .map_err(at("starting engines"))?;
+    Ok((engines, uploaded))
+}
+
+fn one_line(cmd: &str) -> String {
+    let first = cmd.lines().next().unwrap_or("");
+    let mut s: String = first.chars().take(60).collect();
+    if s.len() < cmd.len() {
+        s.push('…');
+    }
+    s
+}
+
+/// `~/x` → `$HOME/x` on this machine.
+pub fn expand_home(path: &Path) -> PathBuf {
+    match path.strip_prefix("~") {
+        Ok(rest) => std::env::var_os("HOME")
+            .map_or_else(|| path.to_path_buf(), |h| PathBuf::from(h).join(rest)),
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+/// The script that stops a node's processes and removes its directory (`down`,
+/// `remove-node`). Harmless where nothing of the cluster is.
+pub fn teardown_script(cluster: &str, node: &str) -> String {
+    let dir = format!("\"$HOME\"/{}", node_dir(cluster, node));
+    format!(
+        "if [ -x {dir}/bin/starlingd ]; then {dir}/bin/starlingd stop --root \"$HOME/{rel}\" >/dev/null; fi; \
+         rm -rf {dir}; rmdir \"$HOME/.starling/node/{cluster}\" 2>/dev/null; true",
+        rel = node_dir(cluster, node)
+    )
+}
+
+/// The script that restarts a node's processes from the config it already has (`start`
+/// after `stop`).
+pub fn restart_script(cluster: &str, node: &str, controller: bool) -> String {
+    let q = format!("\"$HOME/{}\"", node_dir(cluster, node));
+    let start = |role: &str| {
+        format!(
+            "{MARK_VAR}={q} {q}/bin/starlingd {role} --config {q}/config/{role}.json --daemon --log {q}/logs/{role}.log --pid-file {q}/{role}.pid"
+        )
+    };
+    let mut script = format!("cd \"$HOME\" && {q}/bin/starlingd stop --root {q} >/dev/null && ");
+    if controller {
+        script.push_str(&start("controller"));
+        script.push_str(" && ");
+    }
+    script.push_str(&start("engine"));
+    // The node's engine count, for the caller to wait for.
+    let _ = write!(
+        script,
+        " >/dev/null && sed -n 's/^ *\"engines\": *\\([0-9]*\\).*/\\1/p' {q}/config/engine.json"
+    );
+    script
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_directories_are_per_cluster_and_node() {
+        assert_eq!(
+            node_dir("science", "node003"),
+            ".starling/node/science/node003"
+        );
+        let s = teardown_script("science", "node003");
+        assert!(s.contains("stop --root \"$HOME/.starling/node/science/node003\""));
+        assert!(s.contains("rm -rf \"$HOME\"/.starling/node/science/node003;"));
+    }
+
+    #[test]
+    fn architectures_are_compared_by_their_kernel_names() {
+        assert_eq!(machine_arch("amd64"), "x86_64");
+        assert_eq!(machine_arch("arm64"), "aarch64");
+        assert_eq!(machine_arch("x86_64"), "x86_64");
+    }
+
+    #[test]
+    fn long_setup_commands_are_shortened_in_messages() {
+        assert_eq!(one_line("apt-get update"), "apt-get update");
+        let long = format!("echo {}", "x".repeat(100));
+        assert!(one_line(&long).ends_with('…'));
+        assert_eq!(one_line("a\nb"), "a…");
+    }
+}

@@ -1,0 +1,188 @@
+//! One SSH session to a node (the `openssh` crate over the system `ssh`, multiplexed): log in
+//! with retries until a deadline, run a script, feed a script bytes on stdin (uploads).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use tokio::io::AsyncWriteExt as _;
+use tokio::time::Instant;
+
+/// How to reach a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeTarget {
+    /// `master`, `node001`, …
+    pub name: String,
+    /// The address starling connects to (SSH and, on the master, the controller).
+    pub ssh_host: String,
+    /// The address other nodes reach this one at (the controller binds to it).
+    pub private: String,
+    pub port: u16,
+    pub user: String,
+}
+
+impl std::fmt::Display for NodeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name, self.ssh_host)
+    }
+}
+
+/// How starling logs in.
+#[derive(Debug, Clone)]
+pub struct Login {
+    /// The private key; `None` uses the SSH agent and the user's ssh config.
+    pub key_file: Option<PathBuf>,
+    /// The cluster's own known_hosts file (new host keys are added, changed ones refused).
+    pub known_hosts: PathBuf,
+    /// How long to keep trying to log in to a node.
+    pub timeout: Duration,
+}
+
+/// How long one login attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause between login attempts.
+const ATTEMPT_PAUSE: Duration = Duration::from_millis(500);
+
+/// A logged-in session.
+pub struct Remote {
+    session: Session,
+    pub node: NodeTarget,
+}
+
+/// The text of an openssh error with its causes (ssh's own message is in the source).
+fn describe(e: &openssh::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        let text = text.trim();
+        if !text.is_empty() && !msg.contains(text) {
+            msg = format!("{msg}: {text}");
+        }
+        source = s.source();
+    }
+    msg
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.trim_end().lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Remote {
+    /// Logs in, retrying until `login.timeout` has passed (sshd may not be up yet, and on a
+    /// fresh instance the key may not be installed yet). The error says what ssh said last.
+    pub async fn connect(node: &NodeTarget, login: &Login) -> Result<Self, String> {
+        let deadline = Instant::now() + login.timeout;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut b = SessionBuilder::default();
+            b.user(node.user.clone())
+                .port(node.port)
+                .known_hosts_check(KnownHosts::Add)
+                .user_known_hosts_file(&login.known_hosts)
+                .control_directory(std::env::temp_dir())
+                .connect_timeout(left.clamp(Duration::from_secs(1), ATTEMPT_TIMEOUT))
+                .server_alive_interval(Duration::from_secs(15))
+                // Closed with the session; should starling be killed, it exits once idle.
+                .control_persist(openssh::ControlPersist::IdleFor(
+                    std::num::NonZeroUsize::new(60).expect("not zero"),
+                ));
+            if let Some(k) = &login.key_file {
+                b.keyfile(k);
+            }
+            match b.connect_mux(&node.ssh_host).await {
+                Ok(session) => {
+                    return Ok(Self {
+                        session,
+                        node: node.clone(),
+                    })
+                }
+                Err(e) => {
+                    let why = describe(&e);
+                    if Instant::now() + ATTEMPT_PAUSE >= deadline {
+                        let key = login.key_file.as_ref().map_or_else(
+                            || "the SSH agent's keys".into(),
+                            |k| k.display().to_string(),
+                        );
+                        return Err(format!(
+                            "cannot log in as {} on port {} with {key} within {} s ({attempts} attempts); ssh said: {why}. Check `ssh.user`, `ssh.port` and `ssh.key_file`, and that the security group lets this machine reach the port",
+                            node.user,
+                            node.port,
+                            login.timeout.as_secs()
+                        ));
+                    }
+                    tracing::debug!("{node}: login attempt {attempts} failed: {why}");
+                    tokio::time::sleep(ATTEMPT_PAUSE).await;
+                }
+            }
+        }
+    }
+
+    /// Runs `script` with `sh -c`; its stdout, or an error with the exit status and the last
+    /// lines it wrote.
+    pub async fn run(&self, script: &str) -> Result<String, String> {
+        self.run_with_input(script, None).await
+    }
+
+    /// Runs `script` with `input` on its stdin (an upload: `cat > FILE`).
+    pub async fn run_with_input(
+        &self,
+        script: &str,
+        input: Option<&[u8]>,
+    ) -> Result<String, String> {
+        let mut cmd = self.session.command("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().await.map_err(|e| describe(&e))?;
+        if let Some(bytes) = input {
+            let mut stdin = child.stdin().take().expect("piped");
+            stdin
+                .write_all(bytes)
+                .await
+                .map_err(|e| format!("sending {} bytes failed: {e}", bytes.len()))?;
+            stdin.shutdown().await.map_err(|e| e.to_string())?;
+            drop(stdin);
+        }
+        let out = child.wait_with_output().await.map_err(|e| describe(&e))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let said = tail(&format!("{stdout}{stderr}"), 8);
+            Err(match out.status.code() {
+                Some(code) => format!(
+                    "exit status {code}{}",
+                    if said.is_empty() {
+                        String::new()
+                    } else {
+                        format!(":\n{said}")
+                    }
+                ),
+                None => format!(
+                    "killed by a signal{}",
+                    if said.is_empty() {
+                        String::new()
+                    } else {
+                        format!(":\n{said}")
+                    }
+                ),
+            })
+        }
+    }
+
+    /// Ends the session (and its ssh master process).
+    pub async fn close(self) {
+        let _ = self.session.close().await;
+    }
+}

@@ -1,0 +1,229 @@
+//! The commands that act on a cluster's machines: ssh, exec, put, get, add-node, remove-node,
+//! stop, start, connect. Each finds the cluster with [`provider::open`] and calls the provider.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::{
+    hints, output, AddNodeArgs, ClusterArg, ExecArgs, GetArgs, Global, PutArgs, RemoveNodeArgs,
+    SshArgs,
+};
+use crate::bootstrap::{NodeTarget, Progress};
+use crate::client::connection::ConnectionInfo;
+use crate::client::Client;
+use crate::home;
+use crate::provider::{self, ec2, remote, Cluster};
+
+async fn open(g: &Global, name: &str) -> Result<Cluster> {
+    Ok(provider::open(name, &hints(g)).await?)
+}
+
+fn pick(nodes: Vec<NodeTarget>, wanted: &[String]) -> Result<Vec<NodeTarget>> {
+    if wanted.is_empty() {
+        return Ok(nodes);
+    }
+    let mut out = Vec::new();
+    for w in wanted {
+        match nodes.iter().find(|n| &n.name == w) {
+            Some(n) => out.push(n.clone()),
+            None => bail!(
+                "there is no node '{w}'; the nodes are {}",
+                nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+    Ok(out)
+}
+
+fn ec2_api<'a>(cluster: &'a Cluster, command: &str) -> Result<&'a ec2::Ec2> {
+    cluster.api.as_ref().with_context(|| {
+        format!(
+            "`{command}` is for EC2 clusters; '{}' is a {} cluster",
+            cluster.name, cluster.provider
+        )
+    })
+}
+
+pub async fn ssh(g: &Global, args: &SshArgs) -> Result<ExitCode> {
+    let cluster = open(g, &args.name).await?;
+    let wanted = args.node.clone().unwrap_or_else(|| "master".into());
+    let node = pick(cluster.nodes().await?, &[wanted])?.remove(0);
+    let login = cluster.login(remote::QUICK_LOGIN);
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.arg("-p")
+        .arg(node.port.to_string())
+        .arg("-o")
+        .arg("StrictHostKeyChecking=accept-new")
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            login.known_hosts.display()
+        ));
+    if let Some(k) = &login.key_file {
+        cmd.arg("-i").arg(k).arg("-o").arg("IdentitiesOnly=yes");
+    }
+    if args.command.is_empty() {
+        cmd.arg("-t");
+    }
+    cmd.arg(format!("{}@{}", node.user, node.ssh_host));
+    cmd.args(&args.command);
+    if let Some(parent) = login.known_hosts.parent() {
+        home::create_private_dir(parent)?;
+    }
+    let err = cmd.exec();
+    bail!("cannot run ssh: {err}")
+}
+
+pub async fn exec(g: &Global, args: &ExecArgs) -> Result<ExitCode> {
+    let cluster = open(g, &args.name).await?;
+    let nodes = pick(cluster.nodes().await?, &args.nodes)?;
+    let login = cluster.login(remote::QUICK_LOGIN);
+    let results = remote::run_everywhere(&nodes, &login, &args.command).await;
+    Ok(super::exit(output::per_node(g.output, &results)))
+}
+
+pub async fn put(g: &Global, args: &PutArgs) -> Result<ExitCode> {
+    let cluster = open(g, &args.name).await?;
+    let nodes = pick(cluster.nodes().await?, &args.nodes)?;
+    let login = cluster.login(remote::QUICK_LOGIN);
+    let results = remote::put(&nodes, &login, &args.src, &args.dest).await?;
+    Ok(super::exit(output::per_node(g.output, &results)))
+}
+
+pub async fn get(g: &Global, args: &GetArgs) -> Result<ExitCode> {
+    let cluster = open(g, &args.name).await?;
+    let node = pick(cluster.nodes().await?, std::slice::from_ref(&args.node))?.remove(0);
+    let login = cluster.login(remote::QUICK_LOGIN);
+    let bytes = remote::get(&node, &login, &args.src).await?;
+    let mut dest = args.dest.clone();
+    if dest.is_dir() {
+        let file = std::path::Path::new(&args.src)
+            .file_name()
+            .context("the remote path names no file")?;
+        dest = dest.join(file);
+    }
+    std::fs::write(&dest, &bytes).with_context(|| format!("cannot write {}", dest.display()))?;
+    output::fetched(g.output, &node.name, &args.src, &dest, bytes.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
+    if args.count == 0 {
+        bail!("-n must be at least 1");
+    }
+    let cluster = open(g, &args.name).await?;
+    let api = ec2_api(&cluster, "add-node")?;
+    let spec = match &args.file {
+        Some(path) => {
+            let mut s = crate::spec::load(path)?;
+            s.name.clone_from(&cluster.name);
+            s
+        }
+        None => cluster.spec("add-node")?.clone(),
+    };
+    let info = ConnectionInfo::load(&home::connection_path(&cluster.name))
+        .context("add-node waits for the new engines through the connection file; `starling connect NAME` fetches it")?;
+    let client = Client::connect_with(info).await?;
+    let before = client.ids().await?.len() as u32;
+    let login = cluster.login(Duration::from_secs(spec.ssh.timeout_s));
+    let progress = Progress::new();
+    let started = std::time::Instant::now();
+    let reports = ec2::add_nodes(api, &spec, args.count, &login, &progress).await?;
+    let new: u32 = reports.iter().map(|r| r.engines).sum();
+    let ids = client
+        .wait_for_engines(before + new, Duration::from_secs(spec.register_timeout_s))
+        .await?;
+    output::added(g.output, &reports, &ids, started.elapsed());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn remove_node(g: &Global, args: &RemoveNodeArgs) -> Result<ExitCode> {
+    let cluster = open(g, &args.name).await?;
+    let api = ec2_api(&cluster, "remove-node")?;
+    let login = cluster.login(remote::QUICK_LOGIN);
+    let notes = ec2::remove_node(
+        api,
+        &cluster.name,
+        &args.node,
+        &login,
+        cluster.record.as_ref(),
+    )
+    .await?;
+    for n in notes {
+        eprintln!("note: {n}");
+    }
+    output::message(
+        g.output,
+        &format!("removed {} from cluster '{}'", args.node, cluster.name),
+        &serde_json::json!({"cluster": cluster.name, "removed": args.node}),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn stop(g: &Global, args: &ClusterArg) -> Result<ExitCode> {
+    let cluster = open(g, &args.name).await?;
+    let api = ec2_api(&cluster, "stop")?;
+    let n = ec2::stop(api, &cluster.name).await?;
+    output::message(
+        g.output,
+        &format!(
+            "cluster '{}' is stopped: {n} instance(s), disks kept; `starling start {}` resumes it",
+            cluster.name, cluster.name
+        ),
+        &serde_json::json!({"cluster": cluster.name, "stopped": n}),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn start(g: &Global, args: &ClusterArg) -> Result<ExitCode> {
+    let cluster = open(g, &args.name).await?;
+    let api = ec2_api(&cluster, "start")?;
+    let spec = cluster.spec("start")?.clone();
+    let login = cluster.login(Duration::from_secs(spec.ssh.timeout_s));
+    let progress = Progress::new();
+    let (nodes, engines) = ec2::start(api, &spec, &login, &progress).await?;
+    let info = ConnectionInfo::load(&home::connection_path(&cluster.name))?;
+    let client = Client::connect_with(info).await?;
+    // Every node comes back with the engines it had.
+    let ids = client
+        .wait_for_engines(engines, Duration::from_secs(spec.register_timeout_s))
+        .await?;
+    output::message(
+        g.output,
+        &format!(
+            "cluster '{}' is running again: {} node(s), {} engines",
+            cluster.name,
+            nodes.len(),
+            ids.len()
+        ),
+        &serde_json::json!({"cluster": cluster.name, "nodes": nodes, "engines": ids}),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn connect(g: &Global, args: &ClusterArg) -> Result<ExitCode> {
+    let cluster = open(g, &args.name).await?;
+    let master = pick(cluster.nodes().await?, &["master".to_string()])?.remove(0);
+    let login = cluster.login(remote::QUICK_LOGIN);
+    let info = remote::fetch_connection(&cluster.name, &master, &login).await?;
+    let path: PathBuf = home::connection_path(&cluster.name);
+    info.save(&path)?;
+    output::message(
+        g.output,
+        &format!(
+            "connection file of cluster '{}' saved to {}",
+            cluster.name,
+            path.display()
+        ),
+        &serde_json::json!({"cluster": cluster.name, "connection": path}),
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,84 @@
+//! A node's processes: every `starlingd` process of a node, and through inheritance its kernels
+//! and shell tasks, carries [`MARK_VAR`] in its environment with the node's directory as value.
+//! [`our_processes`] finds them by that mark, so `down` misses none and never hits a stranger,
+//! even when several nodes share one machine (a local cluster, or the LocalStack rig). Used by
+//! the `local` provider on this machine and by `starlingd stop` on remote nodes.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The environment variable that marks a node's processes with the node's directory.
+pub const MARK_VAR: &str = "STARLING_NODE_ROOT";
+
+/// How often [`stop`] looks whether the processes are gone.
+const EXIT_POLL: Duration = Duration::from_millis(5);
+
+/// The live processes marked with `root`; a reused pid is never mistaken for ours.
+pub fn our_processes(root: &Path) -> Vec<u32> {
+    let mark = format!("{MARK_VAR}={}", root.display());
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == mark.as_bytes()))
+        })
+        .filter(|pid| !is_zombie(*pid))
+        .collect()
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+fn signal_all(pids: &[u32], signal: nix::sys::signal::Signal) {
+    for pid in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), signal);
+    }
+}
+
+/// Stops every process marked with `root`: SIGTERM, then SIGKILL for whatever is still there
+/// after `grace`. Returns how many processes there were. Blocking; for `starlingd stop`.
+pub fn stop(root: &Path, grace: Duration) -> usize {
+    let live = our_processes(root);
+    if live.is_empty() {
+        return 0;
+    }
+    signal_all(&live, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while !our_processes(root).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(EXIT_POLL);
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        let left = our_processes(root);
+        if left.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        signal_all(&left, nix::sys::signal::Signal::SIGKILL);
+        std::thread::sleep(EXIT_POLL);
+    }
+    live.len()
+}
+
+/// Kills every process marked with `root` at once (after a polite request elsewhere has had
+/// its time), waiting up to `deadline` for them to be gone.
+pub async fn kill_all(root: &Path, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = our_processes(root);
+        if left.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        signal_all(&left, nix::sys::signal::Signal::SIGKILL);
+        tokio::time::sleep(EXIT_POLL).await;
+    }
+}

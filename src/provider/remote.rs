@@ -1,0 +1,353 @@
+//! What the `ec2` and `ssh` providers share: the local record of a cluster, starting a
+//! cluster on nodes reachable by SSH, and the commands that act on its nodes over SSH
+//! (`exec`, `put`, `get`, `connect`, and stopping a node's processes).
+//!
+//! The record (`~/.starling/clusters/<name>/cluster.json`, mode 0600) is a cache: the spec the
+//! cluster was started from, so that later commands know the login user, key and setup. For
+//! EC2 clusters the truth is in the instances' tags; a teammate without the record passes
+//! `--region` and `--key-file` instead.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+
+use super::{daemon_path, Launched, ProviderError};
+use crate::bootstrap::{
+    self, Join, Login, MasterRole, NodeReport, NodeTarget, Plan, Progress, Remote,
+};
+use crate::client::connection::{ConnectionInfo, SshAccess, CONNECTION_FORMAT};
+use crate::client::Client;
+use crate::controller::ControllerConfig;
+use crate::engine::shell_quote;
+use crate::home;
+use crate::proto::auth::Key;
+use crate::proto::tls::ClusterCert;
+use crate::spec::{ClusterSpec, ProviderKind};
+
+/// How long `down` and other quick commands try to log in to a node.
+pub const QUICK_LOGIN: Duration = Duration::from_secs(10);
+/// Nodes an `exec`, `put` or `get` talks to at once.
+const PARALLEL: usize = 32;
+
+/// The local record of a cluster started from this machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub provider: ProviderKind,
+    pub spec: ClusterSpec,
+}
+
+impl Record {
+    pub fn path(cluster: &str) -> PathBuf {
+        home::cluster_dir(cluster).join("cluster.json")
+    }
+
+    pub fn load(cluster: &str) -> Option<Self> {
+        let text = std::fs::read_to_string(Self::path(cluster)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn save(&self) -> std::io::Result<()> {
+        home::write_private(
+            &Self::path(&self.spec.name),
+            &serde_json::to_vec_pretty(self).expect("serializes"),
+        )
+    }
+}
+
+/// The cluster's own known_hosts file.
+pub fn known_hosts(cluster: &str) -> PathBuf {
+    home::cluster_dir(cluster).join("known_hosts")
+}
+
+/// How to log in to the nodes of a cluster started from `spec`.
+pub fn login(spec: &ClusterSpec, timeout: Option<Duration>) -> Login {
+    Login {
+        key_file: spec.ssh.key_file.as_deref().map(bootstrap::expand_home),
+        known_hosts: known_hosts(&spec.name),
+        timeout: timeout.unwrap_or(Duration::from_secs(spec.ssh.timeout_s)),
+    }
+}
+
+/// Starts a fresh cluster on `nodes` (the master first): new certificate and keys, bootstrap
+/// of every node, the connection file, and the wait for every engine.
+pub async fn start_cluster(
+    spec: &ClusterSpec,
+    nodes: Vec<NodeTarget>,
+    started: Instant,
+    progress: &Progress,
+) -> Result<Launched, ProviderError> {
+    let name = spec.name.clone();
+    let master = nodes
+        .first()
+        .cloned()
+        .ok_or_else(|| ProviderError::Invalid("a cluster needs at least one node".into()))?;
+    let cert = ClusterCert::generate(&name).map_err(|e| ProviderError::Invalid(e.to_string()))?;
+    let (client_key, engine_key) = (Key::generate(), Key::generate());
+    let info = ConnectionInfo {
+        version: CONNECTION_FORMAT,
+        cluster: name.clone(),
+        provider: spec.provider.to_string(),
+        controller: format!("{}:{}", master.ssh_host, spec.controller_port),
+        certificate: cert.cert_pem.clone(),
+        client_key: client_key.clone(),
+        ssh: Some(SshAccess {
+            host: master.ssh_host.clone(),
+            port: master.port,
+            user: master.user.clone(),
+        }),
+        max_frame: spec.max_frame(),
+    };
+    let controller = ControllerConfig {
+        cluster: name.clone(),
+        listen: String::new(),
+        cert_pem: cert.cert_pem.clone(),
+        key_pem: cert.key_pem.clone(),
+        client_key,
+        engine_key: engine_key.clone(),
+        db: None,
+        heartbeat_ms: spec.heartbeat_ms,
+        max_frame: spec.max_frame(),
+    };
+    let plan = Plan {
+        cluster: name.clone(),
+        spec: spec.clone(),
+        login: login(spec, None),
+        daemon: daemon_path()?,
+        join: Join {
+            controller: format!("{}:{}", master.private, spec.controller_port),
+            cert_pem: cert.cert_pem.clone(),
+            engine_key,
+            max_frame: spec.max_frame(),
+        },
+        master: Some(MasterRole {
+            controller,
+            connection: serde_json::to_vec_pretty(&info).expect("serializes"),
+        }),
+    };
+    progress.say(&format!("bootstrapping {} node(s)", nodes.len()));
+    let reports = bootstrap::run(plan, nodes, progress)
+        .await
+        .map_err(ProviderError::Bootstrap)?;
+    let connection = home::connection_path(&name);
+    info.save(&connection)?;
+    let engines: u32 = reports.iter().map(|r| r.engines).sum();
+    progress.say(&format!("waiting for {engines} engines to register"));
+    let client = Client::connect_with(info).await?;
+    let ids = client
+        .wait_for_engines(engines, Duration::from_secs(spec.register_timeout_s))
+        .await?;
+    Ok(Launched {
+        cluster: name,
+        connection,
+        engines: ids,
+        elapsed: started.elapsed(),
+        notes: Vec::new(),
+        nodes: reports,
+    })
+}
+
+/// Bootstraps more nodes into a running cluster: the engine key and certificate come from the
+/// master's own config, so this works from any machine that can log in.
+pub async fn join_cluster(
+    spec: &ClusterSpec,
+    master: &NodeTarget,
+    nodes: Vec<NodeTarget>,
+    login: &Login,
+    progress: &Progress,
+) -> Result<Vec<NodeReport>, ProviderError> {
+    let remote = Remote::connect(master, login)
+        .await
+        .map_err(|e| ProviderError::Ssh(format!("{master}: {e}")))?;
+    let cfg = remote
+        .run(&format!(
+            "cat \"$HOME\"/{}/config/controller.json",
+            bootstrap::node_dir(&spec.name, "master")
+        ))
+        .await;
+    remote.close().await;
+    let cfg = cfg.map_err(|e| {
+        ProviderError::Ssh(format!(
+            "cannot read the controller's config on {master}: {e}"
+        ))
+    })?;
+    let controller: ControllerConfig = serde_json::from_str(&cfg).map_err(|e| {
+        ProviderError::Ssh(format!(
+            "the controller's config on {master} is unreadable: {e}"
+        ))
+    })?;
+    let plan = Plan {
+        cluster: spec.name.clone(),
+        spec: spec.clone(),
+        login: login.clone(),
+        daemon: daemon_path()?,
+        join: Join {
+            controller: controller.listen.clone(),
+            cert_pem: controller.cert_pem.clone(),
+            engine_key: controller.engine_key.clone(),
+            max_frame: controller.max_frame,
+        },
+        master: None,
+    };
+    bootstrap::run(plan, nodes, progress)
+        .await
+        .map_err(ProviderError::Bootstrap)
+}
+
+/// Runs `script` on every node at once; each node's output or error, in node order.
+pub async fn run_everywhere(
+    nodes: &[NodeTarget],
+    login: &Login,
+    script: &str,
+) -> Vec<(NodeTarget, Result<String, String>)> {
+    let mut out: Vec<(NodeTarget, Result<String, String>)> =
+        futures::stream::iter(nodes.iter().cloned().map(|node| async move {
+            let r = match Remote::connect(&node, login).await {
+                Ok(remote) => {
+                    let r = remote.run(script).await;
+                    remote.close().await;
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            (node, r)
+        }))
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    out
+}
+
+/// Stops the cluster's processes on `nodes` and removes their node directories. Returns the
+/// nodes where that failed, with why.
+pub async fn stop_nodes(cluster: &str, nodes: &[NodeTarget], login: &Login) -> Vec<String> {
+    let mut failed = Vec::new();
+    // Each node's script names its own directory, so run them one session per node.
+    let results = futures::stream::iter(nodes.iter().cloned().map(|node| async move {
+        let r = match Remote::connect(&node, login).await {
+            Ok(remote) => {
+                let r = remote
+                    .run(&bootstrap::teardown_script(cluster, &node.name))
+                    .await;
+                remote.close().await;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        (node, r)
+    }))
+    .buffer_unordered(PARALLEL)
+    .collect::<Vec<_>>()
+    .await;
+    for (node, r) in results {
+        if let Err(e) = r {
+            failed.push(format!("{node}: {e}"));
+        }
+    }
+    failed.sort();
+    failed
+}
+
+/// Copies a local file to `dest` on every node in `nodes`.
+pub async fn put(
+    nodes: &[NodeTarget],
+    login: &Login,
+    src: &Path,
+    dest: &str,
+) -> Result<Vec<(NodeTarget, Result<String, String>)>, ProviderError> {
+    let bytes = std::fs::read(src)
+        .map_err(|e| ProviderError::Invalid(format!("cannot read {}: {e}", src.display())))?;
+    let d = shell_quote(dest);
+    let script = format!(
+        "cd \"$HOME\" && if [ -d {d} ]; then t={d}/{}; else mkdir -p \"$(dirname {d})\" && t={d}; fi && cat > \"$t\" && echo \"$t\"",
+        shell_quote(
+            &src.file_name()
+                .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned())
+        )
+    );
+    let bytes = &bytes;
+    let script = &script;
+    let mut out: Vec<_> = futures::stream::iter(nodes.iter().cloned().map(|node| async move {
+        let r = match Remote::connect(&node, login).await {
+            Ok(remote) => {
+                let r = remote.run_with_input(script, Some(bytes)).await;
+                remote.close().await;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        (node, r)
+    }))
+    .buffer_unordered(PARALLEL)
+    .collect()
+    .await;
+    out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    Ok(out)
+}
+
+/// Reads a file from one node.
+pub async fn get(node: &NodeTarget, login: &Login, src: &str) -> Result<Vec<u8>, ProviderError> {
+    let remote = Remote::connect(node, login)
+        .await
+        .map_err(|e| ProviderError::Ssh(format!("{node}: {e}")))?;
+    // base64 keeps binary files intact through the text-oriented helper.
+    let r = remote
+        .run(&format!("cd \"$HOME\" && base64 < {}", shell_quote(src)))
+        .await;
+    remote.close().await;
+    let text = r.map_err(|e| ProviderError::Ssh(format!("{node}: cannot read {src}: {e}")))?;
+    let clean: String = text.split_whitespace().collect();
+    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, clean)
+        .map_err(|e| ProviderError::Ssh(format!("{node}: {src} came back garbled: {e}")))
+}
+
+/// Fetches the connection file a cluster's master keeps (for `starling connect`).
+pub async fn fetch_connection(
+    cluster: &str,
+    master: &NodeTarget,
+    login: &Login,
+) -> Result<ConnectionInfo, ProviderError> {
+    let path = format!(
+        "{}/config/connection.json",
+        bootstrap::node_dir(cluster, "master")
+    );
+    let bytes = get(master, login, &path).await?;
+    let info: ConnectionInfo = serde_json::from_slice(&bytes).map_err(|e| {
+        ProviderError::Ssh(format!(
+            "the connection file on {master} is unreadable: {e}"
+        ))
+    })?;
+    if info.cluster != cluster {
+        return Err(ProviderError::Ssh(format!(
+            "{master} holds the connection file of cluster '{}', not '{cluster}'",
+            info.cluster
+        )));
+    }
+    Ok(info)
+}
+
+/// The nodes of a cluster of the `ssh` provider: the spec's hosts, the first the master.
+pub fn ssh_nodes(spec: &ClusterSpec) -> Vec<NodeTarget> {
+    spec.hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| NodeTarget {
+            name: node_name(i),
+            ssh_host: h.host.to_string(),
+            private: h.host.to_string(),
+            port: h.port,
+            user: h.user.to_string(),
+        })
+        .collect()
+}
+
+/// `master` for 0, `node001` for 1, …
+pub fn node_name(i: usize) -> String {
+    if i == 0 {
+        "master".into()
+    } else {
+        format!("node{i:03}")
+    }
+}
