@@ -387,8 +387,10 @@ async fn boot_in(
         bar.step(&format!("setup {}/{}", i + 1, spec.setup.len()));
         remote
             .run(&format!(
-                "out=$(cd \"$HOME\" && bash -c {} 2>&1 </dev/null); rc=$?; \
+                "out=$(cd \"$HOME\" && STARLING_CLUSTER={} STARLING_NODE={} bash -c {} 2>&1 </dev/null); rc=$?; \
                  printf '%s\\n' \"$out\" >> {qdir}/logs/setup.log; printf '%s\\n' \"$out\"; exit $rc",
+                plan.cluster,
+                node.name,
                 shell_quote(cmd)
             ))
             .await
@@ -549,6 +551,12 @@ pub fn teardown_script(cluster: &str, node: &str) -> String {
          rm -rf {dir}; rmdir \"$HOME/.starling/node/{cluster}\" 2>/dev/null; true",
         rel = node_dir(cluster, node)
     )
+}
+
+/// The script that stops a node's processes and keeps its files (`stop`).
+pub fn stop_script(cluster: &str, node: &str) -> String {
+    let q = format!("\"$HOME/{}\"", node_dir(cluster, node));
+    format!("if [ -x {q}/bin/starlingd ]; then {q}/bin/starlingd stop --root {q} >/dev/null; fi; true")
 }
 
 /// The script that restarts a node's processes from the config it already has (`start`

@@ -171,7 +171,11 @@ pub async fn remove_node(g: &Global, args: &RemoveNodeArgs) -> Result<ExitCode> 
 pub async fn stop(g: &Global, args: &ClusterArg) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
     let api = ec2_api(&cluster, "stop")?;
-    let n = ec2::stop(api, &cluster.name).await?;
+    let login = cluster.login(remote::QUICK_LOGIN);
+    let (n, notes) = ec2::stop(api, &cluster.name, &login, cluster.record.as_ref()).await?;
+    for note in notes {
+        eprintln!("note: {note}");
+    }
     output::message(
         g.output,
         &format!(

@@ -251,10 +251,8 @@ pub async fn open(name: &str, hints: &Hints) -> Result<Cluster, ProviderError> {
         )));
     };
     let api = ec2::Ec2::connect(&region, hints.endpoint_url.as_deref()).await;
-    if api.instances(Some(name)).await?.is_empty() && api.resources(name).await?.is_empty() {
-        return Err(ProviderError::Invalid(format!(
-            "there is no cluster '{name}' in {region}, and this machine has no record of one by that name; `starling list` shows the clusters there are"
-        )));
+    if api.resources(name).await?.is_empty() {
+        return Err(ProviderError::NoSuchCluster(name.to_string()));
     }
     Ok(Cluster {
         name: name.to_string(),
@@ -274,7 +272,20 @@ pub async fn down(name: &str, hints: &Hints) -> Result<Terminated, ProviderError
     if local_state_exists(name) {
         return local::LocalProvider::new().terminate(name).await;
     }
-    let cluster = open(name, hints).await?;
+    let cluster = match open(name, hints).await {
+        Ok(c) => c,
+        // Idempotent: a second `down` finds nothing, and says so.
+        Err(ProviderError::NoSuchCluster(_)) => {
+            return Ok(Terminated {
+                cluster: name.to_string(),
+                stopped: 0,
+                was_dead: true,
+                removed: Vec::new(),
+                notes: Vec::new(),
+            })
+        }
+        Err(e) => return Err(e),
+    };
     match (&cluster.api, &cluster.record) {
         (Some(api), record) => {
             let login = cluster.login(remote::QUICK_LOGIN);

@@ -477,20 +477,40 @@ pub async fn remove_node(
     Ok(notes)
 }
 
-/// Stops (EBS-backed) every instance of the cluster; the disks and tags stay.
-pub async fn stop(api: &Ec2, cluster: &str) -> Result<usize, ProviderError> {
-    let ids: Vec<String> = api
-        .instances(Some(cluster))
-        .await?
-        .into_iter()
+/// Stops (EBS-backed) every instance of the cluster; the disks and tags stay. starlingd is
+/// stopped first over SSH, so the controller closes its task store cleanly.
+pub async fn stop(
+    api: &Ec2,
+    cluster: &str,
+    login: &Login,
+    record: Option<&Record>,
+) -> Result<(usize, Vec<String>), ProviderError> {
+    let instances = api.instances(Some(cluster)).await?;
+    let ids: Vec<String> = instances
+        .iter()
         .filter(|i| i.state != "stopped")
-        .map(|i| i.id)
+        .map(|i| i.id.clone())
         .collect();
     if ids.is_empty() {
         return Err(ProviderError::NoSuchCluster(cluster.to_string()));
     }
+    let (private, port, user) = reach(record);
+    let running: Vec<Instance> = instances.into_iter().filter(|i| i.state == "running").collect();
+    let mut notes = Vec::new();
+    if let Ok(nodes) = targets(&running, private, port, &user) {
+        let stops = futures::future::join_all(nodes.iter().map(|n| async move {
+            let script = crate::bootstrap::stop_script(cluster, &n.name);
+            remote::run_everywhere(std::slice::from_ref(n), login, &script).await
+        }))
+        .await;
+        for (n, r) in stops.into_iter().flatten() {
+            if let Err(e) = r {
+                notes.push(format!("could not stop starlingd on {n} first: {e}"));
+            }
+        }
+    }
     api.stop(&ids, STATE_TIMEOUT).await?;
-    Ok(ids.len())
+    Ok((ids.len(), notes))
 }
 
 /// Starts a stopped cluster again: instances running, then controller and engines restarted

@@ -1,0 +1,407 @@
+//! The end-to-end suite: `starling` against LocalStack's EC2 API and a real OpenSSH server,
+//! inside a private network namespace (tests/e2e/run.sh builds the rig and runs this there).
+//! Every instance's address is a loopback address served by that sshd, so clusters are real:
+//! starlingd is uploaded over SSH, the controller and engines run, python3 kernels compute.
+//! Without the rig these tests fail, loudly: they are not skipped.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+use starling::provider::ec2::{Ec2, Resources};
+
+const STARLING: &str = env!("CARGO_BIN_EXE_starling");
+const ENDPOINT: &str = "http://127.0.0.1:4566";
+const REGION: &str = "us-east-1";
+const TEMPLATE: &str = include_str!("../../templates/localstack.yaml");
+
+/// The rig's directory; panics with what to do when the suite runs without its rig.
+fn rig() -> PathBuf {
+    match std::env::var_os("STARLING_RIG") {
+        Some(p) => PathBuf::from(p),
+        None => panic!(
+            "the end-to-end rig is missing (no STARLING_RIG): run `tests/e2e/run.sh`, which starts LocalStack and sshd in a network namespace and runs this suite there"
+        ),
+    }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    #[track_caller]
+    fn ok(self) -> Self {
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    fn fails(self) -> Self {
+        assert_ne!(
+            self.code, 0,
+            "expected failure\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    fn json(&self) -> Json {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr:\n{}", self.stdout, self.stderr))
+    }
+}
+
+/// A user of the rig: a home with the rig's SSH key as `~/.ssh/id_ed25519` and a private
+/// STARLING_HOME. On drop, takes its cluster down (printing the nodes' logs first if the test
+/// failed) so that a failing test leaves nothing behind either.
+struct User {
+    home: tempfile::TempDir,
+    cluster: String,
+}
+
+impl User {
+    fn new(cluster: &str) -> Self {
+        let rig = rig();
+        let home = tempfile::Builder::new()
+            .prefix("starling-e2e-")
+            .tempdir()
+            .expect("a temp dir");
+        let ssh = home.path().join(".ssh");
+        std::fs::create_dir_all(&ssh).unwrap();
+        for (from, to) in [("userkey", "id_ed25519"), ("userkey.pub", "id_ed25519.pub")] {
+            std::fs::copy(rig.join(from), ssh.join(to)).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(ssh.join("id_ed25519"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        Self {
+            home,
+            cluster: cluster.to_string(),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(STARLING);
+        cmd.args(args)
+            .env("HOME", self.home.path())
+            .env("STARLING_HOME", self.home.path().join(".starling"))
+            .env_remove("STARLING_CLUSTER")
+            .current_dir(self.home.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        let out = self.command(args).output().expect("starling runs");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Writes a spec: the LocalStack template with `changes` (YAML lines replacing the keys
+    /// they name at the top level, or appended).
+    fn spec(&self, file: &str, changes: &str) -> PathBuf {
+        let mut text = String::new();
+        let replaced: Vec<&str> = changes
+            .lines()
+            .filter(|l| !l.starts_with(' ') && l.contains(':'))
+            .map(|l| l.split(':').next().unwrap())
+            .collect();
+        let mut skipping = false;
+        for line in TEMPLATE.lines() {
+            let key = line.split(':').next().unwrap_or("");
+            if !line.starts_with(' ') && !line.starts_with('#') && !line.is_empty() {
+                skipping = replaced.contains(&key);
+            }
+            if !skipping {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text.push_str(changes);
+        let path = self.home.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.home.path().join(rel)
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_node_logs(&self.cluster);
+        }
+        let _ = self.run(&["down", &self.cluster]);
+    }
+}
+
+/// Where the rig's nodes keep a cluster's files (every "instance" is this machine).
+fn node_root(cluster: &str) -> PathBuf {
+    PathBuf::from(std::env::var("STARLING_RIG_NODE_HOME").unwrap_or_else(|_| "/root".into()))
+        .join(".starling/node")
+        .join(cluster)
+}
+
+fn print_node_logs(cluster: &str) {
+    let Ok(nodes) = std::fs::read_dir(node_root(cluster)) else {
+        return;
+    };
+    for node in nodes.flatten() {
+        let Ok(logs) = std::fs::read_dir(node.path().join("logs")) else {
+            continue;
+        };
+        for log in logs.flatten() {
+            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("---- {} (last 30 lines) ----", log.path().display());
+            eprintln!("{}", lines[lines.len().saturating_sub(30)..].join("\n"));
+        }
+    }
+}
+
+/// Processes on this machine that belong to a node of `cluster`.
+fn cluster_processes(cluster: &str) -> Vec<u32> {
+    let mark = format!(
+        "{}={}/",
+        starling::node::MARK_VAR,
+        node_root(cluster).display()
+    );
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|b| *b == 0)
+                    .any(|kv| kv.starts_with(mark.as_bytes()))
+            })
+        })
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        })
+        .collect()
+}
+
+fn ec2_resources(cluster: &str) -> Resources {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let api = Ec2::connect(REGION, Some(ENDPOINT)).await;
+        api.resources(cluster).await.expect("LocalStack answers")
+    })
+}
+
+/// Polls `check` until it holds or `within` passes.
+#[track_caller]
+fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What `down` must leave: nothing in EC2, no process, no node files.
+#[track_caller]
+fn assert_nothing_left(cluster: &str) {
+    let left = ec2_resources(cluster);
+    assert!(left.is_empty(), "EC2 still has: {}", left.describe());
+    eventually(Duration::from_secs(10), "no starlingd process of the cluster", || {
+        cluster_processes(cluster).is_empty()
+    });
+    assert!(
+        !node_root(cluster).exists(),
+        "{} is still there",
+        node_root(cluster).display()
+    );
+}
+
+/// Each engine's node address (from `status`), by engine id.
+fn engine_hosts(user: &User, cluster: &str) -> Vec<(u64, String, String)> {
+    let status = user
+        .run(&["status", cluster, "--output", "json"])
+        .ok()
+        .stdout;
+    // `status` prints the nodes document, then the engines document.
+    let mut docs = serde_json::Deserializer::from_str(&status).into_iter::<Json>();
+    let _nodes = docs.next().expect("a nodes document").unwrap();
+    let engines = docs.next().expect("an engines document").unwrap();
+    engines["engines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["state"] != "lost")
+        .map(|e| {
+            (
+                e["id"].as_u64().unwrap(),
+                e["node"].as_str().unwrap().to_string(),
+                e["host"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn ec2_cluster_from_the_localstack_template_end_to_end() {
+    let name = "e2e-main";
+    let user = User::new(name);
+    let teammate = User::new(name);
+
+    // up: a master and 2 nodes, 2 engines each, from templates/localstack.yaml as it is.
+    let up = user
+        .run(&["up", "-f", &format!("{}/templates/localstack.yaml", env!("CARGO_MANIFEST_DIR")), "--name", name, "--output", "json"])
+        .ok();
+    let launched = up.json();
+    assert_eq!(launched["cluster"], name);
+    assert_eq!(launched["engines"].as_array().unwrap().len(), 6, "{}", up.stderr);
+    assert_eq!(launched["nodes"].as_array().unwrap().len(), 3);
+    let conn: Json = serde_json::from_str(
+        &std::fs::read_to_string(user.path(&format!(".starling/clusters/{name}/connection.json"))).unwrap(),
+    )
+    .unwrap();
+    let controller = conn["controller"].as_str().unwrap().to_string();
+    assert!(controller.starts_with("127.0.0."), "the master's own address: {controller}");
+
+    // Every resource is tagged with the cluster.
+    let res = ec2_resources(name);
+    assert_eq!(res.instances.len(), 3);
+    assert_eq!(res.security_groups.len(), 1);
+    assert_eq!(res.key_pairs, vec![format!("starling-{name}")]);
+    let mut nodes: Vec<&str> = res.instances.iter().map(|i| i.node.as_str()).collect();
+    nodes.sort_unstable();
+    assert_eq!(nodes, ["master", "node001", "node002"]);
+
+    // list shows it, from the tags.
+    let list = user.run(&["list", "--output", "json"]).ok().json();
+    let mine = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not listed: {list}"));
+    assert_eq!(mine["provider"], "ec2");
+    assert_eq!(mine["state"], "running");
+    assert_eq!(mine["nodes"], 3);
+    assert_eq!(mine["types"], "t3.small");
+    assert_eq!(mine["engines"], 6);
+
+    // px on every engine: each runs on its own node, at that node's own address.
+    let px = user
+        .run(&["px", "--cluster", name, "--output", "json", "import os; os.environ['SSH_CONNECTION'].split()[2]"])
+        .ok()
+        .json();
+    let hosts = engine_hosts(&user, name);
+    assert_eq!(hosts.len(), 6);
+    let by_engine: std::collections::HashMap<u64, String> =
+        hosts.iter().map(|(id, _, host)| (*id, host.clone())).collect();
+    for r in px.as_array().unwrap() {
+        let id = r["engine"].as_u64().unwrap();
+        assert_eq!(r["value"].as_str().unwrap(), by_engine[&id], "engine {id}");
+    }
+    let mut addrs: Vec<&String> = by_engine.values().collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 3, "three nodes, three addresses: {addrs:?}");
+
+    // A load-balanced map.
+    let map = user
+        .run(&["map", "--cluster", name, "--output", "json", "lambda x: x * x", "--range", "200"])
+        .ok()
+        .json();
+    let squares: Vec<i64> = (0..200).map(|x| x * x).collect();
+    assert_eq!(map, serde_json::json!(squares));
+
+    // A teammate with the same account: sees it, fetches the connection file, uses it.
+    let key = teammate.path(".ssh/id_ed25519");
+    let tl = teammate
+        .run(&["list", "--region", REGION, "--endpoint-url", ENDPOINT, "--output", "json"])
+        .ok()
+        .json();
+    assert!(tl.as_array().unwrap().iter().any(|c| c["name"] == name && c["nodes"] == 3), "{tl}");
+    teammate
+        .run(&["connect", name, "--region", REGION, "--endpoint-url", ENDPOINT, "-i", key.to_str().unwrap()])
+        .ok();
+    let ids = teammate.run(&["ids", "--cluster", name]).ok();
+    assert_eq!(ids.stdout.trim(), "[0, 1, 2, 3, 4, 5]");
+
+    // add-node: a new node whose engines take work.
+    let added = user.run(&["add-node", name, "-n", "1", "--output", "json"]).ok().json();
+    assert_eq!(added["nodes"][0]["node"], "node003");
+    assert_eq!(added["engines"].as_array().unwrap().len(), 8);
+    let hosts = engine_hosts(&user, name);
+    let new: Vec<u64> = hosts.iter().filter(|h| h.1 == "node003").map(|h| h.0).collect();
+    assert_eq!(new.len(), 2);
+    user.run(&[
+        "map", "--cluster", name, "f", "--def", "import time\ndef f(x):\n    time.sleep(0.02)\n    return x",
+        "--range", "200", "--chunksize", "1",
+    ])
+    .ok();
+    let status = user.run(&["status", name, "--output", "json"]).ok().stdout;
+    let mut docs = serde_json::Deserializer::from_str(&status).into_iter::<Json>();
+    let nodes_doc = docs.next().unwrap().unwrap();
+    assert_eq!(nodes_doc["nodes"].as_array().unwrap().len(), 4);
+    let engines_doc = docs.next().unwrap().unwrap();
+    for e in engines_doc["engines"].as_array().unwrap() {
+        if new.contains(&e["id"].as_u64().unwrap()) {
+            assert!(e["tasks_done"].as_u64().unwrap() > 0, "the new engine took work: {e}");
+        }
+    }
+
+    // remove-node: its engines go, the rest keep working.
+    user.run(&["remove-node", name, "node003"]).ok();
+    eventually(Duration::from_secs(20), "6 engines after remove-node", || {
+        engine_hosts(&user, name).len() == 6
+    });
+    assert_eq!(ec2_resources(name).instances.len(), 3);
+    user.run(&["px", "--cluster", name, "1 + 1"]).ok();
+
+    // exec on every node, output prefixed by node.
+    let exec = user.run(&["exec", name, "echo $SSH_CONNECTION | cut -d' ' -f3"]).ok();
+    let lines: Vec<&str> = exec.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", exec.stdout);
+    for node in ["master", "node001", "node002"] {
+        assert!(lines.iter().any(|l| l.starts_with(&format!("{node}: 127.0.0."))), "{node} in {lines:?}");
+    }
+
+    // put and get.
+    let src = user.path("data.txt");
+    std::fs::write(&src, "measurements\n1 2 3\n").unwrap();
+    user.run(&["put", name, src.to_str().unwrap(), "e2e-main-input/data.txt"]).ok();
+    let exec = user.run(&["exec", name, "cat e2e-main-input/data.txt | wc -l"]).ok();
+    assert_eq!(exec.stdout.lines().filter(|l| l.ends_with(": 2")).count(), 3, "{}", exec.stdout);
+    let back = user.path("back.txt");
+    user.run(&["get", name, "e2e-main-input/data.txt", back.to_str().unwrap(), "--node", "node002"])
+        .ok();
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "measurements\n1 2 3\n");
+    user.run(&["exec", name, "rm -rf e2e-main-input"]).ok();
+
+    // ssh to a node runs the command there.
+    let ssh = user.run(&["ssh", name, "node001", "--", "echo", "$SSH_CONNECTION"]).ok();
+    let node001 = &res.instances.iter().find(|i| i.node == "node001").unwrap().private_ip;
+    assert!(ssh.stdout.contains(node001.as_deref().unwrap()), "{}", ssh.stdout);
+
+    // down: nothing of the cluster is left, anywhere.
+    let down = user.run(&["down", name]).ok();
+    assert!(down.stdout.contains("nothing of it remains"), "{}", down.stdout);
+    assert_nothing_left(name);
+    // And again: idempotent.
+    let again = user.run(&["down", name]).ok();
+    assert!(again.stdout.contains("nothing"), "{}", again.stdout);
+}
