@@ -556,7 +556,9 @@ pub fn teardown_script(cluster: &str, node: &str) -> String {
 /// The script that stops a node's processes and keeps its files (`stop`).
 pub fn stop_script(cluster: &str, node: &str) -> String {
     let q = format!("\"$HOME/{}\"", node_dir(cluster, node));
-    format!("if [ -x {q}/bin/starlingd ]; then {q}/bin/starlingd stop --root {q} >/dev/null; fi; true")
+    format!(
+        "if [ -x {q}/bin/starlingd ]; then {q}/bin/starlingd stop --root {q} >/dev/null; fi; true"
+    )
 }
 
 /// The script that restarts a node's processes from the config it already has (`start`

@@ -47,12 +47,12 @@ CONF
 pids+=($!)
 
 # LocalStack's EC2 API.
-SERVICES=ec2 GATEWAY_LISTEN=127.0.0.1:4566 EAGER_SERVICE_LOADING=1 DISABLE_EVENTS=1 \
+DNS_ADDRESS=0 SERVICES=ec2 GATEWAY_LISTEN=127.0.0.1:4566 EAGER_SERVICE_LOADING=1 DISABLE_EVENTS=1 \
     LOCALSTACK_VOLUME_DIR=$RIG/lsvol "$STARLING_E2E_VENV/bin/python" -m localstack.runtime.main \
     > "$RIG/localstack.log" 2>&1 &
 pids+=($!)
 
-export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
+export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
 export AWS_ENDPOINT_URL=http://127.0.0.1:4566
 ready=
 for _ in $(seq 1 300); do

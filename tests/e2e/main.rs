@@ -81,8 +81,11 @@ impl User {
             std::fs::copy(rig.join(from), ssh.join(to)).unwrap();
         }
         use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(ssh.join("id_ed25519"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(
+            ssh.join("id_ed25519"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         Self {
             home,
             cluster: cluster.to_string(),
@@ -191,8 +194,13 @@ fn cluster_processes(cluster: &str) -> Vec<u32> {
             })
         })
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
         })
         .collect()
 }
@@ -223,9 +231,11 @@ fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
 fn assert_nothing_left(cluster: &str) {
     let left = ec2_resources(cluster);
     assert!(left.is_empty(), "EC2 still has: {}", left.describe());
-    eventually(Duration::from_secs(10), "no starlingd process of the cluster", || {
-        cluster_processes(cluster).is_empty()
-    });
+    eventually(
+        Duration::from_secs(10),
+        "no starlingd process of the cluster",
+        || cluster_processes(cluster).is_empty(),
+    );
     assert!(
         !node_root(cluster).exists(),
         "{} is still there",
@@ -266,18 +276,35 @@ fn ec2_cluster_from_the_localstack_template_end_to_end() {
 
     // up: a master and 2 nodes, 2 engines each, from templates/localstack.yaml as it is.
     let up = user
-        .run(&["up", "-f", &format!("{}/templates/localstack.yaml", env!("CARGO_MANIFEST_DIR")), "--name", name, "--output", "json"])
+        .run(&[
+            "up",
+            "-f",
+            &format!("{}/templates/localstack.yaml", env!("CARGO_MANIFEST_DIR")),
+            "--name",
+            name,
+            "--output",
+            "json",
+        ])
         .ok();
     let launched = up.json();
     assert_eq!(launched["cluster"], name);
-    assert_eq!(launched["engines"].as_array().unwrap().len(), 6, "{}", up.stderr);
+    assert_eq!(
+        launched["engines"].as_array().unwrap().len(),
+        6,
+        "{}",
+        up.stderr
+    );
     assert_eq!(launched["nodes"].as_array().unwrap().len(), 3);
     let conn: Json = serde_json::from_str(
-        &std::fs::read_to_string(user.path(&format!(".starling/clusters/{name}/connection.json"))).unwrap(),
+        &std::fs::read_to_string(user.path(&format!(".starling/clusters/{name}/connection.json")))
+            .unwrap(),
     )
     .unwrap();
     let controller = conn["controller"].as_str().unwrap().to_string();
-    assert!(controller.starts_with("127.0.0."), "the master's own address: {controller}");
+    assert!(
+        controller.starts_with("127.0.0."),
+        "the master's own address: {controller}"
+    );
 
     // Every resource is tagged with the cluster.
     let res = ec2_resources(name);
@@ -304,13 +331,22 @@ fn ec2_cluster_from_the_localstack_template_end_to_end() {
 
     // px on every engine: each runs on its own node, at that node's own address.
     let px = user
-        .run(&["px", "--cluster", name, "--output", "json", "import os; os.environ['SSH_CONNECTION'].split()[2]"])
+        .run(&[
+            "px",
+            "--cluster",
+            name,
+            "--output",
+            "json",
+            "import os; os.environ['SSH_CONNECTION'].split()[2]",
+        ])
         .ok()
         .json();
     let hosts = engine_hosts(&user, name);
     assert_eq!(hosts.len(), 6);
-    let by_engine: std::collections::HashMap<u64, String> =
-        hosts.iter().map(|(id, _, host)| (*id, host.clone())).collect();
+    let by_engine: std::collections::HashMap<u64, String> = hosts
+        .iter()
+        .map(|(id, _, host)| (*id, host.clone()))
+        .collect();
     for r in px.as_array().unwrap() {
         let id = r["engine"].as_u64().unwrap();
         assert_eq!(r["value"].as_str().unwrap(), by_engine[&id], "engine {id}");
@@ -322,7 +358,16 @@ fn ec2_cluster_from_the_localstack_template_end_to_end() {
 
     // A load-balanced map.
     let map = user
-        .run(&["map", "--cluster", name, "--output", "json", "lambda x: x * x", "--range", "200"])
+        .run(&[
+            "map",
+            "--cluster",
+            name,
+            "--output",
+            "json",
+            "lambda x: x * x",
+            "--range",
+            "200",
+        ])
         .ok()
         .json();
     let squares: Vec<i64> = (0..200).map(|x| x * x).collect();
@@ -331,26 +376,64 @@ fn ec2_cluster_from_the_localstack_template_end_to_end() {
     // A teammate with the same account: sees it, fetches the connection file, uses it.
     let key = teammate.path(".ssh/id_ed25519");
     let tl = teammate
-        .run(&["list", "--region", REGION, "--endpoint-url", ENDPOINT, "--output", "json"])
+        .run(&[
+            "list",
+            "--region",
+            REGION,
+            "--endpoint-url",
+            ENDPOINT,
+            "--output",
+            "json",
+        ])
         .ok()
         .json();
-    assert!(tl.as_array().unwrap().iter().any(|c| c["name"] == name && c["nodes"] == 3), "{tl}");
+    assert!(
+        tl.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == name && c["nodes"] == 3),
+        "{tl}"
+    );
     teammate
-        .run(&["connect", name, "--region", REGION, "--endpoint-url", ENDPOINT, "-i", key.to_str().unwrap()])
+        .run(&[
+            "connect",
+            name,
+            "--region",
+            REGION,
+            "--endpoint-url",
+            ENDPOINT,
+            "-i",
+            key.to_str().unwrap(),
+        ])
         .ok();
     let ids = teammate.run(&["ids", "--cluster", name]).ok();
     assert_eq!(ids.stdout.trim(), "[0, 1, 2, 3, 4, 5]");
 
     // add-node: a new node whose engines take work.
-    let added = user.run(&["add-node", name, "-n", "1", "--output", "json"]).ok().json();
+    let added = user
+        .run(&["add-node", name, "-n", "1", "--output", "json"])
+        .ok()
+        .json();
     assert_eq!(added["nodes"][0]["node"], "node003");
     assert_eq!(added["engines"].as_array().unwrap().len(), 8);
     let hosts = engine_hosts(&user, name);
-    let new: Vec<u64> = hosts.iter().filter(|h| h.1 == "node003").map(|h| h.0).collect();
+    let new: Vec<u64> = hosts
+        .iter()
+        .filter(|h| h.1 == "node003")
+        .map(|h| h.0)
+        .collect();
     assert_eq!(new.len(), 2);
     user.run(&[
-        "map", "--cluster", name, "f", "--def", "import time\ndef f(x):\n    time.sleep(0.02)\n    return x",
-        "--range", "200", "--chunksize", "1",
+        "map",
+        "--cluster",
+        name,
+        "f",
+        "--def",
+        "import time\ndef f(x):\n    time.sleep(0.02)\n    return x",
+        "--range",
+        "200",
+        "--chunksize",
+        "1",
     ])
     .ok();
     let status = user.run(&["status", name, "--output", "json"]).ok().stdout;
@@ -360,46 +443,96 @@ fn ec2_cluster_from_the_localstack_template_end_to_end() {
     let engines_doc = docs.next().unwrap().unwrap();
     for e in engines_doc["engines"].as_array().unwrap() {
         if new.contains(&e["id"].as_u64().unwrap()) {
-            assert!(e["tasks_done"].as_u64().unwrap() > 0, "the new engine took work: {e}");
+            assert!(
+                e["tasks_done"].as_u64().unwrap() > 0,
+                "the new engine took work: {e}"
+            );
         }
     }
 
     // remove-node: its engines go, the rest keep working.
     user.run(&["remove-node", name, "node003"]).ok();
-    eventually(Duration::from_secs(20), "6 engines after remove-node", || {
-        engine_hosts(&user, name).len() == 6
-    });
+    eventually(
+        Duration::from_secs(20),
+        "6 engines after remove-node",
+        || engine_hosts(&user, name).len() == 6,
+    );
     assert_eq!(ec2_resources(name).instances.len(), 3);
     user.run(&["px", "--cluster", name, "1 + 1"]).ok();
 
     // exec on every node, output prefixed by node.
-    let exec = user.run(&["exec", name, "echo $SSH_CONNECTION | cut -d' ' -f3"]).ok();
+    let exec = user
+        .run(&["exec", name, "echo $SSH_CONNECTION | cut -d' ' -f3"])
+        .ok();
     let lines: Vec<&str> = exec.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{}", exec.stdout);
     for node in ["master", "node001", "node002"] {
-        assert!(lines.iter().any(|l| l.starts_with(&format!("{node}: 127.0.0."))), "{node} in {lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("{node}: 127.0.0."))),
+            "{node} in {lines:?}"
+        );
     }
 
     // put and get.
     let src = user.path("data.txt");
     std::fs::write(&src, "measurements\n1 2 3\n").unwrap();
-    user.run(&["put", name, src.to_str().unwrap(), "e2e-main-input/data.txt"]).ok();
-    let exec = user.run(&["exec", name, "cat e2e-main-input/data.txt | wc -l"]).ok();
-    assert_eq!(exec.stdout.lines().filter(|l| l.ends_with(": 2")).count(), 3, "{}", exec.stdout);
-    let back = user.path("back.txt");
-    user.run(&["get", name, "e2e-main-input/data.txt", back.to_str().unwrap(), "--node", "node002"])
+    user.run(&[
+        "put",
+        name,
+        src.to_str().unwrap(),
+        "e2e-main-input/data.txt",
+    ])
+    .ok();
+    let exec = user
+        .run(&["exec", name, "cat e2e-main-input/data.txt | wc -l"])
         .ok();
-    assert_eq!(std::fs::read_to_string(&back).unwrap(), "measurements\n1 2 3\n");
+    assert_eq!(
+        exec.stdout.lines().filter(|l| l.ends_with(": 2")).count(),
+        3,
+        "{}",
+        exec.stdout
+    );
+    let back = user.path("back.txt");
+    user.run(&[
+        "get",
+        name,
+        "e2e-main-input/data.txt",
+        back.to_str().unwrap(),
+        "--node",
+        "node002",
+    ])
+    .ok();
+    assert_eq!(
+        std::fs::read_to_string(&back).unwrap(),
+        "measurements\n1 2 3\n"
+    );
     user.run(&["exec", name, "rm -rf e2e-main-input"]).ok();
 
     // ssh to a node runs the command there.
-    let ssh = user.run(&["ssh", name, "node001", "--", "echo", "$SSH_CONNECTION"]).ok();
-    let node001 = &res.instances.iter().find(|i| i.node == "node001").unwrap().private_ip;
-    assert!(ssh.stdout.contains(node001.as_deref().unwrap()), "{}", ssh.stdout);
+    let ssh = user
+        .run(&["ssh", name, "node001", "--", "echo", "$SSH_CONNECTION"])
+        .ok();
+    let node001 = &res
+        .instances
+        .iter()
+        .find(|i| i.node == "node001")
+        .unwrap()
+        .private_ip;
+    assert!(
+        ssh.stdout.contains(node001.as_deref().unwrap()),
+        "{}",
+        ssh.stdout
+    );
 
     // down: nothing of the cluster is left, anywhere.
     let down = user.run(&["down", name]).ok();
-    assert!(down.stdout.contains("nothing of it remains"), "{}", down.stdout);
+    assert!(
+        down.stdout.contains("nothing of it remains"),
+        "{}",
+        down.stdout
+    );
     assert_nothing_left(name);
     // And again: idempotent.
     let again = user.run(&["down", name]).ok();

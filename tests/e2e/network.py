@@ -3,7 +3,7 @@
 tag gives them the fixed ids that templates/localstack.yaml and the tests use."""
 import boto3
 
-ec2 = boto3.client("ec2")
+ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url="http://127.0.0.1:4566")
 VPC = "vpc-00000000057a41196"
 
 

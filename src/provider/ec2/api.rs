@@ -27,6 +27,9 @@ pub const TAG_CLUSTER: &str = "starling:cluster";
 pub const TAG_ROLE: &str = "starling:role";
 pub const TAG_NODE: &str = "starling:node";
 pub const TAG_USER: &str = "starling:user";
+/// How starling reaches the node: `private` or `public` address, and the SSH port.
+pub const TAG_ADDRESS: &str = "starling:address";
+pub const TAG_SSH_PORT: &str = "starling:ssh-port";
 
 /// Attempts per API call (the SDK's standard retry: throttling such as RequestLimitExceeded,
 /// and transient server errors, with jittered exponential backoff).
@@ -59,6 +62,9 @@ pub struct Instance {
     /// Seconds since the epoch.
     pub launched: Option<i64>,
     pub user: Option<String>,
+    /// From the tags: reached at its private address.
+    pub reach_private: Option<bool>,
+    pub ssh_port: Option<u16>,
     pub spot: bool,
 }
 
@@ -139,6 +145,8 @@ pub struct LaunchRequest {
     pub security_group: String,
     pub subnet_id: Option<String>,
     pub user: String,
+    pub ssh_port: u16,
+    pub use_private_ip: bool,
     /// `Some(max price)` for spot (`""` for up to the on-demand price).
     pub spot: Option<String>,
     pub extra_tags: Vec<(String, String)>,
@@ -259,6 +267,8 @@ fn instance_from(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
         public_ip: i.public_ip_address().map(str::to_string),
         launched: i.launch_time().map(aws_sdk_ec2::primitives::DateTime::secs),
         user: tag_value(TAG_USER),
+        reach_private: tag_value(TAG_ADDRESS).map(|v| v == "private"),
+        ssh_port: tag_value(TAG_SSH_PORT).and_then(|p| p.parse().ok()),
         spot: i.instance_lifecycle().is_some_and(|l| l.as_str() == "spot"),
     })
 }
@@ -548,6 +558,16 @@ impl Ec2 {
             (TAG_ROLE.to_string(), role.to_string()),
             (TAG_NODE.to_string(), node.to_string()),
             (TAG_USER.to_string(), req.user.clone()),
+            (TAG_SSH_PORT.to_string(), req.ssh_port.to_string()),
+            (
+                TAG_ADDRESS.to_string(),
+                if req.use_private_ip {
+                    "private"
+                } else {
+                    "public"
+                }
+                .to_string(),
+            ),
             (
                 "Name".to_string(),
                 format!("starling-{}-{node}", req.cluster),
@@ -907,6 +927,8 @@ mod tests {
             security_group: "sg-0d1f2e3c4b5a69788".into(),
             subnet_id: None,
             user: "ubuntu".into(),
+            ssh_port: 22,
+            use_private_ip: false,
             spot: None,
             extra_tags: vec![],
         };

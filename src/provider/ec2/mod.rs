@@ -102,12 +102,12 @@ pub fn targets(
     for i in instances {
         out.push(NodeTarget {
             name: i.node.clone(),
-            ssh_host: i.address(use_private_ip)?,
+            ssh_host: i.address(i.reach_private.unwrap_or(use_private_ip))?,
             private: i
                 .private_ip
                 .clone()
                 .ok_or_else(|| ProviderError::Cloud(format!("{} has no private address", i.id)))?,
-            port,
+            port: i.ssh_port.unwrap_or(port),
             user: i.user.clone().unwrap_or_else(|| user.to_string()),
         });
     }
@@ -131,6 +131,8 @@ async fn launch_all(
         security_group,
         subnet_id: e.network.subnet_id.clone(),
         user: spec.ssh.user.to_string(),
+        ssh_port: spec.ssh.port,
+        use_private_ip: e.network.use_private_ip,
         spot: e
             .spot
             .as_ref()
@@ -495,7 +497,10 @@ pub async fn stop(
         return Err(ProviderError::NoSuchCluster(cluster.to_string()));
     }
     let (private, port, user) = reach(record);
-    let running: Vec<Instance> = instances.into_iter().filter(|i| i.state == "running").collect();
+    let running: Vec<Instance> = instances
+        .into_iter()
+        .filter(|i| i.state == "running")
+        .collect();
     let mut notes = Vec::new();
     if let Ok(nodes) = targets(&running, private, port, &user) {
         let stops = futures::future::join_all(nodes.iter().map(|n| async move {
