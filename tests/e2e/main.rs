@@ -4,8 +4,8 @@
 //! starlingd is uploaded over SSH, the controller and engines run, python3 kernels compute.
 //! Without the rig these tests fail, loudly: they are not skipped.
 
-use std::io::Read as _;
-use std::path::{Path, PathBuf};
+use std::io::BufRead as _;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -537,4 +537,246 @@ fn ec2_cluster_from_the_localstack_template_end_to_end() {
     // And again: idempotent.
     let again = user.run(&["down", name]).ok();
     assert!(again.stdout.contains("nothing"), "{}", again.stdout);
+}
+
+/// The network block of a spec whose instances live in subnet 127.0.N.0/24.
+fn network(n: u8) -> String {
+    format!(
+        "network:\n  vpc_id: vpc-00000000057a41196\n  subnet_id: subnet-000000000057a41{n:02x}\n  use_private_ip: true\n  ssh_cidrs: [127.0.0.0/8]\n  client_cidrs: [127.0.0.0/8]\n"
+    )
+}
+
+#[test]
+fn broken_specs_are_refused_before_anything_is_created() {
+    let user = User::new("broken");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/specs");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20, "the corpus of broken specs");
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} has no `# expect:` line", file.display()));
+        let up = user.run(&["up", "-f", file.to_str().unwrap()]).fails();
+        assert!(
+            up.stderr.contains(expect),
+            "{}: expected '{expect}' in:\n{}",
+            file.display(),
+            up.stderr
+        );
+    }
+    // Nothing was created: no record, no cluster in EC2.
+    assert!(!user.path(".starling/clusters").exists() || std::fs::read_dir(user.path(".starling/clusters")).unwrap().next().is_none());
+    assert!(ec2_resources("broken").is_empty());
+}
+
+#[test]
+fn an_ami_that_does_not_exist_is_named_and_nothing_is_created() {
+    let name = "e2e-bad-ami";
+    let user = User::new(name);
+    let spec = user.spec(
+        "bad-ami.yaml",
+        &format!("name: {name}\nimage:\n  id: ami-0123456789abcdef0\n{}", network(1)),
+    );
+    let up = user.run(&["up", "-f", spec.to_str().unwrap()]).fails();
+    assert!(
+        up.stderr.contains("the AMI ami-0123456789abcdef0 does not exist in us-east-1"),
+        "{}",
+        up.stderr
+    );
+    user.run(&["down", name]).ok();
+    assert_nothing_left(name);
+}
+
+#[test]
+fn nodes_whose_ssh_never_answers_fail_up_clearly_and_down_removes_everything() {
+    // The wrong port.
+    let name = "e2e-bad-port";
+    let user = User::new(name);
+    let spec = user.spec(
+        "bad-port.yaml",
+        &format!(
+            "name: {name}\nnodes: 1\nssh:\n  user: root\n  key_file: ~/.ssh/id_ed25519\n  port: 2222\n  timeout_s: 3\n{}",
+            network(2)
+        ),
+    );
+    let up = user.run(&["up", "-f", spec.to_str().unwrap()]).fails();
+    for want in [
+        "bootstrap failed on 2 node(s)",
+        "logging in: cannot log in as root on port 2222",
+        "what exists of cluster 'e2e-bad-port' now: 2 instance(s)",
+        "`starling down e2e-bad-port` removes it",
+    ] {
+        assert!(up.stderr.contains(want), "'{want}' in:\n{}", up.stderr);
+    }
+    assert_eq!(ec2_resources(name).instances.len(), 2);
+    user.run(&["down", name]).ok();
+    assert_nothing_left(name);
+
+    // The wrong key: one sshd accepts, but not this key.
+    let name = "e2e-bad-key";
+    let user = User::new(name);
+    let other = user.path(".ssh/other");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f", other.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(keygen.success());
+    let spec = user.spec(
+        "bad-key.yaml",
+        &format!(
+            "name: {name}\nnodes: 0\nssh:\n  user: root\n  key_file: {}\n  timeout_s: 3\n{}",
+            other.display(),
+            network(6)
+        ),
+    );
+    let up = user.run(&["up", "-f", spec.to_str().unwrap()]).fails();
+    assert!(up.stderr.contains("Permission denied"), "{}", up.stderr);
+    assert!(up.stderr.contains("`starling down e2e-bad-key` removes it"), "{}", up.stderr);
+    user.run(&["down", name]).ok();
+    assert_nothing_left(name);
+}
+
+#[test]
+fn a_setup_command_that_fails_on_one_node_names_it() {
+    let name = "e2e-setup";
+    let user = User::new(name);
+    let spec = user.spec(
+        "setup.yaml",
+        &format!(
+            "name: {name}\nnodes: 2\nsetup:\n  - echo preparing $STARLING_NODE\n  - '[ \"$STARLING_NODE\" != node002 ] || {{ echo \"no GPU on this node\" >&2; exit 3; }}'\n{}",
+            network(3)
+        ),
+    );
+    let up = user.run(&["up", "-f", spec.to_str().unwrap()]).fails();
+    for want in [
+        "bootstrap failed on 1 node(s)",
+        "node002 (127.0.3.",
+        "setup command 2 of 2",
+        "exit status 3",
+        "no GPU on this node",
+        "`starling down e2e-setup` removes it",
+    ] {
+        assert!(up.stderr.contains(want), "'{want}' in:\n{}", up.stderr);
+    }
+    assert!(!up.stderr.contains("node001 (127"), "only node002 failed:\n{}", up.stderr);
+    user.run(&["down", name]).ok();
+    assert_nothing_left(name);
+}
+
+#[test]
+fn ctrl_c_during_up_says_what_exists_and_down_removes_it() {
+    let name = "e2e-ctrl-c";
+    let user = User::new(name);
+    let spec = user.spec(
+        "slow.yaml",
+        &format!("name: {name}\nnodes: 1\nsetup:\n  - sleep 30\n{}", network(4)),
+    );
+    let mut child = user
+        .command(&["up", "-f", spec.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Interrupt while the nodes run their (slow) setup.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("up never started bootstrapping: {seen:?}"));
+        let go = line.contains("bootstrapping");
+        seen.push(line);
+        if go {
+            break;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = rx.iter().collect();
+    let text = format!("{}\n{}", seen.join("\n"), rest.join("\n"));
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(text.contains("interrupted: what exists of cluster 'e2e-ctrl-c' now: 2 instance(s)"), "{text}");
+    assert!(text.contains("security group sg-"), "{text}");
+    assert!(text.contains("key pair starling-e2e-ctrl-c"), "{text}");
+    assert!(text.contains("`starling down e2e-ctrl-c` removes it"), "{text}");
+    user.run(&["down", name]).ok();
+    assert_nothing_left(name);
+}
+
+#[test]
+fn stop_and_start_bring_the_same_cluster_back() {
+    let name = "e2e-stop";
+    let user = User::new(name);
+    let spec = user.spec("stop.yaml", &format!("name: {name}\nnodes: 1\n{}", network(5)));
+    user.run(&["up", "-f", spec.to_str().unwrap()]).ok();
+    user.run(&["px", "--cluster", name, "x = 41"]).ok();
+    user.run(&["stop", name]).ok();
+    let list = user.run(&["list", "--output", "json"]).ok().json();
+    let me = list.as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
+    assert_eq!(me["state"], "stopped", "{list}");
+    eventually(Duration::from_secs(10), "no starlingd while stopped", || {
+        cluster_processes(name).is_empty()
+    });
+    user.run(&["start", name]).ok();
+    let ids = user.run(&["ids", "--cluster", name]).ok();
+    assert_eq!(ids.stdout.trim(), "[0, 1, 2, 3]");
+    // Fresh kernels: the old namespace is gone, the cluster works.
+    let px = user.run(&["px", "--cluster", name, "--output", "json", "'x' in globals()"]).ok().json();
+    assert!(px.as_array().unwrap().iter().all(|r| r["value"] == false), "{px}");
+    user.run(&["down", name]).ok();
+    assert_nothing_left(name);
+}
+
+#[test]
+fn the_ssh_provider_bootstraps_listed_hosts() {
+    let name = "e2e-ssh";
+    let user = User::new(name);
+    let spec = user.path("hosts.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name: {name}\nprovider: ssh\nengines_per_node: 1\nssh:\n  user: root\n  key_file: ~/.ssh/id_ed25519\nhosts:\n  - host: 127.0.100.2\n  - host: 127.0.100.3\n"
+        ),
+    )
+    .unwrap();
+    let up = user.run(&["up", "-f", spec.to_str().unwrap(), "--output", "json"]).ok().json();
+    assert_eq!(up["engines"], serde_json::json!([0, 1]));
+    let px = user
+        .run(&["px", "--cluster", name, "--output", "json", "import os; os.environ['SSH_CONNECTION'].split()[2]"])
+        .ok()
+        .json();
+    let mut addrs: Vec<&str> = px.as_array().unwrap().iter().map(|r| r["value"].as_str().unwrap()).collect();
+    addrs.sort_unstable();
+    assert_eq!(addrs, ["127.0.100.2", "127.0.100.3"]);
+    let map = user.run(&["map", "--cluster", name, "--output", "json", "lambda x: x + 1", "--range", "10"]).ok().json();
+    assert_eq!(map, serde_json::json!([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
+    let exec = user.run(&["exec", name, "echo $SSH_CONNECTION | cut -d' ' -f3"]).ok();
+    assert_eq!(exec.stdout, "master: 127.0.100.2\nnode001: 127.0.100.3\n");
+    let list = user.run(&["list", "--output", "json"]).ok().json();
+    assert!(list.as_array().unwrap().iter().any(|c| c["name"] == name && c["provider"] == "ssh" && c["engines"] == 2), "{list}");
+    user.run(&["down", name]).ok();
+    eventually(Duration::from_secs(10), "no starlingd left on the hosts", || {
+        cluster_processes(name).is_empty()
+    });
+    assert!(!node_root(name).exists());
 }
