@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what it needs, then checks formatting,
-# lints, and runs every test (unit tests, and integration tests that start real starlingd
-# processes with real python3 kernels on loopback).
+# lints, and runs every test: unit tests, integration tests that start real starlingd processes
+# with real python3 kernels on loopback, and the end-to-end suite (LocalStack's EC2 API and a
+# real sshd in a private network namespace; tests/e2e/run.sh installs and starts them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,9 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --features e2e --locked -- -D warnings
 echo "== cargo test"
 # A hung test fails here, loudly and in time, instead of running into CI's limit.
 timeout 1800 cargo test --locked
+echo "== end-to-end: EC2 (LocalStack) and SSH clusters"
+timeout 1800 tests/e2e/run.sh

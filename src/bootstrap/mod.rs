@@ -143,6 +143,8 @@ impl Progress {
         NodeBar {
             bar,
             progress: self.clone(),
+            name: name.to_string(),
+            started: Instant::now(),
         }
     }
 }
@@ -150,10 +152,17 @@ impl Progress {
 struct NodeBar {
     bar: Option<ProgressBar>,
     progress: Progress,
+    name: String,
+    started: Instant,
 }
 
 impl NodeBar {
     fn step(&self, msg: &str) {
+        tracing::info!(
+            "{} at {:.3} s: {msg}",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
         if let Some(b) = &self.bar {
             b.set_message(msg.to_string());
         }
@@ -312,9 +321,16 @@ async fn boot_in(
     let node = &remote.node;
     let spec = &plan.spec;
 
+    // Every command is a round trip and a session on the node (~0.1 s on a small sshd), so
+    // the steps are packed into as few commands as their order allows.
     bar.step("detecting the machine");
     let probe = remote
-        .run("uname -m; printf '%s\\n' \"$HOME\"; nproc 2>/dev/null || getconf _NPROCESSORS_ONLN")
+        .run(&format!(
+            "uname -m; printf '%s\\n' \"$HOME\"; nproc 2>/dev/null || getconf _NPROCESSORS_ONLN; \
+             d=\"$HOME\"/{rel}; mkdir -p \"$d/bin\" \"$d/config\" \"$d/logs\" && chmod 700 \"$d\" \"$d/config\" && \
+             {{ sha256sum \"$d/bin/starlingd\" 2>/dev/null || echo none; }}",
+            rel = node_dir(&plan.cluster, &node.name)
+        ))
         .await
         .map_err(at("detecting the machine"))?;
     let mut lines = probe.lines();
@@ -326,6 +342,10 @@ async fn boot_in(
             .and_then(|l| l.trim().parse().ok())
             .unwrap_or(1),
     };
+    let have_sha = lines
+        .next()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("");
     let ours = std::env::consts::ARCH;
     if machine_arch(&probe.arch) != ours {
         return Err((
@@ -348,33 +368,96 @@ async fn boot_in(
     let dir = format!("{}/{}", probe.home, node_dir(&plan.cluster, &node.name));
     let qdir = shell_quote(&dir);
 
-    bar.step("installing starlingd");
-    let have = remote
-        .run(&format!(
-            "mkdir -p {qdir}/bin {qdir}/config {qdir}/logs && chmod 700 {qdir} {qdir}/config && \
-             {{ sha256sum {qdir}/bin/starlingd 2>/dev/null || true; }}"
-        ))
-        .await
-        .map_err(at("installing starlingd"))?;
-    let uploaded = have.split_whitespace().next() != Some(shared.daemon_sha.as_str());
-    if uploaded {
+    // The node's config and secrets (mode 0600), written with the upload.
+    let engines = match spec.engines_per_node {
+        Count::N(n) => n,
+        Count::Auto => probe.cores.max(1),
+    };
+    let engine = EngineConfig {
+        cluster: plan.cluster.clone(),
+        controller: plan.join.controller.clone(),
+        cert_pem: plan.join.cert_pem.clone(),
+        engine_key: plan.join.engine_key.clone(),
+        node: node.name.clone(),
+        host: node.private.clone(),
+        engines,
+        python: spec.python.clone(),
+        workdir: PathBuf::from(&probe.home),
+        log: Some(PathBuf::from(format!("{dir}/logs/kernels.log"))),
+        max_frame: plan.join.max_frame,
+    };
+    let mut files = vec![(
+        "engine.json",
+        serde_json::to_vec_pretty(&engine).expect("serializes"),
+    )];
+    let master = if is_master {
+        plan.master.as_ref()
+    } else {
+        None
+    };
+    if let Some(m) = master {
+        let mut controller = m.controller.clone();
+        controller.listen = format!("{}:{}", node.private, spec.controller_port);
+        controller.db = Some(PathBuf::from(format!("{dir}/tasks.db")));
+        files.push((
+            "controller.json",
+            serde_json::to_vec_pretty(&controller).expect("serializes"),
+        ));
+        files.push(("connection.json", m.connection.clone()));
+    }
+    let mut install = String::from("umask 077");
+    for (name, bytes) in &files {
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
+        let _ = write!(
+            install,
+            " && printf '%s' '{b64}' | base64 -d > {qdir}/config/{name}.part && mv -f {qdir}/config/{name}.part {qdir}/config/{name}"
+        );
+    }
+    let py = shell_quote(&spec.python);
+    let python_check = format!(
+        "{{ command -v {py} >/dev/null 2>&1 || {{ echo 'no {} on the PATH' >&2; exit 97; }}; \
+         {py} -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' || {{ echo 'it is older than 3.8' >&2; exit 97; }}; }}",
+        spec.python.replace('\'', "")
+    );
+    let python_error = |m: String| {
+        (
+            "checking python".to_string(),
+            format!("{m}; install Python 3.8 or newer with a setup command (e.g. `sudo apt-get install -y python3`), or set `python:` in the spec"),
+        )
+    };
+    // Without setup commands or files, python cannot change before the engines start: check
+    // it with the upload.
+    let check_early = spec.setup.is_empty() && spec.files.is_empty();
+    if check_early {
+        let _ = write!(install, " && {python_check}");
+    }
+    let uploaded = have_sha != shared.daemon_sha;
+    bar.step(if uploaded {
+        "uploading starlingd"
+    } else {
+        "writing config"
+    });
+    let result = if uploaded {
         remote
             .run_with_input(
                 &format!(
                     "cat > {qdir}/bin/starlingd.part && chmod 755 {qdir}/bin/starlingd.part && \
-                     mv -f {qdir}/bin/starlingd.part {qdir}/bin/starlingd && sha256sum {qdir}/bin/starlingd"
+                     [ \"$(sha256sum {qdir}/bin/starlingd.part | cut -d' ' -f1)\" = {sha} ] && \
+                     mv -f {qdir}/bin/starlingd.part {qdir}/bin/starlingd && {install}",
+                    sha = shared.daemon_sha
                 ),
                 Some(&shared.daemon),
             )
             .await
-            .and_then(|out| {
-                if out.split_whitespace().next() == Some(shared.daemon_sha.as_str()) {
-                    Ok(())
-                } else {
-                    Err("the uploaded starlingd does not match its checksum".into())
-                }
-            })
-            .map_err(at("uploading starlingd"))?;
+    } else {
+        remote.run(&install).await
+    };
+    if let Err(m) = result {
+        return Err(if m.starts_with("exit status 97") {
+            python_error(m)
+        } else {
+            ("installing starlingd and its config".into(), m)
+        });
     }
 
     for (i, cmd) in spec.setup.iter().enumerate() {
@@ -416,93 +499,45 @@ async fn boot_in(
             .map_err(|m| (step, m))?;
     }
 
-    bar.step("checking python");
-    let py = shell_quote(&spec.python);
-    remote
-        .run(&format!(
-            "command -v {py} >/dev/null 2>&1 || {{ echo 'no {} on the PATH'; exit 1; }}; \
-             {py} -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' || {{ echo 'it is older than 3.8'; exit 1; }}",
-            spec.python.replace('\'', "")
-        ))
-        .await
-        .map_err(|m| {
-            (
-                "checking python".to_string(),
-                format!("{m}; install Python 3.8 or newer with a setup command (e.g. `sudo apt-get install -y python3`), or set `python:` in the spec"),
-            )
-        })?;
-
-    bar.step("writing config");
-    let engines = match spec.engines_per_node {
-        Count::N(n) => n,
-        Count::Auto => probe.cores.max(1),
-    };
-    let engine = EngineConfig {
-        cluster: plan.cluster.clone(),
-        controller: plan.join.controller.clone(),
-        cert_pem: plan.join.cert_pem.clone(),
-        engine_key: plan.join.engine_key.clone(),
-        node: node.name.clone(),
-        host: node.private.clone(),
-        engines,
-        python: spec.python.clone(),
-        workdir: PathBuf::from(&probe.home),
-        log: Some(PathBuf::from(format!("{dir}/logs/kernels.log"))),
-        max_frame: plan.join.max_frame,
-    };
-    let mut files = vec![(
-        "engine.json",
-        serde_json::to_vec_pretty(&engine).expect("serializes"),
-    )];
-    let master = if is_master {
-        plan.master.as_ref()
-    } else {
-        None
-    };
-    if let Some(m) = master {
-        let mut controller = m.controller.clone();
-        controller.listen = format!("{}:{}", node.private, spec.controller_port);
-        controller.db = Some(PathBuf::from(format!("{dir}/tasks.db")));
-        files.push((
-            "controller.json",
-            serde_json::to_vec_pretty(&controller).expect("serializes"),
-        ));
-        files.push(("connection.json", m.connection.clone()));
-    }
-    for (name, bytes) in &files {
-        remote
-            .run_with_input(
-                &format!(
-                    "umask 077 && cat > {qdir}/config/{name}.part && mv -f {qdir}/config/{name}.part {qdir}/config/{name}"
-                ),
-                Some(bytes),
-            )
-            .await
-            .map_err(at("writing config"))?;
-    }
-
     let start = |role: &str| {
         format!(
-            "cd \"$HOME\" && {MARK_VAR}={qdir} exec {qdir}/bin/starlingd {role} --config {qdir}/config/{role}.json \
+            "{MARK_VAR}={qdir} {qdir}/bin/starlingd {role} --config {qdir}/config/{role}.json \
              --daemon --log {qdir}/logs/{role}.log --pid-file {qdir}/{role}.pid"
         )
     };
-    if master.is_some() {
-        bar.step("starting the controller");
-        let started = remote.run(&start("controller")).await;
-        match started {
-            Ok(out) if out.starts_with("listening ") => {
-                shared.controller.send_replace(Some(Ok(())));
-            }
-            Ok(out) => {
-                return Err((
-                    "starting the controller".into(),
-                    format!("it said '{}' instead of its address", out.trim()),
-                ))
-            }
-            Err(m) => return Err(("starting the controller".into(), m)),
-        }
+    let pre = if check_early {
+        "cd \"$HOME\"".to_string()
     } else {
+        format!("cd \"$HOME\" && {python_check}")
+    };
+    if master.is_some() {
+        bar.step("starting controller and engines");
+        let out = remote
+            .run(&format!(
+                "{pre} && {} && {}",
+                start("controller"),
+                start("engine")
+            ))
+            .await
+            .map_err(|m| {
+                if m.starts_with("exit status 97") {
+                    python_error(m)
+                } else {
+                    ("starting the controller and engines".into(), m)
+                }
+            })?;
+        if !out.starts_with("listening ") {
+            return Err((
+                "starting the controller".into(),
+                format!("it said '{}' instead of its address", out.trim()),
+            ));
+        }
+        shared.controller.send_replace(Some(Ok(())));
+    } else {
+        if !check_early {
+            bar.step("checking python");
+            remote.run(&pre).await.map_err(python_error)?;
+        }
         bar.step("waiting for the controller");
         let mut rx = shared.controller.subscribe();
         let state = rx
@@ -514,13 +549,12 @@ async fn boot_in(
         if let Some(Err(why)) = state {
             return Err(("waiting for the controller".into(), why));
         }
+        bar.step("starting engines");
+        remote
+            .run(&format!("cd \"$HOME\" && {}", start("engine")))
+            .await
+            .map_err(at("starting engines"))?;
     }
-
-    bar.step("starting engines");
-    remote
-        .run(&start("engine"))
-        .await
-        .map_err(at("starting engines"))?;
     Ok((engines, uploaded))
 }
 

@@ -5,6 +5,7 @@
 //! Without the rig these tests fail, loudly: they are not skipped.
 
 use std::io::BufRead as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,7 +81,6 @@ impl User {
         for (from, to) in [("userkey", "id_ed25519"), ("userkey.pub", "id_ed25519.pub")] {
             std::fs::copy(rig.join(from), ssh.join(to)).unwrap();
         }
-        use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(
             ssh.join("id_ed25519"),
             std::fs::Permissions::from_mode(0o600),
@@ -574,7 +574,13 @@ fn broken_specs_are_refused_before_anything_is_created() {
         );
     }
     // Nothing was created: no record, no cluster in EC2.
-    assert!(!user.path(".starling/clusters").exists() || std::fs::read_dir(user.path(".starling/clusters")).unwrap().next().is_none());
+    assert!(
+        !user.path(".starling/clusters").exists()
+            || std::fs::read_dir(user.path(".starling/clusters"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
     assert!(ec2_resources("broken").is_empty());
 }
 
@@ -584,11 +590,15 @@ fn an_ami_that_does_not_exist_is_named_and_nothing_is_created() {
     let user = User::new(name);
     let spec = user.spec(
         "bad-ami.yaml",
-        &format!("name: {name}\nimage:\n  id: ami-0123456789abcdef0\n{}", network(1)),
+        &format!(
+            "name: {name}\nimage:\n  id: ami-0123456789abcdef0\n{}",
+            network(1)
+        ),
     );
     let up = user.run(&["up", "-f", spec.to_str().unwrap()]).fails();
     assert!(
-        up.stderr.contains("the AMI ami-0123456789abcdef0 does not exist in us-east-1"),
+        up.stderr
+            .contains("the AMI ami-0123456789abcdef0 does not exist in us-east-1"),
         "{}",
         up.stderr
     );
@@ -626,7 +636,15 @@ fn nodes_whose_ssh_never_answers_fail_up_clearly_and_down_removes_everything() {
     let user = User::new(name);
     let other = user.path(".ssh/other");
     let keygen = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f", other.to_str().unwrap()])
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            other.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
     assert!(keygen.success());
@@ -640,7 +658,11 @@ fn nodes_whose_ssh_never_answers_fail_up_clearly_and_down_removes_everything() {
     );
     let up = user.run(&["up", "-f", spec.to_str().unwrap()]).fails();
     assert!(up.stderr.contains("Permission denied"), "{}", up.stderr);
-    assert!(up.stderr.contains("`starling down e2e-bad-key` removes it"), "{}", up.stderr);
+    assert!(
+        up.stderr.contains("`starling down e2e-bad-key` removes it"),
+        "{}",
+        up.stderr
+    );
     user.run(&["down", name]).ok();
     assert_nothing_left(name);
 }
@@ -667,7 +689,11 @@ fn a_setup_command_that_fails_on_one_node_names_it() {
     ] {
         assert!(up.stderr.contains(want), "'{want}' in:\n{}", up.stderr);
     }
-    assert!(!up.stderr.contains("node001 (127"), "only node002 failed:\n{}", up.stderr);
+    assert!(
+        !up.stderr.contains("node001 (127"),
+        "only node002 failed:\n{}",
+        up.stderr
+    );
     user.run(&["down", name]).ok();
     assert_nothing_left(name);
 }
@@ -678,7 +704,10 @@ fn ctrl_c_during_up_says_what_exists_and_down_removes_it() {
     let user = User::new(name);
     let spec = user.spec(
         "slow.yaml",
-        &format!("name: {name}\nnodes: 1\nsetup:\n  - sleep 30\n{}", network(4)),
+        &format!(
+            "name: {name}\nnodes: 1\nsetup:\n  - sleep 30\n{}",
+            network(4)
+        ),
     );
     let mut child = user
         .command(&["up", "-f", spec.to_str().unwrap()])
@@ -689,7 +718,10 @@ fn ctrl_c_during_up_says_what_exists_and_down_removes_it() {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = tx.send(line);
         }
     });
@@ -715,10 +747,16 @@ fn ctrl_c_during_up_says_what_exists_and_down_removes_it() {
     let rest: Vec<String> = rx.iter().collect();
     let text = format!("{}\n{}", seen.join("\n"), rest.join("\n"));
     assert_eq!(status.code(), Some(130), "{text}");
-    assert!(text.contains("interrupted: what exists of cluster 'e2e-ctrl-c' now: 2 instance(s)"), "{text}");
+    assert!(
+        text.contains("interrupted: what exists of cluster 'e2e-ctrl-c' now: 2 instance(s)"),
+        "{text}"
+    );
     assert!(text.contains("security group sg-"), "{text}");
     assert!(text.contains("key pair starling-e2e-ctrl-c"), "{text}");
-    assert!(text.contains("`starling down e2e-ctrl-c` removes it"), "{text}");
+    assert!(
+        text.contains("`starling down e2e-ctrl-c` removes it"),
+        "{text}"
+    );
     user.run(&["down", name]).ok();
     assert_nothing_left(name);
 }
@@ -727,22 +765,46 @@ fn ctrl_c_during_up_says_what_exists_and_down_removes_it() {
 fn stop_and_start_bring_the_same_cluster_back() {
     let name = "e2e-stop";
     let user = User::new(name);
-    let spec = user.spec("stop.yaml", &format!("name: {name}\nnodes: 1\n{}", network(5)));
+    let spec = user.spec(
+        "stop.yaml",
+        &format!("name: {name}\nnodes: 1\n{}", network(5)),
+    );
     user.run(&["up", "-f", spec.to_str().unwrap()]).ok();
     user.run(&["px", "--cluster", name, "x = 41"]).ok();
     user.run(&["stop", name]).ok();
     let list = user.run(&["list", "--output", "json"]).ok().json();
-    let me = list.as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
+    let me = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone();
     assert_eq!(me["state"], "stopped", "{list}");
-    eventually(Duration::from_secs(10), "no starlingd while stopped", || {
-        cluster_processes(name).is_empty()
-    });
+    eventually(
+        Duration::from_secs(10),
+        "no starlingd while stopped",
+        || cluster_processes(name).is_empty(),
+    );
     user.run(&["start", name]).ok();
     let ids = user.run(&["ids", "--cluster", name]).ok();
     assert_eq!(ids.stdout.trim(), "[0, 1, 2, 3]");
     // Fresh kernels: the old namespace is gone, the cluster works.
-    let px = user.run(&["px", "--cluster", name, "--output", "json", "'x' in globals()"]).ok().json();
-    assert!(px.as_array().unwrap().iter().all(|r| r["value"] == false), "{px}");
+    let px = user
+        .run(&[
+            "px",
+            "--cluster",
+            name,
+            "--output",
+            "json",
+            "'x' in globals()",
+        ])
+        .ok()
+        .json();
+    assert!(
+        px.as_array().unwrap().iter().all(|r| r["value"] == false),
+        "{px}"
+    );
     user.run(&["down", name]).ok();
     assert_nothing_left(name);
 }
@@ -759,24 +821,61 @@ fn the_ssh_provider_bootstraps_listed_hosts() {
         ),
     )
     .unwrap();
-    let up = user.run(&["up", "-f", spec.to_str().unwrap(), "--output", "json"]).ok().json();
-    assert_eq!(up["engines"], serde_json::json!([0, 1]));
-    let px = user
-        .run(&["px", "--cluster", name, "--output", "json", "import os; os.environ['SSH_CONNECTION'].split()[2]"])
+    let up = user
+        .run(&["up", "-f", spec.to_str().unwrap(), "--output", "json"])
         .ok()
         .json();
-    let mut addrs: Vec<&str> = px.as_array().unwrap().iter().map(|r| r["value"].as_str().unwrap()).collect();
+    assert_eq!(up["engines"], serde_json::json!([0, 1]));
+    let px = user
+        .run(&[
+            "px",
+            "--cluster",
+            name,
+            "--output",
+            "json",
+            "import os; os.environ['SSH_CONNECTION'].split()[2]",
+        ])
+        .ok()
+        .json();
+    let mut addrs: Vec<&str> = px
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["value"].as_str().unwrap())
+        .collect();
     addrs.sort_unstable();
     assert_eq!(addrs, ["127.0.100.2", "127.0.100.3"]);
-    let map = user.run(&["map", "--cluster", name, "--output", "json", "lambda x: x + 1", "--range", "10"]).ok().json();
+    let map = user
+        .run(&[
+            "map",
+            "--cluster",
+            name,
+            "--output",
+            "json",
+            "lambda x: x + 1",
+            "--range",
+            "10",
+        ])
+        .ok()
+        .json();
     assert_eq!(map, serde_json::json!([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
-    let exec = user.run(&["exec", name, "echo $SSH_CONNECTION | cut -d' ' -f3"]).ok();
+    let exec = user
+        .run(&["exec", name, "echo $SSH_CONNECTION | cut -d' ' -f3"])
+        .ok();
     assert_eq!(exec.stdout, "master: 127.0.100.2\nnode001: 127.0.100.3\n");
     let list = user.run(&["list", "--output", "json"]).ok().json();
-    assert!(list.as_array().unwrap().iter().any(|c| c["name"] == name && c["provider"] == "ssh" && c["engines"] == 2), "{list}");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == name && c["provider"] == "ssh" && c["engines"] == 2),
+        "{list}"
+    );
     user.run(&["down", name]).ok();
-    eventually(Duration::from_secs(10), "no starlingd left on the hosts", || {
-        cluster_processes(name).is_empty()
-    });
+    eventually(
+        Duration::from_secs(10),
+        "no starlingd left on the hosts",
+        || cluster_processes(name).is_empty(),
+    );
     assert!(!node_root(name).exists());
 }
