@@ -85,7 +85,12 @@ pub fn terminated(f: Format, t: &Terminated) {
             for n in &t.notes {
                 eprintln!("note: {n}");
             }
-            if !t.removed.is_empty() {
+            if !t.found {
+                println!(
+                    "nothing of cluster '{}' exists; nothing to take down",
+                    t.cluster
+                );
+            } else if !t.removed.is_empty() {
                 println!(
                     "cluster '{}' is down: removed {}; nothing of it remains",
                     t.cluster,
@@ -93,7 +98,7 @@ pub fn terminated(f: Format, t: &Terminated) {
                 );
             } else if t.was_dead {
                 println!(
-                    "cluster '{}' was not running (nothing of it was left); removed its files",
+                    "cluster '{}' was not running (its processes had already exited); removed its files",
                     t.cluster
                 );
             } else {

@@ -306,6 +306,7 @@ impl Provider for LocalProvider {
             was_dead: live.is_empty(),
             removed: Vec::new(),
             notes: Vec::new(),
+            found: true,
         })
     }
 

@@ -47,6 +47,8 @@ pub struct Terminated {
     pub removed: Vec<String>,
     /// Warnings: what could not be done and did not need to be.
     pub notes: Vec<String>,
+    /// Whether anything of the cluster existed at all (`down` twice finds nothing).
+    pub found: bool,
 }
 
 /// One line of `starling list`.
@@ -282,6 +284,7 @@ pub async fn down(name: &str, hints: &Hints) -> Result<Terminated, ProviderError
                 was_dead: true,
                 removed: Vec::new(),
                 notes: Vec::new(),
+                found: false,
             })
         }
         Err(e) => return Err(e),

@@ -78,6 +78,7 @@ pub async fn down(record: &Record) -> Result<Terminated, ProviderError> {
             nodes.len()
         )],
         notes: Vec::new(),
+        found: true,
     })
 }
 

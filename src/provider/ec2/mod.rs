@@ -160,6 +160,9 @@ pub async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, Pro
     let started = Instant::now();
     let name = spec.name.as_str();
     let e = ec2_spec(spec)?;
+    // What can be checked on this machine is checked before talking to EC2.
+    let public_key = public_key(spec)?;
+    super::daemon_path()?;
     let api = api_for(spec).await?;
     let existing = api.instances(Some(name)).await?;
     if !existing.is_empty() {
@@ -170,7 +173,6 @@ pub async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, Pro
         )));
     }
     // Everything that can be checked before anything is created, is.
-    let public_key = public_key(spec)?;
     progress.say(&format!("checking the image in {}", api.region()));
     let image = api.resolve_image(&e.image).await?;
     Record {
@@ -332,6 +334,7 @@ pub async fn down(
             vec![removed.describe()]
         },
         notes,
+        found: !removed.is_empty(),
     })
 }
 
