@@ -821,11 +821,28 @@ fn the_ssh_provider_bootstraps_listed_hosts() {
         ),
     )
     .unwrap();
+    // The master already has this very starlingd (as after an earlier `up`): its upload is
+    // skipped, by checksum; node001 gets it uploaded.
+    let bin = node_root(name).join("master/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(std::env::var("STARLINGD").unwrap(), bin.join("starlingd")).unwrap();
     let up = user
         .run(&["up", "-f", spec.to_str().unwrap(), "--output", "json"])
         .ok()
         .json();
     assert_eq!(up["engines"], serde_json::json!([0, 1]));
+    let uploaded: Vec<(&str, bool)> = up["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap(),
+                n["uploaded"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(uploaded, [("master", false), ("node001", true)]);
     let px = user
         .run(&[
             "px",

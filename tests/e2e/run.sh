@@ -40,8 +40,7 @@ if ! cmp -s tests/e2e/requirements-localstack.txt "$STAMP" 2>/dev/null; then
     cp tests/e2e/requirements-localstack.txt "$STAMP"
 fi
 
-# Build everything the suite runs, then enter the namespace.
-cargo build --locked --bins
+# Build everything the suite runs (the suite and both binaries), then enter the namespace.
 cargo test --locked --features e2e --test e2e --no-run
 export STARLING_E2E_VENV=$VENV
 if [ $# -eq 0 ]; then
