@@ -469,13 +469,13 @@ async fn boot_in(
         );
         bar.step(&format!("setup {}/{}", i + 1, spec.setup.len()));
         remote
-            .run(&format!(
+            .run_unbounded(&format!(
                 "out=$(cd \"$HOME\" && STARLING_CLUSTER={} STARLING_NODE={} bash -c {} 2>&1 </dev/null); rc=$?; \
                  printf '%s\\n' \"$out\" >> {qdir}/logs/setup.log; printf '%s\\n' \"$out\"; exit $rc",
                 plan.cluster,
                 node.name,
                 shell_quote(cmd)
-            ))
+            ), None)
             .await
             .map_err(|m| (step, m))?;
     }
@@ -606,6 +606,12 @@ pub fn restart_script(cluster: &str, node: &str, controller: bool) -> String {
     };
     let mut script = format!("cd \"$HOME\" && {q}/bin/starlingd stop --root {q} >/dev/null && ");
     if controller {
+        // A restarted controller numbers jobs from 1 again: it keeps the record of the earlier
+        // run beside its own instead of writing over it.
+        let _ = write!(
+            script,
+            "{{ [ ! -f {q}/tasks.db ] || mv -f {q}/tasks.db {q}/tasks-$(date +%s).db; }} && "
+        );
         script.push_str(&start("controller"));
         script.push_str(" && ");
     }

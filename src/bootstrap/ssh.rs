@@ -40,6 +40,8 @@ pub struct Login {
 
 /// How long one login attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one of starling's own commands on a node may take (uploads included).
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
 /// The pause between login attempts.
 const ATTEMPT_PAUSE: Duration = Duration::from_millis(500);
 
@@ -122,13 +124,29 @@ impl Remote {
     }
 
     /// Runs `script` with `sh -c`; its stdout, or an error with the exit status and the last
-    /// lines it wrote.
+    /// lines it wrote. Gives up after [`COMMAND_LIMIT`].
     pub async fn run(&self, script: &str) -> Result<String, String> {
         self.run_with_input(script, None).await
     }
 
-    /// Runs `script` with `input` on its stdin (an upload: `cat > FILE`).
+    /// Runs `script` with `input` on its stdin (an upload: `cat > FILE`); gives up after
+    /// [`COMMAND_LIMIT`].
     pub async fn run_with_input(
+        &self,
+        script: &str,
+        input: Option<&[u8]>,
+    ) -> Result<String, String> {
+        match tokio::time::timeout(COMMAND_LIMIT, self.run_unbounded(script, input)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no answer within {} s (the node or its network may be overloaded)",
+                COMMAND_LIMIT.as_secs()
+            )),
+        }
+    }
+
+    /// Runs `script` for as long as it takes (the spec's setup commands).
+    pub async fn run_unbounded(
         &self,
         script: &str,
         input: Option<&[u8]>,

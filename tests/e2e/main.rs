@@ -17,6 +17,8 @@ const STARLING: &str = env!("CARGO_BIN_EXE_starling");
 const ENDPOINT: &str = "http://127.0.0.1:4566";
 const REGION: &str = "us-east-1";
 const TEMPLATE: &str = include_str!("../../templates/localstack.yaml");
+/// The longest any one command may take on the rig before the test calls it hung.
+const COMMAND_LIMIT: Duration = Duration::from_secs(240);
 
 /// The rig's directory; panics with what to do when the suite runs without its rig.
 fn rig() -> PathBuf {
@@ -103,12 +105,50 @@ impl User {
         cmd
     }
 
+    /// Runs `starling ARGS`; a run that hangs is killed after [`COMMAND_LIMIT`] and fails the
+    /// test with what it printed.
     fn run(&self, args: &[&str]) -> Run {
-        let out = self.command(args).output().expect("starling runs");
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starling runs");
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut s);
+            s
+        });
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut s);
+            s
+        });
+        let deadline = Instant::now() + COMMAND_LIMIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+        let Some(status) = status else {
+            panic!(
+                "`starling {}` did not finish within {COMMAND_LIMIT:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+                args.join(" ")
+            );
+        };
         Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            code: status.code().unwrap_or(-1),
+            stdout,
+            stderr,
         }
     }
 
