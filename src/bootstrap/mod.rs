@@ -405,13 +405,29 @@ async fn boot_in(
         ));
         files.push(("connection.json", m.connection.clone()));
     }
+    // Config and secrets go on stdin, after starlingd when it is uploaded: one round trip,
+    // and nothing secret in a command line.
+    let uploaded = have_sha != shared.daemon_sha;
     let mut install = String::from("umask 077");
-    for (name, bytes) in &files {
-        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
+    let mut input: Vec<&[u8]> = Vec::new();
+    if uploaded {
         let _ = write!(
             install,
-            " && printf '%s' '{b64}' | base64 -d > {qdir}/config/{name}.part && mv -f {qdir}/config/{name}.part {qdir}/config/{name}"
+            " && head -c {len} > {qdir}/bin/starlingd.part && chmod 755 {qdir}/bin/starlingd.part && \
+             [ \"$(sha256sum {qdir}/bin/starlingd.part | cut -d' ' -f1)\" = {sha} ] && \
+             mv -f {qdir}/bin/starlingd.part {qdir}/bin/starlingd",
+            len = shared.daemon.len(),
+            sha = shared.daemon_sha
         );
+        input.push(&shared.daemon);
+    }
+    for (name, bytes) in &files {
+        let _ = write!(
+            install,
+            " && head -c {len} > {qdir}/config/{name}.part && mv -f {qdir}/config/{name}.part {qdir}/config/{name}",
+            len = bytes.len()
+        );
+        input.push(bytes);
     }
     let py = shell_quote(&spec.python);
     let python_check = format!(
@@ -431,27 +447,12 @@ async fn boot_in(
     if check_early {
         let _ = write!(install, " && {python_check}");
     }
-    let uploaded = have_sha != shared.daemon_sha;
     bar.step(if uploaded {
         "uploading starlingd"
     } else {
         "writing config"
     });
-    let result = if uploaded {
-        remote
-            .run_with_input(
-                &format!(
-                    "cat > {qdir}/bin/starlingd.part && chmod 755 {qdir}/bin/starlingd.part && \
-                     [ \"$(sha256sum {qdir}/bin/starlingd.part | cut -d' ' -f1)\" = {sha} ] && \
-                     mv -f {qdir}/bin/starlingd.part {qdir}/bin/starlingd && {install}",
-                    sha = shared.daemon_sha
-                ),
-                Some(&shared.daemon),
-            )
-            .await
-    } else {
-        remote.run(&install).await
-    };
+    let result = remote.run_with_input(&install, &input).await;
     if let Err(m) = result {
         return Err(if m.starts_with("exit status 97") {
             python_error(m)
@@ -475,7 +476,7 @@ async fn boot_in(
                 plan.cluster,
                 node.name,
                 shell_quote(cmd)
-            ), None)
+            ), &[])
             .await
             .map_err(|m| (step, m))?;
     }
@@ -493,7 +494,7 @@ async fn boot_in(
         remote
             .run_with_input(
                 &format!("cd \"$HOME\" && mkdir -p \"$(dirname {dest})\" && cat > {dest}"),
-                Some(&bytes),
+                &[&bytes],
             )
             .await
             .map_err(|m| (step, m))?;

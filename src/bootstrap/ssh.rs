@@ -126,16 +126,14 @@ impl Remote {
     /// Runs `script` with `sh -c`; its stdout, or an error with the exit status and the last
     /// lines it wrote. Gives up after [`COMMAND_LIMIT`].
     pub async fn run(&self, script: &str) -> Result<String, String> {
-        self.run_with_input(script, None).await
+        self.run_with_input(script, &[]).await
     }
 
-    /// Runs `script` with `input` on its stdin (an upload: `cat > FILE`); gives up after
-    /// [`COMMAND_LIMIT`].
-    pub async fn run_with_input(
-        &self,
-        script: &str,
-        input: Option<&[u8]>,
-    ) -> Result<String, String> {
+    /// Runs `script` with the `input` parts, one after the other, on its stdin (uploads:
+    /// `cat > FILE`, or `head -c LEN > FILE` for each of several); gives up after
+    /// [`COMMAND_LIMIT`]. Secrets travel this way, never in the command line, which other
+    /// users of a node could read.
+    pub async fn run_with_input(&self, script: &str, input: &[&[u8]]) -> Result<String, String> {
         match tokio::time::timeout(COMMAND_LIMIT, self.run_unbounded(script, input)).await {
             Ok(r) => r,
             Err(_) => Err(format!(
@@ -146,28 +144,26 @@ impl Remote {
     }
 
     /// Runs `script` for as long as it takes (the spec's setup commands).
-    pub async fn run_unbounded(
-        &self,
-        script: &str,
-        input: Option<&[u8]>,
-    ) -> Result<String, String> {
+    pub async fn run_unbounded(&self, script: &str, input: &[&[u8]]) -> Result<String, String> {
         let mut cmd = self.session.command("sh");
         cmd.arg("-c")
             .arg(script)
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
+            .stdin(if input.is_empty() {
                 Stdio::null()
+            } else {
+                Stdio::piped()
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().await.map_err(|e| describe(&e))?;
-        if let Some(bytes) = input {
+        if !input.is_empty() {
             let mut stdin = child.stdin().take().expect("piped");
-            stdin
-                .write_all(bytes)
-                .await
-                .map_err(|e| format!("sending {} bytes failed: {e}", bytes.len()))?;
+            for bytes in input {
+                stdin
+                    .write_all(bytes)
+                    .await
+                    .map_err(|e| format!("sending {} bytes failed: {e}", bytes.len()))?;
+            }
             stdin.shutdown().await.map_err(|e| e.to_string())?;
             drop(stdin);
         }

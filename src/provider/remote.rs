@@ -272,7 +272,7 @@ pub async fn put(
     let mut out: Vec<_> = futures::stream::iter(nodes.iter().cloned().map(|node| async move {
         let r = match Remote::connect(&node, login).await {
             Ok(remote) => {
-                let r = remote.run_with_input(script, Some(bytes)).await;
+                let r = remote.run_with_input(script, &[bytes.as_slice()]).await;
                 remote.close().await;
                 r
             }
