@@ -500,12 +500,7 @@ async fn boot_in(
             .map_err(|m| (step, m))?;
     }
 
-    let start = |role: &str| {
-        format!(
-            "{MARK_VAR}={qdir} {qdir}/bin/starlingd {role} --config {qdir}/config/{role}.json \
-             --daemon --log {qdir}/logs/{role}.log --pid-file {qdir}/{role}.pid"
-        )
-    };
+    let start = |role: &str| start_command(&qdir, role);
     let pre = if check_early {
         "cd \"$HOME\"".to_string()
     } else {
@@ -577,50 +572,57 @@ pub fn expand_home(path: &Path) -> PathBuf {
     }
 }
 
-/// The script that stops a node's processes and removes its directory (`down`,
-/// `remove-node`). Harmless where nothing of the cluster is.
-pub fn teardown_script(cluster: &str, node: &str) -> String {
-    let dir = format!("\"$HOME\"/{}", node_dir(cluster, node));
+/// The command that starts a node's `starlingd ROLE` (`controller` or `engine`) from its
+/// config as a daemon marked with the node's directory `dir` (shell-quoted). It returns once
+/// the daemon is ready; the controller prints `listening ADDR`.
+fn start_command(dir: &str, role: &str) -> String {
     format!(
-        "if [ -x {dir}/bin/starlingd ]; then {dir}/bin/starlingd stop --root \"$HOME/{rel}\" >/dev/null; fi; \
-         rm -rf {dir}; rmdir \"$HOME/.starling/node/{cluster}\" 2>/dev/null; true",
-        rel = node_dir(cluster, node)
+        "{MARK_VAR}={dir} {dir}/bin/starlingd {role} --config {dir}/config/{role}.json \
+         --daemon --log {dir}/logs/{role}.log --pid-file {dir}/{role}.pid"
     )
+}
+
+/// A node's directory in a remote shell, quoted.
+fn remote_dir(cluster: &str, node: &str) -> String {
+    format!("\"$HOME/{}\"", node_dir(cluster, node))
 }
 
 /// The script that stops a node's processes and keeps its files (`stop`).
 pub fn stop_script(cluster: &str, node: &str) -> String {
-    let q = format!("\"$HOME/{}\"", node_dir(cluster, node));
+    let q = remote_dir(cluster, node);
     format!(
         "if [ -x {q}/bin/starlingd ]; then {q}/bin/starlingd stop --root {q} >/dev/null; fi; true"
     )
 }
 
+/// The script that stops a node's processes and removes its directory (`down`,
+/// `remove-node`). Harmless where nothing of the cluster is.
+pub fn teardown_script(cluster: &str, node: &str) -> String {
+    format!(
+        "{}; rm -rf {}; rmdir \"$HOME/.starling/node/{cluster}\" 2>/dev/null; true",
+        stop_script(cluster, node),
+        remote_dir(cluster, node)
+    )
+}
+
 /// The script that restarts a node's processes from the config it already has (`start`
-/// after `stop`).
+/// after `stop`). It prints the node's engine count last.
 pub fn restart_script(cluster: &str, node: &str, controller: bool) -> String {
-    let q = format!("\"$HOME/{}\"", node_dir(cluster, node));
-    let start = |role: &str| {
-        format!(
-            "{MARK_VAR}={q} {q}/bin/starlingd {role} --config {q}/config/{role}.json --daemon --log {q}/logs/{role}.log --pid-file {q}/{role}.pid"
-        )
-    };
+    let q = remote_dir(cluster, node);
     let mut script = format!("cd \"$HOME\" && {q}/bin/starlingd stop --root {q} >/dev/null && ");
     if controller {
         // A restarted controller numbers jobs from 1 again: it keeps the record of the earlier
         // run beside its own instead of writing over it.
         let _ = write!(
             script,
-            "{{ [ ! -f {q}/tasks.db ] || mv -f {q}/tasks.db {q}/tasks-$(date +%s).db; }} && "
+            "{{ [ ! -f {q}/tasks.db ] || mv -f {q}/tasks.db {q}/tasks-$(date +%s).db; }} && {} && ",
+            start_command(&q, "controller")
         );
-        script.push_str(&start("controller"));
-        script.push_str(" && ");
     }
-    script.push_str(&start("engine"));
-    // The node's engine count, for the caller to wait for.
     let _ = write!(
         script,
-        " >/dev/null && sed -n 's/^ *\"engines\": *\\([0-9]*\\).*/\\1/p' {q}/config/engine.json"
+        "{} >/dev/null && sed -n 's/^ *\"engines\": *\\([0-9]*\\).*/\\1/p' {q}/config/engine.json",
+        start_command(&q, "engine")
     );
     script
 }
@@ -637,7 +639,11 @@ mod tests {
         );
         let s = teardown_script("science", "node003");
         assert!(s.contains("stop --root \"$HOME/.starling/node/science/node003\""));
-        assert!(s.contains("rm -rf \"$HOME\"/.starling/node/science/node003;"));
+        assert!(s.contains("rm -rf \"$HOME/.starling/node/science/node003\";"));
+        let r = restart_script("science", "master", true);
+        assert!(r.contains("starlingd controller --config \"$HOME/.starling/node/science/master\"/config/controller.json"));
+        assert!(r.contains("starlingd engine --config"));
+        assert!(!restart_script("science", "node001", false).contains("controller"));
     }
 
     #[test]

@@ -176,12 +176,21 @@ pub struct Cluster {
 impl Cluster {
     /// How to log in, waiting at most `timeout` for a node.
     pub fn login(&self, timeout: Duration) -> Login {
-        ec2::login_for(
-            &self.name,
-            self.record.as_ref(),
-            self.hints.key_file.as_deref(),
-            timeout,
-        )
+        let key_file = self.hints.key_file.clone();
+        match &self.record {
+            Some(r) => {
+                let mut login = remote::login(&r.spec, Some(timeout));
+                if key_file.is_some() {
+                    login.key_file = key_file;
+                }
+                login
+            }
+            None => Login {
+                key_file,
+                known_hosts: remote::known_hosts(&self.name),
+                timeout,
+            },
+        }
     }
 
     /// Its nodes, the master first (EC2: the running instances).

@@ -157,16 +157,16 @@ pub async fn join_cluster(
     login: &Login,
     progress: &Progress,
 ) -> Result<Vec<NodeReport>, ProviderError> {
-    let remote = Remote::connect(master, login)
-        .await
-        .map_err(|e| ProviderError::Ssh(format!("{master}: {e}")))?;
-    let cfg = remote
-        .run(&format!(
+    let cfg = run_once(
+        master,
+        login,
+        &format!(
             "cat \"$HOME\"/{}/config/controller.json",
             bootstrap::node_dir(&spec.name, "master")
-        ))
-        .await;
-    remote.close().await;
+        ),
+        &[],
+    )
+    .await;
     let cfg = cfg.map_err(|e| {
         ProviderError::Ssh(format!(
             "cannot read the controller's config on {master}: {e}"
@@ -195,22 +195,31 @@ pub async fn join_cluster(
         .map_err(ProviderError::Bootstrap)
 }
 
-/// Runs `script` on every node at once; each node's output or error, in node order.
-pub async fn run_everywhere(
-    nodes: &[NodeTarget],
+/// Logs in to `node`, runs `script` with `input` on its stdin, and logs out.
+async fn run_once(
+    node: &NodeTarget,
     login: &Login,
     script: &str,
+    input: &[&[u8]],
+) -> Result<String, String> {
+    let remote = Remote::connect(node, login).await?;
+    let r = remote.run_with_input(script, input).await;
+    remote.close().await;
+    r
+}
+
+/// Runs a script on every node at once (`script` gives each node its own), with `input` on
+/// its stdin; each node's output or error, in node order.
+pub async fn run_on_each(
+    nodes: &[NodeTarget],
+    login: &Login,
+    script: impl Fn(&NodeTarget) -> String,
+    input: &[&[u8]],
 ) -> Vec<(NodeTarget, Result<String, String>)> {
+    let script = &script;
     let mut out: Vec<(NodeTarget, Result<String, String>)> =
         futures::stream::iter(nodes.iter().cloned().map(|node| async move {
-            let r = match Remote::connect(&node, login).await {
-                Ok(remote) => {
-                    let r = remote.run(script).await;
-                    remote.close().await;
-                    r
-                }
-                Err(e) => Err(e),
-            };
+            let r = run_once(&node, login, &script(&node), input).await;
             (node, r)
         }))
         .buffer_unordered(PARALLEL)
@@ -220,34 +229,34 @@ pub async fn run_everywhere(
     out
 }
 
+/// Runs `script` on every node at once; each node's output or error, in node order.
+pub async fn run_everywhere(
+    nodes: &[NodeTarget],
+    login: &Login,
+    script: &str,
+) -> Vec<(NodeTarget, Result<String, String>)> {
+    run_on_each(nodes, login, |_| script.to_string(), &[]).await
+}
+
+/// The failures among `results`, as `node (address): why` lines.
+pub fn failures(results: Vec<(NodeTarget, Result<String, String>)>) -> Vec<String> {
+    results
+        .into_iter()
+        .filter_map(|(node, r)| r.err().map(|e| format!("{node}: {e}")))
+        .collect()
+}
+
 /// Stops the cluster's processes on `nodes` and removes their node directories. Returns the
 /// nodes where that failed, with why.
 pub async fn stop_nodes(cluster: &str, nodes: &[NodeTarget], login: &Login) -> Vec<String> {
-    let mut failed = Vec::new();
-    // Each node's script names its own directory, so run them one session per node.
-    let results = futures::stream::iter(nodes.iter().cloned().map(|node| async move {
-        let r = match Remote::connect(&node, login).await {
-            Ok(remote) => {
-                let r = remote
-                    .run(&bootstrap::teardown_script(cluster, &node.name))
-                    .await;
-                remote.close().await;
-                r
-            }
-            Err(e) => Err(e),
-        };
-        (node, r)
-    }))
-    .buffer_unordered(PARALLEL)
-    .collect::<Vec<_>>()
+    let results = run_on_each(
+        nodes,
+        login,
+        |node| bootstrap::teardown_script(cluster, &node.name),
+        &[],
+    )
     .await;
-    for (node, r) in results {
-        if let Err(e) = r {
-            failed.push(format!("{node}: {e}"));
-        }
-    }
-    failed.sort();
-    failed
+    failures(results)
 }
 
 /// Copies a local file to `dest` on every node in `nodes`.
@@ -267,36 +276,33 @@ pub async fn put(
                 .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned())
         )
     );
-    let bytes = &bytes;
-    let script = &script;
-    let mut out: Vec<_> = futures::stream::iter(nodes.iter().cloned().map(|node| async move {
-        let r = match Remote::connect(&node, login).await {
-            Ok(remote) => {
-                let r = remote.run_with_input(script, &[bytes.as_slice()]).await;
-                remote.close().await;
-                r
-            }
-            Err(e) => Err(e),
-        };
-        (node, r)
-    }))
-    .buffer_unordered(PARALLEL)
-    .collect()
-    .await;
-    out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    Ok(out)
+    Ok(run_on_each(nodes, login, |_| script.clone(), &[&bytes]).await)
+}
+
+/// Registered engines, when this machine holds the cluster's connection file and the
+/// controller answers quickly.
+pub async fn engines_of(cluster: &str) -> Option<usize> {
+    let info = ConnectionInfo::load(&home::connection_path(cluster)).ok()?;
+    let ask = async {
+        let client = Client::connect_with(info).await.ok()?;
+        client.ids().await.ok().map(|ids| ids.len())
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Reads a file from one node.
 pub async fn get(node: &NodeTarget, login: &Login, src: &str) -> Result<Vec<u8>, ProviderError> {
-    let remote = Remote::connect(node, login)
-        .await
-        .map_err(|e| ProviderError::Ssh(format!("{node}: {e}")))?;
     // base64 keeps binary files intact through the text-oriented helper.
-    let r = remote
-        .run(&format!("cd \"$HOME\" && base64 < {}", shell_quote(src)))
-        .await;
-    remote.close().await;
+    let r = run_once(
+        node,
+        login,
+        &format!("cd \"$HOME\" && base64 < {}", shell_quote(src)),
+        &[],
+    )
+    .await;
     let text = r.map_err(|e| ProviderError::Ssh(format!("{node}: cannot read {src}: {e}")))?;
     let clean: String = text.split_whitespace().collect();
     base64::Engine::decode(&base64::engine::general_purpose::STANDARD, clean)

@@ -84,7 +84,7 @@ pub async fn down(record: &Record) -> Result<Terminated, ProviderError> {
 
 pub async fn summary(record: &Record) -> ClusterSummary {
     let spec = &record.spec;
-    let engines = super::ec2::engines_of(&spec.name).await;
+    let engines = remote::engines_of(&spec.name).await;
     ClusterSummary {
         name: spec.name.clone(),
         provider: ProviderKind::Ssh,

@@ -283,6 +283,29 @@ fn assert_nothing_left(cluster: &str) {
     );
 }
 
+/// `up -f SPEC` fails; what it said.
+#[track_caller]
+fn up_fails(user: &User, spec: &std::path::Path) -> String {
+    user.run(&["up", "-f", spec.to_str().unwrap()])
+        .fails()
+        .stderr
+}
+
+/// `text` says every one of `wants`.
+#[track_caller]
+fn assert_says(text: &str, wants: &[&str]) {
+    for want in wants {
+        assert!(text.contains(want), "'{want}' in:\n{text}");
+    }
+}
+
+/// `down` works, and leaves nothing of the cluster.
+#[track_caller]
+fn down_leaves_nothing(user: &User, cluster: &str) {
+    user.run(&["down", cluster]).ok();
+    assert_nothing_left(cluster);
+}
+
 /// Each engine's node address (from `status`), by engine id.
 fn engine_hosts(user: &User, cluster: &str) -> Vec<(u64, String, String)> {
     let status = user
@@ -635,15 +658,11 @@ fn an_ami_that_does_not_exist_is_named_and_nothing_is_created() {
             network(1)
         ),
     );
-    let up = user.run(&["up", "-f", spec.to_str().unwrap()]).fails();
-    assert!(
-        up.stderr
-            .contains("the AMI ami-0123456789abcdef0 does not exist in us-east-1"),
-        "{}",
-        up.stderr
+    assert_says(
+        &up_fails(&user, &spec),
+        &["the AMI ami-0123456789abcdef0 does not exist in us-east-1"],
     );
-    user.run(&["down", name]).ok();
-    assert_nothing_left(name);
+    down_leaves_nothing(&user, name);
 }
 
 #[test]
@@ -658,18 +677,17 @@ fn nodes_whose_ssh_never_answers_fail_up_clearly_and_down_removes_everything() {
             network(2)
         ),
     );
-    let up = user.run(&["up", "-f", spec.to_str().unwrap()]).fails();
-    for want in [
-        "bootstrap failed on 2 node(s)",
-        "logging in: cannot log in as root on port 2222",
-        "what exists of cluster 'e2e-bad-port' now: 2 instance(s)",
-        "`starling down e2e-bad-port` removes it",
-    ] {
-        assert!(up.stderr.contains(want), "'{want}' in:\n{}", up.stderr);
-    }
+    assert_says(
+        &up_fails(&user, &spec),
+        &[
+            "bootstrap failed on 2 node(s)",
+            "logging in: cannot log in as root on port 2222",
+            "what exists of cluster 'e2e-bad-port' now: 2 instance(s)",
+            "`starling down e2e-bad-port` removes it",
+        ],
+    );
     assert_eq!(ec2_resources(name).instances.len(), 2);
-    user.run(&["down", name]).ok();
-    assert_nothing_left(name);
+    down_leaves_nothing(&user, name);
 
     // The wrong key: one sshd accepts, but not this key.
     let name = "e2e-bad-key";
@@ -696,15 +714,14 @@ fn nodes_whose_ssh_never_answers_fail_up_clearly_and_down_removes_everything() {
             network(6)
         ),
     );
-    let up = user.run(&["up", "-f", spec.to_str().unwrap()]).fails();
-    assert!(up.stderr.contains("Permission denied"), "{}", up.stderr);
-    assert!(
-        up.stderr.contains("`starling down e2e-bad-key` removes it"),
-        "{}",
-        up.stderr
+    assert_says(
+        &up_fails(&user, &spec),
+        &[
+            "Permission denied",
+            "`starling down e2e-bad-key` removes it",
+        ],
     );
-    user.run(&["down", name]).ok();
-    assert_nothing_left(name);
+    down_leaves_nothing(&user, name);
 }
 
 #[test]
@@ -718,24 +735,23 @@ fn a_setup_command_that_fails_on_one_node_names_it() {
             network(3)
         ),
     );
-    let up = user.run(&["up", "-f", spec.to_str().unwrap()]).fails();
-    for want in [
-        "bootstrap failed on 1 node(s)",
-        "node002 (127.0.3.",
-        "setup command 2 of 2",
-        "exit status 3",
-        "no GPU on this node",
-        "`starling down e2e-setup` removes it",
-    ] {
-        assert!(up.stderr.contains(want), "'{want}' in:\n{}", up.stderr);
-    }
-    assert!(
-        !up.stderr.contains("node001 (127"),
-        "only node002 failed:\n{}",
-        up.stderr
+    let said = up_fails(&user, &spec);
+    assert_says(
+        &said,
+        &[
+            "bootstrap failed on 1 node(s)",
+            "node002 (127.0.3.",
+            "setup command 2 of 2",
+            "exit status 3",
+            "no GPU on this node",
+            "`starling down e2e-setup` removes it",
+        ],
     );
-    user.run(&["down", name]).ok();
-    assert_nothing_left(name);
+    assert!(
+        !said.contains("node001 (127"),
+        "only node002 failed:\n{said}"
+    );
+    down_leaves_nothing(&user, name);
 }
 
 #[test]
@@ -797,8 +813,7 @@ fn ctrl_c_during_up_says_what_exists_and_down_removes_it() {
         text.contains("`starling down e2e-ctrl-c` removes it"),
         "{text}"
     );
-    user.run(&["down", name]).ok();
-    assert_nothing_left(name);
+    down_leaves_nothing(&user, name);
 }
 
 #[test]
@@ -845,8 +860,7 @@ fn stop_and_start_bring_the_same_cluster_back() {
         px.as_array().unwrap().iter().all(|r| r["value"] == false),
         "{px}"
     );
-    user.run(&["down", name]).ok();
-    assert_nothing_left(name);
+    down_leaves_nothing(&user, name);
 }
 
 #[test]

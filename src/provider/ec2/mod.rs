@@ -257,29 +257,6 @@ async fn with_leftovers(api: &Ec2, cluster: &str, err: ProviderError) -> Provide
     }
 }
 
-/// How to log in to a cluster's nodes: the record's spec, or what the caller knows.
-pub fn login_for(
-    cluster: &str,
-    record: Option<&Record>,
-    key_file: Option<&std::path::Path>,
-    timeout: Duration,
-) -> Login {
-    match record {
-        Some(r) => {
-            let mut l = remote::login(&r.spec, Some(timeout));
-            if let Some(k) = key_file {
-                l.key_file = Some(k.to_path_buf());
-            }
-            l
-        }
-        None => Login {
-            key_file: key_file.map(std::path::Path::to_path_buf),
-            known_hosts: remote::known_hosts(cluster),
-            timeout,
-        },
-    }
-}
-
 /// Where a cluster's nodes are reached, from the record or defaults.
 pub fn reach(record: Option<&Record>) -> (bool, u16, String) {
     match record.map(|r| (&r.spec, r.spec.ec2.as_ref())) {
@@ -356,7 +333,7 @@ pub async fn list(api: &Ec2) -> Result<Vec<ClusterSummary>, ProviderError> {
         types.sort_unstable();
         types.dedup();
         let oldest = mine.iter().filter_map(|i| i.launched).min();
-        let engines = engines_of(&name).await;
+        let engines = remote::engines_of(&name).await;
         out.push(ClusterSummary {
             name: name.clone(),
             provider: ProviderKind::Ec2,
@@ -374,20 +351,6 @@ pub async fn list(api: &Ec2) -> Result<Vec<ClusterSummary>, ProviderError> {
         });
     }
     Ok(out)
-}
-
-/// Registered engines, when this machine holds the cluster's connection file and the
-/// controller answers quickly.
-pub async fn engines_of(cluster: &str) -> Option<usize> {
-    let info = ConnectionInfo::load(&home::connection_path(cluster)).ok()?;
-    let ask = async {
-        let client = Client::connect_with(info).await.ok()?;
-        client.ids().await.ok().map(|ids| ids.len())
-    };
-    tokio::time::timeout(Duration::from_secs(2), ask)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// Launches `count` more nodes and bootstraps them into the running cluster.
@@ -506,15 +469,15 @@ pub async fn stop(
         .collect();
     let mut notes = Vec::new();
     if let Ok(nodes) = targets(&running, private, port, &user) {
-        let stops = futures::future::join_all(nodes.iter().map(|n| async move {
-            let script = crate::bootstrap::stop_script(cluster, &n.name);
-            remote::run_everywhere(std::slice::from_ref(n), login, &script).await
-        }))
+        let stops = remote::run_on_each(
+            &nodes,
+            login,
+            |n| crate::bootstrap::stop_script(cluster, &n.name),
+            &[],
+        )
         .await;
-        for (n, r) in stops.into_iter().flatten() {
-            if let Err(e) = r {
-                notes.push(format!("could not stop starlingd on {n} first: {e}"));
-            }
+        for f in remote::failures(stops) {
+            notes.push(format!("could not stop starlingd first on {f}"));
         }
     }
     api.stop(&ids, STATE_TIMEOUT).await?;
@@ -551,33 +514,18 @@ pub async fn start(
         nodes.len()
     ));
     let master = nodes[0].clone();
-    let restart = |n: NodeTarget| async move {
-        let script = crate::bootstrap::restart_script(name, &n.name, n.name == "master");
-        remote::run_everywhere(std::slice::from_ref(&n), login, &script).await
-    };
+    let restart =
+        |n: &NodeTarget| crate::bootstrap::restart_script(name, &n.name, n.name == "master");
     // The controller first, so that engines find it at once; then every other node together.
-    let mut results = restart(master.clone()).await;
-    results.extend(
-        futures::future::join_all(nodes[1..].iter().cloned().map(restart))
-            .await
-            .into_iter()
-            .flatten(),
-    );
-    let mut failures = Vec::new();
-    let mut engines = 0u32;
-    for (n, r) in results {
-        match r {
-            Ok(out) => {
-                engines += out
-                    .trim()
-                    .lines()
-                    .last()
-                    .and_then(|l| l.trim().parse::<u32>().ok())
-                    .unwrap_or(0);
-            }
-            Err(e) => failures.push(format!("{n}: {e}")),
-        }
-    }
+    let mut results = remote::run_on_each(std::slice::from_ref(&master), login, restart, &[]).await;
+    results.extend(remote::run_on_each(&nodes[1..], login, restart, &[]).await);
+    // Each node prints its engine count last.
+    let engines = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .filter_map(|out| out.trim().lines().last()?.trim().parse::<u32>().ok())
+        .sum();
+    let failures = remote::failures(results);
     if !failures.is_empty() {
         return Err(ProviderError::Ssh(failures.join("\n")));
     }
