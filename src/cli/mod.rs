@@ -478,26 +478,13 @@ async fn connect(g: &Global) -> Result<Client> {
 }
 
 async fn up(g: &Global, args: &UpArgs) -> Result<ExitCode> {
-    let mut spec = match &args.file {
-        Some(path) => spec::load(path)?,
-        None => spec::parse("templates/local.yaml (built in)", spec::LOCAL_TEMPLATE)?,
-    };
-    if args.local && spec.provider != spec::ProviderKind::Local {
-        bail!(
-            "--local conflicts with `provider: {}` in the spec; drop one of them",
-            spec.provider
-        );
-    }
-    if let Some(name) = args.name.as_ref().or(g.cluster.as_ref()) {
-        home::check_name("cluster", name).map_err(anyhow::Error::msg)?;
-        spec.name.clone_from(name);
-    }
-    if let Some(n) = args.engines {
-        if n == 0 {
-            bail!("-n must be at least 1");
-        }
-        spec.engines_per_node = spec::Count::N(n);
-    }
+    let spec = spec::for_up(&spec::UpOptions {
+        file: args.file.as_deref(),
+        local: args.local,
+        name: args.name.as_deref().or(g.cluster.as_deref()),
+        engines: args.engines,
+        python: None,
+    })?;
     let progress = crate::bootstrap::Progress::new();
     let launched = tokio::select! {
         r = provider::up(&spec, &progress) => r?,

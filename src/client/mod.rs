@@ -261,6 +261,11 @@ impl Client {
         }
     }
 
+    /// Submits any job as it is: what the views build, for callers that build their own.
+    pub async fn submit(&self, spec: JobSpec) -> Result<AsyncResult, ClientError> {
+        self.submit_or_subscribe(ClientRequest::Submit(spec)).await
+    }
+
     /// Re-attaches to a job by id — also one submitted by another client that has since exited.
     pub async fn result(&self, job: JobId) -> Result<AsyncResult, ClientError> {
         self.submit_or_subscribe(ClientRequest::Subscribe { job })
@@ -532,30 +537,10 @@ impl LoadBalancedView {
         func: impl Into<Func>,
         args: Vec<Value>,
     ) -> Result<AsyncResult, ClientError> {
-        let func = func.into();
-        let lambda = Func::Expr(format!(
-            "lambda __starling_args: ({})(*__starling_args)",
-            match &func {
-                Func::Expr(e) => e.clone(),
-                Func::Module { .. } => "__starling_f".into(),
-            }
-        ));
-        let func = match func {
-            Func::Expr(_) => lambda,
-            Func::Module {
-                module,
-                source,
-                attr,
-            } => Func::Module {
-                module,
-                source: format!(
-                    "{source}\n\ndef __starling_apply(args):\n    return {attr}(*args)\n"
-                ),
-                attr: "__starling_apply".into(),
-            },
-        };
-        // One item: the argument list, whose members keep their own encoding.
-        let args = serde_json::Value::Array(args.iter().map(Value::to_kernel_json).collect());
-        self.map(func, vec![Value::Json(args)]).await
+        // One item: the argument list. Pickled arguments travel inside it as the kernel's
+        // nested form (see `Value::nested_json`).
+        let args = serde_json::Value::Array(args.iter().map(Value::nested_json).collect());
+        self.map_with(Mapper::Star(func.into()), vec![Value::Json(args)])
+            .await
     }
 }

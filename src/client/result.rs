@@ -194,6 +194,50 @@ impl AsyncResult {
         }
     }
 
+    /// Waits until at least `n` slots are filled or `timeout` passes; returns whether they
+    /// are. For iterating over results as they arrive.
+    pub async fn wait_count(
+        &self,
+        n: usize,
+        timeout: Option<Duration>,
+    ) -> Result<bool, ClientError> {
+        match timeout {
+            None => self.wait_for(n).await.map(|()| true),
+            Some(t) => match tokio::time::timeout(t, self.wait_for(n)).await {
+                Ok(r) => r.map(|()| true),
+                Err(_) => Ok(false),
+            },
+        }
+    }
+
+    /// The filled slots' indices, in the order they were filled.
+    pub fn completion_order(&self) -> Vec<usize> {
+        self.state
+            .filled
+            .lock()
+            .expect("not poisoned")
+            .order
+            .clone()
+    }
+
+    /// One slot: `None` while pending, else the engine that filled it and its value or error.
+    pub fn slot(&self, index: usize) -> Option<(EngineId, Result<Value, RemoteError>)> {
+        let f = self.state.filled.lock().expect("not poisoned");
+        f.slots
+            .get(index)
+            .and_then(Option::as_ref)
+            .map(|s| (s.engine, s.value.clone()))
+    }
+
+    /// Every slot so far, with the engine that filled it: `None` while pending.
+    pub fn slots(&self) -> Vec<Option<(EngineId, Result<Value, RemoteError>)>> {
+        let f = self.state.filled.lock().expect("not poisoned");
+        f.slots
+            .iter()
+            .map(|s| s.as_ref().map(|s| (s.engine, s.value.clone())))
+            .collect()
+    }
+
     /// Waits until at least `n` slots are filled.
     async fn wait_for(&self, n: usize) -> Result<(), ClientError> {
         let mut rx = self.state.done.subscribe();

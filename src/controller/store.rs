@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use rusqlite::{params, Connection};
 
-use crate::proto::{JobId, JobInfo, JobSpec, Outcome, TaskResult};
+use crate::proto::{Func, JobId, JobInfo, JobSpec, Mapper, Outcome, TaskResult, Work};
 
 /// One write for the store.
 pub enum StoreOp {
@@ -151,7 +151,54 @@ fn write_batch(conn: &mut Connection, batch: Vec<StoreOp>) -> rusqlite::Result<(
     tx.commit()
 }
 
-/// The JSON text a job spec is stored as.
+/// The JSON text a job spec is stored as: what it ran and on how much, readable with
+/// `sqlite3`. Items and values are counted rather than copied, and pickled functions are
+/// recorded by size, so a 100 MB push does not become 100 MB of text.
 pub fn spec_text(spec: &JobSpec) -> String {
-    serde_json::to_string(spec).unwrap_or_default()
+    use serde_json::json;
+    let func = |f: &Func| match f {
+        Func::Expr(e) => json!(e),
+        Func::Module { module, attr, .. } => json!(format!("{module}.py:{attr}")),
+        Func::Pickle { bytes, buffers, .. } => json!(format!(
+            "<pickled function, {} bytes>",
+            bytes.len() + buffers.iter().map(bytes::Bytes::len).sum::<usize>()
+        )),
+    };
+    let mapper = |m: &Mapper| match m {
+        Mapper::Python(f) => json!({ "python": func(f) }),
+        Mapper::Star(f) => json!({ "python_star": func(f) }),
+        Mapper::Shell(c) => json!({ "shell": c }),
+    };
+    let v = match spec {
+        JobSpec::Direct { targets, work } => {
+            let work = match work {
+                Work::Execute { code } => json!({ "execute": code }),
+                Work::Shell { command } => json!({ "shell": command }),
+                Work::Apply { func: f, args } => json!({ "apply": func(f), "args": args.len() }),
+                Work::Push { values } => {
+                    json!({ "push": values.iter().map(|(k, _)| k).collect::<Vec<_>>() })
+                }
+                Work::Pull { names } => json!({ "pull": names }),
+                Work::MapChunk { items, .. } => json!({ "map_chunk": items.len() }),
+                Work::Scatter { name, items } => json!({ "scatter": name, "items": items.len() }),
+            };
+            json!({ "direct": { "targets": targets, "work": work } })
+        }
+        JobSpec::Scatter {
+            targets,
+            name,
+            items,
+        } => json!({ "scatter": { "targets": targets, "name": name, "items": items.len() } }),
+        JobSpec::DirectMap {
+            targets,
+            mapper: m,
+            items,
+        } => json!({ "direct_map": { "targets": targets, "mapper": mapper(m), "items": items.len() } }),
+        JobSpec::Map {
+            mapper: m,
+            items,
+            chunksize,
+        } => json!({ "map": { "mapper": mapper(m), "items": items.len(), "chunksize": chunksize } }),
+    };
+    v.to_string()
 }

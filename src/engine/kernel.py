@@ -1,24 +1,66 @@
 # The starling Python kernel. `starlingd engine` passes this source in the environment and
-# runs it as "<starling-kernel>" (see kernel.rs);
-# it reads requests from fd 3 and writes replies to fd 4, one JSON document a line, so nothing
-# the user's code prints (to sys.stdout or to fd 1) can reach the protocol.
+# runs it as "<starling-kernel>" (see kernel.rs), with two private pipes as fds 3 (requests)
+# and 4 (replies). Both carry binary frames:
+#
+#   u64 length of the rest | u32 header length | u32 buffer count | header (JSON)
+#       | per buffer: u64 length, bytes
+#
+# A request frame holds a batch of tasks; a reply frame answers one task and names it. Pickles
+# and their out-of-band buffers (NumPy data, pickle protocol 5) travel as raw buffers. The pipes
+# are moved to close-on-exec fds, and a process the task forks loses them at once, so nothing
+# user code writes or starts can reach the protocol.
 import ast
 import base64
 import builtins
+import functools
 import io
 import json
 import linecache
 import math
 import os
 import pickle
+import struct
 import sys
 import time
 import traceback
 import types
 
 _KERNEL_FILE = "<starling-kernel>"
-_REQ = os.fdopen(3, "rb")
-_REP = 4
+_PID = os.getpid()
+# os.dup makes close-on-exec fds; fds 3 and 4 are then free for whatever user code opens.
+_RFD, _WFD = os.dup(3), os.dup(4)
+os.close(3)
+os.close(4)
+_R = io.FileIO(_RFD, "rb", closefd=True)
+
+
+def _forked():
+    # A child of a task (os.fork, multiprocessing) must never speak for this kernel.
+    global _R
+    try:
+        _R.close()
+        os.close(_WFD)
+    except OSError:
+        pass
+
+
+os.register_at_fork(after_in_child=_forked)
+_PYTHON = "%d.%d" % sys.version_info[:2]
+
+
+class _Reference:
+    """A name in the engine's namespace, standing in for an argument (starling.Reference)."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+# Clients pickle `starling.Reference('a')` as `starling_kernel.Reference`: this module.
+_kernel_module = types.ModuleType("starling_kernel")
+_kernel_module.Reference = _Reference
+_Reference.__module__ = "starling_kernel"
+_Reference.__qualname__ = _Reference.__name__ = "Reference"
+sys.modules["starling_kernel"] = _kernel_module
 
 _user = types.ModuleType("__main__")
 _user.__dict__["__builtins__"] = builtins
@@ -71,26 +113,73 @@ def _safe_repr(v):
         return "<%s object (repr failed: %s)>" % (type(v).__name__, e)
 
 
-def _encode(v):
+def _dumps(v, bufs):
+    def keep(pb):
+        try:
+            bufs.append(pb.raw())
+        except BufferError:  # not contiguous: stays inside the pickle
+            return True
+        return False
+
+    try:
+        return pickle.dumps(v, protocol=5, buffer_callback=keep)
+    except Exception:  # noqa: BLE001 - a lambda, a class defined here: cloudpickle may manage
+        try:
+            import cloudpickle
+        except ImportError:
+            raise
+        return cloudpickle.dumps(v, protocol=5, buffer_callback=keep)
+
+
+def _encode(v, bufs):
+    """A value for a reply: {"v": json}, {"p": [buffer indices], "r": repr} or {"o": repr}."""
     if _is_json(v):
         return {"v": v}
+    mine = []
     try:
-        data = pickle.dumps(v, protocol=pickle.HIGHEST_PROTOCOL)
+        data = _dumps(v, mine)
     except Exception:  # noqa: BLE001 - unpicklable: send what we can show
         return {"o": _safe_repr(v)}
-    return {"p": base64.b64encode(data).decode("ascii"), "r": _safe_repr(v)}
+    first = len(bufs)
+    bufs.append(data)
+    bufs.extend(mine)
+    return {"p": list(range(first, len(bufs))), "r": _safe_repr(v)}
 
 
-def _decode(v):
-    if type(v) is dict and len(v) == 1:
-        if "__starling_pickle__" in v:
-            return pickle.loads(base64.b64decode(v["__starling_pickle__"]))
-        if "__starling_opaque__" in v:
-            raise TypeError("an argument came back from an engine as repr only (%s) and cannot be sent again" % v["__starling_opaque__"])
-    if type(v) is list:
-        return [_decode(x) for x in v]
+def _loads(refs, bufs):
+    try:
+        return pickle.loads(bufs[refs[0]], buffers=[bufs[i] for i in refs[1:]])
+    except ModuleNotFoundError as e:
+        if e.name == "cloudpickle":
+            raise ModuleNotFoundError(
+                "this engine's Python (%s) lacks cloudpickle, which functions and objects sent "
+                "from Python clients need: install it on the nodes (`%s -m pip install cloudpickle`, "
+                "e.g. in the cluster spec's `setup`)" % (sys.executable, sys.executable),
+                name="cloudpickle",
+            ) from None
+        raise
+
+
+def _decode(v, bufs):
+    """A value from a request, in the form _encode writes."""
+    if "v" in v:
+        return _nested(v["v"])
+    if "p" in v:
+        return _loads(v["p"], bufs)
+    raise TypeError("an argument came back from an engine as repr only (%s) and cannot be sent again" % v.get("o"))
+
+
+def _nested(v):
+    """A JSON value, with pickles nested in it (a Rust client's load-balanced apply)."""
     if type(v) is dict:
-        return {k: _decode(x) for k, x in v.items()}
+        if len(v) == 1 and "__starling_pickle__" in v:
+            parts = [base64.b64decode(p) for p in v["__starling_pickle__"]]
+            return pickle.loads(parts[0], buffers=parts[1:])
+        if len(v) == 1 and "__starling_opaque__" in v:
+            raise TypeError("an argument came back from an engine as repr only (%s) and cannot be sent again" % v["__starling_opaque__"])
+        return {k: _nested(x) for k, x in v.items()}
+    if type(v) is list:
+        return [_nested(x) for x in v]
     return v
 
 
@@ -119,8 +208,55 @@ _funcs = {}
 _modules = {}
 
 
-def _resolve(func):
-    """A callable from its description: {"expr": source} or {"module", "source", "attr"}."""
+def _from_main(f):
+    return isinstance(f, types.FunctionType) and f.__module__ == "__main__" and f.__globals__ is not _ns
+
+
+def _rebind(f, seen=None):
+    """A function defined interactively on the client, made to resolve its globals here.
+
+    As in ipyparallel, names resolve in the engine's namespace; a name the engine lacks is taken
+    from what the client sent with the function (its value when the function was sent)."""
+    if isinstance(f, functools.partial):
+        args = tuple(_deref(a) for a in f.args)
+        kwargs = {k: _deref(v) for k, v in f.keywords.items()}
+        return functools.partial(_rebind(f.func, seen), *args, **kwargs)
+    if not _from_main(f):
+        return f
+    seen = {} if seen is None else seen
+    if id(f) in seen:
+        return seen[id(f)]
+    g = types.FunctionType(f.__code__, _ns, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    g.__qualname__ = f.__qualname__
+    g.__doc__ = f.__doc__
+    g.__dict__.update(f.__dict__)
+    seen[id(f)] = g
+    for name, value in f.__globals__.items():
+        if not name.startswith("__") and name not in _ns:
+            _ns[name] = _rebind(value, seen)
+    return g
+
+
+def _deref(v):
+    return _ns[v.name] if isinstance(v, _Reference) else v
+
+
+def _unpickle_func(func, bufs):
+    if func["python"] != _PYTHON:
+        raise RuntimeError(
+            "the client runs Python %s and this engine Python %s (%s): functions travel as "
+            "bytecode, which differs between versions; use the same Python minor version on both "
+            "(`python:` in the cluster spec)" % (func["python"], _PYTHON, sys.executable)
+        )
+    return _rebind(_loads(func["pickle"], bufs))
+
+
+def _resolve(func, bufs):
+    """A callable from its description: {"expr": source}, {"module", "source", "attr"} or
+    {"pickle": [buffer indices], "python": version}."""
+    if "pickle" in func:
+        return _unpickle_func(func, bufs)
     if "expr" in func:
         expr = func["expr"]
         code = _funcs.get(expr)
@@ -157,10 +293,10 @@ def _resolve(func):
         raise AttributeError("%s has no function %r" % (func["module"] + ".py", func["attr"])) from None
 
 
-def _call(func, item):
+def _call(func, item, star, out):
     """One map item: its encoded result, or {"e": error}."""
     try:
-        return _encode(func(item))
+        return _encode(func(*item) if star else func(item), out)
     except Exception as e:  # noqa: BLE001 - an item's error is that item's result
         return {"e": _error(e)}
 
@@ -191,38 +327,49 @@ def _execute(code):
     return None
 
 
-def _run(task):
+def _run(task, bufs):
     global _count
     op = task["op"]
     out, err = io.StringIO(), io.StringIO()
     sys.stdout, sys.stderr = out, err
     started = time.time()
+    rbufs = []
     try:
         if op == "init":
             os.environ["STARLING_ENGINE_ID"] = str(task["engine"])
-            reply = {"ok": True, "v": None}
+            reply = {"ok": True, "v": None, "python": _PYTHON}
         elif op == "execute":
             _count += 1
             value = _execute(task["code"])
-            reply = _encode(value)
+            reply = _encode(value, rbufs)
             reply["ok"] = True
             if value is not None:
                 reply["d"] = _safe_repr(value)
         elif op == "map":
             job = task["job"]
             if "func" in task:
-                _maps[job] = _resolve(task["func"])
-            func = _maps.get(job)
+                try:
+                    _maps[job] = (_resolve(task["func"], bufs), task.get("star", False))
+                except Exception as e:  # noqa: BLE001 - every later chunk fails the same way
+                    _maps[job] = (e, False)
+                    raise
+            func, star = _maps.get(job, (None, False))
             if func is None:
                 raise RuntimeError("this kernel does not know the function of job %d" % job)
-            reply = {"ok": True, "items": [_call(func, x) for x in _decode(task["items"])]}
+            if isinstance(func, BaseException):
+                raise func
+            items = [_decode(x, bufs) for x in task["items"]]
+            reply = {"ok": True, "items": [_call(func, x, star, rbufs) for x in items]}
         elif op == "apply":
-            func = _resolve(task["func"])
-            reply = _encode(func(*_decode(task["args"])))
+            func = _resolve(task["func"], bufs)
+            reply = _encode(func(*[_deref(_decode(a, bufs)) for a in task["args"]]), rbufs)
             reply["ok"] = True
         elif op == "push":
             for name, value in task["values"].items():
-                _ns[name] = _decode(value)
+                _ns[name] = _decode(value, bufs)
+            reply = {"ok": True, "v": None}
+        elif op == "scatter":
+            _ns[task["name"]] = [_decode(x, bufs) for x in task["items"]]
             reply = {"ok": True, "v": None}
         elif op == "pull":
             names = task["names"]
@@ -230,14 +377,22 @@ def _run(task):
             if missing:
                 raise NameError("name %r is not defined on this engine" % missing[0])
             values = [_ns[n] for n in names]
-            reply = _encode(values[0] if len(values) == 1 else values)
+            reply = _encode(values[0] if len(values) == 1 else values, rbufs)
             reply["ok"] = True
         else:
             reply = {"ok": False, "ename": "KernelError", "evalue": "unknown op %r" % op, "traceback": ""}
     except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are task errors too
+        if os.getpid() != _PID:
+            # A process the task forked ran into the kernel's loop (sys.exit in a child): it
+            # ends here, silently; the kernel itself carries on.
+            os._exit(e.code if isinstance(e, SystemExit) and type(e.code) is int else 0)
         reply = _error(e)
+        rbufs = []
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    if os.getpid() != _PID:
+        os._exit(0)
+    reply["id"] = task["id"]
     reply["out"] = out.getvalue()
     reply["err"] = err.getvalue()
     for job in task.get("forget", ()):
@@ -245,26 +400,62 @@ def _run(task):
     reply["n"] = _count
     reply["t0"] = int(started * 1e6)
     reply["t1"] = int(time.time() * 1e6)
-    return reply
+    return reply, rbufs
 
 
-def _write(data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(_REP, view):]
+def _read_exact(n):
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = _R.readinto(view[got:])
+        if not k:
+            raise EOFError
+        got += k
+    return buf
+
+
+def _read_frame():
+    (length,) = struct.unpack("<Q", _read_exact(8))
+    body = _read_exact(length)
+    view = memoryview(body)
+    hlen, nbuf = struct.unpack_from("<II", body, 0)
+    header = json.loads(view[8 : 8 + hlen].tobytes())
+    bufs = []
+    at = 8 + hlen
+    for _ in range(nbuf):
+        (n,) = struct.unpack_from("<Q", body, at)
+        bufs.append(view[at + 8 : at + 8 + n])
+        at += 8 + n
+    return header, bufs
+
+
+def _write_frame(header, bufs):
+    # Text that cannot be UTF-8 (lone surrogates in output or messages) becomes '?' rather
+    # than a frame the engine cannot read.
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
+    views = [memoryview(b).cast("B") for b in bufs]
+    parts = [struct.pack("<QII", 8 + len(head) + sum(8 + v.nbytes for v in views), len(head), len(views)), head]
+    for v in views:
+        parts.append(struct.pack("<Q", v.nbytes))
+        parts.append(v)
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(_WFD, view) :]
 
 
 def main():
-    _write(b'{"ready": %d}\n' % os.getpid())
-    for line in _REQ:
-        tasks = json.loads(line)
+    _write_frame({"ready": os.getpid(), "python": _PYTHON}, [])
+    while True:
+        try:
+            tasks, bufs = _read_frame()
+        except EOFError:
+            return
         for task in tasks:
-            # One line per task, written at once: if a task kills the process, the results
+            # One frame per task, written at once: if a task kills the process, the results
             # before it are already out.
-            # Text that cannot be UTF-8 (lone surrogates in output or messages) becomes '?'
-            # rather than a line the engine cannot read.
-            line = json.dumps(_run(task), separators=(",", ":"), ensure_ascii=False)
-            _write(line.encode("utf-8", "replace") + b"\n")
+            _write_frame(*_run(task, bufs))
 
 
 main()

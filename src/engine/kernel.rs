@@ -1,19 +1,36 @@
 //! One kernel: a persistent `python3` process with its own namespace.
 //!
-//! The kernel reads requests on fd 3 and answers on fd 4 (see `kernel.py`), one JSON line per
-//! batch in and one per task out; its stdin is `/dev/null` and its fd 1 and 2 go to the engine's
-//! log, so nothing user code prints can corrupt the protocol. Shell tasks do not need a kernel:
-//! [`run_shell`] runs each in its own `bash -c`.
+//! The kernel reads requests on one private pipe and answers on another (see `kernel.py`).
+//! Both directions carry binary frames:
+//!
+//! ```text
+//! u64 length of the rest | u32 header length | u32 buffer count | header (JSON)
+//!     | per buffer: u64 length, bytes
+//! ```
+//!
+//! A request frame holds a batch of tasks (a JSON list); a reply frame holds one task's reply,
+//! naming the task it answers. Pickles and out-of-band buffers (NumPy data) travel as raw
+//! buffers, referenced from the header by index, never encoded as text. A reply for any task
+//! but the one in flight, or a frame that does not parse, means the kernel can no longer be
+//! trusted: it is killed and reported as dead, never read as a result.
+//!
+//! The pipes are handed over as fds 3 and 4; the kernel moves them to fds that are
+//! close-on-exec, so neither user code nor its child processes can write into the protocol.
+//! Its stdin is `/dev/null` and its fd 1 and 2 go to the engine's log. Shell tasks do not need
+//! a kernel: [`run_shell`] runs each in its own `bash -c`.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
 use serde_json::Value as Json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::process::{Child, Command};
+use tokio_util::codec::{Decoder, FramedRead};
 
 use crate::proto::{now_micros, EngineId, Outcome, RemoteError, Value};
 
@@ -33,6 +50,11 @@ pub const KERNEL_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// stay open (a process it forked holds it), so this is a bound, not a wait for the end.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(100);
 
+/// The largest reply frame read from a kernel, as a multiple of the cluster's frame limit:
+/// a result larger than one frame fails its task later (`ResultTooLarge`), but a length
+/// prefix beyond this is garbage, not a result.
+const REPLY_LIMIT_FRAMES: usize = 4;
+
 /// Why a kernel could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -49,8 +71,148 @@ pub enum KernelError {
     Died(String),
     #[error("kernel I/O: {0}")]
     Io(#[from] std::io::Error),
-    #[error("the kernel sent something that is not JSON: {0}")]
+    #[error("the kernel broke its protocol: {0}")]
     Garbled(String),
+}
+
+/// One frame of the kernel protocol: a JSON header and the buffers it refers to by index.
+#[derive(Debug, Default, Clone)]
+pub struct KernelFrame {
+    pub header: Json,
+    pub buffers: Vec<Bytes>,
+}
+
+impl KernelFrame {
+    /// Adds a buffer; returns its index for the header.
+    pub fn add_buffer(&mut self, b: Bytes) -> usize {
+        self.buffers.push(b);
+        self.buffers.len() - 1
+    }
+
+    /// The header as a JSON form of `value`, pickles moved into buffers:
+    /// `{"v": json}`, `{"p": [pickle, buffer…]}` or `{"o": repr}`.
+    pub fn value(&mut self, value: &Value) -> Json {
+        match value {
+            Value::Json(v) => serde_json::json!({ "v": v }),
+            Value::Pickle { bytes, buffers, .. } => {
+                let refs: Vec<usize> = std::iter::once(bytes)
+                    .chain(buffers)
+                    .map(|b| self.add_buffer(b.clone()))
+                    .collect();
+                serde_json::json!({ "p": refs })
+            }
+            Value::Opaque { repr } => serde_json::json!({ "o": repr }),
+        }
+    }
+
+    fn buffer(&self, index: &Json) -> Result<Bytes, KernelError> {
+        index
+            .as_u64()
+            .and_then(|i| self.buffers.get(i as usize))
+            .cloned()
+            .ok_or_else(|| KernelError::Garbled(format!("no buffer {index}")))
+    }
+
+    /// A value the kernel encoded with [`Self::value`]'s form, plus `"r"`: the `repr` of a
+    /// pickled value.
+    fn decode_value(&self, v: &Json) -> Result<Value, KernelError> {
+        if let Some(refs) = v.get("p").and_then(Json::as_array) {
+            let mut bufs = refs.iter().map(|r| self.buffer(r));
+            let bytes = bufs
+                .next()
+                .ok_or_else(|| KernelError::Garbled("a pickle without data".into()))??;
+            Ok(Value::Pickle {
+                repr: text(v, "r"),
+                bytes,
+                buffers: bufs.collect::<Result<_, _>>()?,
+            })
+        } else if let Some(o) = v.get("o").and_then(Json::as_str) {
+            Ok(Value::Opaque {
+                repr: o.to_string(),
+            })
+        } else {
+            Ok(Value::Json(v.get("v").cloned().unwrap_or(Json::Null)))
+        }
+    }
+
+    /// The frame's bytes, in pieces to write in order (buffers are not copied).
+    fn pieces(&self) -> Vec<Bytes> {
+        let header = serde_json::to_vec(&self.header).expect("JSON values serialize");
+        let rest: usize = 8
+            + header.len()
+            + self
+                .buffers
+                .iter()
+                .map(|b| 8 + b.len())
+                .sum::<usize>();
+        let mut head = Vec::with_capacity(16 + header.len());
+        head.extend_from_slice(&(rest as u64).to_le_bytes());
+        head.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        head.extend_from_slice(&(self.buffers.len() as u32).to_le_bytes());
+        head.extend_from_slice(&header);
+        let mut out = vec![Bytes::from(head)];
+        for b in &self.buffers {
+            out.push(Bytes::copy_from_slice(&(b.len() as u64).to_le_bytes()));
+            out.push(b.clone());
+        }
+        out
+    }
+}
+
+/// Reads [`KernelFrame`]s from the kernel's reply pipe; cancellation-safe, bounded.
+struct FrameCodec {
+    max: usize,
+}
+
+impl Decoder for FrameCodec {
+    type Item = KernelFrame;
+    type Error = KernelError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<KernelFrame>, KernelError> {
+        if src.len() < 8 {
+            return Ok(None);
+        }
+        let len = u64::from_le_bytes(src[..8].try_into().expect("8 bytes"));
+        if len < 8 || len > self.max as u64 {
+            return Err(KernelError::Garbled(format!(
+                "a frame of {len} bytes (the limit is {})",
+                self.max
+            )));
+        }
+        let len = len as usize;
+        if src.len() < 8 + len {
+            src.reserve(8 + len - src.len());
+            return Ok(None);
+        }
+        src.advance(8);
+        let mut body = src.split_to(len).freeze();
+        let hlen = body.get_u32_le() as usize;
+        let nbuf = body.get_u32_le() as usize;
+        if hlen > body.len() {
+            return Err(KernelError::Garbled("a header longer than its frame".into()));
+        }
+        let header = serde_json::from_slice(&body.split_to(hlen)).map_err(|e| {
+            KernelError::Garbled(format!("a header that is not JSON ({e})"))
+        })?;
+        let mut buffers = Vec::with_capacity(nbuf.min(1024));
+        for _ in 0..nbuf {
+            if body.len() < 8 {
+                return Err(KernelError::Garbled("a buffer cut short".into()));
+            }
+            let n = body.get_u64_le();
+            if n > body.len() as u64 {
+                return Err(KernelError::Garbled("a buffer cut short".into()));
+            }
+            buffers.push(body.split_to(n as usize));
+        }
+        Ok(Some(KernelFrame { header, buffers }))
+    }
+}
+
+impl From<KernelError> for std::io::Error {
+    fn from(e: KernelError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+    }
 }
 
 /// One task's reply from the kernel, decoded.
@@ -71,10 +233,17 @@ pub struct BatchOutcome {
     pub died: Option<String>,
 }
 
+/// A batch for the kernel: the request frame (its header a JSON list of tasks) and the ids of
+/// those tasks, in order, which the replies must name.
+pub struct Batch {
+    pub frame: KernelFrame,
+    pub ids: Vec<u64>,
+}
+
 pub struct PythonKernel {
     child: Child,
     to_kernel: pipe::Sender,
-    from_kernel: BufReader<pipe::Receiver>,
+    from_kernel: FramedRead<pipe::Receiver, FrameCodec>,
     pub pid: u32,
 }
 
@@ -83,11 +252,12 @@ fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 impl PythonKernel {
-    /// Starts a kernel and waits until it is ready.
+    /// Starts a kernel and waits until it is ready. `max_frame` is the cluster's frame limit.
     pub async fn spawn(
         python: &str,
         workdir: &Path,
         engine_log: Option<&Path>,
+        max_frame: usize,
     ) -> Result<Self, KernelError> {
         let (req_r, req_w) = cloexec_pipe()?;
         let (rep_r, rep_w) = cloexec_pipe()?;
@@ -136,27 +306,26 @@ impl PythonKernel {
         })?;
         drop((req_r, rep_w));
         let pid = child.id().unwrap_or(0);
+        let codec = FrameCodec {
+            max: max_frame.saturating_mul(REPLY_LIMIT_FRAMES),
+        };
         let mut kernel = Self {
             child,
             to_kernel: pipe::Sender::from_owned_fd(req_w)?,
-            from_kernel: BufReader::new(pipe::Receiver::from_owned_fd(rep_r)?),
+            from_kernel: FramedRead::new(pipe::Receiver::from_owned_fd(rep_r)?, codec),
             pid,
         };
-        let ready = tokio::time::timeout(KERNEL_START_TIMEOUT, kernel.read_line()).await;
+        let ready = tokio::time::timeout(KERNEL_START_TIMEOUT, kernel.from_kernel.next()).await;
         match ready {
             Err(_) => Err(KernelError::StartTimeout(KERNEL_START_TIMEOUT.as_secs())),
-            Ok(Ok(Some(_))) => Ok(kernel),
-            Ok(Ok(None)) => Err(KernelError::Died(kernel.exit_reason().await)),
-            Ok(Err(e)) => Err(e),
+            Ok(Some(Ok(f))) if f.header.get("ready").is_some() => Ok(kernel),
+            Ok(Some(Ok(f))) => Err(KernelError::Garbled(format!(
+                "its first frame was not `ready`: {}",
+                f.header
+            ))),
+            Ok(None) => Err(KernelError::Died(kernel.exit_reason().await)),
+            Ok(Some(Err(e))) => Err(e),
         }
-    }
-
-    async fn read_line(&mut self) -> Result<Option<Json>, KernelError> {
-        let mut line = String::new();
-        if self.from_kernel.read_line(&mut line).await? == 0 {
-            return Ok(None);
-        }
-        parse_line(&line).map(Some)
     }
 
     /// How the kernel process ended, in words.
@@ -167,19 +336,30 @@ impl PythonKernel {
         }
     }
 
-    /// Runs a batch of kernel tasks (`{"op": "execute", "code": …}` objects). Replies are
-    /// handed to `ready` in order as they arrive — whenever the kernel has nothing more written
-    /// yet — so a slow task does not hold back the results before it.
+    async fn write(&mut self, frame: &KernelFrame) -> std::io::Result<()> {
+        for piece in frame.pieces() {
+            self.to_kernel.write_all(&piece).await?;
+        }
+        Ok(())
+    }
+
+    /// Kills the kernel: it broke the protocol.
+    async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Runs a batch of kernel tasks. Replies are handed to `ready` in order as they arrive —
+    /// whenever the kernel has nothing more written yet — so a slow task does not hold back
+    /// the results before it.
     pub async fn run(
         &mut self,
-        tasks: &[Json],
+        batch: &Batch,
         mut ready: impl FnMut(Vec<KernelReply>),
     ) -> BatchOutcome {
         let mut pending = Vec::new();
         let mut done = 0;
-        let mut line = serde_json::to_vec(tasks).expect("JSON values serialize");
-        line.push(b'\n');
-        if let Err(e) = self.to_kernel.write_all(&line).await {
+        if let Err(e) = self.write(&batch.frame).await {
             let why = self.exit_reason().await;
             return BatchOutcome {
                 done,
@@ -187,24 +367,21 @@ impl PythonKernel {
             };
         }
         let mut died = None;
-        // The line being read lives out here: if the kernel's exit wins the race below, what
-        // was read of the line so far is kept.
-        let mut buf = String::new();
-        while done < tasks.len() {
-            let read = tokio::select! {
+        while done < batch.ids.len() {
+            let frame = tokio::select! {
                 biased;
-                r = self.from_kernel.read_line(&mut buf) => r,
+                f = self.from_kernel.next() => f,
                 status = self.child.wait() => {
                     // The kernel is gone, though something it forked may still hold the pipe
                     // open: take what it wrote before it died, then report it.
-                    while let Ok(Ok(n)) = tokio::time::timeout(DRAIN_AFTER_EXIT, self.from_kernel.read_line(&mut buf)).await {
-                        if n == 0 || !buf.ends_with('\n') {
-                            break;
-                        }
-                        match parse_line(&std::mem::take(&mut buf)) {
+                    while let Ok(Some(Ok(f))) = tokio::time::timeout(DRAIN_AFTER_EXIT, self.from_kernel.next()).await {
+                        match decode_reply(&f, batch.ids[done]) {
                             Ok(reply) => {
-                                pending.push(decode_reply(&reply));
+                                pending.push(reply);
                                 done += 1;
+                                if done == batch.ids.len() {
+                                    break;
+                                }
                             }
                             Err(_) => break,
                         }
@@ -213,30 +390,28 @@ impl PythonKernel {
                     break;
                 }
             };
-            match read {
-                Ok(0) => {
+            match frame {
+                None => {
                     died = Some(self.exit_reason().await);
                     break;
                 }
-                Ok(_) => match parse_line(&std::mem::take(&mut buf)) {
+                Some(Ok(f)) => match decode_reply(&f, batch.ids[done]) {
                     Ok(reply) => {
-                        pending.push(decode_reply(&reply));
+                        pending.push(reply);
                         done += 1;
-                        if self.from_kernel.buffer().is_empty() {
+                        if self.from_kernel.read_buffer().is_empty() {
                             ready(std::mem::take(&mut pending));
                         }
                     }
                     Err(e) => {
-                        let _ = self.child.start_kill();
-                        let _ = self.child.wait().await;
+                        self.kill().await;
                         died = Some(e.to_string());
                         break;
                     }
                 },
-                Err(e) => {
-                    let _ = self.child.start_kill();
-                    let _ = self.child.wait().await;
-                    died = Some(format!("could not be read from: {e}"));
+                Some(Err(e)) => {
+                    self.kill().await;
+                    died = Some(e.to_string());
                     break;
                 }
             }
@@ -246,16 +421,6 @@ impl PythonKernel {
         }
         BatchOutcome { done, died }
     }
-}
-
-/// One reply line.
-fn parse_line(line: &str) -> Result<Json, KernelError> {
-    serde_json::from_str(line).map_err(|e| {
-        KernelError::Garbled(format!(
-            "{e}: {}",
-            line.chars().take(200).collect::<String>()
-        ))
-    })
 }
 
 /// Words for how a process ended: `exited with status 1`, `was killed by signal 9 (SIGKILL)`.
@@ -279,26 +444,6 @@ fn text(v: &Json, key: &str) -> String {
         .to_string()
 }
 
-/// A value as the kernel encodes it: `{"v": json}`, `{"p": pickle-b64, "r": repr}` or
-/// `{"o": repr}`.
-fn decode_value(v: &Json) -> Value {
-    use base64::Engine as _;
-    if let Some(p) = v.get("p").and_then(Json::as_str) {
-        Value::Pickle {
-            repr: text(v, "r"),
-            bytes: base64::engine::general_purpose::STANDARD
-                .decode(p)
-                .unwrap_or_default(),
-        }
-    } else if let Some(o) = v.get("o").and_then(Json::as_str) {
-        Value::Opaque {
-            repr: o.to_string(),
-        }
-    } else {
-        Value::Json(v.get("v").cloned().unwrap_or(Json::Null))
-    }
-}
-
 fn decode_error(v: &Json) -> RemoteError {
     RemoteError {
         ename: text(v, "ename"),
@@ -307,7 +452,18 @@ fn decode_error(v: &Json) -> RemoteError {
     }
 }
 
-fn decode_reply(v: &Json) -> KernelReply {
+/// One reply frame, which must answer task `expected`.
+fn decode_reply(f: &KernelFrame, expected: u64) -> Result<KernelReply, KernelError> {
+    let v = &f.header;
+    match v.get("id").and_then(Json::as_u64) {
+        Some(id) if id == expected => {}
+        other => {
+            return Err(KernelError::Garbled(format!(
+                "it answered task {} while task {expected} was in flight (did the task write to the kernel's own pipe?)",
+                other.map_or_else(|| "(none)".to_string(), |i| i.to_string())
+            )))
+        }
+    }
     let outcome = if v.get("ok").and_then(Json::as_bool) != Some(true) {
         Outcome::Err(decode_error(v))
     } else if let Some(items) = v.get("items").and_then(Json::as_array) {
@@ -315,25 +471,25 @@ fn decode_reply(v: &Json) -> KernelReply {
             items
                 .iter()
                 .map(|item| match item.get("e") {
-                    Some(e) => Err(decode_error(e)),
-                    None => Ok(decode_value(item)),
+                    Some(e) => Ok(Err(decode_error(e))),
+                    None => f.decode_value(item).map(Ok),
                 })
-                .collect(),
+                .collect::<Result<_, _>>()?,
         )
     } else {
         Outcome::Ok {
-            value: decode_value(v),
+            value: f.decode_value(v)?,
             display: v.get("d").and_then(Json::as_str).map(str::to_string),
         }
     };
-    KernelReply {
+    Ok(KernelReply {
         outcome,
         stdout: text(v, "out"),
         stderr: text(v, "err"),
         execution_count: v.get("n").and_then(Json::as_u64).unwrap_or(0),
         started: v.get("t0").and_then(Json::as_u64).unwrap_or(0),
         completed: v.get("t1").and_then(Json::as_u64).unwrap_or(0),
-    }
+    })
 }
 
 /// Runs one shell command with `bash -c` in `workdir`; a non-zero exit is the task's error.

@@ -24,7 +24,7 @@ use crate::proto::{
     Assignment, ControllerToEngine, EngineId, EngineToController, Func, JobId, Mapper, Outcome,
     ProtoError, RemoteError, TaskResult, Value, Work,
 };
-use kernel::{KernelReply, PythonKernel};
+use kernel::{Batch, KernelFrame, KernelReply, PythonKernel};
 
 /// How long an engine keeps trying to reach its controller before it gives up: long enough for
 /// a controller that is still starting on a slow node.
@@ -110,7 +110,14 @@ async fn connect(config: &EngineConfig) -> Result<Conn, EngineError> {
 pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
     let n = config.engines.max(1) as usize;
     let spawn_all = futures::future::join_all(
-        (0..n).map(|_| PythonKernel::spawn(&config.python, &config.workdir, config.log.as_deref())),
+        (0..n).map(|_| {
+            PythonKernel::spawn(
+                &config.python,
+                &config.workdir,
+                config.log.as_deref(),
+                config.max_frame,
+            )
+        }),
     );
     let (kernels, conn) = tokio::join!(spawn_all, connect(&config));
     let mut conn = conn?;
@@ -265,7 +272,7 @@ struct Slot {
     out: mpsc::UnboundedSender<bytes::Bytes>,
 }
 
-fn func_json(f: &Func) -> serde_json::Value {
+fn func_json(f: &Func, frame: &mut KernelFrame) -> serde_json::Value {
     match f {
         Func::Expr(e) => json!({ "expr": e }),
         Func::Module {
@@ -273,11 +280,22 @@ fn func_json(f: &Func) -> serde_json::Value {
             source,
             attr,
         } => json!({ "module": module, "source": source, "attr": attr }),
+        Func::Pickle {
+            bytes,
+            buffers,
+            python,
+        } => {
+            let refs: Vec<usize> = std::iter::once(bytes)
+                .chain(buffers)
+                .map(|b| frame.add_buffer(b.clone()))
+                .collect();
+            json!({ "pickle": refs, "python": python })
+        }
     }
 }
 
-fn values_json(values: &[Value]) -> Vec<serde_json::Value> {
-    values.iter().map(Value::to_kernel_json).collect()
+fn values_json(values: &[Value], frame: &mut KernelFrame) -> Vec<serde_json::Value> {
+    values.iter().map(|v| frame.value(v)).collect()
 }
 
 /// Quotes a string for a POSIX shell.
@@ -424,9 +442,14 @@ impl Slot {
     async fn init_kernel(&mut self) {
         self.known.clear();
         if let Some(k) = &mut self.kernel {
-            let out = k
-                .run(&[json!({"op": "init", "engine": self.id.0})], |_| {})
-                .await;
+            let init = Batch {
+                frame: KernelFrame {
+                    header: json!([{"op": "init", "id": 0, "engine": self.id.0}]),
+                    buffers: Vec::new(),
+                },
+                ids: vec![0],
+            };
+            let out = k.run(&init, |_| {}).await;
             if let Some(why) = out.died {
                 tracing::error!(engine = %self.id, "the kernel {why} while starting");
                 self.kernel = None;
@@ -440,6 +463,7 @@ impl Slot {
             &self.config.python,
             &self.config.workdir,
             self.config.log.as_deref(),
+            self.config.max_frame,
         )
         .await
         {
@@ -461,36 +485,45 @@ impl Slot {
         }
     }
 
-    /// The kernel request for a task; a map chunk carries its function the first time the
-    /// kernel sees the job.
-    fn request(&mut self, t: &Task) -> serde_json::Value {
-        match &t.a.work {
+    /// The kernel request for a task, its pickles moved into `frame`'s buffers; a map chunk
+    /// carries its function the first time the kernel sees the job.
+    fn request(&mut self, t: &Task, frame: &mut KernelFrame) -> serde_json::Value {
+        let mut req = match &t.a.work {
             Work::Execute { code } => json!({"op": "execute", "code": code}),
             Work::Apply { func, args } => {
-                json!({"op": "apply", "func": func_json(func), "args": values_json(args)})
+                json!({"op": "apply", "func": func_json(func, frame), "args": values_json(args, frame)})
             }
             Work::Push { values } => {
                 let map: serde_json::Map<String, serde_json::Value> = values
                     .iter()
-                    .map(|(k, v)| (k.clone(), v.to_kernel_json()))
+                    .map(|(k, v)| (k.clone(), frame.value(v)))
                     .collect();
                 json!({"op": "push", "values": map})
             }
             Work::Scatter { name, items } => {
-                json!({"op": "push", "values": { name.clone(): values_json(items) }})
+                json!({"op": "scatter", "name": name, "items": values_json(items, frame)})
             }
             Work::Pull { names } => json!({"op": "pull", "names": names}),
             Work::MapChunk { job, items } => {
-                let mut req = json!({"op": "map", "job": job.0, "items": values_json(items)});
-                if let Some(Mapper::Python(func)) = t.mapper.as_deref() {
+                let mut req =
+                    json!({"op": "map", "job": job.0, "items": values_json(items, frame)});
+                let (func, star) = match t.mapper.as_deref() {
+                    Some(Mapper::Python(func)) => (Some(func), false),
+                    Some(Mapper::Star(func)) => (Some(func), true),
+                    _ => (None, false),
+                };
+                if let Some(func) = func {
                     if self.known.insert(*job) {
-                        req["func"] = func_json(func);
+                        req["func"] = func_json(func, frame);
+                        req["star"] = json!(star);
                     }
                 }
                 req
             }
             Work::Shell { .. } => unreachable!("shell tasks never reach the kernel"),
-        }
+        };
+        req["id"] = json!(t.a.task.0);
+        req
     }
 
     async fn run_python(&mut self, mut batch: &[Task]) {
@@ -514,11 +547,17 @@ impl Slot {
                     return;
                 }
             }
+            let mut frame = KernelFrame::default();
             let mut requests: Vec<serde_json::Value> =
-                batch.iter().map(|t| self.request(t)).collect();
+                batch.iter().map(|t| self.request(t, &mut frame)).collect();
             if !self.forget.is_empty() {
                 requests[0]["forget"] = json!(std::mem::take(&mut self.forget));
             }
+            frame.header = serde_json::Value::Array(requests);
+            let requests = Batch {
+                frame,
+                ids: batch.iter().map(|t| t.a.task.0).collect(),
+            };
             let mut kernel = self.kernel.take().expect("a kernel was just ensured");
             let mut sent = 0;
             let outcome = kernel

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use value::Value;
 
 /// Bumped whenever a message changes shape; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default hard limit on one frame (64 MiB): large enough for a big push or a map chunk, small
 /// enough that a garbage length prefix cannot make a peer allocate gigabytes.
@@ -248,6 +248,16 @@ pub enum Func {
         source: String,
         attr: String,
     },
+    /// A callable pickled by a Python client (cloudpickle, protocol 5), with the buffers it
+    /// pickled out of band and the client's Python version (`3.11`): functions travel as
+    /// bytecode, so the engine refuses one from another minor version by name. A function
+    /// defined interactively (in `__main__`) resolves its global names in the engine's
+    /// namespace.
+    Pickle {
+        bytes: bytes::Bytes,
+        buffers: Vec<bytes::Bytes>,
+        python: String,
+    },
 }
 
 impl Func {
@@ -293,6 +303,9 @@ impl From<String> for Func {
 pub enum Mapper {
     /// A Python callable called with the item as its one argument.
     Python(Func),
+    /// A Python callable called with the item's members as its arguments (`func(*item)`):
+    /// a map over several sequences, or a load-balanced apply (one item, its argument list).
+    Star(Func),
     /// A shell command line; `{}` stands for the item, shell-quoted. Its stdout is the result.
     Shell(String),
 }

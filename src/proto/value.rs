@@ -7,14 +7,20 @@
 
 use std::fmt::Write as _;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Value {
     /// A JSON value; the Python kernel sends it as the matching Python object.
     Json(serde_json::Value),
-    /// A Python object with no JSON form: its pickle and its `repr`.
-    Pickle { repr: String, bytes: Vec<u8> },
+    /// A Python object with no JSON form: its pickle (protocol 5), the buffers pickled out of
+    /// band (a NumPy array's data travels as one, never copied into the pickle), and its `repr`.
+    Pickle {
+        repr: String,
+        bytes: Bytes,
+        buffers: Vec<Bytes>,
+    },
     /// A Python object that could be neither JSON-encoded nor pickled (a module, an open
     /// file): only its `repr` came back.
     Opaque { repr: String },
@@ -38,15 +44,37 @@ impl Value {
         }
     }
 
-    /// Builds the form the Python kernel reads: plain JSON, or `{"__pickle__": b64}`.
-    pub(crate) fn to_kernel_json(&self) -> serde_json::Value {
+    /// A pickled value with no out-of-band buffers.
+    pub fn pickle(repr: impl Into<String>, bytes: impl Into<Bytes>) -> Self {
+        Value::Pickle {
+            repr: repr.into(),
+            bytes: bytes.into(),
+            buffers: Vec::new(),
+        }
+    }
+
+    /// The value as one JSON value, for a value nested inside another (a load-balanced apply's
+    /// argument list): pickles become `{"__starling_pickle__": [pickle, buffer, …]}` in base64,
+    /// which the kernel unpickles where it finds them.
+    pub fn nested_json(&self) -> serde_json::Value {
         use base64::Engine as _;
+        let b64 = |b: &Bytes| base64::engine::general_purpose::STANDARD.encode(b);
         match self {
             Value::Json(v) => v.clone(),
-            Value::Pickle { bytes, .. } => serde_json::json!({
-                "__starling_pickle__": base64::engine::general_purpose::STANDARD.encode(bytes)
+            Value::Pickle { bytes, buffers, .. } => serde_json::json!({
+                "__starling_pickle__": std::iter::once(bytes).chain(buffers).map(b64).collect::<Vec<_>>()
             }),
             Value::Opaque { repr } => serde_json::json!({ "__starling_opaque__": repr }),
+        }
+    }
+
+    /// How many bytes the value's pickle and buffers hold (0 for JSON values).
+    pub fn pickled_len(&self) -> usize {
+        match self {
+            Value::Pickle { bytes, buffers, .. } => {
+                bytes.len() + buffers.iter().map(Bytes::len).sum::<usize>()
+            }
+            Value::Json(_) | Value::Opaque { .. } => 0,
         }
     }
 }
@@ -171,10 +199,7 @@ mod tests {
 
     #[test]
     fn pickled_values_show_their_repr() {
-        let v = Value::Pickle {
-            repr: "(1, 2)".into(),
-            bytes: vec![1, 2, 3],
-        };
+        let v = Value::pickle("(1, 2)", vec![1, 2, 3]);
         assert_eq!(v.to_string(), "(1, 2)");
         assert!(v.as_json().is_none());
     }

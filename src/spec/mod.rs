@@ -195,6 +195,52 @@ pub enum SpecError {
         location: String,
         message: String,
     },
+    /// What the caller of `up` asked for does not fit (the spec, or itself).
+    #[error("{0}")]
+    Options(String),
+}
+
+/// What `up` may say on top of a spec: `starling up [--local] [-f SPEC] [--name] [-n]`, and
+/// `starling.Cluster(...)` from Python.
+#[derive(Debug, Default, Clone)]
+pub struct UpOptions<'a> {
+    /// The spec file; without one, `templates/local.yaml`.
+    pub file: Option<&'a Path>,
+    /// The caller insists on a local cluster.
+    pub local: bool,
+    pub name: Option<&'a str>,
+    /// Engines per node.
+    pub engines: Option<u32>,
+    /// The kernels' Python interpreter.
+    pub python: Option<&'a str>,
+}
+
+/// The spec `up` starts: the file (or the local template) with the caller's overrides.
+pub fn for_up(o: &UpOptions) -> Result<ClusterSpec, SpecError> {
+    let mut spec = match o.file {
+        Some(path) => load(path)?,
+        None => parse("templates/local.yaml (built in)", LOCAL_TEMPLATE)?,
+    };
+    if o.local && spec.provider != ProviderKind::Local {
+        return Err(SpecError::Options(format!(
+            "--local conflicts with `provider: {}` in the spec; drop one of them",
+            spec.provider
+        )));
+    }
+    if let Some(name) = o.name {
+        crate::home::check_name("cluster", name).map_err(SpecError::Options)?;
+        spec.name = name.to_string();
+    }
+    if let Some(n) = o.engines {
+        if n == 0 {
+            return Err(SpecError::Options("-n must be at least 1".into()));
+        }
+        spec.engines_per_node = Count::N(n);
+    }
+    if let Some(python) = o.python {
+        spec.python = python.to_string();
+    }
+    Ok(spec)
 }
 
 fn invalid(origin: &str, err: &serde_yaml::Error) -> SpecError {

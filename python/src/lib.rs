@@ -1,0 +1,663 @@
+//! `starling._starling`: the Python binding over starling's Rust client.
+//!
+//! One implementation of the protocol: every call here goes through `starling::client` (and
+//! `starling::provider` for `Cluster`). This layer only converts values and waits: it holds one
+//! tokio runtime per process, releases the GIL while it waits, and wakes every
+//! [`SIGNAL_CHECK`] to let Ctrl-C raise `KeyboardInterrupt`. The public Python API —
+//! ipyparallel's names, pickling, magics — lives in the pure-Python package around it.
+//!
+//! Values cross as: JSON-shaped Python objects (`None`, `bool`, `int`, `float`, `str`, and lists
+//! and dicts of them when they come back from engines), or as a tuple
+//! `(pickle: bytes, buffers: list, repr: str)` for anything pickled. A value that an engine
+//! could show but not pickle comes back as `(None, None, repr)`.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTimeoutError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
+use serde_json::Value as Json;
+
+use starling::client::{AsyncResult, Client, ClientError};
+use starling::proto::{EngineId, Func, JobId, JobSpec, Mapper, RemoteError, Targets, Value};
+
+/// How often a wait wakes to let Python handle signals (Ctrl-C): well under the half second a
+/// user notices, long enough to cost nothing.
+const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+
+/// The process's runtime, and the pid that built it: after `fork` its threads are gone.
+static RUNTIME: OnceLock<(u32, tokio::runtime::Runtime)> = OnceLock::new();
+
+fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
+    let (pid, rt) = RUNTIME.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("starling-client")
+            .enable_all()
+            .build()
+            .expect("a tokio runtime can be built");
+        (std::process::id(), rt)
+    });
+    if *pid == std::process::id() {
+        Ok(rt)
+    } else {
+        Err(PyRuntimeError::new_err(
+            "a starling Client cannot be used in a process forked from the one that created it; create a new Client in the child",
+        ))
+    }
+}
+
+/// Runs `fut` to completion with the GIL released, checking for signals every
+/// [`SIGNAL_CHECK`]; a `KeyboardInterrupt` leaves whatever `fut` was doing to carry on
+/// (a submitted job keeps running on the cluster).
+fn block_on<T, F>(py: Python<'_>, fut: F) -> PyResult<T>
+where
+    F: Future<Output = T> + Send,
+    T: Send,
+{
+    let rt = runtime()?;
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        let step = py.detach(|| rt.block_on(tokio::time::timeout(SIGNAL_CHECK, fut.as_mut())));
+        match step {
+            Ok(v) => return Ok(v),
+            Err(_) => py.check_signals()?,
+        }
+    }
+}
+
+fn client_err(e: ClientError) -> PyErr {
+    match e {
+        ClientError::Remote(c) => PyRuntimeError::new_err(c.to_string()),
+        other => PyRuntimeError::new_err(other.to_string()),
+    }
+}
+
+fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t < 0.0 => Ok(None),
+        Some(t) if t.is_finite() => Ok(Some(Duration::from_secs_f64(t))),
+        Some(t) => Err(PyValueError::new_err(format!(
+            "timeout must be a number of seconds, not {t}"
+        ))),
+    }
+}
+
+// ---- values -------------------------------------------------------------------------------
+
+fn value_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        if t.len() == 3 {
+            let bytes: Bytes = t.get_item(0)?.extract()?;
+            let buffers: Vec<Bytes> = t.get_item(1)?.extract()?;
+            let repr: String = t.get_item(2)?.extract()?;
+            return Ok(Value::Pickle {
+                repr,
+                bytes,
+                buffers,
+            });
+        }
+    }
+    Ok(Value::Json(json_from_py(obj)?))
+}
+
+fn json_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Json> {
+    if obj.is_none() {
+        return Ok(Json::Null);
+    }
+    if let Ok(b) = obj.cast::<pyo3::types::PyBool>() {
+        return Ok(Json::Bool(b.is_true()));
+    }
+    if let Ok(i) = obj.extract::<i64>() {
+        return Ok(Json::from(i));
+    }
+    if let Ok(u) = obj.extract::<u64>() {
+        return Ok(Json::from(u));
+    }
+    if let Ok(f) = obj.cast::<pyo3::types::PyFloat>() {
+        return Ok(serde_json::Number::from_f64(f.value()).map_or(Json::Null, Json::Number));
+    }
+    if let Ok(s) = obj.extract::<String>() {
+        return Ok(Json::String(s));
+    }
+    if let Ok(l) = obj.cast::<PyList>() {
+        return l.iter().map(|x| json_from_py(&x)).collect();
+    }
+    Err(PyValueError::new_err(format!(
+        "cannot send {} as it is: pickle it first",
+        obj.get_type().name()?
+    )))
+}
+
+fn json_to_py<'py>(py: Python<'py>, v: &Json) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        Json::Null => py.None().into_bound(py),
+        Json::Bool(b) => b.into_pyobject(py)?.to_owned().into_any(),
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i.into_pyobject(py)?.into_any()
+            } else if let Some(u) = n.as_u64() {
+                u.into_pyobject(py)?.into_any()
+            } else {
+                n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any()
+            }
+        }
+        Json::String(s) => s.into_pyobject(py)?.into_any(),
+        Json::Array(items) => {
+            let list = PyList::empty(py);
+            for x in items {
+                list.append(json_to_py(py, x)?)?;
+            }
+            list.into_any()
+        }
+        Json::Object(map) => {
+            let d = PyDict::new(py);
+            for (k, x) in map {
+                d.set_item(k, json_to_py(py, x)?)?;
+            }
+            d.into_any()
+        }
+    })
+}
+
+fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+    match v {
+        Value::Json(j) => json_to_py(py, j),
+        Value::Pickle {
+            repr,
+            bytes,
+            buffers,
+        } => {
+            // Buffers become bytearrays: a NumPy array unpickled from one is writable.
+            let bufs = PyList::empty(py);
+            for b in buffers {
+                bufs.append(PyByteArray::new(py, b))?;
+            }
+            Ok(PyTuple::new(
+                py,
+                [
+                    PyBytes::new(py, bytes).into_any(),
+                    bufs.into_any(),
+                    repr.into_pyobject(py)?.into_any(),
+                ],
+            )?
+            .into_any())
+        }
+        Value::Opaque { repr } => Ok(PyTuple::new(
+            py,
+            [
+                py.None().into_bound(py),
+                py.None().into_bound(py),
+                repr.into_pyobject(py)?.into_any(),
+            ],
+        )?
+        .into_any()),
+    }
+}
+
+fn error_to_py<'py>(py: Python<'py>, e: &RemoteError) -> PyResult<Bound<'py, PyTuple>> {
+    PyTuple::new(py, [&e.ename, &e.evalue, &e.traceback])
+}
+
+/// A callable pickled by the Python layer: `(pickle, buffers, python_version)`.
+fn func_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Func> {
+    if let Ok(expr) = obj.extract::<String>() {
+        return Ok(Func::Expr(expr));
+    }
+    let (bytes, buffers, python): (Bytes, Vec<Bytes>, String) = obj.extract()?;
+    Ok(Func::Pickle {
+        bytes,
+        buffers,
+        python,
+    })
+}
+
+fn targets_from_py(targets: Option<Vec<u32>>) -> Targets {
+    match targets {
+        None => Targets::All,
+        Some(ids) => Targets::Ids(ids.into_iter().map(EngineId).collect()),
+    }
+}
+
+// ---- the client ---------------------------------------------------------------------------
+
+/// A connection to one cluster's controller.
+#[pyclass(module = "starling._starling", frozen)]
+struct NativeClient {
+    client: Client,
+    path: PathBuf,
+}
+
+/// Connects: `url_file` (a connection file), else the cluster named `cluster`, else
+/// `STARLING_CLUSTER`, else the only cluster there is.
+#[pyfunction]
+#[pyo3(signature = (url_file=None, cluster=None, timeout=None))]
+fn connect(
+    py: Python<'_>,
+    url_file: Option<PathBuf>,
+    cluster: Option<String>,
+    timeout: Option<f64>,
+) -> PyResult<NativeClient> {
+    let path = starling::client::connection::find(cluster.as_deref(), url_file.as_deref())
+        .map_err(client_err)?;
+    let limit = seconds(timeout)?.unwrap_or(Duration::from_secs(30));
+    let p = path.clone();
+    let client = block_on(py, async move {
+        match tokio::time::timeout(limit, Client::connect(&p)).await {
+            Ok(r) => r.map_err(client_err),
+            Err(_) => Err(PyTimeoutError::new_err(format!(
+                "no answer from the controller in {} s (connection file {})",
+                limit.as_secs_f64(),
+                p.display()
+            ))),
+        }
+    })??;
+    Ok(NativeClient { client, path })
+}
+
+#[pymethods]
+impl NativeClient {
+    #[getter]
+    fn cluster(&self) -> String {
+        self.client.cluster().to_string()
+    }
+
+    #[getter]
+    fn connection_file(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn ids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        let c = self.client.clone();
+        let ids = block_on(py, async move { c.ids().await })?.map_err(client_err)?;
+        Ok(ids.into_iter().map(|e| e.0).collect())
+    }
+
+    #[pyo3(signature = (n, timeout=None))]
+    fn wait_for_engines(&self, py: Python<'_>, n: u32, timeout: Option<f64>) -> PyResult<Vec<u32>> {
+        let c = self.client.clone();
+        let t = seconds(timeout)?.unwrap_or(Duration::from_secs(3600 * 24 * 365));
+        let ids = block_on(py, async move { c.wait_for_engines(n, t).await })?;
+        match ids {
+            Ok(ids) => Ok(ids.into_iter().map(|e| e.0).collect()),
+            Err(ClientError::Controller(m)) => Err(PyTimeoutError::new_err(m)),
+            Err(e) => Err(client_err(e)),
+        }
+    }
+
+    /// The cluster's status as JSON text.
+    fn status(&self, py: Python<'_>) -> PyResult<String> {
+        let c = self.client.clone();
+        let s = block_on(py, async move { c.status().await })?.map_err(client_err)?;
+        serde_json::to_string(&s).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
+    fn execute(&self, py: Python<'_>, targets: Option<Vec<u32>>, code: String) -> PyResult<NativeResult> {
+        let v = self.client.direct(targets_from_py(targets));
+        self.submit(py, async move { v.execute(&code).await })
+    }
+
+    fn apply(
+        &self,
+        py: Python<'_>,
+        targets: Option<Vec<u32>>,
+        func: &Bound<'_, PyAny>,
+        args: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<NativeResult> {
+        let func = func_from_py(func)?;
+        let args = args.iter().map(value_from_py).collect::<PyResult<Vec<_>>>()?;
+        let v = self.client.direct(targets_from_py(targets));
+        self.submit(py, async move { v.apply(func, args).await })
+    }
+
+    /// A load-balanced `func(*args)`.
+    fn apply_balanced(
+        &self,
+        py: Python<'_>,
+        func: &Bound<'_, PyAny>,
+        args: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<NativeResult> {
+        let func = func_from_py(func)?;
+        let args = args.iter().map(value_from_py).collect::<PyResult<Vec<_>>>()?;
+        let lb = self.client.load_balanced();
+        self.submit(py, async move { lb.apply(func, args).await })
+    }
+
+    /// A map: load-balanced (`targets` None and `balanced`), or one contiguous chunk per
+    /// target. With `star`, each item is an argument tuple.
+    #[pyo3(signature = (func, items, *, balanced, targets=None, star=false, chunksize=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn map(
+        &self,
+        py: Python<'_>,
+        func: &Bound<'_, PyAny>,
+        items: Vec<Bound<'_, PyAny>>,
+        balanced: bool,
+        targets: Option<Vec<u32>>,
+        star: bool,
+        chunksize: Option<u32>,
+    ) -> PyResult<NativeResult> {
+        let func = func_from_py(func)?;
+        let mapper = if star {
+            Mapper::Star(func)
+        } else {
+            Mapper::Python(func)
+        };
+        let items = items.iter().map(value_from_py).collect::<PyResult<Vec<_>>>()?;
+        let spec = if balanced {
+            JobSpec::Map {
+                mapper,
+                items,
+                chunksize: chunksize.map(|c| c.max(1)),
+            }
+        } else {
+            JobSpec::DirectMap {
+                targets: targets_from_py(targets),
+                mapper,
+                items,
+            }
+        };
+        let c = self.client.clone();
+        self.submit(py, async move { c.submit(spec).await })
+    }
+
+    fn push(
+        &self,
+        py: Python<'_>,
+        targets: Option<Vec<u32>>,
+        values: Vec<(String, Bound<'_, PyAny>)>,
+    ) -> PyResult<NativeResult> {
+        let values = values
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), value_from_py(v)?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        let v = self.client.direct(targets_from_py(targets));
+        self.submit(py, async move { v.push(values).await })
+    }
+
+    fn pull(&self, py: Python<'_>, targets: Option<Vec<u32>>, names: Vec<String>) -> PyResult<NativeResult> {
+        let v = self.client.direct(targets_from_py(targets));
+        self.submit(py, async move {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            v.pull(&names).await
+        })
+    }
+
+    fn scatter(
+        &self,
+        py: Python<'_>,
+        targets: Option<Vec<u32>>,
+        name: String,
+        items: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<NativeResult> {
+        let items = items.iter().map(value_from_py).collect::<PyResult<Vec<_>>>()?;
+        let v = self.client.direct(targets_from_py(targets));
+        self.submit(py, async move { v.scatter(&name, items).await })
+    }
+
+    /// Re-attaches to any job by id, also one another client submitted.
+    fn result(&self, py: Python<'_>, job: u64) -> PyResult<NativeResult> {
+        let c = self.client.clone();
+        self.submit(py, async move { c.result(JobId(job)).await })
+    }
+
+    /// Stops the cluster's engines and controller.
+    fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
+        let c = self.client.clone();
+        block_on(py, async move { c.shutdown().await })?.map_err(client_err)
+    }
+}
+
+impl NativeClient {
+    fn submit<F>(&self, py: Python<'_>, fut: F) -> PyResult<NativeResult>
+    where
+        F: Future<Output = Result<AsyncResult, ClientError>> + Send,
+    {
+        let ar = block_on(py, fut)?.map_err(client_err)?;
+        Ok(NativeResult { ar })
+    }
+}
+
+// ---- results ------------------------------------------------------------------------------
+
+/// A job in flight or done.
+#[pyclass(module = "starling._starling", frozen)]
+struct NativeResult {
+    ar: AsyncResult,
+}
+
+#[pymethods]
+impl NativeResult {
+    #[getter]
+    fn job(&self) -> u64 {
+        self.ar.job_id().0
+    }
+
+    /// `execute`, `apply`, `map`, …
+    #[getter]
+    fn kind(&self) -> String {
+        format!("{:?}", self.ar.kind()).to_lowercase()
+    }
+
+    /// When the controller accepted the job, in seconds since the epoch.
+    #[getter]
+    fn submitted(&self) -> f64 {
+        self.ar.submitted() as f64 / 1e6
+    }
+
+    /// The engines of the job's tasks known up front (empty for a load-balanced map).
+    #[getter]
+    fn engines(&self) -> Vec<u32> {
+        self.ar.engines().into_iter().map(|e| e.0).collect()
+    }
+
+    fn ready(&self) -> bool {
+        self.ar.ready()
+    }
+
+    /// `(done, total)` slots.
+    fn progress(&self) -> (usize, usize) {
+        self.ar.progress()
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.ar.elapsed().as_secs_f64()
+    }
+
+    fn serial_time(&self) -> f64 {
+        self.ar.serial_time().as_secs_f64()
+    }
+
+    /// Waits (GIL released, Ctrl-C honoured) until done or `timeout` seconds; whether done.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let t = seconds(timeout)?;
+        let ar = self.ar.clone();
+        block_on(py, async move { ar.wait(t).await })?.map_err(client_err)
+    }
+
+    /// Waits until at least `n` slots are filled, or `timeout`; whether they are.
+    #[pyo3(signature = (n, timeout=None))]
+    fn wait_count(&self, py: Python<'_>, n: usize, timeout: Option<f64>) -> PyResult<bool> {
+        let t = seconds(timeout)?;
+        let ar = self.ar.clone();
+        block_on(py, async move { ar.wait_count(n, t).await })?.map_err(client_err)
+    }
+
+    /// Slot indices in the order they were filled.
+    fn completion_order(&self) -> Vec<usize> {
+        self.ar.completion_order()
+    }
+
+    /// One slot: `None` while pending, else `(ok, value or (ename, evalue, traceback), engine)`.
+    fn slot<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        self.ar
+            .slot(index)
+            .map(|(engine, v)| slot_to_py(py, engine, &v))
+            .transpose()
+    }
+
+    /// Every slot, as [`Self::slot`].
+    fn slots<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for s in self.ar.slots() {
+            match s {
+                None => out.append(py.None())?,
+                Some((engine, v)) => out.append(slot_to_py(py, engine, &v)?)?,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The finished tasks, in the order they finished: dicts with `task`, `engine_id`,
+    /// `first`, `stdout`, `stderr`, `execution_count`, `started`, `completed` (seconds since
+    /// the epoch), `status` (`ok` or `error`), `display` (the `repr` of a final expression).
+    fn tasks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for r in self.ar.results() {
+            let d = PyDict::new(py);
+            d.set_item("task", r.task.0)?;
+            d.set_item("engine_id", r.engine.0)?;
+            d.set_item("first", r.first)?;
+            d.set_item("stdout", &r.stdout)?;
+            d.set_item("stderr", &r.stderr)?;
+            d.set_item("execution_count", r.execution_count)?;
+            d.set_item("started", r.started as f64 / 1e6)?;
+            d.set_item("completed", r.completed as f64 / 1e6)?;
+            let (status, display) = match &r.outcome {
+                starling::proto::Outcome::Ok { display, .. } => ("ok", display.clone()),
+                starling::proto::Outcome::Err(_) => ("error", None),
+                starling::proto::Outcome::Items(items) => {
+                    (if items.iter().all(Result::is_ok) { "ok" } else { "error" }, None)
+                }
+            };
+            d.set_item("status", status)?;
+            d.set_item("display", display)?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
+    /// Calls `callback()` from a background thread once the job is done (or its connection
+    /// is lost): what makes the Python `AsyncResult` a `concurrent.futures.Future`.
+    fn on_done(&self, callback: Py<PyAny>) -> PyResult<()> {
+        let ar = self.ar.clone();
+        runtime()?.spawn(async move {
+            let _ = ar.wait(None).await;
+            // Off the runtime's threads: the callback may block on Python's GIL for long.
+            let _ = tokio::task::spawn_blocking(move || {
+                Python::attach(|py| {
+                    if let Err(e) = callback.call0(py) {
+                        e.print(py);
+                    }
+                });
+            })
+            .await;
+        });
+        Ok(())
+    }
+}
+
+fn slot_to_py<'py>(
+    py: Python<'py>,
+    engine: EngineId,
+    v: &Result<Value, RemoteError>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (ok, payload) = match v {
+        Ok(value) => (true, value_to_py(py, value)?),
+        Err(e) => (false, error_to_py(py, e)?.into_any()),
+    };
+    PyTuple::new(
+        py,
+        [
+            ok.into_pyobject(py)?.to_owned().into_any(),
+            payload,
+            engine.0.into_pyobject(py)?.into_any(),
+        ],
+    )
+}
+
+// ---- clusters -----------------------------------------------------------------------------
+
+/// Starts a cluster as `starling up` does; returns `(name, connection_file, engine_ids,
+/// seconds)`.
+#[pyfunction]
+#[pyo3(signature = (spec=None, n=None, name=None, python=None))]
+fn up(
+    py: Python<'_>,
+    spec: Option<PathBuf>,
+    n: Option<u32>,
+    name: Option<String>,
+    python: Option<String>,
+) -> PyResult<(String, PathBuf, Vec<u32>, f64)> {
+    let spec = starling::spec::for_up(&starling::spec::UpOptions {
+        file: spec.as_deref(),
+        local: false,
+        name: name.as_deref(),
+        engines: n,
+        python: python.as_deref(),
+    })
+    .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let cluster = spec.name.clone();
+    let launched = block_on(py, async move {
+        let progress = starling::bootstrap::Progress::new();
+        starling::provider::up(&spec, &progress).await
+    });
+    let launched = match launched {
+        Ok(r) => r.map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
+        Err(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => {
+            // Interrupted: take down what was started, as `starling up` does on Ctrl-C.
+            let _ = runtime()?.block_on(starling::provider::down(
+                &cluster,
+                &starling::provider::Hints::default(),
+            ));
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok((
+        launched.cluster,
+        launched.connection,
+        launched.engines.into_iter().map(|e| e.0).collect(),
+        launched.elapsed.as_secs_f64(),
+    ))
+}
+
+/// Takes a cluster down as `starling down` does; returns what was removed, in words.
+#[pyfunction]
+fn down(py: Python<'_>, name: String) -> PyResult<String> {
+    let t = block_on(py, async move {
+        starling::provider::down(&name, &starling::provider::Hints::default()).await
+    })?
+    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    Ok(if t.found {
+        format!(
+            "cluster '{}' is down: stopped {} processes{}",
+            t.cluster,
+            t.stopped,
+            if t.removed.is_empty() {
+                String::new()
+            } else {
+                format!("; removed {}", t.removed.join(", "))
+            }
+        )
+    } else {
+        format!("cluster '{}' does not exist; nothing to do", t.cluster)
+    })
+}
+
+#[pymodule]
+fn _starling(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeClient>()?;
+    m.add_class::<NativeResult>()?;
+    m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_function(wrap_pyfunction!(up, m)?)?;
+    m.add_function(wrap_pyfunction!(down, m)?)?;
+    m.add("PROTOCOL_VERSION", starling::proto::PROTOCOL_VERSION)?;
+    Ok(())
+}

@@ -1,0 +1,152 @@
+"""How Python objects travel: JSON scalars as they are, everything else pickled.
+
+Functions and objects are pickled with cloudpickle (protocol 5), so lambdas, closures and
+functions defined in a notebook travel by value; buffers such as a NumPy array's data are
+pickled out of band and travel as raw bytes beside the pickle, never copied into it. A value
+crosses into the native client as a JSON scalar, or as ``(pickle, buffers, repr)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pickle
+import sys
+import sysconfig
+import types
+
+import cloudpickle
+
+from .error import SerializationError
+
+PYTHON = "%d.%d" % sys.version_info[:2]
+
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+class Reference:
+    """A name in each engine's namespace, standing in for an argument.
+
+    ``v.apply(f, Reference('a'))`` calls ``f`` with that engine's own ``a``, as in
+    ipyparallel."""
+
+    def __init__(self, name: str):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"a Reference names a variable, not {name!r}")
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Reference({self.name!r})"
+
+    def __reduce__(self):
+        return (_KernelReference, (self.name,))
+
+
+# The kernel defines `starling_kernel.Reference`; a Reference pickles as a call to it. A
+# module of that name exists here only so that pickle can name the class.
+class _KernelReference:
+    def __init__(self, name):
+        self.name = name
+
+
+_kernel_module = types.ModuleType("starling_kernel")
+_kernel_module.Reference = _KernelReference
+_KernelReference.__module__ = "starling_kernel"
+_KernelReference.__qualname__ = _KernelReference.__name__ = "Reference"
+sys.modules.setdefault("starling_kernel", _kernel_module)
+
+
+def _dumps(obj, what: str):
+    bufs = []
+
+    def keep(pb):
+        try:
+            bufs.append(bytes(pb.raw()))
+        except BufferError:  # not contiguous: stays inside the pickle
+            return True
+        return False
+
+    try:
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+    except Exception as e:  # noqa: BLE001 - every pickling failure is the user's to see
+        raise SerializationError(
+            f"cannot send {what} ({type(obj).__name__}) to the engines: it cannot be pickled "
+            f"({type(e).__name__}: {e}); send something picklable, e.g. the data it holds"
+        ) from e
+    return data, bufs
+
+
+def pack(obj, what: str = "an argument"):
+    """One value for the wire."""
+    t = type(obj)
+    if obj is None or t is str or t is bool:
+        return obj
+    if t is int and _INT_MIN <= obj <= _INT_MAX:
+        return obj
+    if t is float and math.isfinite(obj):
+        return obj
+    data, bufs = _dumps(obj, what)
+    return (data, bufs, "")
+
+
+_installed = tuple(
+    os.path.realpath(p) + os.sep
+    for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+)
+_by_value = set()
+
+
+def _travel_by_value(f) -> None:
+    """Functions from the user's own modules (not installed packages, not the standard
+    library) travel by value, like those defined in a notebook: the engines need not have the
+    module."""
+    name = getattr(f, "__module__", None)
+    if not name or name == "__main__" or name in _by_value:
+        return
+    top = name.split(".")[0]
+    module = sys.modules.get(top)
+    path = getattr(module, "__file__", None)
+    if module is None or path is None or top == "starling":
+        return
+    if os.path.realpath(path).startswith(_installed):
+        return
+    cloudpickle.register_pickle_by_value(module)
+    _by_value.add(name)
+
+
+def pack_func(f, args=(), kwargs=None):
+    """A callable with its arguments bound, for the wire: ``(pickle, buffers, python)``."""
+    if not callable(f):
+        raise TypeError(f"{f!r} is not callable")
+    _travel_by_value(f)
+    if args or kwargs:
+        f = functools.partial(f, *args, **(kwargs or {}))
+    data, bufs = _dumps(f, "the function")
+    return (data, bufs, PYTHON)
+
+
+class Opaque:
+    """A value an engine could show but not pickle: only its ``repr`` came back."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def unpack(v):
+    """A value from the wire."""
+    if type(v) is not tuple:
+        return v
+    data, bufs, text = v
+    if data is None:
+        return Opaque(text)
+    try:
+        return pickle.loads(data, buffers=bufs)
+    except Exception as e:  # noqa: BLE001 - say which value and why
+        raise SerializationError(
+            f"a result ({text[:200]}) cannot be unpickled here: {type(e).__name__}: {e}; "
+            "install on the client what the engines used to make it, or return plain data"
+        ) from e

@@ -1,0 +1,309 @@
+"""``AsyncResult``: a job in flight or done, as in ipyparallel.
+
+It is a ``concurrent.futures.Future``: ``add_done_callback`` and ``asyncio.wrap_future`` work,
+and ``result()`` is ``get()``. The native result underneath is filled by the Rust client as
+results arrive; waiting releases the GIL and Ctrl-C interrupts it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from concurrent.futures import Future
+
+from . import _serialize
+from .error import CompositeError, RemoteError, TimeoutError
+
+_UNSET = object()
+
+
+def _timeout(timeout):
+    return None if timeout is None or timeout < 0 else float(timeout)
+
+
+class AsyncResult(Future):
+    """A submitted job: ``ready()``, ``wait()``, ``get()``, timings, outputs and metadata.
+
+    ``single`` results (``apply`` on one engine, a load-balanced ``apply``) are one value;
+    otherwise ``get()`` returns a list: one entry per engine for direct work, one per item for
+    maps."""
+
+    def __init__(self, client, native, *, fname: str | None = None, single: bool = False, ordered: bool = True):
+        super().__init__()
+        self._client = client
+        self._native = native
+        self._fname = fname or native.kind
+        self._single = single
+        self._ordered = ordered
+        self._settled = False
+        self._lock = threading.Lock()
+        client._track(self)
+        native.on_done(self._settle)
+
+    # ---- identity -----------------------------------------------------------------------
+
+    @property
+    def job_id(self) -> int:
+        """The job's id: ``Client.get_result(job_id)`` or ``starling result JOB`` finds it."""
+        return self._native.job
+
+    msg_ids = property(lambda self: [self.job_id])
+
+    def __repr__(self) -> str:
+        state = "finished" if self.ready() else "pending"
+        return f"<{type(self).__name__}({self._fname}): {state}>"
+
+    def __len__(self) -> int:
+        return self._native.progress()[1]
+
+    # ---- waiting ------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Whether every task (or item) has finished."""
+        return self._native.ready()
+
+    def wait(self, timeout: float = -1) -> bool:
+        """Waits at most ``timeout`` seconds (forever if negative); returns ``ready()``."""
+        return self._native.wait(_timeout(timeout))
+
+    def get(self, timeout: float = -1):
+        """The results, once ready; raises ``TimeoutError`` if not ready within ``timeout``
+        seconds, and ``RemoteError`` / ``CompositeError`` if tasks raised."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"result of job {self.job_id} not ready after {timeout} s")
+        self._settle()
+        return super().result()
+
+    def result(self, timeout=None):
+        return self.get(-1 if timeout is None else timeout)
+
+    def exception(self, timeout=None):
+        if not self.wait(-1 if timeout is None else timeout):
+            raise TimeoutError(f"result of job {self.job_id} not ready after {timeout} s")
+        self._settle()
+        return super().exception()
+
+    def successful(self) -> bool:
+        """Whether every task succeeded; the job must be finished."""
+        if not self.ready():
+            raise ValueError(f"job {self.job_id} is not finished yet")
+        return all(s is not None and s[0] for s in self._native.slots())
+
+    def _settle(self):
+        with self._lock:
+            if self._settled:
+                return
+            self._settled = True
+        try:
+            value = self._collect()
+        except BaseException as e:  # noqa: BLE001 - the future carries any failure
+            self.set_exception(e)
+        else:
+            self.set_result(value)
+
+    def _collect(self):
+        values, errors = [], []
+        for slot in self._native.slots():
+            if slot is None:
+                raise RemoteError("Disconnected", "the connection to the controller was lost before this job finished")
+            ok, payload, engine = slot
+            if ok:
+                values.append(payload)
+            else:
+                errors.append(RemoteError(*payload, engine_id=engine))
+                values.append(None)
+        if errors:
+            if self._single and len(errors) == 1:
+                raise errors[0]
+            n = len(errors)
+            raise CompositeError(f"one or more exceptions raised in {n} {'item' if self._per_item else 'task'}{'s' if n > 1 else ''}", errors)
+        out = [_serialize.unpack(v) for v in values]
+        return out[0] if self._single else out
+
+    @property
+    def _per_item(self) -> bool:
+        return self._native.kind == "map"
+
+    def get_dict(self, timeout: float = -1) -> dict:
+        """``{engine_id: result}`` for work that ran once per engine."""
+        results = self.get(timeout)
+        engines = self.engine_ids
+        if self._single:
+            results = [results]
+        if len(set(engines)) != len(engines) or len(engines) != len(results):
+            raise ValueError("get_dict needs one result per engine; this job's results are per item")
+        return dict(zip(engines, results))
+
+    # ---- iteration ----------------------------------------------------------------------
+
+    def __iter__(self):
+        """Results as they arrive: in order (the default), or as they complete for an
+        unordered map; raises the first remote error met."""
+        total = len(self)
+        if self._single and total == 1:
+            yield self.get()
+            return
+        for i in range(total):
+            index = self._wait_slot(i)
+            ok, payload, engine = self._native.slot(index)
+            if not ok:
+                raise RemoteError(*payload, engine_id=engine)
+            yield _serialize.unpack(payload)
+
+    def _wait_slot(self, i: int) -> int:
+        while True:
+            if self._ordered:
+                if self._native.slot(i) is not None:
+                    return i
+            else:
+                order = self._native.completion_order()
+                if i < len(order):
+                    return order[i]
+            done = self._native.progress()[0]
+            self._native.wait_count(done + 1, None)
+
+    # ---- timings and progress -----------------------------------------------------------
+
+    @property
+    def progress(self) -> int:
+        """How many tasks (or items) have finished."""
+        return self._native.progress()[0]
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from submission to the last result (or to now, while running)."""
+        return self._native.elapsed()
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds from submission to the last result; the job must be finished."""
+        if not self.ready():
+            raise ValueError(f"job {self.job_id} is not finished yet; `elapsed` tells the time so far")
+        return self._native.elapsed()
+
+    @property
+    def serial_time(self) -> float:
+        """Seconds the engines spent computing, summed: compare with ``elapsed``."""
+        return self._native.serial_time()
+
+    @property
+    def sent(self) -> bool:
+        return True
+
+    # ---- outputs and metadata -----------------------------------------------------------
+
+    def _tasks(self):
+        return sorted(self._native.tasks(), key=lambda t: t["first"])
+
+    @property
+    def engine_ids(self) -> list:
+        """The engine of each result, in result order."""
+        return [s[2] if s is not None else None for s in self._native.slots()]
+
+    @property
+    def metadata(self) -> list:
+        """Per task: ``engine_id``, ``submitted``, ``started``, ``completed``, ``status``,
+        ``execution_count``, ``stdout``, ``stderr``."""
+        submitted = self._native.submitted
+        out = []
+        for t in self._tasks():
+            out.append(
+                {
+                    "engine_id": t["engine_id"],
+                    "submitted": submitted,
+                    "started": t["started"],
+                    "completed": t["completed"],
+                    "status": t["status"],
+                    "execution_count": t["execution_count"],
+                    "stdout": t["stdout"],
+                    "stderr": t["stderr"],
+                }
+            )
+        return out[0] if self._single and len(out) == 1 else out
+
+    @property
+    def stdout(self):
+        """What each task printed (one string for a single result)."""
+        out = [t["stdout"] for t in self._tasks()]
+        return out[0] if self._single and len(out) == 1 else out
+
+    @property
+    def stderr(self):
+        out = [t["stderr"] for t in self._tasks()]
+        return out[0] if self._single and len(out) == 1 else out
+
+    @property
+    def execution_count(self):
+        out = [t["execution_count"] for t in self._tasks()]
+        return out[0] if self._single and len(out) == 1 else out
+
+    def display_outputs(self, groupby: str = "type") -> None:
+        """Prints each task's stdout and stderr, then the values of final expressions, as
+        ``%px`` does: ``[stdout:0] ...``, ``Out[0:3]: ...``."""
+        tasks = self._tasks()
+
+        def streams(name):
+            for t in tasks:
+                text = t[name]
+                if text:
+                    print(f"[{name}:{t['engine_id']}] {text}", end="" if text.endswith("\n") else "\n", file=sys.stderr if name == "stderr" else sys.stdout)
+
+        def outs():
+            for t in tasks:
+                if t["display"] is not None:
+                    print(f"Out[{t['engine_id']}:{t['execution_count']}]: {t['display']}")
+
+        if groupby == "engine":
+            for t in tasks:
+                if t["stdout"]:
+                    print(f"[stdout:{t['engine_id']}] {t['stdout']}", end="" if t["stdout"].endswith("\n") else "\n")
+                if t["stderr"]:
+                    print(f"[stderr:{t['engine_id']}] {t['stderr']}", end="" if t["stderr"].endswith("\n") else "\n", file=sys.stderr)
+                if t["display"] is not None:
+                    print(f"Out[{t['engine_id']}:{t['execution_count']}]: {t['display']}")
+        else:
+            streams("stdout")
+            streams("stderr")
+            outs()
+
+    def wait_interactive(self, interval: float = 0.1, timeout: float = -1) -> None:
+        """Waits with a progress bar: a widget-free bar in Jupyter, a line in a terminal."""
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        handle = None
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+
+            ip = get_ipython()
+            if ip is not None and type(ip).__name__ == "ZMQInteractiveShell":
+                handle = display(self._bar(), display_id=True)
+        except ImportError:
+            pass
+        while not self.ready():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self.wait(interval)
+            if handle is not None:
+                handle.update(self._bar())
+            else:
+                print("\r" + self._bar(), end="", file=sys.stderr, flush=True)
+        if handle is not None:
+            handle.update(self._bar())
+        else:
+            print("\r" + self._bar(), file=sys.stderr, flush=True)
+
+    def _bar(self) -> str:
+        done, total = self._native.progress()
+        width = 30
+        filled = width * done // total if total else width
+        return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks finished after {self.elapsed:4.0f} s"
+
+    def abort(self):
+        raise NotImplementedError(
+            "this controller cannot abort jobs yet; the job runs to its end (`Client.close()` does not stop it)"
+        )
+
+
+class AsyncMapResult(AsyncResult):
+    """A map's result: iterating yields item results as they arrive."""

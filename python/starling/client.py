@@ -1,0 +1,174 @@
+"""``Client``: a connection to a starling cluster, as ipyparallel's ``Client`` is to its hub."""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+from . import _starling
+from .asyncresult import AsyncMapResult, AsyncResult
+from .view import DirectView, LoadBalancedView
+
+
+class Client:
+    """Connects to a cluster: ``Client()`` (the only cluster there is, or ``STARLING_CLUSTER``),
+    ``Client("path/to/connection.json")`` or ``Client(cluster="science")``.
+
+    ``rc.ids``, ``rc[:]`` (a DirectView on every engine), ``rc[0]``, ``rc[::2]``,
+    ``rc[[0, 2]]``, ``rc.load_balanced_view()``; ``with Client() as rc:`` closes it after."""
+
+    def __init__(self, url_file=None, *, cluster: str | None = None, timeout: float = 30, **_ignored):
+        if url_file is not None:
+            url_file = os.fspath(os.path.expanduser(os.fspath(url_file)))
+        self._native = _starling.connect(url_file, cluster, timeout)
+        self._pid = os.getpid()
+        self._results = weakref.WeakValueDictionary()
+        self.history = []
+        self._closed = False
+        _register_magics(self)
+
+    # ---- engines ------------------------------------------------------------------------
+
+    @property
+    def ids(self) -> list:
+        """The registered engine ids, ascending."""
+        return self._native.ids()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key) -> DirectView:
+        if isinstance(key, slice) and key == slice(None):
+            return self.direct_view("all")
+        if isinstance(key, slice):
+            return self.direct_view(self.ids[key])
+        return self.direct_view(key)
+
+    def __iter__(self):
+        for i in self.ids:
+            yield self.direct_view(i)
+
+    def direct_view(self, targets="all") -> DirectView:
+        """A view on ``targets``: ``'all'`` (every engine, also ones that join later), an id,
+        or a list of ids."""
+        if isinstance(targets, int):
+            ids = self.ids
+            if targets not in ids:
+                if -len(ids) <= targets < 0:
+                    targets = ids[targets]
+                else:
+                    raise IndexError(f"there is no engine {targets}; the engines are {ids}")
+        elif targets != "all" and targets is not None:
+            targets = list(targets)
+            missing = [t for t in targets if t not in self.ids]
+            if missing:
+                raise IndexError(f"there is no engine {missing[0]}; the engines are {self.ids}")
+            if not targets:
+                raise IndexError("the targets select no engine")
+        return DirectView(self, "all" if targets is None else targets)
+
+    def load_balanced_view(self, targets=None) -> LoadBalancedView:
+        """A view that sends each task to whichever engine is free first."""
+        if targets is not None:
+            raise ValueError("a LoadBalancedView balances over every engine; choose engines with client[...] (a DirectView) instead")
+        return LoadBalancedView(self)
+
+    def wait_for_engines(self, n: int, timeout: float = -1, block: bool = True):
+        """Waits until at least ``n`` engines are registered; raises ``TimeoutError`` after
+        ``timeout`` seconds."""
+        return self._native.wait_for_engines(n, None if timeout is None or timeout < 0 else timeout)
+
+    # ---- jobs ---------------------------------------------------------------------------
+
+    def _track(self, ar: AsyncResult) -> None:
+        self._results[ar.job_id] = ar
+        self.history.append(ar.job_id)
+
+    @property
+    def outstanding(self) -> set:
+        """Ids of this client's jobs that are not finished."""
+        return {j for j, ar in list(self._results.items()) if not ar.ready()}
+
+    def wait(self, jobs=None, timeout: float = -1) -> bool:
+        """Waits for jobs (AsyncResults or ids; default: every job of this client); returns
+        whether all are done."""
+        if jobs is None:
+            pending = list(self._results.values())
+        else:
+            jobs = jobs if isinstance(jobs, (list, tuple, set)) else [jobs]
+            pending = [j if isinstance(j, AsyncResult) else self.get_result(j) for j in jobs]
+        import time
+
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        for ar in pending:
+            left = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+            if not ar.wait(left):
+                return False
+        return True
+
+    def get_result(self, job, block=None) -> AsyncResult:
+        """Any job by id — also one submitted by the CLI or by another client."""
+        if isinstance(job, AsyncResult):
+            return job
+        ar = self._results.get(job)
+        if ar is None:
+            native = self._native.result(int(job))
+            cls = AsyncMapResult if native.kind == "map" else AsyncResult
+            ar = cls(self, native)
+        if block:
+            ar.wait()
+        return ar
+
+    def abort(self, jobs=None, targets=None, block=None):
+        raise NotImplementedError("this controller cannot abort jobs yet; they run to their end")
+
+    # ---- life ---------------------------------------------------------------------------
+
+    @property
+    def cluster(self) -> str:
+        """The cluster's name."""
+        return self._native.cluster
+
+    @property
+    def connection_file(self) -> str:
+        return os.fspath(self._native.connection_file)
+
+    def shutdown(self, hub: bool = True, block=None) -> None:
+        """Stops the cluster's engines and controller (``starling down`` also removes its files)."""
+        self._native.shutdown()
+
+    def close(self) -> None:
+        """Closes the connection; jobs already submitted keep running on the cluster."""
+        self._closed = True
+        self._native = _Closed()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<Client (closed)>"
+        return f"<Client cluster={self.cluster!r}: {len(self.ids)} engines>"
+
+
+class _Closed:
+    def __getattr__(self, name):
+        raise RuntimeError("this Client is closed; create a new one")
+
+
+def _register_magics(client: Client) -> None:
+    """Inside IPython, a new Client makes %px and friends use its engines."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    ip = get_ipython()
+    if ip is None:
+        return
+    from . import magics
+
+    magics.register(ip, client)
+

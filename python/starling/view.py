@@ -1,0 +1,328 @@
+"""Views: ``DirectView`` (work on chosen engines) and ``LoadBalancedView`` (work wherever
+there is room), with ipyparallel's names, flags and return types."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import functools
+import sys
+
+from . import _serialize
+from .asyncresult import AsyncMapResult, AsyncResult
+
+
+def _name(f) -> str:
+    return getattr(f, "__name__", type(f).__name__)
+
+
+class View:
+    """What both views share: the ``block`` flag, ``set_flags``, ``temp_flags``, ``apply``
+    and ``map`` in their sync and async forms."""
+
+    _flag_names = ("block",)
+
+    def __init__(self, client, *, block: bool = False):
+        self.client = client
+        self.block = block
+
+    def set_flags(self, **kwargs) -> None:
+        """Sets flags (``block``, and ``targets`` on a DirectView, ``chunksize`` and
+        ``ordered`` on a LoadBalancedView) for calls on this view."""
+        for k, v in kwargs.items():
+            if k not in self._flag_names:
+                raise KeyError(f"{type(self).__name__} has no flag {k!r}; its flags are {', '.join(self._flag_names)}")
+            setattr(self, k, v)
+
+    @contextlib.contextmanager
+    def temp_flags(self, **kwargs):
+        """Flags for the calls inside a ``with`` block only."""
+        saved = {k: getattr(self, k) for k in kwargs if k in self._flag_names}
+        self.set_flags(**kwargs)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
+
+    def _finish(self, ar: AsyncResult, block):
+        block = self.block if block is None else block
+        return ar.get() if block else ar
+
+    def apply(self, f, *args, **kwargs):
+        """``f(*args, **kwargs)``: the result if ``block``, else an AsyncResult."""
+        return self._finish(self._apply(f, args, kwargs), None)
+
+    def apply_sync(self, f, *args, **kwargs):
+        return self._apply(f, args, kwargs).get()
+
+    def apply_async(self, f, *args, **kwargs):
+        return self._apply(f, args, kwargs)
+
+    def map(self, f, *sequences, block=None, **kwargs):
+        """``f`` over the sequences' items (several sequences: ``f(a[i], b[i])``)."""
+        return self._finish(self._map(f, sequences, **kwargs), block)
+
+    def map_sync(self, f, *sequences, **kwargs):
+        return self._map(f, sequences, **kwargs).get()
+
+    def map_async(self, f, *sequences, **kwargs):
+        return self._map(f, sequences, **kwargs)
+
+    def imap(self, f, *sequences, **kwargs):
+        """Like ``map``, yielding results as they arrive."""
+        return iter(self._map(f, sequences, **kwargs))
+
+    def _items(self, sequences):
+        if not sequences:
+            raise TypeError("map needs at least one sequence")
+        if len(sequences) == 1:
+            return [_serialize.pack(x, "a map item") for x in sequences[0]], False
+        rows = list(zip(*sequences))
+        return [_serialize.pack(row, "a map item") for row in rows], True
+
+    def remote(self, block=None):
+        """A decorator: calling the function runs it remotely, like ``apply``."""
+
+        def wrap(f):
+            @functools.wraps(f)
+            def call(*args, **kwargs):
+                return self._finish(self._apply(f, args, kwargs), block)
+
+            return call
+
+        return wrap
+
+
+class DirectView(View):
+    """Work on a fixed set of engines: ``targets`` is ``'all'``, an id or a list of ids."""
+
+    _flag_names = ("block", "targets")
+
+    def __init__(self, client, targets="all", *, block: bool = False):
+        super().__init__(client, block=block)
+        self.targets = targets
+
+    def __repr__(self) -> str:
+        return f"<DirectView {self.targets!r}>"
+
+    def __len__(self) -> int:
+        return len(self._ids())
+
+    def _native_targets(self):
+        t = self.targets
+        if t is None or t == "all":
+            return None
+        if isinstance(t, int):
+            return [t]
+        return list(t)
+
+    def _ids(self):
+        t = self._native_targets()
+        return self.client.ids if t is None else t
+
+    @property
+    def _single(self) -> bool:
+        return isinstance(self.targets, int)
+
+    def _apply(self, f, args, kwargs):
+        func = _serialize.pack_func(f, args, kwargs)
+        native = self.client._native.apply(self._native_targets(), func, [])
+        return AsyncResult(self.client, native, fname=_name(f), single=self._single)
+
+    def _map(self, f, sequences, **kwargs):
+        if kwargs:
+            raise TypeError(f"DirectView.map takes no {', '.join(kwargs)}; a LoadBalancedView takes chunksize and ordered")
+        items, star = self._items(sequences)
+        native = self.client._native.map(_serialize.pack_func(f), items, balanced=False, targets=self._native_targets(), star=star)
+        return AsyncMapResult(self.client, native, fname=_name(f))
+
+    def execute(self, code: str, silent: bool = True, block=None):
+        """Runs Python code on each engine, in that engine's namespace (what ``%px`` does).
+        Each task's result is the value of a final expression (or None)."""
+        native = self.client._native.execute(self._native_targets(), code)
+        return self._finish(AsyncResult(self.client, native, fname="execute", single=self._single), block)
+
+    def run(self, filename: str, block=None):
+        """Runs a local Python file's code on each engine."""
+        with open(filename, encoding="utf-8") as f:
+            code = f.read()
+        return self.execute(code, block=block)
+
+    def push(self, ns: dict, block=None):
+        """Sets names in each engine's namespace from a dict."""
+        if not isinstance(ns, dict):
+            raise TypeError(f"push takes a dict of names to values, not {type(ns).__name__}")
+        values = [(k, _serialize.pack(v, f"the value of {k!r}")) for k, v in ns.items()]
+        native = self.client._native.push(self._native_targets(), values)
+        return self._finish(AsyncResult(self.client, native, fname="push", single=self._single), block)
+
+    def pull(self, names, block=None):
+        """Each engine's value of a name (or a list of values for a list of names)."""
+        several = not isinstance(names, str)
+        wanted = list(names) if several else [names]
+        native = self.client._native.pull(self._native_targets(), wanted)
+        ar = AsyncResult(self.client, native, fname="pull", single=self._single)
+        if several and len(wanted) == 1:
+            ar = _Listed(ar)
+        return self._finish(ar, block)
+
+    def __setitem__(self, name, value):
+        self.push({name: value}, block=True)
+
+    def __getitem__(self, name):
+        if isinstance(name, str):
+            return self.pull(name, block=True)
+        raise TypeError("view[...] takes a variable name; use client[...] to choose engines")
+
+    def update(self, ns: dict):
+        self.push(ns, block=True)
+
+    get = __getitem__
+
+    def scatter(self, key: str, seq, block=None):
+        """Splits ``seq`` into one contiguous part per engine and sets ``key`` to it there."""
+        items = [_serialize.pack(x, "a scattered item") for x in seq]
+        native = self.client._native.scatter(self._native_targets(), key, items)
+        return self._finish(AsyncResult(self.client, native, fname="scatter"), block)
+
+    def gather(self, key: str, block=None):
+        """The parts of ``key`` on each engine, concatenated in engine order."""
+        ar = _Gathered(self.pull(key, block=False))
+        return self._finish(ar, block)
+
+    def clear(self, targets=None, block=None):
+        """Empties each engine's namespace."""
+        view = self if targets is None else DirectView(self.client, targets)
+        return view.execute("[globals().pop(_k) for _k in list(globals()) if not _k.startswith('__')]\ndel _k", block=block)
+
+    @contextlib.contextmanager
+    def sync_imports(self, local: bool = True, quiet: bool = False):
+        """Imports made inside the ``with`` block happen on the engines too::
+
+        with view.sync_imports():
+            import numpy
+        """
+        done = []
+        real = builtins.__import__
+        caller = sys._getframe(2)
+
+        def hooked(name, globals=None, locals=None, fromlist=(), level=0):
+            if sys._getframe(1) is caller and level == 0:
+                done.append((name, tuple(fromlist or ())))
+            if local:
+                return real(name, globals, locals, fromlist, level)
+            return None
+
+        builtins.__import__ = hooked
+        try:
+            yield
+        finally:
+            builtins.__import__ = real
+        for name, fromlist in done:
+            if fromlist:
+                stmt = f"from {name} import {', '.join(fromlist)}"
+            else:
+                stmt = f"import {name}"
+            if not quiet:
+                print(f"importing {', '.join(fromlist) + ' from ' if fromlist else ''}{name} on engine(s)")
+            self.execute(stmt, block=True)
+
+    def parallel(self, dist: str = "b", block=None):
+        """A decorator: ``f(seq)`` runs ``f`` on each engine with its part of ``seq`` and
+        concatenates the results; ``f.map(seq)`` maps ``f`` over the items."""
+        if dist != "b":
+            raise ValueError("only dist='b' (contiguous parts) is supported")
+        view = self
+
+        def wrap(f):
+            return ParallelFunction(view, f, block)
+
+        return wrap
+
+
+class ParallelFunction:
+    """What ``@view.parallel()`` makes."""
+
+    def __init__(self, view: DirectView, f, block):
+        self.view, self.f, self.block = view, f, block
+        functools.update_wrapper(self, f)
+
+    def __call__(self, seq):
+        ids = self.view._ids()
+        items = list(seq)
+        n = len(ids)
+        parts = []
+        start = 0
+        for i in range(n):
+            size = len(items) // n + (1 if i < len(items) % n else 0)
+            parts.append(items[start : start + size])
+            start += size
+        results = [DirectView(self.view.client, e).apply_async(self.f, part) for e, part in zip(ids, parts) if part]
+        out = []
+        for r in results:
+            part = r.get()
+            out.extend(part if isinstance(part, (list, tuple)) else [part])
+        return out
+
+    def map(self, *sequences):
+        return self.view.map(self.f, *sequences, block=self.block)
+
+
+class _Derived(AsyncResult):
+    """An AsyncResult whose value is made from another's."""
+
+    def __init__(self, inner: AsyncResult):
+        Future_init = super(AsyncResult, self).__init__  # noqa: N806
+        Future_init()
+        self._inner = inner
+        self._native = inner._native
+        self._client = inner._client
+        self._fname = inner._fname
+        self._single = inner._single
+        self._ordered = True
+        self._settled = False
+        self._lock = inner._lock.__class__()
+        inner.add_done_callback(lambda _: self._settle())
+
+    def _collect(self):
+        return self._transform(self._inner.get())
+
+
+class _Listed(_Derived):
+    def _transform(self, value):
+        return [[v] for v in value] if not self._single else [value]
+
+
+class _Gathered(_Derived):
+    def _transform(self, parts):
+        out = []
+        for part in parts if not self._single else [parts]:
+            out.extend(part)
+        return out
+
+
+class LoadBalancedView(View):
+    """Work wherever there is room: each ``apply`` on the first free engine, each ``map``
+    split into chunks handed out as engines free up."""
+
+    _flag_names = ("block", "chunksize", "ordered")
+
+    def __init__(self, client, *, block: bool = False):
+        super().__init__(client, block=block)
+        self.chunksize = None
+        self.ordered = True
+
+    def __repr__(self) -> str:
+        return "<LoadBalancedView>"
+
+    def _apply(self, f, args, kwargs):
+        native = self.client._native.apply_balanced(_serialize.pack_func(f, args, kwargs), [])
+        return AsyncResult(self.client, native, fname=_name(f), single=True)
+
+    def _map(self, f, sequences, chunksize=None, ordered=None):
+        items, star = self._items(sequences)
+        chunksize = self.chunksize if chunksize is None else chunksize
+        ordered = self.ordered if ordered is None else ordered
+        native = self.client._native.map(_serialize.pack_func(f), items, balanced=True, star=star, chunksize=chunksize)
+        return AsyncMapResult(self.client, native, fname=_name(f), ordered=ordered)

@@ -1,0 +1,453 @@
+"""The Python client on a real local cluster: every call compared with Python's own answer."""
+
+import asyncio
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import run_python
+
+import starling
+from starling import CompositeError, Reference, RemoteError, SerializationError, TimeoutError
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b=10):
+    return a + b
+
+
+# ---- the client and its views ----------------------------------------------------------
+
+
+def test_ids_and_views(rc):
+    assert rc.ids == [0, 1]
+    assert len(rc) == 2
+    assert rc.cluster == "pytest"
+    assert rc[:].targets == "all"
+    assert rc[0].targets == 0
+    assert rc[-1].targets == 1
+    assert rc[::2].targets == [0]
+    assert rc[[0, 1]].targets == [0, 1]
+    assert len(rc[:]) == 2
+    with pytest.raises(IndexError, match="there is no engine 7; the engines are \\[0, 1\\]"):
+        rc[7]
+    assert "pytest" in repr(rc) and "2 engines" in repr(rc)
+
+
+def test_connect_by_path_and_as_context_manager(cluster):
+    with starling.Client(cluster.connection_file) as c:
+        assert c.ids == [0, 1]
+    with pytest.raises(RuntimeError, match="closed"):
+        c.ids
+    with pytest.raises(RuntimeError, match="there is no cluster 'nosuch'"):
+        starling.Client(cluster="nosuch")
+
+
+def test_wait_for_engines(rc):
+    assert rc.wait_for_engines(2, timeout=5) == [0, 1]
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        rc.wait_for_engines(5, timeout=0.3)
+    assert time.monotonic() - t0 < 5
+
+
+# ---- apply ------------------------------------------------------------------------------
+
+
+def test_apply_everywhere_and_on_one(rc):
+    assert rc[:].apply_sync(lambda: 6 * 7) == [42, 42]
+    assert rc[1].apply_sync(add, 1) == 11
+    assert rc[0].apply_sync(add, 1, b=2) == 3
+    pids = rc[:].apply_sync(os.getpid)
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    ar = rc[:].apply_async(square, 9)
+    assert isinstance(ar, starling.AsyncResult)
+    assert ar.get() == [81, 81]
+    assert ar.get_dict() == {0: 81, 1: 81}
+
+
+def test_closures_and_module_functions_travel_by_value(rc):
+    k = 5
+
+    def scale(x):
+        return k * x
+
+    assert rc[0].apply_sync(scale, 3) == 15
+    # This test module is not importable on the engines: its functions travel by value.
+    assert rc[:].apply_sync(square, 4) == [16, 16]
+
+
+def test_load_balanced_apply(rc):
+    lv = rc.load_balanced_view()
+    assert lv.apply_sync(add, 2, b=3) == 5
+    ar = lv.apply_async(square, 12)
+    assert ar.get(timeout=30) == 144
+    assert ar.metadata["engine_id"] in (0, 1)
+
+
+def test_interactive_functions_resolve_globals_on_the_engines(rc):
+    ns = {"__name__": "__main__"}
+    exec("def total():\n    return int(np.sum(a))\n", ns)
+    v = rc[:]
+    v.execute("import numpy as np", block=True)
+    v.push({"a": np.arange(6)}, block=True)
+    assert v.apply_sync(ns["total"]) == [15, 15]
+    # A name the engines lack comes with the function, as it was when sent.
+    exec("offset = 100\ndef shifted(x):\n    return x + offset\n", ns)
+    assert v.apply_sync(ns["shifted"], 1) == [101, 101]
+
+
+def test_reference_arguments(rc):
+    rc[0]["ref_me"] = 7
+    rc[1]["ref_me"] = 8
+    assert rc[:].apply_sync(add, Reference("ref_me"), 1) == [8, 9]
+    with pytest.raises(ValueError, match="names a variable"):
+        Reference("not a name")
+
+
+def test_block_flag_and_temp_flags(rc):
+    v = rc[:]
+    assert v.block is False
+    assert isinstance(v.apply(square, 2), starling.AsyncResult)
+    with v.temp_flags(block=True):
+        assert v.apply(square, 2) == [4, 4]
+    assert v.block is False
+    v.set_flags(block=True, targets=[1])
+    assert v.apply(square, 3) == [9]
+    with pytest.raises(KeyError, match="no flag 'color'"):
+        v.set_flags(color="red")
+
+
+def test_remote_and_parallel_decorators(rc):
+    v = rc[:]
+
+    @v.remote(block=True)
+    def where():
+        import os
+
+        return os.getpid()
+
+    assert len(set(where())) == 2
+
+    @v.parallel(block=True)
+    def doubled(xs):
+        return [2 * x for x in xs]
+
+    assert doubled(range(7)) == [2 * x for x in range(7)]
+
+    @v.parallel(block=True)
+    def tripled(x):
+        return 3 * x
+
+    assert tripled.map(range(5)) == [3 * x for x in range(5)]
+
+
+# ---- maps -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "f, items",
+    [
+        (square, range(100)),
+        (lambda x: x + 0.5, range(50)),
+        (str.upper, ["a", "bc", "ünï"]),
+        (lambda t: (t, -t), range(10)),
+        (lambda x: {"x": x}, range(5)),
+        (math.sqrt, [0.0, 1.0, 2.0]),
+        (lambda x: x, []),
+        (lambda x: None, range(3)),
+    ],
+)
+def test_maps_equal_pythons_own(rc, f, items):
+    want = list(map(f, items))
+    assert rc.load_balanced_view().map_sync(f, items) == want
+    assert rc[:].map_sync(f, items) == want
+    assert rc.load_balanced_view().map_sync(f, items, chunksize=1) == want
+
+
+def test_map_of_many_items_and_several_sequences(rc):
+    lv = rc.load_balanced_view()
+    assert lv.map_sync(square, range(100_000)) == [x * x for x in range(100_000)]
+    assert lv.map_sync(add, range(10), range(10, 20)) == [a + b for a, b in zip(range(10), range(10, 20))]
+    assert rc[:].map_sync(add, [1, 2, 3], [4, 5, 6]) == [5, 7, 9]
+
+
+def test_unordered_iteration_and_imap(rc):
+    lv = rc.load_balanced_view()
+    ar = lv.map_async(square, range(40), ordered=False, chunksize=1)
+    got = list(ar)
+    assert sorted(got) == [x * x for x in range(40)]
+    assert list(lv.imap(square, range(30))) == [x * x for x in range(30)]
+
+
+def test_seed_sleep_map(rc):
+    v = rc[:]
+    with v.sync_imports(quiet=True):
+        import time as _time  # noqa: F401
+
+    def f(x):
+        import time
+
+        time.sleep(0.2)
+        return x * x
+
+    r = v.map(f, range(6))
+    assert r.ready() is False
+    assert r.get() == [x * x for x in range(6)]
+    # 3 items per engine, 2 engines in parallel
+    assert 0.55 < r.elapsed < 1.2, r.elapsed
+    assert 1.1 < r.serial_time < 1.6, r.serial_time
+    assert r.wall_time == r.elapsed
+
+
+# ---- data ------------------------------------------------------------------------------
+
+
+def test_push_pull_and_item_access(rc):
+    v = rc[:]
+    v.push({"a": 1, "b": [1, 2, 3], "t": (1, "x"), "s": {3, 4}}, block=True)
+    assert v.pull("a", block=True) == [1, 1]
+    assert v.pull(["a", "b"], block=True) == [[1, [1, 2, 3]], [1, [1, 2, 3]]]
+    assert v.pull("t", block=True) == [(1, "x"), (1, "x")]
+    assert v.pull("s", block=True) == [{3, 4}, {3, 4}]
+    v["c"] = "hello"
+    assert v["c"] == ["hello", "hello"]
+    assert rc[1]["c"] == "hello"
+    with pytest.raises(CompositeError) as e:
+        v.pull("nosuchname", block=True)
+    assert e.value.elist[0].ename == "NameError"
+
+
+def test_numpy_round_trip(rc):
+    a = np.arange(1_000_000, dtype=np.float64).reshape(1000, 1000)
+    v = rc[:]
+    v.push({"arr": a}, block=True)
+    assert v.apply_sync(lambda: float(arr.sum())) == [a.sum(), a.sum()]  # noqa: F821
+    back = rc[0]["arr"]
+    assert isinstance(back, np.ndarray) and back.dtype == np.float64 and back.shape == (1000, 1000)
+    assert np.array_equal(back, a)
+    back[0, 0] = -1.0  # a pulled array is writable
+    assert rc[1].apply_sync(lambda x: x * 2, np.ones(3)).tolist() == [2.0, 2.0, 2.0]
+    views = rc[:].apply_sync(lambda: np.arange(4)[::2])  # not contiguous: pickled in band
+    assert [x.tolist() for x in views] == [[0, 2], [0, 2]]
+
+
+def test_scatter_and_gather(rc):
+    v = rc[:]
+    v.scatter("part", list(range(11)), block=True)
+    assert v.apply_sync(lambda: len(part)) == [6, 5]  # noqa: F821
+    assert v.gather("part", block=True) == list(range(11))
+    v.execute("part = [p * 2 for p in part]", block=True)
+    assert v.gather("part", block=True) == [2 * x for x in range(11)]
+
+
+def test_execute_run_and_clear(rc, tmp_path):
+    v = rc[:]
+    ar = v.execute("import os\nprint('pid', os.getpid())\n21 * 2", block=False)
+    assert ar.get() == [42, 42]
+    assert all(s.startswith("pid ") for s in ar.stdout)
+    meta = ar.metadata
+    assert {m["engine_id"] for m in meta} == {0, 1}
+    assert all(m["status"] == "ok" and m["started"] <= m["completed"] for m in meta)
+    script = tmp_path / "script.py"
+    script.write_text("from_file = 'yes'\n")
+    v.run(str(script), block=True)
+    assert v["from_file"] == ["yes", "yes"]
+    v.clear(block=True)
+    with pytest.raises(CompositeError):
+        v.pull("from_file", block=True)
+
+
+def test_cli_and_python_share_one_namespace(rc, cli):
+    cli("px", "shared_from_cli = 41")
+    assert rc[:]["shared_from_cli"] == [41, 41]
+    rc[:]["shared_from_py"] = {"k": [1, 2]}
+    out = cli("pull", "shared_from_py").stdout
+    assert "[0] shared_from_py = {'k': [1, 2]}" in out
+    # A job submitted by the CLI, re-attached from Python.
+    out = cli("px", "--noblock", "6 * 7").stdout
+    job = int(re.search(r"job (\d+)", out).group(1))
+    assert rc.get_result(job).get() == [42, 42]
+
+
+# ---- results ---------------------------------------------------------------------------
+
+
+def test_async_result_is_a_future(rc):
+    ar = rc[:].apply_async(square, 3)
+    seen = threading.Event()
+    ar.add_done_callback(lambda fut: seen.set())
+    assert ar.result() == [9, 9]
+    assert seen.wait(10)
+    assert ar.done() and ar.successful()
+
+    async def main():
+        return await asyncio.wrap_future(rc.load_balanced_view().apply_async(square, 5))
+
+    assert asyncio.run(main()) == 25
+
+
+def test_timeouts_and_progress(rc):
+    ar = rc[0].apply_async(lambda: __import__("time").sleep(0.5) or "slept")
+    assert not ar.ready()
+    with pytest.raises(TimeoutError):
+        ar.get(timeout=0.05)
+    assert ar.wait(30) is True
+    assert ar.get() == "slept" and ar.progress == 1 and len(ar) == 1
+    assert rc.wait([ar], timeout=1) is True
+    assert ar.job_id in rc.history
+
+
+def test_remote_errors(rc):
+    with pytest.raises(RemoteError) as e:
+        rc[0].apply_sync(lambda: 1 / 0)
+    err = e.value
+    assert err.ename == "ZeroDivisionError" and err.evalue == "division by zero" and err.engine_id == 0
+    assert "Traceback" in err.traceback and "1 / 0" in err.traceback
+    assert str(err) == "[Engine 0] ZeroDivisionError: division by zero"
+    with pytest.raises(CompositeError) as e:
+        rc[:].execute("raise ValueError('bad')", block=True)
+    assert [x.engine_id for x in e.value.elist] == [0, 1]
+    assert "ValueError" in str(e.value)
+
+    def maybe(x):
+        if x == 3:
+            raise KeyError(x)
+        return x
+
+    ar = rc.load_balanced_view().map_async(maybe, range(6))
+    with pytest.raises(CompositeError) as e:
+        ar.get()
+    assert [x.ename for x in e.value.elist] == ["KeyError"]
+    assert not ar.successful()
+
+
+def test_what_cannot_be_pickled_or_unpickled(rc):
+    with pytest.raises(SerializationError, match="cannot be pickled"):
+        rc[0].apply_sync(square, threading.Lock())
+    # A class defined only on the engine: its instances cannot be unpickled here.
+    rc[0].execute("class OnlyThere:\n    pass\nobj = OnlyThere()", block=True)
+    with pytest.raises(SerializationError, match="cannot be unpickled here"):
+        rc[0]["obj"]
+    # The same value is still shown by its repr in the CLI's world: nothing else broke.
+    assert rc[0].apply_sync(lambda: 1) == 1
+
+
+def test_python_version_mismatch_is_named(rc):
+    import cloudpickle
+
+    func = (cloudpickle.dumps(lambda: 1), [], "2.7")
+    ar = starling.AsyncResult(rc, rc._native.apply([0], func, []), single=True)
+    with pytest.raises(RemoteError) as e:
+        ar.get()
+    assert "the client runs Python 2.7 and this engine Python %d.%d" % sys.version_info[:2] in e.value.evalue
+
+
+def test_engines_without_cloudpickle_say_what_to_install(tmp_path):
+    # A venv of the same Python with nothing installed: kernels that lack cloudpickle.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    c = starling.Cluster(n=1, name="bare", python=str(tmp_path / "bare" / "bin" / "python"), shutdown_atexit=False)
+    c.start()
+    try:
+        with starling.Client(cluster="bare") as r:
+            assert r[0].execute("1 + 1", block=True) == 2  # code still runs
+            with pytest.raises(RemoteError, match="lacks cloudpickle.*pip install cloudpickle"):
+                r[0].apply_sync(lambda: 1)
+    finally:
+        c.stop()
+
+
+# ---- behaving well inside Python ------------------------------------------------------
+
+
+def test_waiting_releases_the_gil(rc):
+    count = 0
+    stop = threading.Event()
+
+    def spin():
+        nonlocal count
+        while not stop.is_set():
+            count += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        rc[0].apply_sync(lambda: __import__("time").sleep(0.5))
+    finally:
+        stop.set()
+        t.join()
+    assert count > 100_000, count
+
+
+def test_ctrl_c_interrupts_a_wait_and_leaves_the_client_usable(cluster):
+    code = f"""
+import sys, time, starling
+rc = starling.Client({cluster.connection_file!r})
+print("ready", flush=True)
+t0 = time.monotonic()
+try:
+    rc[0].apply_sync(time.sleep, 3)
+except KeyboardInterrupt:
+    print("interrupted after %.2f s" % (time.monotonic() - t0), flush=True)
+print("ids", rc.ids, flush=True)
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.3)  # let it start waiting: the interrupt must land inside the wait
+        sent = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        line = p.stdout.readline()
+        took = time.monotonic() - sent
+        assert line.startswith("interrupted"), line + p.stderr.read()
+        assert took < 0.5, took
+        assert p.stdout.readline().strip() == "ids [0, 1]"
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_a_forked_child_gets_a_clear_error(rc):
+    rc.ids  # the runtime exists
+    pid = os.fork()
+    if pid == 0:
+        try:
+            rc.ids
+        except RuntimeError as e:
+            os._exit(0 if "forked" in str(e) else 2)
+        except BaseException:  # noqa: BLE001
+            os._exit(3)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+
+def test_the_interpreter_exits_promptly_and_leaves_nothing(cluster):
+    p = run_python(
+        f"import starling\nrc = starling.Client({cluster.connection_file!r})\nprint(rc[:].apply_sync(lambda: 1))\n",
+        timeout=30,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[1, 1]"
+
+
+def test_cluster_from_python_leaves_nothing(_home):
+    with starling.Cluster(n=1, name="ctx", shutdown_atexit=False) as c:
+        assert c.ids == [0]
+        assert c[:].apply_sync(lambda: "hi") == ["hi"]
+        path = c.connection_file
+        assert os.path.exists(path)
+    assert not os.path.exists(path)
+    assert not os.path.exists(os.path.join(_home, "clusters", "ctx", "local.json"))

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds the Python package `starling` (distribution starling-cluster) into a venv, with
+# `starlingd` inside it, and runs pytest on it:
+#
+#   scripts/python.sh              # build into .venv-python (created if missing), then pytest
+#   scripts/python.sh build        # only build and install
+#   scripts/python.sh test ARGS    # pytest ARGS, without rebuilding
+#
+# STARLING_VENV chooses the venv; PROFILE=release builds optimised (benchmarks).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${STARLING_VENV:-$ROOT/.venv-python}
+PROFILE=${PROFILE:-dev}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+DIR=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
+what=${1:-all}
+
+if [ "$what" != test ]; then
+    if ! cmp -s python/requirements-dev.txt "$VENV/.requirements" 2>/dev/null; then
+        echo "installing the Python build and test dependencies into $VENV" >&2
+        [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+        "$VENV/bin/pip" install -q --disable-pip-version-check -r python/requirements-dev.txt
+        cp python/requirements-dev.txt "$VENV/.requirements"
+    fi
+    cargo build --locked --profile "$PROFILE" --bins
+    mkdir -p python/starling/bin
+    cp "$TARGET/$DIR/starlingd" python/starling/bin/starlingd
+    (cd python && VIRTUAL_ENV=$VENV "$VENV/bin/maturin" develop --quiet --locked --profile "$PROFILE" >&2)
+fi
+[ "$what" = build ] && exit 0
+[ "$what" = test ] && shift || true
+[ "$what" = all ] && shift || true
+export PATH="$TARGET/$DIR:$VENV/bin:$PATH"
+exec "$VENV/bin/python" -m pytest python/tests "$@"
