@@ -23,13 +23,20 @@ if [ "$what" != test ]; then
         "$VENV/bin/pip" install -q --disable-pip-version-check -r python/requirements-dev.txt
         cp python/requirements-dev.txt "$VENV/.requirements"
     fi
-    cargo build --locked --profile "$PROFILE" --bins
+    # The dev build is the one `cargo test` makes (same features, nothing rebuilt).
+    if [ "$PROFILE" = dev ]; then
+        cargo build --locked --all-targets
+    else
+        cargo build --locked --profile "$PROFILE" --bins
+    fi
     mkdir -p python/starling/bin
-    cp "$TARGET/$DIR/starlingd" python/starling/bin/starlingd
+    cp "$TARGET/$DIR/starlingd" python/starling/bin/starlingd.new
+    mv -f python/starling/bin/starlingd.new python/starling/bin/starlingd
     (cd python && VIRTUAL_ENV=$VENV "$VENV/bin/maturin" develop --quiet --locked --profile "$PROFILE" >&2)
 fi
 [ "$what" = build ] && exit 0
 [ "$what" = test ] && shift || true
 [ "$what" = all ] && shift || true
 export PATH="$TARGET/$DIR:$VENV/bin:$PATH"
-exec "$VENV/bin/python" -m pytest python/tests "$@"
+[ $# -gt 0 ] || set -- python/tests
+exec "$VENV/bin/python" -m pytest "$@"

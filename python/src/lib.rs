@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTimeoutError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
 use serde_json::Value as Json;
@@ -62,7 +62,9 @@ where
     let rt = runtime()?;
     let mut fut = std::pin::pin!(fut);
     loop {
-        let step = py.detach(|| rt.block_on(tokio::time::timeout(SIGNAL_CHECK, fut.as_mut())));
+        let step = py.detach(|| {
+            rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, fut.as_mut()).await })
+        });
         match step {
             Ok(v) => return Ok(v),
             Err(_) => py.check_signals()?,
@@ -297,7 +299,12 @@ impl NativeClient {
         serde_json::to_string(&s).map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
-    fn execute(&self, py: Python<'_>, targets: Option<Vec<u32>>, code: String) -> PyResult<NativeResult> {
+    fn execute(
+        &self,
+        py: Python<'_>,
+        targets: Option<Vec<u32>>,
+        code: String,
+    ) -> PyResult<NativeResult> {
         let v = self.client.direct(targets_from_py(targets));
         self.submit(py, async move { v.execute(&code).await })
     }
@@ -310,7 +317,10 @@ impl NativeClient {
         args: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<NativeResult> {
         let func = func_from_py(func)?;
-        let args = args.iter().map(value_from_py).collect::<PyResult<Vec<_>>>()?;
+        let args = args
+            .iter()
+            .map(value_from_py)
+            .collect::<PyResult<Vec<_>>>()?;
         let v = self.client.direct(targets_from_py(targets));
         self.submit(py, async move { v.apply(func, args).await })
     }
@@ -323,7 +333,10 @@ impl NativeClient {
         args: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<NativeResult> {
         let func = func_from_py(func)?;
-        let args = args.iter().map(value_from_py).collect::<PyResult<Vec<_>>>()?;
+        let args = args
+            .iter()
+            .map(value_from_py)
+            .collect::<PyResult<Vec<_>>>()?;
         let lb = self.client.load_balanced();
         self.submit(py, async move { lb.apply(func, args).await })
     }
@@ -348,7 +361,10 @@ impl NativeClient {
         } else {
             Mapper::Python(func)
         };
-        let items = items.iter().map(value_from_py).collect::<PyResult<Vec<_>>>()?;
+        let items = items
+            .iter()
+            .map(value_from_py)
+            .collect::<PyResult<Vec<_>>>()?;
         let spec = if balanced {
             JobSpec::Map {
                 mapper,
@@ -380,7 +396,12 @@ impl NativeClient {
         self.submit(py, async move { v.push(values).await })
     }
 
-    fn pull(&self, py: Python<'_>, targets: Option<Vec<u32>>, names: Vec<String>) -> PyResult<NativeResult> {
+    fn pull(
+        &self,
+        py: Python<'_>,
+        targets: Option<Vec<u32>>,
+        names: Vec<String>,
+    ) -> PyResult<NativeResult> {
         let v = self.client.direct(targets_from_py(targets));
         self.submit(py, async move {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -395,7 +416,10 @@ impl NativeClient {
         name: String,
         items: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<NativeResult> {
-        let items = items.iter().map(value_from_py).collect::<PyResult<Vec<_>>>()?;
+        let items = items
+            .iter()
+            .map(value_from_py)
+            .collect::<PyResult<Vec<_>>>()?;
         let v = self.client.direct(targets_from_py(targets));
         self.submit(py, async move { v.scatter(&name, items).await })
     }
@@ -532,9 +556,14 @@ impl NativeResult {
             let (status, display) = match &r.outcome {
                 starling::proto::Outcome::Ok { display, .. } => ("ok", display.clone()),
                 starling::proto::Outcome::Err(_) => ("error", None),
-                starling::proto::Outcome::Items(items) => {
-                    (if items.iter().all(Result::is_ok) { "ok" } else { "error" }, None)
-                }
+                starling::proto::Outcome::Items(items) => (
+                    if items.iter().all(Result::is_ok) {
+                        "ok"
+                    } else {
+                        "error"
+                    },
+                    None,
+                ),
             };
             d.set_item("status", status)?;
             d.set_item("display", display)?;
@@ -604,21 +633,39 @@ fn up(
     })
     .map_err(|e| PyValueError::new_err(e.to_string()))?;
     let cluster = spec.name.clone();
-    let launched = block_on(py, async move {
-        let progress = starling::bootstrap::Progress::new();
-        starling::provider::up(&spec, &progress).await
+    // `up` runs on a thread of its own (its future is not `Send`); Ctrl-C here cancels it
+    // there and takes down what it had started, as `starling up` does on Ctrl-C.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime can be built");
+        rt.block_on(async move {
+            let progress = starling::bootstrap::Progress::new();
+            tokio::select! {
+                r = starling::provider::up(&spec, &progress) => {
+                    let _ = done_tx.send(r);
+                }
+                _ = cancel_rx => {
+                    let _ = starling::provider::down(&spec.name, &starling::provider::Hints::default()).await;
+                }
+            }
+        });
     });
-    let launched = match launched {
-        Ok(r) => r.map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
-        Err(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => {
-            // Interrupted: take down what was started, as `starling up` does on Ctrl-C.
-            let _ = runtime()?.block_on(starling::provider::down(
-                &cluster,
-                &starling::provider::Hints::default(),
-            ));
+    let launched = match block_on(py, done_rx) {
+        Ok(Ok(r)) => r.map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
+        Ok(Err(_)) => {
+            return Err(PyRuntimeError::new_err(format!(
+                "starting cluster '{cluster}' failed without a word; `starling down {cluster}` removes what exists of it"
+            )))
+        }
+        Err(e) => {
+            let _ = cancel_tx.send(());
+            py.detach(|| worker.join()).ok();
             return Err(e);
         }
-        Err(e) => return Err(e),
     };
     Ok((
         launched.cluster,
@@ -631,10 +678,20 @@ fn up(
 /// Takes a cluster down as `starling down` does; returns what was removed, in words.
 #[pyfunction]
 fn down(py: Python<'_>, name: String) -> PyResult<String> {
-    let t = block_on(py, async move {
-        starling::provider::down(&name, &starling::provider::Hints::default()).await
-    })?
-    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime can be built");
+        let _ = tx.send(rt.block_on(starling::provider::down(
+            &name,
+            &starling::provider::Hints::default(),
+        )));
+    });
+    let t = block_on(py, rx)?
+        .map_err(|_| PyRuntimeError::new_err("taking the cluster down failed without a word"))?
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     Ok(if t.found {
         format!(
             "cluster '{}' is down: stopped {} processes{}",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import weakref
 
 from . import _starling
 from .asyncresult import AsyncMapResult, AsyncResult
+from .error import TimeoutError
 from .view import DirectView, LoadBalancedView
 
 
@@ -76,7 +78,10 @@ class Client:
     def wait_for_engines(self, n: int, timeout: float = -1, block: bool = True):
         """Waits until at least ``n`` engines are registered; raises ``TimeoutError`` after
         ``timeout`` seconds."""
-        return self._native.wait_for_engines(n, None if timeout is None or timeout < 0 else timeout)
+        try:
+            return self._native.wait_for_engines(n, None if timeout is None or timeout < 0 else timeout)
+        except builtins.TimeoutError as e:
+            raise TimeoutError(str(e)) from None
 
     # ---- jobs ---------------------------------------------------------------------------
 

@@ -53,7 +53,17 @@ class Cluster:
     def start(self) -> Cluster:
         """Starts the cluster; returns once every engine has registered."""
         _packaged_daemon()
-        name, path, engines, elapsed = _starling.up(self.spec, self.n, self.name, self.python)
+        try:
+            name, path, engines, elapsed = _starling.up(self.spec, self.n, self.name, self.python)
+        except Exception:
+            # `up` takes down what it started when it fails; a failure after that (or in this
+            # binding) must not leave a cluster behind either.
+            if self.name is not None:
+                try:
+                    _starling.down(self.name)
+                except Exception:  # noqa: BLE001 - the first error is the one to see
+                    pass
+            raise
         self.name, self.connection_file, self.engines, self.elapsed = name, os.fspath(path), engines, elapsed
         self._running = True
         if self.shutdown_atexit:

@@ -127,6 +127,7 @@ def _show_task(ar, t, what=("stdout", "stderr", "error", "out")) -> None:
         text = t["display"]
         print(prompt + ("\n" if "\n" in text else "") + text)
     sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def _tasks_in_engine_order(ar) -> list:
@@ -169,8 +170,12 @@ def _raise_failures(ar) -> None:
     try:
         ar.get()
     except CompositeError as e:
+        if any(x.engine_id is None for x in e.elist):
+            raise  # not an engine's error (e.g. a lost connection): nothing of it was shown
         raise AlreadyDisplayedError(e.message, e.elist) from None
     except RemoteError as e:
+        if e.engine_id is None:
+            raise
         raise AlreadyDisplayedError("one or more exceptions raised in 1 task", [e]) from None
 
 

@@ -7,6 +7,7 @@ import builtins
 import contextlib
 import functools
 import sys
+import threading
 
 from . import _serialize
 from .asyncresult import AsyncMapResult, AsyncResult
@@ -194,7 +195,7 @@ class DirectView(View):
     def clear(self, targets=None, block=None):
         """Empties each engine's namespace."""
         view = self if targets is None else DirectView(self.client, targets)
-        return view.execute("[globals().pop(_k) for _k in list(globals()) if not _k.startswith('__')]\ndel _k", block=block)
+        return view.execute("[globals().pop(_k) for _k in list(globals()) if not _k.startswith('__')]", block=block)
 
     @contextlib.contextmanager
     def sync_imports(self, local: bool = True, quiet: bool = False):
@@ -282,7 +283,7 @@ class _Derived(AsyncResult):
         self._single = inner._single
         self._ordered = True
         self._settled = False
-        self._lock = inner._lock.__class__()
+        self._lock = threading.Lock()
         inner.add_done_callback(lambda _: self._settle())
 
     def _collect(self):

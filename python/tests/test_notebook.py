@@ -73,6 +73,14 @@ def _outs(text: str) -> dict:
     return {int(e): v for e, v in re.findall(r"^Out\[(\d+):\d+\]: (.*)$", text, re.M)}
 
 
+def _down_if_up(name: str) -> None:
+    try:
+        _starling.down(name)
+    except RuntimeError as e:
+        if "no record of cluster" not in str(e):
+            raise
+
+
 @pytest.fixture
 def session(tmp_path, monkeypatch):
     """Runs the session's notebook (errors recorded, not fatal, so the last cell still
@@ -102,11 +110,15 @@ def session(tmp_path, monkeypatch):
         allow_errors=True,
         resources={"metadata": {"path": os.fspath(tmp_path)}},
     )
+    ran = None
     try:
         ran = client.execute()
     finally:
-        # The notebook's last cell stops the cluster; this covers a kernel that died first.
-        _starling.down(CLUSTER)
+        stopped = ran is not None and "is down" in _text(ran.cells[-1], "result")
+        if not stopped:
+            # The notebook's last cell stops the cluster; this covers a cell or kernel that
+            # failed before it.
+            _down_if_up(CLUSTER)
     nbformat.write(ran, path)
     cells = dict(zip((name for name, _ in CELLS), ran.cells))
     for name, cell in cells.items():

@@ -193,12 +193,16 @@ pub fn spec_text(spec: &JobSpec) -> String {
             targets,
             mapper: m,
             items,
-        } => json!({ "direct_map": { "targets": targets, "mapper": mapper(m), "items": items.len() } }),
+        } => {
+            json!({ "direct_map": { "targets": targets, "mapper": mapper(m), "items": items.len() } })
+        }
         JobSpec::Map {
             mapper: m,
             items,
             chunksize,
-        } => json!({ "map": { "mapper": mapper(m), "items": items.len(), "chunksize": chunksize } }),
+        } => {
+            json!({ "map": { "mapper": mapper(m), "items": items.len(), "chunksize": chunksize } })
+        }
     };
     v.to_string()
 }

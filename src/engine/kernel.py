@@ -158,6 +158,16 @@ def _loads(refs, bufs):
                 name="cloudpickle",
             ) from None
         raise
+    except Exception as e:  # noqa: BLE001 - name the likely cause, keep the error
+        if "cloudpickle" not in repr(e):
+            raise
+        import cloudpickle
+
+        raise RuntimeError(
+            "this engine could not unpickle what the client sent (%s: %s); it has cloudpickle %s "
+            "(%s), and the client's must be the same version"
+            % (type(e).__name__, e, cloudpickle.__version__, sys.executable)
+        ) from None
 
 
 def _decode(v, bufs):
@@ -336,7 +346,9 @@ def _run(task, bufs):
     rbufs = []
     try:
         if op == "init":
+            global _limit
             os.environ["STARLING_ENGINE_ID"] = str(task["engine"])
+            _limit = task.get("max_frame", _limit)
             reply = {"ok": True, "v": None, "python": _PYTHON}
         elif op == "execute":
             _count += 1
@@ -430,11 +442,33 @@ def _read_frame():
     return header, bufs
 
 
+_limit = 64 << 20
+
+
+def _too_large(header, size):
+    return {
+        "id": header["id"],
+        "ok": False,
+        "ename": "ResultTooLarge",
+        "evalue": "the result is %d MiB, above the cluster's frame limit of %d MiB (max_frame_mb in the spec); "
+        "return less per task, e.g. write large data to files" % (size >> 20, _limit >> 20),
+        "traceback": "",
+        "n": header.get("n", 0),
+        "t0": header.get("t0", 0),
+        "t1": header.get("t1", 0),
+    }
+
+
 def _write_frame(header, bufs):
     # Text that cannot be UTF-8 (lone surrogates in output or messages) becomes '?' rather
     # than a frame the engine cannot read.
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
     views = [memoryview(b).cast("B") for b in bufs]
+    size = len(head) + sum(v.nbytes for v in views)
+    if size > _limit and "id" in header:
+        # Too large to travel: the task fails, the kernel (and its namespace) lives on.
+        _write_frame(_too_large(header, size), [])
+        return
     parts = [struct.pack("<QII", 8 + len(head) + sum(8 + v.nbytes for v in views), len(head), len(views)), head]
     for v in views:
         parts.append(struct.pack("<Q", v.nbytes))

@@ -138,13 +138,8 @@ impl KernelFrame {
     /// The frame's bytes, in pieces to write in order (buffers are not copied).
     fn pieces(&self) -> Vec<Bytes> {
         let header = serde_json::to_vec(&self.header).expect("JSON values serialize");
-        let rest: usize = 8
-            + header.len()
-            + self
-                .buffers
-                .iter()
-                .map(|b| 8 + b.len())
-                .sum::<usize>();
+        let rest: usize =
+            8 + header.len() + self.buffers.iter().map(|b| 8 + b.len()).sum::<usize>();
         let mut head = Vec::with_capacity(16 + header.len());
         head.extend_from_slice(&(rest as u64).to_le_bytes());
         head.extend_from_slice(&(header.len() as u32).to_le_bytes());
@@ -189,11 +184,12 @@ impl Decoder for FrameCodec {
         let hlen = body.get_u32_le() as usize;
         let nbuf = body.get_u32_le() as usize;
         if hlen > body.len() {
-            return Err(KernelError::Garbled("a header longer than its frame".into()));
+            return Err(KernelError::Garbled(
+                "a header longer than its frame".into(),
+            ));
         }
-        let header = serde_json::from_slice(&body.split_to(hlen)).map_err(|e| {
-            KernelError::Garbled(format!("a header that is not JSON ({e})"))
-        })?;
+        let header = serde_json::from_slice(&body.split_to(hlen))
+            .map_err(|e| KernelError::Garbled(format!("a header that is not JSON ({e})")))?;
         let mut buffers = Vec::with_capacity(nbuf.min(1024));
         for _ in 0..nbuf {
             if body.len() < 8 {

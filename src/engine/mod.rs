@@ -109,16 +109,14 @@ async fn connect(config: &EngineConfig) -> Result<Conn, EngineError> {
 /// Runs the engine process until the controller says stop or goes away.
 pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
     let n = config.engines.max(1) as usize;
-    let spawn_all = futures::future::join_all(
-        (0..n).map(|_| {
-            PythonKernel::spawn(
-                &config.python,
-                &config.workdir,
-                config.log.as_deref(),
-                config.max_frame,
-            )
-        }),
-    );
+    let spawn_all = futures::future::join_all((0..n).map(|_| {
+        PythonKernel::spawn(
+            &config.python,
+            &config.workdir,
+            config.log.as_deref(),
+            config.max_frame,
+        )
+    }));
     let (kernels, conn) = tokio::join!(spawn_all, connect(&config));
     let mut conn = conn?;
     let kernels = kernels.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -444,7 +442,7 @@ impl Slot {
         if let Some(k) = &mut self.kernel {
             let init = Batch {
                 frame: KernelFrame {
-                    header: json!([{"op": "init", "id": 0, "engine": self.id.0}]),
+                    header: json!([{"op": "init", "id": 0, "engine": self.id.0, "max_frame": self.config.max_frame}]),
                     buffers: Vec::new(),
                 },
                 ids: vec![0],

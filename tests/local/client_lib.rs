@@ -106,7 +106,17 @@ async fn execute_apply_and_async_result_behave_like_ipyparallel() {
         .await
         .unwrap();
     assert!(
-        matches!(&ar.get().await.unwrap()[0], Value::Opaque { repr } if repr == "<module 'sys' (built-in)>")
+        matches!(&ar.get().await.unwrap()[0], Value::Pickle { repr, .. } if repr == "<module 'sys' (built-in)>"),
+        "a module pickles by reference (cloudpickle)"
+    );
+    let ar = client
+        .direct(EngineId(0))
+        .execute("import threading; threading.Lock()")
+        .await
+        .unwrap();
+    assert!(
+        matches!(&ar.get().await.unwrap()[0], Value::Opaque { repr } if repr.starts_with("<unlocked _thread.lock object")),
+        "what cannot be pickled comes back as its repr"
     );
 }
 

@@ -298,7 +298,11 @@ async fn the_frame_limit_fails_what_is_too_large_and_nothing_else() {
     let ClientError::Remote(e) = ar.get().await.unwrap_err() else {
         panic!()
     };
-    assert_eq!(e.errors[0].error.ename, "ResultTooLarge");
+    assert_eq!(
+        e.errors[0].error.ename, "ResultTooLarge",
+        "{}",
+        e.errors[0].error
+    );
     let ok = client
         .all()
         .execute("'still here'")
@@ -385,4 +389,85 @@ fn down_with_someone_elses_connection_file_stops_nothing() {
     );
     assert_eq!(mine.starling(&["ids"]).ok().stdout.trim(), "[0]");
     assert_eq!(theirs.starling(&["ids"]).ok().stdout.trim(), "[0]");
+}
+
+/// Runs `code` on one engine and returns the value of its final expression, or its error.
+async fn px_one(
+    client: &starling::client::Client,
+    engine: u32,
+    code: &str,
+) -> Result<Value, String> {
+    let ar = client.direct(EngineId(engine)).execute(code).await.unwrap();
+    match ar.get().await {
+        Ok(mut v) => Ok(v.remove(0)),
+        Err(ClientError::Remote(e)) => Err(format!("{}", e.errors[0].error)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_a_task_writes_into_the_kernel_protocol_never_become_results() {
+    let c = Cluster::up("fdwrite", 1);
+    let client = c.client().await;
+    // The protocol's pipes are not on fds 3 and 4 any more, and close on exec: writing there
+    // reaches nothing of the kernel's.
+    let r = px_one(&client, 0, "import os\ntry:\n    os.write(4, b'{\"id\": 99}\\n')\nexcept OSError as e:\n    print(e)\n'after'").await;
+    assert_eq!(r, Ok(Value::Json(json!("after"))));
+    assert_eq!(px_one(&client, 0, "1 + 1").await, Ok(Value::Json(json!(2))));
+    // A task that finds the real pipe and writes garbage into it kills its kernel, and is told
+    // so; it is never read as a result, and the next task runs on a fresh kernel.
+    let code = "import os\nfor fd in os.listdir('/proc/self/fd'):\n    try:\n        if os.readlink('/proc/self/fd/' + fd).startswith('pipe:') and int(fd) > 4:\n            os.write(int(fd), b'\\x10\\0\\0\\0\\0\\0\\0\\0garbage garbage!')\n    except OSError:\n        pass\n'call3'";
+    let r = px_one(&client, 0, code).await;
+    match r {
+        Err(e) => assert!(e.starts_with("KernelDied: "), "{e}"),
+        // The write went to the request pipe, which only the kernel reads: harmless.
+        Ok(v) => assert_eq!(v, Value::Json(json!("call3"))),
+    }
+    assert_eq!(
+        px_one(&client, 0, "'next'").await,
+        Ok(Value::Json(json!("next")))
+    );
+    assert_eq!(
+        px_one(&client, 0, "'and next'").await,
+        Ok(Value::Json(json!("and next")))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_forks_and_exits_in_the_child_leaves_the_kernel_working() {
+    let c = Cluster::up("forkexit", 1);
+    let client = c.client().await;
+    let code =
+        "import os, sys\npid = os.fork()\nif pid == 0:\n    sys.exit(0)\nos.waitpid(pid, 0)[1]";
+    assert_eq!(px_one(&client, 0, code).await, Ok(Value::Json(json!(0))));
+    assert_eq!(
+        px_one(&client, 0, "'still here'").await,
+        Ok(Value::Json(json!("still here")))
+    );
+    // multiprocessing's fork children run their work and return as usual.
+    let code = "import multiprocessing as mp\nwith mp.get_context('fork').Pool(2) as p:\n    r = p.map(abs, [-1, -2, -3])\nr";
+    assert_eq!(
+        px_one(&client, 0, code).await,
+        Ok(Value::Json(json!([1, 2, 3])))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_of_a_name_that_does_not_exist_says_nameerror_for_every_item() {
+    let c = Cluster::up("nosuchfunc", 2);
+    let client = c.client().await;
+    let items: Vec<Value> = (0..40).map(Value::from).collect();
+    let ar = client
+        .load_balanced()
+        .chunksize(3)
+        .map("nosuchfunc", items)
+        .await
+        .unwrap();
+    let ClientError::Remote(err) = ar.get().await.unwrap_err() else {
+        panic!()
+    };
+    assert_eq!(err.errors.len(), 40);
+    for e in &err.errors {
+        assert_eq!(e.error.ename, "NameError", "{}", e.error);
+    }
 }
