@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v bash >/dev/null || need_apt+=(bash)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing: ${need_apt[*]}"
     apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
@@ -18,9 +19,15 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --all-targets --features e2e --locked -- -D warnings
+cargo clippy --workspace --all-targets --features starling/e2e --locked -- -D warnings
 echo "== cargo test"
 # A hung test fails here, loudly and in time, instead of running into CI's limit.
 timeout 1800 cargo test --locked
+echo "== Python: build the package (maturin) into .venv-python, ruff, pytest"
+# Installs maturin, cloudpickle, pytest, IPython, nbclient, ... into .venv-python itself.
+scripts/python.sh build
+.venv-python/bin/ruff check python
+.venv-python/bin/ruff format --check python
+timeout 1200 scripts/python.sh test
 echo "== end-to-end: EC2 (LocalStack) and SSH clusters"
 timeout 1800 tests/e2e/run.sh

@@ -20,7 +20,7 @@ import cloudpickle
 
 from .error import SerializationError
 
-PYTHON = "%d.%d" % sys.version_info[:2]
+PYTHON = "{}.{}".format(*sys.version_info[:2])
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 

@@ -29,7 +29,15 @@ class AsyncResult(Future):
     otherwise ``get()`` returns a list: one entry per engine for direct work, one per item for
     maps."""
 
-    def __init__(self, client, native, *, fname: str | None = None, single: bool = False, ordered: bool = True):
+    def __init__(
+        self,
+        client,
+        native,
+        *,
+        fname: str | None = None,
+        single: bool = False,
+        ordered: bool = True,
+    ):
         super().__init__()
         self._client = client
         self._native = native
@@ -106,7 +114,10 @@ class AsyncResult(Future):
         values, errors = [], []
         for slot in self._native.slots():
             if slot is None:
-                raise RemoteError("Disconnected", "the connection to the controller was lost before this job finished")
+                raise RemoteError(
+                    "Disconnected",
+                    "the connection to the controller was lost before this job finished",
+                )
             ok, payload, engine = slot
             if ok:
                 values.append(payload)
@@ -117,7 +128,10 @@ class AsyncResult(Future):
             if self._single and len(errors) == 1:
                 raise errors[0]
             n = len(errors)
-            raise CompositeError(f"one or more exceptions raised in {n} {'item' if self._per_item else 'task'}{'s' if n > 1 else ''}", errors)
+            raise CompositeError(
+                f"one or more exceptions raised in {n} {'item' if self._per_item else 'task'}{'s' if n > 1 else ''}",
+                errors,
+            )
         out = [_serialize.unpack(v) for v in values]
         return out[0] if self._single else out
 
@@ -132,7 +146,9 @@ class AsyncResult(Future):
         if self._single:
             results = [results]
         if len(set(engines)) != len(engines) or len(engines) != len(results):
-            raise ValueError("get_dict needs one result per engine; this job's results are per item")
+            raise ValueError(
+                "get_dict needs one result per engine; this job's results are per item"
+            )
         return dict(zip(engines, results))
 
     # ---- iteration ----------------------------------------------------------------------
@@ -179,7 +195,9 @@ class AsyncResult(Future):
     def wall_time(self) -> float:
         """Seconds from submission to the last result; the job must be finished."""
         if not self.ready():
-            raise ValueError(f"job {self.job_id} is not finished yet; `elapsed` tells the time so far")
+            raise ValueError(
+                f"job {self.job_id} is not finished yet; `elapsed` tells the time so far"
+            )
         return self._native.elapsed()
 
     @property
@@ -247,7 +265,11 @@ class AsyncResult(Future):
             for t in tasks:
                 text = t[name]
                 if text:
-                    print(f"[{name}:{t['engine_id']}] {text}", end="" if text.endswith("\n") else "\n", file=sys.stderr if name == "stderr" else sys.stdout)
+                    print(
+                        f"[{name}:{t['engine_id']}] {text}",
+                        end="" if text.endswith("\n") else "\n",
+                        file=sys.stderr if name == "stderr" else sys.stdout,
+                    )
 
         def outs():
             for t in tasks:
@@ -257,9 +279,16 @@ class AsyncResult(Future):
         if groupby == "engine":
             for t in tasks:
                 if t["stdout"]:
-                    print(f"[stdout:{t['engine_id']}] {t['stdout']}", end="" if t["stdout"].endswith("\n") else "\n")
+                    print(
+                        f"[stdout:{t['engine_id']}] {t['stdout']}",
+                        end="" if t["stdout"].endswith("\n") else "\n",
+                    )
                 if t["stderr"]:
-                    print(f"[stderr:{t['engine_id']}] {t['stderr']}", end="" if t["stderr"].endswith("\n") else "\n", file=sys.stderr)
+                    print(
+                        f"[stderr:{t['engine_id']}] {t['stderr']}",
+                        end="" if t["stderr"].endswith("\n") else "\n",
+                        file=sys.stderr,
+                    )
                 if t["display"] is not None:
                     print(f"Out[{t['engine_id']}:{t['execution_count']}]: {t['display']}")
         else:

@@ -19,7 +19,9 @@ class Client:
     ``rc.ids``, ``rc[:]`` (a DirectView on every engine), ``rc[0]``, ``rc[::2]``,
     ``rc[[0, 2]]``, ``rc.load_balanced_view()``; ``with Client() as rc:`` closes it after."""
 
-    def __init__(self, url_file=None, *, cluster: str | None = None, timeout: float = 30, **_ignored):
+    def __init__(
+        self, url_file=None, *, cluster: str | None = None, timeout: float = 30, **_ignored
+    ):
         if url_file is not None:
             url_file = os.fspath(os.path.expanduser(os.fspath(url_file)))
         self._native = _starling.connect(url_file, cluster, timeout)
@@ -72,14 +74,18 @@ class Client:
     def load_balanced_view(self, targets=None) -> LoadBalancedView:
         """A view that sends each task to whichever engine is free first."""
         if targets is not None:
-            raise ValueError("a LoadBalancedView balances over every engine; choose engines with client[...] (a DirectView) instead")
+            raise ValueError(
+                "a LoadBalancedView balances over every engine; choose engines with client[...] (a DirectView) instead"
+            )
         return LoadBalancedView(self)
 
     def wait_for_engines(self, n: int, timeout: float = -1, block: bool = True):
         """Waits until at least ``n`` engines are registered; raises ``TimeoutError`` after
         ``timeout`` seconds."""
         try:
-            return self._native.wait_for_engines(n, None if timeout is None or timeout < 0 else timeout)
+            return self._native.wait_for_engines(
+                n, None if timeout is None or timeout < 0 else timeout
+            )
         except builtins.TimeoutError as e:
             raise TimeoutError(str(e)) from None
 
@@ -130,6 +136,11 @@ class Client:
     # ---- life ---------------------------------------------------------------------------
 
     @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._closed
+
+    @property
     def cluster(self) -> str:
         """The cluster's name."""
         return self._native.cluster
@@ -176,4 +187,3 @@ def _register_magics(client: Client) -> None:
     from . import magics
 
     magics.register(ip, client)
-

@@ -33,7 +33,15 @@ class Cluster:
     A cluster started here is stopped when the interpreter exits, unless
     ``shutdown_atexit=False``."""
 
-    def __init__(self, n: int | None = None, *, spec=None, name: str | None = None, python: str | None = None, shutdown_atexit: bool = True):
+    def __init__(
+        self,
+        n: int | None = None,
+        *,
+        spec=None,
+        name: str | None = None,
+        python: str | None = None,
+        shutdown_atexit: bool = True,
+    ):
         self.n = n
         self.spec = os.fspath(spec) if spec is not None else None
         self.name = name
@@ -64,7 +72,12 @@ class Cluster:
                 except Exception:  # noqa: BLE001 - the first error is the one to see
                     pass
             raise
-        self.name, self.connection_file, self.engines, self.elapsed = name, os.fspath(path), engines, elapsed
+        self.name, self.connection_file, self.engines, self.elapsed = (
+            name,
+            os.fspath(path),
+            engines,
+            elapsed,
+        )
         self._running = True
         if self.shutdown_atexit:
             atexit.register(self._stop_at_exit)
@@ -94,8 +107,8 @@ class Cluster:
         if self._client is not None:
             self._client.close()
             self._client = None
-        if self.name is None:
-            return "nothing was started"
+        if self.name is None or not self._running:
+            return f"cluster {self.name!r} is not running"
         said = _starling.down(self.name)
         self._running = False
         return said

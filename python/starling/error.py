@@ -59,7 +59,10 @@ class CompositeError(RemoteError):
     def _render_traceback_(self) -> list:
         lines = [self.message]
         for e in self.elist[:10]:
-            lines.append(f"[{e.engine_id}:{e.ename}]: " + (e.traceback.rstrip("\n") or f"{e.ename}: {e.evalue}"))
+            lines.append(
+                f"[{e.engine_id}:{e.ename}]: "
+                + (e.traceback.rstrip("\n") or f"{e.ename}: {e.evalue}")
+            )
         if len(self.elist) > 10:
             lines.append(f"... {len(self.elist) - 10} more exceptions ...")
         return "\n".join(lines).splitlines()

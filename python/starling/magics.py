@@ -313,7 +313,7 @@ class ParallelMagics(Magics):
                 raise UsageError(
                     f"%px needs a cluster: {e} (start one with `starling up` or starling.Cluster, then create a Client)"
                 ) from e
-        if getattr(self._client, "_closed", False):
+        if self._client.closed:
             raise UsageError(
                 "the Client %px uses is closed; create a new Client, and %px will use it"
             )

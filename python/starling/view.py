@@ -32,7 +32,9 @@ class View:
         ``ordered`` on a LoadBalancedView) for calls on this view."""
         for k, v in kwargs.items():
             if k not in self._flag_names:
-                raise KeyError(f"{type(self).__name__} has no flag {k!r}; its flags are {', '.join(self._flag_names)}")
+                raise KeyError(
+                    f"{type(self).__name__} has no flag {k!r}; its flags are {', '.join(self._flag_names)}"
+                )
             setattr(self, k, v)
 
     @contextlib.contextmanager
@@ -133,16 +135,26 @@ class DirectView(View):
 
     def _map(self, f, sequences, **kwargs):
         if kwargs:
-            raise TypeError(f"DirectView.map takes no {', '.join(kwargs)}; a LoadBalancedView takes chunksize and ordered")
+            raise TypeError(
+                f"DirectView.map takes no {', '.join(kwargs)}; a LoadBalancedView takes chunksize and ordered"
+            )
         items, star = self._items(sequences)
-        native = self.client._native.map(_serialize.pack_func(f), items, balanced=False, targets=self._native_targets(), star=star)
+        native = self.client._native.map(
+            _serialize.pack_func(f),
+            items,
+            balanced=False,
+            targets=self._native_targets(),
+            star=star,
+        )
         return AsyncMapResult(self.client, native, fname=_name(f))
 
     def execute(self, code: str, silent: bool = True, block=None):
         """Runs Python code on each engine, in that engine's namespace (what ``%px`` does).
         Each task's result is the value of a final expression (or None)."""
         native = self.client._native.execute(self._native_targets(), code)
-        return self._finish(AsyncResult(self.client, native, fname="execute", single=self._single), block)
+        return self._finish(
+            AsyncResult(self.client, native, fname="execute", single=self._single), block
+        )
 
     def run(self, filename: str, block=None):
         """Runs a local Python file's code on each engine."""
@@ -156,7 +168,9 @@ class DirectView(View):
             raise TypeError(f"push takes a dict of names to values, not {type(ns).__name__}")
         values = [(k, _serialize.pack(v, f"the value of {k!r}")) for k, v in ns.items()]
         native = self.client._native.push(self._native_targets(), values)
-        return self._finish(AsyncResult(self.client, native, fname="push", single=self._single), block)
+        return self._finish(
+            AsyncResult(self.client, native, fname="push", single=self._single), block
+        )
 
     def pull(self, names, block=None):
         """Each engine's value of a name (or a list of values for a list of names)."""
@@ -195,7 +209,9 @@ class DirectView(View):
     def clear(self, targets=None, block=None):
         """Empties each engine's namespace."""
         view = self if targets is None else DirectView(self.client, targets)
-        return view.execute("[globals().pop(_k) for _k in list(globals()) if not _k.startswith('__')]", block=block)
+        return view.execute(
+            "[globals().pop(_k) for _k in list(globals()) if not _k.startswith('__')]", block=block
+        )
 
     @contextlib.contextmanager
     def sync_imports(self, local: bool = True, quiet: bool = False):
@@ -226,7 +242,9 @@ class DirectView(View):
             else:
                 stmt = f"import {name}"
             if not quiet:
-                print(f"importing {', '.join(fromlist) + ' from ' if fromlist else ''}{name} on engine(s)")
+                print(
+                    f"importing {', '.join(fromlist) + ' from ' if fromlist else ''}{name} on engine(s)"
+                )
             self.execute(stmt, block=True)
 
     def parallel(self, dist: str = "b", block=None):
@@ -259,7 +277,11 @@ class ParallelFunction:
             size = len(items) // n + (1 if i < len(items) % n else 0)
             parts.append(items[start : start + size])
             start += size
-        results = [DirectView(self.view.client, e).apply_async(self.f, part) for e, part in zip(ids, parts) if part]
+        results = [
+            DirectView(self.view.client, e).apply_async(self.f, part)
+            for e, part in zip(ids, parts)
+            if part
+        ]
         out = []
         for r in results:
             part = r.get()
@@ -325,5 +347,7 @@ class LoadBalancedView(View):
         items, star = self._items(sequences)
         chunksize = self.chunksize if chunksize is None else chunksize
         ordered = self.ordered if ordered is None else ordered
-        native = self.client._native.map(_serialize.pack_func(f), items, balanced=True, star=star, chunksize=chunksize)
+        native = self.client._native.map(
+            _serialize.pack_func(f), items, balanced=True, star=star, chunksize=chunksize
+        )
         return AsyncMapResult(self.client, native, fname=_name(f), ordered=ordered)

@@ -45,9 +45,13 @@ def cli(cluster):
     """Runs the `starling` CLI against the 'pytest' cluster; returns its stdout."""
 
     def run(*args, check=True):
-        p = subprocess.run(["starling", "--cluster", "pytest", *args], capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            ["starling", "--cluster", "pytest", *args], capture_output=True, text=True, timeout=120
+        )
         if check and p.returncode != 0:
-            raise AssertionError(f"starling {' '.join(args)} failed ({p.returncode}): {p.stdout}{p.stderr}")
+            raise AssertionError(
+                f"starling {' '.join(args)} failed ({p.returncode}): {p.stdout}{p.stderr}"
+            )
         return p
 
     return run
@@ -55,4 +59,6 @@ def cli(cluster):
 
 def run_python(code: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
     """Runs a Python program in a fresh interpreter with this venv's packages."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, **kwargs
+    )

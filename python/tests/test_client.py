@@ -56,7 +56,7 @@ def test_connect_by_path_and_as_context_manager(cluster):
     with starling.Client(cluster.connection_file) as c:
         assert c.ids == [0, 1]
     with pytest.raises(RuntimeError, match="closed"):
-        c.ids
+        _ = c.ids
     with pytest.raises(RuntimeError, match="there is no cluster 'nosuch'"):
         starling.Client(cluster="nosuch")
 
@@ -186,7 +186,9 @@ def test_maps_equal_pythons_own(rc, f, items):
 def test_map_of_many_items_and_several_sequences(rc):
     lv = rc.load_balanced_view()
     assert lv.map_sync(square, range(100_000)) == [x * x for x in range(100_000)]
-    assert lv.map_sync(add, range(10), range(10, 20)) == [a + b for a, b in zip(range(10), range(10, 20))]
+    assert lv.map_sync(add, range(10), range(10, 20)) == [
+        a + b for a, b in zip(range(10), range(10, 20))
+    ]
     assert rc[:].map_sync(add, [1, 2, 3], [4, 5, 6]) == [5, 7, 9]
 
 
@@ -320,7 +322,9 @@ def test_remote_errors(rc):
     with pytest.raises(RemoteError) as e:
         rc[0].apply_sync(lambda: 1 / 0)
     err = e.value
-    assert err.ename == "ZeroDivisionError" and err.evalue == "division by zero" and err.engine_id == 0
+    assert (
+        err.ename == "ZeroDivisionError" and err.evalue == "division by zero" and err.engine_id == 0
+    )
     assert err.traceback.startswith("Traceback") and "in <lambda>" in err.traceback
     assert str(err) == "[Engine 0] ZeroDivisionError: division by zero"
     with pytest.raises(CompositeError) as e:
@@ -358,13 +362,20 @@ def test_python_version_mismatch_is_named(rc):
     ar = starling.AsyncResult(rc, rc._native.apply([0], func, []), single=True)
     with pytest.raises(RemoteError) as e:
         ar.get()
-    assert "the client runs Python 2.7 and this engine Python %d.%d" % sys.version_info[:2] in e.value.evalue
+    assert (
+        "the client runs Python 2.7 and this engine Python {}.{}".format(*sys.version_info[:2])
+        in e.value.evalue
+    )
 
 
 def test_engines_without_cloudpickle_say_what_to_install(tmp_path):
     # A venv of the same Python with nothing installed: kernels that lack cloudpickle.
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
-    c = starling.Cluster(n=1, name="bare", python=str(tmp_path / "bare" / "bin" / "python"), shutdown_atexit=False)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True
+    )
+    c = starling.Cluster(
+        n=1, name="bare", python=str(tmp_path / "bare" / "bin" / "python"), shutdown_atexit=False
+    )
     c.start()
     try:
         with starling.Client(cluster="bare") as r:
@@ -409,7 +420,9 @@ except KeyboardInterrupt:
     print("interrupted after %.2f s" % (time.monotonic() - t0), flush=True)
 print("ids", rc.ids, flush=True)
 """
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert p.stdout.readline().strip() == "ready"
         time.sleep(0.3)  # let it start waiting: the interrupt must land inside the wait
@@ -428,11 +441,11 @@ print("ids", rc.ids, flush=True)
 
 
 def test_a_forked_child_gets_a_clear_error(rc):
-    rc.ids  # the runtime exists
+    assert rc.ids == [0, 1]  # the runtime exists
     pid = os.fork()
     if pid == 0:
         try:
-            rc.ids
+            _ = rc.ids
         except RuntimeError as e:
             os._exit(0 if "forked" in str(e) else 2)
         except BaseException:  # noqa: BLE001

@@ -950,3 +950,69 @@ fn the_ssh_provider_bootstraps_listed_hosts() {
     );
     assert!(!node_root(name).exists());
 }
+
+#[test]
+fn the_python_client_maps_over_an_ec2_cluster_with_a_teammates_connection_file() {
+    // The Python package, built into a venv by scripts/python.sh before the rig starts; its
+    // interpreter is also the engines' (same Python, same cloudpickle as the client).
+    let python = std::env::var("STARLING_E2E_PYTHON").expect(
+        "STARLING_E2E_PYTHON must name the Python with the starling package (tests/e2e/run.sh sets it after scripts/python.sh build)",
+    );
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "{python} does not exist: run scripts/python.sh build first"
+    );
+    let name = "e2e-python";
+    let user = User::new(name);
+    let teammate = User::new(name);
+    let spec = user.spec(
+        "python.yaml",
+        &format!(
+            "name: {name}\nnodes: 2\nengines_per_node: 1\npython: {python}\n{}",
+            network(7)
+        ),
+    );
+    user.run(&["up", "-f", spec.to_str().unwrap()]).ok();
+    let key = teammate.path(".ssh/id_ed25519");
+    teammate
+        .run(&[
+            "connect",
+            name,
+            "--region",
+            REGION,
+            "--endpoint-url",
+            ENDPOINT,
+            "-i",
+            key.to_str().unwrap(),
+        ])
+        .ok();
+    let code = format!(
+        "import os\nfrom starling import Client\n\
+         rc = Client(cluster={name:?})\n\
+         def f(x):\n    return (x * x, os.environ['STARLING_ENGINE_ID'])\n\
+         out = rc.load_balanced_view().map_sync(f, range(300), chunksize=7)\n\
+         assert [v for v, _ in out] == [x * x for x in range(300)], out[:5]\n\
+         print('engines', sorted(set(e for _, e in out)))\n\
+         print('hosts', sorted(rc[:].apply_sync(lambda: os.environ['SSH_CONNECTION'].split()[2])))\n"
+    );
+    let out = Command::new(&python)
+        .args(["-c", &code])
+        .env("HOME", teammate.path(""))
+        .env("STARLING_HOME", teammate.path(".starling"))
+        .env_remove("STARLING_CLUSTER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("engines ['0', '1', '2']"), "{stdout}");
+    // The engines run on the three instances, each at its own loopback address.
+    assert!(
+        stdout.contains("hosts ['127.0.7.4', '127.0.7.5', '127.0.7.6']"),
+        "{stdout}"
+    );
+    down_leaves_nothing(&user, name);
+}

@@ -43,6 +43,8 @@ fi
 # Build everything the suite runs (the suite and both binaries), then enter the namespace.
 cargo test --locked --features e2e --test e2e --no-run
 export STARLING_E2E_VENV=$VENV
+# The Python package's venv (scripts/python.sh build): the Python client's end-to-end test.
+export STARLING_E2E_PYTHON=$ROOT/.venv-python/bin/python
 if [ $# -eq 0 ]; then
     set -- cargo test --offline --locked --features e2e --test e2e -- --test-threads=4
 fi
