@@ -439,6 +439,13 @@ def table(ran):
 RUNNERS = {"starling": run_starling, "ipyparallel": run_ipyparallel}
 
 
+def _load():
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def _sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -464,10 +471,13 @@ def main():
     try:
         import platform
 
-        import starling
-
         profile, detail = starling_profile()
-        versions = f"starling {getattr(starling, '__version__', '')}".rstrip()
+        try:
+            from importlib.metadata import version
+
+            versions = f"starling-cluster {version('starling-cluster')}"
+        except Exception:  # noqa: BLE001 - a version is nice to have, not needed
+            versions = "starling-cluster (version unknown)"
         try:
             import ipyparallel
 
@@ -479,6 +489,9 @@ def main():
             f"Python {platform.python_version()}; {versions}"
         )
         print(f"# starling built with profile: {profile} ({detail})", flush=True)
+        print(
+            f"# load average at the start: {_load()} (other work on this machine skews the figures)"
+        )
         if profile != "release":
             print(
                 "# not an optimised build: starling's figures are slower than a release build's "
@@ -496,6 +509,7 @@ def main():
         shutil.rmtree(scratch, ignore_errors=True)
     print()
     table(systems)
+    print(f"load average at the end: {_load()}")
     for (system, workload), error in sorted(failures.items()):
         print(f"failed: {system} {workload}: {error}")
     failed += [f"{s} {w}" for s, w in sorted(failures)]
