@@ -108,6 +108,10 @@ fn value_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
     Ok(Value::Json(json_from_py(obj)?))
 }
 
+fn values_from_py(objs: &[Bound<'_, PyAny>]) -> PyResult<Vec<Value>> {
+    objs.iter().map(value_from_py).collect()
+}
+
 fn json_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Json> {
     if obj.is_none() {
         return Ok(Json::Null);
@@ -309,36 +313,25 @@ impl NativeClient {
         self.submit(py, async move { v.execute(&code).await })
     }
 
+    /// `func(*args)`: on each of `targets`, or `balanced` on whichever engine is free first.
+    #[pyo3(signature = (func, args, *, targets=None, balanced=false))]
     fn apply(
         &self,
         py: Python<'_>,
+        func: &Bound<'_, PyAny>,
+        args: Vec<Bound<'_, PyAny>>,
         targets: Option<Vec<u32>>,
-        func: &Bound<'_, PyAny>,
-        args: Vec<Bound<'_, PyAny>>,
+        balanced: bool,
     ) -> PyResult<NativeResult> {
         let func = func_from_py(func)?;
-        let args = args
-            .iter()
-            .map(value_from_py)
-            .collect::<PyResult<Vec<_>>>()?;
-        let v = self.client.direct(targets_from_py(targets));
-        self.submit(py, async move { v.apply(func, args).await })
-    }
-
-    /// A load-balanced `func(*args)`.
-    fn apply_balanced(
-        &self,
-        py: Python<'_>,
-        func: &Bound<'_, PyAny>,
-        args: Vec<Bound<'_, PyAny>>,
-    ) -> PyResult<NativeResult> {
-        let func = func_from_py(func)?;
-        let args = args
-            .iter()
-            .map(value_from_py)
-            .collect::<PyResult<Vec<_>>>()?;
-        let lb = self.client.load_balanced();
-        self.submit(py, async move { lb.apply(func, args).await })
+        let args = values_from_py(&args)?;
+        if balanced {
+            let lb = self.client.load_balanced();
+            self.submit(py, async move { lb.apply(func, args).await })
+        } else {
+            let v = self.client.direct(targets_from_py(targets));
+            self.submit(py, async move { v.apply(func, args).await })
+        }
     }
 
     /// A map: load-balanced (`targets` None and `balanced`), or one contiguous chunk per
@@ -361,10 +354,7 @@ impl NativeClient {
         } else {
             Mapper::Python(func)
         };
-        let items = items
-            .iter()
-            .map(value_from_py)
-            .collect::<PyResult<Vec<_>>>()?;
+        let items = values_from_py(&items)?;
         let spec = if balanced {
             JobSpec::Map {
                 mapper,
@@ -416,10 +406,7 @@ impl NativeClient {
         name: String,
         items: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<NativeResult> {
-        let items = items
-            .iter()
-            .map(value_from_py)
-            .collect::<PyResult<Vec<_>>>()?;
+        let items = values_from_py(&items)?;
         let v = self.client.direct(targets_from_py(targets));
         self.submit(py, async move { v.scatter(&name, items).await })
     }

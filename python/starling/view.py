@@ -130,7 +130,7 @@ class DirectView(View):
 
     def _apply(self, f, args, kwargs):
         func = _serialize.pack_func(f, args, kwargs)
-        native = self.client._native.apply(self._native_targets(), func, [])
+        native = self.client._native.apply(func, [], targets=self._native_targets())
         return AsyncResult(self.client, native, fname=_name(f), single=self._single)
 
     def _map(self, f, sequences, **kwargs):
@@ -340,7 +340,7 @@ class LoadBalancedView(View):
         return "<LoadBalancedView>"
 
     def _apply(self, f, args, kwargs):
-        native = self.client._native.apply_balanced(_serialize.pack_func(f, args, kwargs), [])
+        native = self.client._native.apply(_serialize.pack_func(f, args, kwargs), [], balanced=True)
         return AsyncResult(self.client, native, fname=_name(f), single=True)
 
     def _map(self, f, sequences, chunksize=None, ordered=None):

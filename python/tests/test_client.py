@@ -359,7 +359,7 @@ def test_python_version_mismatch_is_named(rc):
     import cloudpickle
 
     func = (cloudpickle.dumps(lambda: 1), [], "2.7")
-    ar = starling.AsyncResult(rc, rc._native.apply([0], func, []), single=True)
+    ar = starling.AsyncResult(rc, rc._native.apply(func, [], targets=[0]), single=True)
     with pytest.raises(RemoteError) as e:
         ar.get()
     assert (

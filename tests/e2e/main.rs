@@ -181,6 +181,22 @@ impl User {
     fn path(&self, rel: &str) -> PathBuf {
         self.home.path().join(rel)
     }
+
+    /// `starling connect NAME` as a teammate does: from the tags, with their own key.
+    fn connect(&self, name: &str) -> Run {
+        let key = self.path(".ssh/id_ed25519");
+        self.run(&[
+            "connect",
+            name,
+            "--region",
+            REGION,
+            "--endpoint-url",
+            ENDPOINT,
+            "-i",
+            key.to_str().unwrap(),
+        ])
+        .ok()
+    }
 }
 
 impl Drop for User {
@@ -437,7 +453,6 @@ fn ec2_cluster_from_the_localstack_template_end_to_end() {
     assert_eq!(map, serde_json::json!(squares));
 
     // A teammate with the same account: sees it, fetches the connection file, uses it.
-    let key = teammate.path(".ssh/id_ed25519");
     let tl = teammate
         .run(&[
             "list",
@@ -457,18 +472,7 @@ fn ec2_cluster_from_the_localstack_template_end_to_end() {
             .any(|c| c["name"] == name && c["nodes"] == 3),
         "{tl}"
     );
-    teammate
-        .run(&[
-            "connect",
-            name,
-            "--region",
-            REGION,
-            "--endpoint-url",
-            ENDPOINT,
-            "-i",
-            key.to_str().unwrap(),
-        ])
-        .ok();
+    teammate.connect(name);
     let ids = teammate.run(&["ids", "--cluster", name]).ok();
     assert_eq!(ids.stdout.trim(), "[0, 1, 2, 3, 4, 5]");
 
@@ -973,19 +977,7 @@ fn the_python_client_maps_over_an_ec2_cluster_with_a_teammates_connection_file()
         ),
     );
     user.run(&["up", "-f", spec.to_str().unwrap()]).ok();
-    let key = teammate.path(".ssh/id_ed25519");
-    teammate
-        .run(&[
-            "connect",
-            name,
-            "--region",
-            REGION,
-            "--endpoint-url",
-            ENDPOINT,
-            "-i",
-            key.to_str().unwrap(),
-        ])
-        .ok();
+    teammate.connect(name);
     let code = format!(
         "import os\nfrom starling import Client\n\
          rc = Client(cluster={name:?})\n\
