@@ -264,8 +264,10 @@ def run_starling(runs, scratch):
             rc = cluster.start_and_connect()
             rc.wait_for_engines(SEED_ENGINES, timeout=120)
             v = rc[:]
-            with v.sync_imports(quiet=True):
-                import time  # noqa: F401 - imported on the engines too, as in the README
+            # The README's `with v.sync_imports(): import time`, which is
+            # `v.execute("import time", block=True)`, here with a bound: it once hung (see
+            # bench/README.md).
+            v.execute("import time", block=False).get(60)
 
             def f(x):
                 time.sleep(1)

@@ -75,6 +75,9 @@ pub struct NodeReport {
     pub engines: u32,
     /// Whether `starlingd` had to be uploaded (false: the checksum matched).
     pub uploaded: bool,
+    /// Whether the engines' Python has cloudpickle, which functions sent from Python clients
+    /// need (code from the CLI and Rust does not).
+    pub cloudpickle: bool,
     pub seconds: f64,
 }
 
@@ -229,7 +232,7 @@ pub async fn run(
                 let started = Instant::now();
                 let r = boot(&shared, &node, is_master, &bar).await;
                 match r {
-                    Ok((engines, uploaded)) => {
+                    Ok((engines, uploaded, cloudpickle)) => {
                         bar.finish(format!(
                             "{} ready: {engines} engine{} in {:.1} s",
                             node.name,
@@ -241,6 +244,7 @@ pub async fn run(
                             address: node.ssh_host.clone(),
                             engines,
                             uploaded,
+                            cloudpickle,
                             seconds: started.elapsed().as_secs_f64(),
                         })
                     }
@@ -300,7 +304,7 @@ async fn boot(
     node: &NodeTarget,
     is_master: bool,
     bar: &NodeBar,
-) -> Result<(u32, bool), StepError> {
+) -> Result<(u32, bool, bool), StepError> {
     let plan = &shared.plan;
     bar.step("waiting for sshd");
     let remote = Remote::connect(node, &plan.login)
@@ -316,7 +320,7 @@ async fn boot_in(
     remote: &Remote,
     is_master: bool,
     bar: &NodeBar,
-) -> Result<(u32, bool), StepError> {
+) -> Result<(u32, bool, bool), StepError> {
     let plan = &shared.plan;
     let node = &remote.node;
     let spec = &plan.spec;
@@ -435,6 +439,9 @@ async fn boot_in(
          {py} -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' || {{ echo 'it is older than 3.8' >&2; exit 97; }}; }}",
         spec.python.replace('\'', "")
     );
+    // Not a failure: the CLI and Rust clients work without it. `up` says which nodes lack it.
+    let cloudpickle_probe =
+        format!("{{ {py} -c 'import cloudpickle' >/dev/null 2>&1 || echo {NO_CLOUDPICKLE}; }}");
     let python_error = |m: String| {
         (
             "checking python".to_string(),
@@ -510,7 +517,7 @@ async fn boot_in(
         bar.step("starting controller and engines");
         let out = remote
             .run(&format!(
-                "{pre} && {} && {}",
+                "{pre} && {} && {} && {cloudpickle_probe}",
                 start("controller"),
                 start("engine")
             ))
@@ -529,6 +536,7 @@ async fn boot_in(
             ));
         }
         shared.controller.send_replace(Some(Ok(())));
+        Ok((engines, uploaded, !out.contains(NO_CLOUDPICKLE)))
     } else {
         if !check_early {
             bar.step("checking python");
@@ -546,12 +554,33 @@ async fn boot_in(
             return Err(("waiting for the controller".into(), why));
         }
         bar.step("starting engines");
-        remote
-            .run(&format!("cd \"$HOME\" && {}", start("engine")))
+        let out = remote
+            .run(&format!(
+                "cd \"$HOME\" && {} && {cloudpickle_probe}",
+                start("engine")
+            ))
             .await
             .map_err(at("starting engines"))?;
+        Ok((engines, uploaded, !out.contains(NO_CLOUDPICKLE)))
     }
-    Ok((engines, uploaded))
+}
+
+/// What a node's start command prints when its Python lacks cloudpickle.
+const NO_CLOUDPICKLE: &str = "starling:no-cloudpickle";
+
+/// The note `up` gives when some nodes' Python lacks cloudpickle.
+pub fn cloudpickle_note(reports: &[NodeReport]) -> Option<String> {
+    let lacking: Vec<&str> = reports
+        .iter()
+        .filter(|r| !r.cloudpickle)
+        .map(|r| r.node.as_str())
+        .collect();
+    (!lacking.is_empty()).then(|| {
+        format!(
+            "the engines' Python on {} lacks cloudpickle: functions sent from Python clients fail there until it is installed (`python3 -m pip install cloudpickle`, e.g. in the spec's `setup`)",
+            lacking.join(", ")
+        )
+    })
 }
 
 fn one_line(cmd: &str) -> String {

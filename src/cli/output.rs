@@ -212,6 +212,9 @@ pub fn fetched(f: Format, node: &str, src: &str, dest: &std::path::Path, bytes: 
 }
 
 pub fn added(f: Format, reports: &[NodeReport], ids: &[EngineId], elapsed: Duration) {
+    if let Some(note) = crate::bootstrap::cloudpickle_note(reports) {
+        eprintln!("note: {note}");
+    }
     let names: Vec<&str> = reports.iter().map(|r| r.node.as_str()).collect();
     let new: u32 = reports.iter().map(|r| r.engines).sum();
     message(

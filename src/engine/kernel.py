@@ -370,7 +370,12 @@ def _run(task, bufs):
                 raise RuntimeError("this kernel does not know the function of job %d" % job)
             if isinstance(func, BaseException):
                 raise func
-            items = [_decode(x, bufs) for x in task["items"]]
+            if "plain" in task:
+                items = task["plain"]
+                if star:
+                    items = [_nested(x) for x in items]
+            else:
+                items = [_decode(x, bufs) for x in task["items"]]
             reply = {"ok": True, "items": [_call(func, x, star, rbufs) for x in items]}
         elif op == "apply":
             func = _resolve(task["func"], bufs)
@@ -469,7 +474,7 @@ def _write_frame(header, bufs):
         # Too large to travel: the task fails, the kernel (and its namespace) lives on.
         _write_frame(_too_large(header, size), [])
         return
-    parts = [struct.pack("<QII", 8 + len(head) + sum(8 + v.nbytes for v in views), len(head), len(views)), head]
+    parts = [struct.pack("<QII", 8 + size + 8 * len(views), len(head), len(views)) + head]
     for v in views:
         parts.append(struct.pack("<Q", v.nbytes))
         parts.append(v)

@@ -503,8 +503,14 @@ impl Slot {
             }
             Work::Pull { names } => json!({"op": "pull", "names": names}),
             Work::MapChunk { job, items } => {
-                let mut req =
-                    json!({"op": "map", "job": job.0, "items": values_json(items, frame)});
+                // The common case, items that are all JSON, travels as a plain list: no
+                // per-item wrapping on either side.
+                let plain: Option<Vec<serde_json::Value>> =
+                    items.iter().map(|v| v.as_json().cloned()).collect();
+                let mut req = match plain {
+                    Some(list) => json!({"op": "map", "job": job.0, "plain": list}),
+                    None => json!({"op": "map", "job": job.0, "items": values_json(items, frame)}),
+                };
                 let (func, star) = match t.mapper.as_deref() {
                     Some(Mapper::Python(func)) => (Some(func), false),
                     Some(Mapper::Star(func)) => (Some(func), true),

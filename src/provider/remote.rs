@@ -143,7 +143,7 @@ pub async fn start_cluster(
         connection,
         engines: ids,
         elapsed: started.elapsed(),
-        notes: Vec::new(),
+        notes: bootstrap::cloudpickle_note(&reports).into_iter().collect(),
         nodes: reports,
     })
 }

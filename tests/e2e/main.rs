@@ -871,11 +871,20 @@ fn stop_and_start_bring_the_same_cluster_back() {
 fn the_ssh_provider_bootstraps_listed_hosts() {
     let name = "e2e-ssh";
     let user = User::new(name);
+    // The hosts' Python is a bare venv: no cloudpickle. The CLI works; `up` says what Python
+    // clients will miss.
+    let bare = user.path("bare");
+    let made = Command::new("python3")
+        .args(["-m", "venv", "--without-pip", bare.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(made.success());
     let spec = user.path("hosts.yaml");
     std::fs::write(
         &spec,
         format!(
-            "name: {name}\nprovider: ssh\nengines_per_node: 1\nssh:\n  user: root\n  key_file: ~/.ssh/id_ed25519\nhosts:\n  - host: 127.0.100.2\n  - host: 127.0.100.3\n"
+            "name: {name}\nprovider: ssh\nengines_per_node: 1\npython: {}/bin/python\nssh:\n  user: root\n  key_file: ~/.ssh/id_ed25519\nhosts:\n  - host: 127.0.100.2\n  - host: 127.0.100.3\n",
+            bare.display()
         ),
     )
     .unwrap();
@@ -901,6 +910,21 @@ fn the_ssh_provider_bootstraps_listed_hosts() {
         })
         .collect();
     assert_eq!(uploaded, [("master", false), ("node001", true)]);
+    assert!(
+        up["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["cloudpickle"] == false),
+        "{up}"
+    );
+    assert_says(
+        &up["notes"].to_string(),
+        &[
+            "the engines' Python on master, node001 lacks cloudpickle",
+            "pip install cloudpickle",
+        ],
+    );
     let px = user
         .run(&[
             "px",
@@ -976,7 +1000,19 @@ fn the_python_client_maps_over_an_ec2_cluster_with_a_teammates_connection_file()
             network(7)
         ),
     );
-    user.run(&["up", "-f", spec.to_str().unwrap()]).ok();
+    let up = user
+        .run(&["up", "-f", spec.to_str().unwrap(), "--output", "json"])
+        .ok()
+        .json();
+    assert!(
+        up["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["cloudpickle"] == true),
+        "the venv has cloudpickle: {up}"
+    );
+    assert_eq!(up["notes"], serde_json::json!([]));
     teammate.connect(name);
     let code = format!(
         "import os\nfrom starling import Client\n\
