@@ -257,44 +257,9 @@ class AsyncResult(Future):
         return out[0] if self._single and len(out) == 1 else out
 
     def display_outputs(self, groupby: str = "type") -> None:
-        """Prints each task's stdout and stderr, then the values of final expressions, as
-        ``%px`` does: ``[stdout:0] ...``, ``Out[0:3]: ...``."""
-        tasks = self._tasks()
-
-        def streams(name):
-            for t in tasks:
-                text = t[name]
-                if text:
-                    print(
-                        f"[{name}:{t['engine_id']}] {text}",
-                        end="" if text.endswith("\n") else "\n",
-                        file=sys.stderr if name == "stderr" else sys.stdout,
-                    )
-
-        def outs():
-            for t in tasks:
-                if t["display"] is not None:
-                    print(f"Out[{t['engine_id']}:{t['execution_count']}]: {t['display']}")
-
-        if groupby == "engine":
-            for t in tasks:
-                if t["stdout"]:
-                    print(
-                        f"[stdout:{t['engine_id']}] {t['stdout']}",
-                        end="" if t["stdout"].endswith("\n") else "\n",
-                    )
-                if t["stderr"]:
-                    print(
-                        f"[stderr:{t['engine_id']}] {t['stderr']}",
-                        end="" if t["stderr"].endswith("\n") else "\n",
-                        file=sys.stderr,
-                    )
-                if t["display"] is not None:
-                    print(f"Out[{t['engine_id']}:{t['execution_count']}]: {t['display']}")
-        else:
-            streams("stdout")
-            streams("stderr")
-            outs()
+        """Prints each task's stdout, stderr, error and final value as ``%px`` does:
+        grouped by ``type`` (all stdout, then stderr, errors, values) or by ``engine``."""
+        show_outputs(self, groupby)
 
     def wait_interactive(self, interval: float = 0.1, timeout: float = -1) -> None:
         """Waits with a progress bar: a widget-free bar in Jupyter, a line in a terminal."""
@@ -332,6 +297,62 @@ class AsyncResult(Future):
         raise NotImplementedError(
             "this controller cannot abort jobs yet; the job runs to its end (`Client.close()` does not stop it)"
         )
+
+
+# ---- showing outputs ------------------------------------------------------------------
+
+
+def _labelled(label: str, text: str, file) -> None:
+    text = text[:-1] if text.endswith("\n") else text
+    if text:
+        print(f"[{label}] {text}", file=file)
+
+
+def _error_of(ar, task) -> RemoteError | None:
+    slot = ar._native.slot(task["first"])
+    if slot is None or slot[0]:
+        return None
+    return RemoteError(*slot[1], engine_id=slot[2])
+
+
+def show_task(ar, t, what=("stdout", "stderr", "error", "out")) -> None:
+    """Prints one finished task's outputs as ``%px`` shows them: ``[stdout:0] ...``,
+    ``[stderr:0] ...``, ``[0:error] ...`` with the remote traceback, ``Out[0:3]: ...``."""
+    engine = t["engine_id"]
+    if "stdout" in what:
+        _labelled(f"stdout:{engine}", t["stdout"], sys.stdout)
+    if "stderr" in what:
+        _labelled(f"stderr:{engine}", t["stderr"], sys.stderr)
+    if "error" in what and t["status"] == "error":
+        e = _error_of(ar, t)
+        if e is not None:
+            print(f"[{engine}:error] {e.ename}: {e.evalue}")
+            tb = e.traceback.rstrip()
+            if tb:
+                print(tb)
+    if "out" in what and t["display"] is not None:
+        prompt = f"Out[{engine}:{t['execution_count']}]: "
+        text = t["display"]
+        print(prompt + ("\n" if "\n" in text else "") + text)
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _tasks_in_engine_order(ar) -> list:
+    return sorted(ar._native.tasks(), key=lambda t: t["first"])
+
+
+def show_outputs(ar, groupby: str = "engine") -> None:
+    """Prints a finished job's outputs: per engine (``engine``), or all stdout, then all
+    stderr, errors and values (``type``/``order``)."""
+    tasks = _tasks_in_engine_order(ar)
+    if groupby == "engine":
+        for t in tasks:
+            show_task(ar, t)
+        return
+    for what in ("stdout", "stderr", "error", "out"):
+        for t in tasks:
+            show_task(ar, t, (what,))
 
 
 class AsyncMapResult(AsyncResult):

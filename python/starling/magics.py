@@ -14,12 +14,12 @@ and the magics connect with ``Client()`` when first used.
 from __future__ import annotations
 
 import re
-import sys
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from .asyncresult import show_outputs, show_task
 from .error import CompositeError, RemoteError
 
 GROUPINGS = ("engine", "type", "order")
@@ -96,57 +96,6 @@ def _describe(spec) -> str:
 # ---- showing results ----------------------------------------------------------------------
 
 
-def _labelled(label: str, text: str, file) -> None:
-    text = text[:-1] if text.endswith("\n") else text
-    if text:
-        print(f"[{label}] {text}", file=file)
-
-
-def _error_of(ar, task) -> RemoteError | None:
-    slot = ar._native.slot(task["first"])
-    if slot is None or slot[0]:
-        return None
-    return RemoteError(*slot[1], engine_id=slot[2])
-
-
-def _show_task(ar, t, what=("stdout", "stderr", "error", "out")) -> None:
-    engine = t["engine_id"]
-    if "stdout" in what:
-        _labelled(f"stdout:{engine}", t["stdout"], sys.stdout)
-    if "stderr" in what:
-        _labelled(f"stderr:{engine}", t["stderr"], sys.stderr)
-    if "error" in what and t["status"] == "error":
-        e = _error_of(ar, t)
-        if e is not None:
-            print(f"[{engine}:error] {e.ename}: {e.evalue}")
-            tb = e.traceback.rstrip()
-            if tb:
-                print(tb)
-    if "out" in what and t["display"] is not None:
-        prompt = f"Out[{engine}:{t['execution_count']}]: "
-        text = t["display"]
-        print(prompt + ("\n" if "\n" in text else "") + text)
-    sys.stdout.flush()
-    sys.stderr.flush()
-
-
-def _tasks_in_engine_order(ar) -> list:
-    return sorted(ar._native.tasks(), key=lambda t: t["first"])
-
-
-def show_outputs(ar, groupby: str = "engine") -> None:
-    """Prints a finished job's outputs: per engine (``engine``), or all stdout, then all
-    stderr, errors and values (``type``/``order``)."""
-    tasks = _tasks_in_engine_order(ar)
-    if groupby == "engine":
-        for t in tasks:
-            _show_task(ar, t)
-        return
-    for what in ("stdout", "stderr", "error", "out"):
-        for t in tasks:
-            _show_task(ar, t, (what,))
-
-
 def stream_outputs(ar) -> None:
     """Prints each engine's outputs as soon as its task finishes, until the job is done."""
     native = ar._native
@@ -154,11 +103,11 @@ def stream_outputs(ar) -> None:
     while True:
         tasks = native.tasks()
         for t in tasks[shown:]:
-            _show_task(ar, t)
+            show_task(ar, t)
         shown = len(tasks)
         if native.ready():
             for t in native.tasks()[shown:]:
-                _show_task(ar, t)
+                show_task(ar, t)
             return
         done = native.progress()[0]
         if not native.wait_count(max(done, shown) + 1, None):

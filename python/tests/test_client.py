@@ -472,3 +472,18 @@ def test_cluster_from_python_leaves_nothing(_home):
         assert os.path.exists(path)
     assert not os.path.exists(path)
     assert not os.path.exists(os.path.join(_home, "clusters", "ctx", "local.json"))
+
+
+def test_display_outputs_prints_as_px_does(rc, capsys):
+    ar = rc[:].execute("print('hi')\n5", block=False)
+    assert ar.get() == [5, 5]
+    ar.display_outputs()
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["[stdout:0] hi", "[stdout:1] hi"]
+    assert [line.split("]: ")[1] for line in out[2:]] == ["5", "5"]
+    assert out[2].startswith("Out[0:") and out[3].startswith("Out[1:")
+    bad = rc[:].execute("1/0", block=False)
+    bad.wait()
+    bad.display_outputs(groupby="engine")
+    text = capsys.readouterr().out
+    assert "[0:error] ZeroDivisionError: division by zero" in text and "Traceback" in text
