@@ -45,6 +45,8 @@ import tempfile
 import time
 import traceback
 
+from compare import best, check  # the same timing and checks as bench/compare.py
+
 LOOPBACK = "127.0.0.1"
 APPLY_WARMUP = 50
 APPLY_CALLS = 500
@@ -95,21 +97,6 @@ def p99(samples):
     """The 99th percentile by nearest rank."""
     ordered = sorted(samples)
     return ordered[max(0, -(-len(ordered) * 99 // 100) - 1)]
-
-
-def best(runs, fn):
-    """The fastest of `runs` calls of fn, in seconds."""
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def check(out, n):
-    if list(out) != list(range(n)):
-        raise AssertionError(f"wrong map result for {n} items")
 
 
 # ---- the workloads both systems run ----------------------------------------------------------
