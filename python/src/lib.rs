@@ -73,10 +73,7 @@ where
 }
 
 fn client_err(e: ClientError) -> PyErr {
-    match e {
-        ClientError::Remote(c) => PyRuntimeError::new_err(c.to_string()),
-        other => PyRuntimeError::new_err(other.to_string()),
-    }
+    PyRuntimeError::new_err(e.to_string())
 }
 
 fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
