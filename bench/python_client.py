@@ -45,7 +45,7 @@ import tempfile
 import time
 import traceback
 
-from compare import best, check  # the same timing and checks as bench/compare.py
+from compare import _sigterm, best, check  # the same timing, checks and SIGTERM as compare.py
 
 LOOPBACK = "127.0.0.1"
 APPLY_WARMUP = 50
@@ -433,10 +433,6 @@ def _load():
         return ", ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "unknown"
-
-
-def _sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def main():

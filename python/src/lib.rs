@@ -128,9 +128,6 @@ fn json_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Json> {
     if let Ok(s) = obj.extract::<String>() {
         return Ok(Json::String(s));
     }
-    if let Ok(l) = obj.cast::<PyList>() {
-        return l.iter().map(|x| json_from_py(&x)).collect();
-    }
     Err(PyValueError::new_err(format!(
         "cannot send {} as it is: pickle it first",
         obj.get_type().name()?

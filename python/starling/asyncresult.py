@@ -37,6 +37,7 @@ class AsyncResult(Future):
         fname: str | None = None,
         single: bool = False,
         ordered: bool = True,
+        reshape=None,
     ):
         super().__init__()
         self._client = client
@@ -44,6 +45,9 @@ class AsyncResult(Future):
         self._fname = fname or native.kind
         self._single = single
         self._ordered = ordered
+        # What get() makes of the list of values, if not that list (or its one value when
+        # `single`): a gather concatenates the engines' parts.
+        self._reshape = reshape
         self._settled = False
         self._lock = threading.Lock()
         client._track(self)
@@ -133,6 +137,8 @@ class AsyncResult(Future):
                 errors,
             )
         out = [_serialize.unpack(v) for v in values]
+        if self._reshape is not None:
+            return self._reshape(out)
         return out[0] if self._single else out
 
     @property
@@ -292,11 +298,6 @@ class AsyncResult(Future):
         width = 30
         filled = width * done // total if total else width
         return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks finished after {self.elapsed:4.0f} s"
-
-    def abort(self):
-        raise NotImplementedError(
-            "this controller cannot abort jobs yet; the job runs to its end (`Client.close()` does not stop it)"
-        )
 
 
 # ---- showing outputs ------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import time
 import weakref
 
 from . import _starling
@@ -64,9 +65,10 @@ class Client:
                     raise IndexError(f"there is no engine {targets}; the engines are {ids}")
         elif targets != "all" and targets is not None:
             targets = list(targets)
-            missing = [t for t in targets if t not in self.ids]
+            ids = self.ids
+            missing = [t for t in targets if t not in ids]
             if missing:
-                raise IndexError(f"there is no engine {missing[0]}; the engines are {self.ids}")
+                raise IndexError(f"there is no engine {missing[0]}; the engines are {ids}")
             if not targets:
                 raise IndexError("the targets select no engine")
         return DirectView(self, "all" if targets is None else targets)
@@ -108,8 +110,6 @@ class Client:
         else:
             jobs = jobs if isinstance(jobs, (list, tuple, set)) else [jobs]
             pending = [j if isinstance(j, AsyncResult) else self.get_result(j) for j in jobs]
-        import time
-
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         for ar in pending:
             left = -1 if deadline is None else max(0.0, deadline - time.monotonic())
@@ -129,9 +129,6 @@ class Client:
         if block:
             ar.wait()
         return ar
-
-    def abort(self, jobs=None, targets=None, block=None):
-        raise NotImplementedError("this controller cannot abort jobs yet; they run to their end")
 
     # ---- life ---------------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ import builtins
 import contextlib
 import functools
 import sys
-import threading
 
 from . import _serialize
 from .asyncresult import AsyncMapResult, AsyncResult
@@ -176,11 +175,15 @@ class DirectView(View):
         """Each engine's value of a name (or a list of values for a list of names)."""
         several = not isinstance(names, str)
         wanted = list(names) if several else [names]
-        native = self.client._native.pull(self._native_targets(), wanted)
-        ar = AsyncResult(self.client, native, fname="pull", single=self._single)
+        reshape = None
         if several and len(wanted) == 1:
-            ar = _Listed(ar)
-        return self._finish(ar, block)
+            # A list of one name: a list of values, as for several names.
+            reshape = (lambda vs: [vs[0]]) if self._single else (lambda vs: [[v] for v in vs])
+        return self._finish(self._pull(wanted, "pull", reshape), block)
+
+    def _pull(self, names, fname, reshape):
+        native = self.client._native.pull(self._native_targets(), names)
+        return AsyncResult(self.client, native, fname=fname, single=self._single, reshape=reshape)
 
     def __setitem__(self, name, value):
         self.push({name: value}, block=True)
@@ -203,8 +206,7 @@ class DirectView(View):
 
     def gather(self, key: str, block=None):
         """The parts of ``key`` on each engine, concatenated in engine order."""
-        ar = _Gathered(self.pull(key, block=False))
-        return self._finish(ar, block)
+        return self._finish(self._pull([key], "gather", _concatenated), block)
 
     def clear(self, targets=None, block=None):
         """Empties each engine's namespace."""
@@ -292,37 +294,9 @@ class ParallelFunction:
         return self.view.map(self.f, *sequences, block=self.block)
 
 
-class _Derived(AsyncResult):
-    """An AsyncResult whose value is made from another's."""
-
-    def __init__(self, inner: AsyncResult):
-        Future_init = super(AsyncResult, self).__init__  # noqa: N806
-        Future_init()
-        self._inner = inner
-        self._native = inner._native
-        self._client = inner._client
-        self._fname = inner._fname
-        self._single = inner._single
-        self._ordered = True
-        self._settled = False
-        self._lock = threading.Lock()
-        inner.add_done_callback(lambda _: self._settle())
-
-    def _collect(self):
-        return self._transform(self._inner.get())
-
-
-class _Listed(_Derived):
-    def _transform(self, value):
-        return [[v] for v in value] if not self._single else [value]
-
-
-class _Gathered(_Derived):
-    def _transform(self, parts):
-        out = []
-        for part in parts if not self._single else [parts]:
-            out.extend(part)
-        return out
+def _concatenated(parts):
+    """A gather: the engines' parts, one after the other."""
+    return [x for part in parts for x in part]
 
 
 class LoadBalancedView(View):

@@ -233,6 +233,8 @@ def test_push_pull_and_item_access(rc):
     v["c"] = "hello"
     assert v["c"] == ["hello", "hello"]
     assert rc[1]["c"] == "hello"
+    assert rc[1].pull(["b"], block=True) == [[1, 2, 3]]
+    assert v.pull(["b"], block=True) == [[[1, 2, 3]], [[1, 2, 3]]]
     with pytest.raises(CompositeError) as e:
         v.pull("nosuchname", block=True)
     assert e.value.elist[0].ename == "NameError"
@@ -257,6 +259,7 @@ def test_scatter_and_gather(rc):
     v.scatter("part", list(range(11)), block=True)
     assert v.apply_sync(interactive("lambda: len(part)")) == [6, 5]
     assert v.gather("part", block=True) == list(range(11))
+    assert rc[1].gather("part", block=True) == list(range(6, 11))
     v.execute("part = [p * 2 for p in part]", block=True)
     assert v.gather("part", block=True) == [2 * x for x in range(11)]
 

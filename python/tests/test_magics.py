@@ -10,16 +10,13 @@ import subprocess
 import sys
 
 import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
 
-pytest.importorskip("IPython")
-
-from IPython.core.error import UsageError  # noqa: E402
-from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
-from traitlets.config import Config  # noqa: E402
-
-import starling  # noqa: E402
-from starling import AsyncResult, CompositeError  # noqa: E402
-from starling import magics as starling_magics  # noqa: E402
+import starling
+from starling import AsyncResult, CompositeError
+from starling import magics as starling_magics
 
 CLUSTER = "magics"
 

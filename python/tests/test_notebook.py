@@ -9,13 +9,12 @@ import os
 import re
 import sys
 
+import ipykernel  # noqa: F401 - the kernel the notebook runs on must be installed
+import nbclient
+import nbformat
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-
-from starling import _starling  # noqa: E402
+from starling import _starling
 
 CLUSTER = "notebook"
 KERNEL = "starling-test-python"

@@ -36,7 +36,6 @@ _R = io.FileIO(_RFD, "rb", closefd=True)
 
 def _forked():
     # A child of a task (os.fork, multiprocessing) must never speak for this kernel.
-    global _R
     try:
         _R.close()
         os.close(_WFD)
@@ -173,7 +172,7 @@ def _loads(refs, bufs):
 def _decode(v, bufs):
     """A value from a request, in the form _encode writes."""
     if "v" in v:
-        return _nested(v["v"])
+        return v["v"]
     if "p" in v:
         return _loads(v["p"], bufs)
     raise TypeError("an argument came back from an engine as repr only (%s) and cannot be sent again" % v.get("o"))
@@ -338,7 +337,7 @@ def _execute(code):
 
 
 def _run(task, bufs):
-    global _count
+    global _count, _limit
     op = task["op"]
     out, err = io.StringIO(), io.StringIO()
     sys.stdout, sys.stderr = out, err
@@ -346,7 +345,6 @@ def _run(task, bufs):
     rbufs = []
     try:
         if op == "init":
-            global _limit
             os.environ["STARLING_ENGINE_ID"] = str(task["engine"])
             _limit = task.get("max_frame", _limit)
             reply = {"ok": True, "v": None, "python": _PYTHON}

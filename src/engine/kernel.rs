@@ -205,12 +205,6 @@ impl Decoder for FrameCodec {
     }
 }
 
-impl From<KernelError> for std::io::Error {
-    fn from(e: KernelError) -> Self {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
-    }
-}
-
 /// One task's reply from the kernel, decoded.
 #[derive(Debug, Clone)]
 pub struct KernelReply {
