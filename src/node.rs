@@ -1,8 +1,10 @@
 //! A node's processes: every `starlingd` process of a node, and through inheritance its kernels
 //! and shell tasks, carries [`MARK_VAR`] in its environment with the node's directory as value.
-//! [`our_processes`] finds them by that mark, so `down` misses none and never hits a stranger,
-//! even when several nodes share one machine (a local cluster, or the LocalStack rig). Used by
-//! the `local` provider on this machine and by `starlingd stop` on remote nodes.
+//! [`our_processes`] finds them by that mark and adds every descendant of a marked process — a
+//! task's child that cleared its environment included, since the engine supervisor is the
+//! subreaper of what tasks leave behind — so `down` misses none and never hits a stranger, even
+//! when several nodes share one machine (a local cluster, or the LocalStack rig). Used by the
+//! `local` provider on this machine and by `starlingd stop` on remote nodes.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,30 +15,60 @@ pub const MARK_VAR: &str = "STARLING_NODE_ROOT";
 /// How often [`stop`] looks whether the processes are gone.
 const EXIT_POLL: Duration = Duration::from_millis(5);
 
-/// The live processes marked with `root`; a reused pid is never mistaken for ours.
-pub fn our_processes(root: &Path) -> Vec<u32> {
-    let mark = format!("{MARK_VAR}={}", root.display());
+/// Every live process: (pid, parent pid).
+fn process_table() -> Vec<(u32, u32)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command's closing parenthesis: state, then the parent's pid.
+            let mut rest = stat.rsplit(')').next()?.split_whitespace();
+            let state = rest.next()?;
+            let ppid = rest.next()?.parse().ok()?;
+            (state != "Z").then_some((pid, ppid))
+        })
+        .collect()
+}
+
+/// Adds to `roots` every live descendant of them.
+fn with_descendants(table: &[(u32, u32)], mut found: Vec<u32>) -> Vec<u32> {
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        for (pid, ppid) in table {
+            if *ppid == parent && !found.contains(pid) {
+                found.push(*pid);
+            }
+        }
+        i += 1;
+    }
+    found
+}
+
+/// The live descendants of `pid` (not `pid` itself).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut all = with_descendants(&process_table(), vec![pid]);
+    all.remove(0);
+    all
+}
+
+/// The live processes marked with `root`, and their descendants; a reused pid is never
+/// mistaken for ours.
+pub fn our_processes(root: &Path) -> Vec<u32> {
+    let mark = format!("{MARK_VAR}={}", root.display());
+    let table = process_table();
+    let marked = table
+        .iter()
+        .map(|(pid, _)| *pid)
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/environ"))
                 .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == mark.as_bytes()))
         })
-        .filter(|pid| !is_zombie(*pid))
-        .collect()
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-        s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
+        .collect();
+    with_descendants(&table, marked)
 }
 
 fn signal_all(pids: &[u32], signal: nix::sys::signal::Signal) {

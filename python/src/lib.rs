@@ -609,7 +609,7 @@ fn up(
         file: spec.as_deref(),
         local: false,
         name: name.as_deref(),
-        engines: n,
+        engines: n.map(starling::spec::Count::N),
         python: python.as_deref(),
     })
     .map_err(|e| PyValueError::new_err(e.to_string()))?;

@@ -5,7 +5,7 @@
 //! is how bootstrap starts them over SSH.
 
 use std::io::{BufRead as _, Write};
-use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,10 +29,14 @@ enum Role {
         #[command(flatten)]
         daemon: Daemon,
     },
-    /// Host engines and their kernels.
+    /// Run the node's engines: one process per engine, restarted when it dies.
     Engine {
         #[arg(long)]
         config: PathBuf,
+        /// Run one engine, the node's engine SLOT (what the supervisor starts; stops when its
+        /// stdin closes).
+        #[arg(long, value_name = "SLOT")]
+        slot: Option<u32>,
         #[command(flatten)]
         daemon: Daemon,
     },
@@ -89,7 +93,40 @@ fn ready(line: &str, detached: bool) {
     }
 }
 
-async fn run(role: Role, detached: bool) -> Result<(), String> {
+/// Why a daemon stopped, and the exit status that says so.
+struct Failure {
+    message: String,
+    status: u8,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self { message, status: 1 }
+    }
+}
+
+impl From<starling::engine::EngineError> for Failure {
+    fn from(e: starling::engine::EngineError) -> Self {
+        Self {
+            status: e.exit_status(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Completes when stdin reaches its end: an engine process's supervisor is gone.
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt as _;
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned();
+    let Ok(mut pipe) = stdin.and_then(tokio::net::unix::pipe::Receiver::from_owned_fd) else {
+        // Not a pipe (started by hand): nothing to watch.
+        return std::future::pending().await;
+    };
+    let mut buf = [0u8; 64];
+    while matches!(pipe.read(&mut buf).await, Ok(n) if n > 0) {}
+}
+
+async fn run(role: Role, detached: bool) -> Result<(), Failure> {
     match role {
         Role::Controller { config, .. } => {
             let config: starling::controller::ControllerConfig = read_config(&config)?;
@@ -100,14 +137,29 @@ async fn run(role: Role, detached: bool) -> Result<(), String> {
             ready(&format!("listening {addr}"), detached);
             starling::controller::run(listener, config, shutdown_signal())
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| Failure::from(e.to_string()))
         }
-        Role::Engine { config, .. } => {
-            let config: starling::engine::EngineConfig = read_config(&config)?;
+        Role::Engine {
+            config: path,
+            slot: None,
+            ..
+        } => {
+            let config: starling::engine::EngineConfig = read_config(&path)?;
             ready(&format!("started {}", std::process::id()), detached);
+            starling::engine::supervisor::supervise(&path, &config, shutdown_signal())
+                .await
+                .map_err(Failure::from)
+        }
+        Role::Engine {
+            config,
+            slot: Some(slot),
+            ..
+        } => {
+            let config: starling::engine::EngineConfig = read_config(&config)?;
             tokio::select! {
-                r = starling::engine::run(config) => r.map_err(|e| e.to_string()),
+                r = starling::engine::run(config, vec![slot]) => r.map_err(Failure::from),
                 () = shutdown_signal() => Ok(()),
+                () = stdin_closed() => Ok(()),
             }
         }
         Role::Stop { .. } => unreachable!("handled before the runtime starts"),
@@ -201,10 +253,10 @@ fn main() -> ExitCode {
         .expect("a tokio runtime");
     match rt.block_on(run(cli.role, detached)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("starlingd: {e}");
-            ExitCode::FAILURE
+        Err(Failure { message, status }) => {
+            tracing::error!("{message}");
+            eprintln!("starlingd: {message}");
+            ExitCode::from(status)
         }
     }
 }

@@ -389,6 +389,7 @@ async fn boot_in(
         workdir: PathBuf::from(&probe.home),
         log: Some(PathBuf::from(format!("{dir}/logs/kernels.log"))),
         max_frame: plan.join.max_frame,
+        reconnect_s: spec.reconnect_s,
     };
     let mut files = vec![(
         "engine.json",

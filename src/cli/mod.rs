@@ -204,9 +204,10 @@ pub struct UpArgs {
     /// A cluster on this machine (the default when no spec is given).
     #[arg(long)]
     pub local: bool,
-    /// Number of engines (for a local cluster: engines on this machine).
-    #[arg(short = 'n', long = "engines")]
-    pub engines: Option<u32>,
+    /// Engines per node: a number, or "auto" for one per core (for a local cluster: engines
+    /// on this machine).
+    #[arg(short = 'n', long = "engines", value_name = "N|auto")]
+    pub engines: Option<crate::spec::Count>,
     /// A YAML cluster spec.
     #[arg(short = 'f', long = "file", value_name = "SPEC")]
     pub file: Option<PathBuf>,

@@ -57,9 +57,9 @@ pub fn launched(f: Format, l: &Launched) {
                 eprintln!("note: {n}");
             }
             println!(
-                "cluster '{}' is up: {} engines {} registered in {:.2} s\nconnection file: {}",
+                "cluster '{}' is up: {} {} registered in {:.2} s\nconnection file: {}",
                 l.cluster,
-                l.engines.len(),
+                count(l.engines.len(), "engine"),
                 format_ids(&l.engines),
                 l.elapsed.as_secs_f64(),
                 l.connection.display()
@@ -220,10 +220,11 @@ pub fn added(f: Format, reports: &[NodeReport], ids: &[EngineId], elapsed: Durat
     message(
         f,
         &format!(
-            "added {} ({new} engines) in {:.1} s; the cluster has {} engines",
+            "added {} ({}) in {:.1} s; the cluster has {}",
             names.join(", "),
+            count(new as usize, "engine"),
             elapsed.as_secs_f64(),
-            ids.len()
+            count(ids.len(), "engine")
         ),
         &json!({"nodes": reports, "engines": ids, "seconds": elapsed.as_secs_f64()}),
     );
@@ -309,32 +310,65 @@ pub fn results(f: Format, results: &[TaskResult]) -> bool {
     failed
 }
 
+/// "1 engine", "2 engines".
+pub fn count(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
 pub fn status(f: Format, s: &ClusterStatus) {
     match f {
         Format::Text => {
+            let lost = if s.lost.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} lost)", s.lost.len())
+            };
             println!(
-                "cluster '{}': controller pid {}, {} engines, {} tasks queued, {} jobs",
+                "cluster '{}': controller pid {}, {}{lost}, {} running, {} queued, {}",
                 s.cluster,
                 s.controller_pid,
-                s.engines.len(),
+                count(s.engines.len(), "engine"),
+                count(s.running as usize, "task"),
                 s.queued,
-                s.jobs
+                count(s.jobs as usize, "job"),
             );
             println!(
-                "{:>4}  {:<15}  {:<8}  {:>8}  {:<5}  {:>6}  {:>6}",
-                "id", "host", "node", "pid", "state", "done", "queued"
+                "{:>4}  {:<15}  {:<8}  {:>8}  {:>8}  {:<5}  {:>6}  {:>6}  {:>4}",
+                "id", "host", "node", "pid", "process", "state", "done", "queued", "back"
             );
             for e in &s.engines {
                 println!(
-                    "{:>4}  {:<15}  {:<8}  {:>8}  {:<5}  {:>6}  {:>6}",
+                    "{:>4}  {:<15}  {:<8}  {:>8}  {:>8}  {:<5}  {:>6}  {:>6}  {:>4}",
                     e.id.0,
                     e.host,
                     e.node,
                     e.pid,
+                    e.process_pid,
                     e.state.to_string(),
                     e.tasks_done,
-                    e.queued
+                    e.queued,
+                    e.returns,
                 );
+            }
+            let now = crate::proto::now_micros();
+            for l in &s.lost {
+                let id = l.id.map_or_else(|| "-".to_string(), |i| i.0.to_string());
+                println!(
+                    "lost {id:>4}  {:<15}  {:<8}  {} ago: {}",
+                    l.host,
+                    l.node,
+                    age(now.saturating_sub(l.since) / 1_000_000),
+                    l.reason
+                );
+            }
+            for e in s.engines.iter().filter(|e| e.returns > 0) {
+                if let Some(why) = &e.last_lost {
+                    println!("engine {} came back after: {why}", e.id.0);
+                }
             }
         }
         _ => print_doc(
@@ -342,11 +376,18 @@ pub fn status(f: Format, s: &ClusterStatus) {
             &json!({
                 "cluster": s.cluster,
                 "controller_pid": s.controller_pid,
+                "running": s.running,
                 "queued": s.queued,
                 "jobs": s.jobs,
                 "engines": s.engines.iter().map(|e| json!({
                     "id": e.id, "host": e.host, "node": e.node, "pid": e.pid,
+                    "process_pid": e.process_pid,
                     "state": e.state.to_string(), "tasks_done": e.tasks_done, "queued": e.queued,
+                    "returns": e.returns, "last_lost": e.last_lost,
+                })).collect::<Vec<_>>(),
+                "lost": s.lost.iter().map(|l| json!({
+                    "id": l.id, "host": l.host, "node": l.node, "reason": l.reason,
+                    "since_micros": l.since,
                 })).collect::<Vec<_>>(),
             }),
         ),

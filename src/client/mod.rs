@@ -131,7 +131,8 @@ impl Client {
         let weak = Arc::downgrade(&shared);
         let on_write_error = weak.clone();
         tokio::spawn(async move {
-            if let Err(e) = writer.pump_frames(out_rx).await {
+            let mut out_rx = out_rx;
+            if let Err(e) = writer.pump_frames(&mut out_rx).await {
                 if let Some(shared) = on_write_error.upgrade() {
                     shared.on_disconnect(&e.to_string());
                 }

@@ -49,6 +49,14 @@ pub struct ControllerConfig {
     pub db: Option<PathBuf>,
     pub heartbeat_ms: u64,
     pub max_frame: usize,
+    /// How many times a load-balanced task is handed out, at most, when engines running it
+    /// are lost.
+    #[serde(default = "default_attempts")]
+    pub task_attempts: u32,
+}
+
+fn default_attempts() -> u32 {
+    2
 }
 
 /// Completes when a connection's writer has sent everything queued and closed.
@@ -198,7 +206,7 @@ pub async fn run(
     tokio::pin!(accept_loop);
     tokio::pin!(shutdown);
 
-    let mut state = State::new(&config.cluster, heartbeat);
+    let mut state = State::new(&config.cluster, heartbeat, config.task_attempts);
     let mut wire = Wire {
         clients: HashMap::new(),
         engines: HashMap::new(),
@@ -223,7 +231,7 @@ pub async fn run(
                     Event::ClientGone(c) => { wire.clients.remove(&c); state.on_client_gone(c); }
                     Event::EngineUp(c, tx, flushed) => { wire.engines.insert(c, tx); writers.push(flushed); state.on_engine_connected(c, now); }
                     Event::EngineMessage(c, m) => state.on_engine_message(&mut wire, c, m, now),
-                    Event::EngineGone(c, why) => state.on_engine_gone(&mut wire, c, &why),
+                    Event::EngineGone(c, why) => state.on_engine_gone(&mut wire, c, &why, now),
                 }
                 if wire.shutdown_requested {
                     break;
@@ -245,10 +253,10 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
     match accepted {
         Accepted::Client(c) => {
             let (mut reader, writer) = c.split();
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, mut rx) = mpsc::unbounded_channel();
             let on_error = events.clone();
             let flushed = tokio::spawn(async move {
-                let sent = writer.pump_frames(rx).await;
+                let sent = writer.pump_frames(&mut rx).await;
                 if let Err(e) = &sent {
                     tracing::warn!(?conn, "sending to a client failed: {e}");
                     let _ = on_error.send(Event::ClientGone(conn));
@@ -272,10 +280,10 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
         }
         Accepted::Engine(c) => {
             let (mut reader, writer) = c.split();
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, mut rx) = mpsc::unbounded_channel();
             let on_error = events.clone();
             let flushed = tokio::spawn(async move {
-                let sent = writer.pump_frames(rx).await;
+                let sent = writer.pump_frames(&mut rx).await;
                 if let Err(e) = &sent {
                     let _ = on_error.send(Event::EngineGone(
                         conn,

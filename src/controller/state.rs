@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 use crate::proto::{
     now_micros, Assignment, ClientRequest, ClusterStatus, ControllerToClient, ControllerToEngine,
-    EngineId, EngineState, EngineStatus, EngineToController, JobId, JobInfo, JobKind, JobSpec,
-    Mapper, Outcome, RemoteError, Reply, TaskId, TaskResult, Value, Work,
+    EngineId, EngineSlot, EngineState, EngineStatus, EngineToController, JobId, JobInfo, JobKind,
+    JobSpec, LostEngine, Mapper, Outcome, RemoteError, Reply, TaskId, TaskResult, Value, Work,
 };
 
 /// Every engine may hold this many tasks (the running one included) whatever their cost, so it
@@ -33,6 +33,9 @@ const GSS_DIVISOR: usize = 2;
 const KEEP_FINISHED_JOBS: usize = 1000;
 /// …and at most this many result slots (items or tasks) across them.
 const KEEP_FINISHED_SLOTS: u64 = 5_000_000;
+/// How long the work of load-balanced maps waits for an engine when none is left (one that
+/// comes back, restarted by its node or reconnected, takes it) before it fails.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 /// The largest adaptive chunk, so a big map starts on every engine quickly and frames stay small.
 const MAX_CHUNK: usize = 5000;
 
@@ -59,7 +62,12 @@ struct Engine {
     conn: ConnId,
     node: String,
     host: String,
+    /// Which engine of its node it is.
+    slot: u32,
+    /// The kernel's pid.
     pid: u32,
+    /// The pid of the engine process that hosts it.
+    process_pid: u32,
     tasks_done: u64,
     /// Assigned and not finished, in order, with their item counts; the front one is running.
     assigned: VecDeque<(TaskId, u64)>,
@@ -95,6 +103,23 @@ struct Feed {
     items: VecDeque<Value>,
     next: u64,
     chunksize: Option<u32>,
+    /// Chunks whose engine was lost, to run again (before new items).
+    again: VecDeque<Requeued>,
+}
+
+impl Feed {
+    fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.again.is_empty()
+    }
+}
+
+/// A load-balanced chunk that runs again elsewhere: its first slot, its items, and how many
+/// times it was handed out.
+#[derive(Debug)]
+struct Requeued {
+    first: u64,
+    items: Vec<Value>,
+    attempts: u32,
 }
 
 #[derive(Debug)]
@@ -106,17 +131,21 @@ struct WaitEngines {
 }
 
 /// Where a task is: its job, its first result slot and how many slots it fills.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct TaskRef {
     job: JobId,
     first: u64,
     slots: u64,
+    /// A load-balanced chunk keeps its items and the times it was handed out, so it can run
+    /// elsewhere when its engine is lost.
+    balanced: Option<(Vec<Value>, u32)>,
 }
 
 /// The whole state of a controller.
 pub struct State {
     cluster: String,
     heartbeat: Duration,
+    attempts: u32,
     engines: BTreeMap<EngineId, Engine>,
     engine_conns: HashMap<ConnId, EngineConn>,
     clients: HashSet<ConnId>,
@@ -130,16 +159,27 @@ pub struct State {
     finished: VecDeque<JobId>,
     finished_slots: u64,
     waiting: Vec<WaitEngines>,
+    /// Since when no engine has been registered, the last one lost and why.
+    orphaned: Option<(Instant, EngineId, String)>,
+    /// The id each node slot was given, so an engine that comes back gets its id again.
+    slot_ids: HashMap<(String, u32), EngineId>,
+    /// Engines gone and not back, by node slot (bounded by the slots there are).
+    lost: BTreeMap<(String, u32), LostEngine>,
+    /// Per id: how often it was lost and came back, and the last reason it was lost.
+    returns: HashMap<EngineId, (u32, String)>,
     next_engine: u32,
     next_job: u64,
     next_task: u64,
 }
 
 impl State {
-    pub fn new(cluster: &str, heartbeat: Duration) -> Self {
+    /// `attempts`: how many times a load-balanced task is handed out, at most, when the engines
+    /// running it are lost.
+    pub fn new(cluster: &str, heartbeat: Duration, attempts: u32) -> Self {
         Self {
             cluster: cluster.to_string(),
             heartbeat,
+            attempts: attempts.max(1),
             engines: BTreeMap::new(),
             engine_conns: HashMap::new(),
             clients: HashSet::new(),
@@ -150,6 +190,10 @@ impl State {
             finished: VecDeque::new(),
             finished_slots: 0,
             waiting: Vec::new(),
+            orphaned: None,
+            slot_ids: HashMap::new(),
+            lost: BTreeMap::new(),
+            returns: HashMap::new(),
             next_engine: 0,
             next_job: 0,
             next_task: 0,
@@ -262,7 +306,15 @@ impl State {
     fn new_task(&mut self, job: JobId, first: u64, slots: u64) -> TaskId {
         let task = TaskId(self.next_task);
         self.next_task += 1;
-        self.tasks.insert(task, TaskRef { job, first, slots });
+        self.tasks.insert(
+            task,
+            TaskRef {
+                job,
+                first,
+                slots,
+                balanced: None,
+            },
+        );
         task
     }
 
@@ -352,6 +404,7 @@ impl State {
                         items: items.iter().cloned().collect(),
                         next: 0,
                         chunksize: *chunksize,
+                        again: VecDeque::new(),
                     };
                     (
                         JobKind::Map,
@@ -487,7 +540,7 @@ impl State {
                 continue;
             };
             let item_micros = job.item_micros;
-            let Some(feed) = job.feed.as_mut().filter(|f| !f.items.is_empty()) else {
+            let Some(feed) = job.feed.as_mut().filter(|f| !f.is_empty()) else {
                 job.feed = None;
                 self.feeds.pop_front();
                 continue;
@@ -500,17 +553,24 @@ impl State {
             else {
                 break;
             };
-            let remaining = feed.items.len();
-            let size = match feed.chunksize {
-                Some(c) => c as usize,
-                None => remaining
-                    .div_ceil(GSS_DIVISOR * n_engines)
-                    .clamp(1, MAX_CHUNK),
-            }
-            .min(remaining);
-            let items: Vec<Value> = feed.items.drain(..size).collect();
-            let first = feed.next;
-            feed.next += size as u64;
+            let (first, items, attempts) = match feed.again.pop_front() {
+                Some(r) => (r.first, r.items, r.attempts + 1),
+                None => {
+                    let remaining = feed.items.len();
+                    let size = match feed.chunksize {
+                        Some(c) => c as usize,
+                        None => remaining
+                            .div_ceil(GSS_DIVISOR * n_engines)
+                            .clamp(1, MAX_CHUNK),
+                    }
+                    .min(remaining);
+                    let items: Vec<Value> = feed.items.drain(..size).collect();
+                    let first = feed.next;
+                    feed.next += size as u64;
+                    (first, items, 1)
+                }
+            };
+            let size = items.len() as u64;
             let task = TaskId(self.next_task);
             self.next_task += 1;
             self.tasks.insert(
@@ -518,11 +578,12 @@ impl State {
                 TaskRef {
                     job: job_id,
                     first,
-                    slots: size as u64,
+                    slots: size,
+                    balanced: Some((items.clone(), attempts)),
                 },
             );
-            engine.assigned.push_back((task, size as u64));
-            engine.outstanding += size as u64;
+            engine.assigned.push_back((task, size));
+            engine.outstanding += size;
             per_conn.entry(engine.conn).or_default().push(Assignment {
                 task,
                 engine: *engine_id,
@@ -552,41 +613,43 @@ impl State {
             EngineToController::Register {
                 node,
                 host,
-                kernel_pids,
+                pid,
+                engines,
             } => {
                 if !ec.engines.is_empty() {
                     tracing::warn!(?conn, "engine process registered twice; ignored");
                     return;
                 }
-                let mut ids = Vec::with_capacity(kernel_pids.len());
-                for pid in kernel_pids {
-                    let id = EngineId(self.next_engine);
-                    self.next_engine += 1;
-                    ids.push(id);
-                    self.engines.insert(
+                self.register(comm, conn, &node, &host, pid, &engines, now);
+            }
+            EngineToController::CannotStart {
+                node,
+                host,
+                slot,
+                reason,
+            } => {
+                let reason = format!("engine {slot} of node {node} ({host}) cannot start: {reason}");
+                tracing::error!("{reason}");
+                let id = self.slot_ids.get(&(node.clone(), slot)).copied();
+                self.lost.insert(
+                    (node.clone(), slot),
+                    LostEngine {
                         id,
-                        Engine {
-                            conn,
-                            node: node.clone(),
-                            host: host.clone(),
-                            pid,
-                            tasks_done: 0,
-                            assigned: VecDeque::new(),
-                            outstanding: 0,
+                        node,
+                        host,
+                        reason: reason.clone(),
+                        since: now_micros(),
+                    },
+                );
+                for w in std::mem::take(&mut self.waiting) {
+                    comm.to_client(
+                        w.conn,
+                        ControllerToClient::Reply {
+                            id: w.id,
+                            body: Reply::Error(reason.clone()),
                         },
                     );
                 }
-                tracing::info!(node, host, engines = %crate::proto::format_ids(&ids), "engines registered");
-                ec.engines.clone_from(&ids);
-                comm.to_engine(
-                    conn,
-                    ControllerToEngine::Registered {
-                        ids,
-                        heartbeat_ms: self.heartbeat.as_millis() as u64,
-                    },
-                );
-                self.answer_waiters(comm, now);
-                self.fill(comm);
             }
             EngineToController::Done(results) => self.finish(comm, results),
             EngineToController::KernelRestarted {
@@ -600,6 +663,80 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Gives a registering engine process its ids: a node slot seen before gets its old id
+    /// back (an engine restarted by its node, or reconnected), a new one the next free id.
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &mut self,
+        comm: &mut impl Comm,
+        conn: ConnId,
+        node: &str,
+        host: &str,
+        process_pid: u32,
+        slots: &[EngineSlot],
+        now: Instant,
+    ) {
+        let mut ids = Vec::with_capacity(slots.len());
+        for s in slots {
+            let key = (node.to_string(), s.slot);
+            let id = match self.slot_ids.get(&key) {
+                Some(id) => *id,
+                None => {
+                    let id = EngineId(self.next_engine);
+                    self.next_engine += 1;
+                    self.slot_ids.insert(key.clone(), id);
+                    id
+                }
+            };
+            // The same engine on a connection the controller still holds: that one is stale
+            // (a half-open socket after a network blip).
+            if let Some(stale) = self.engines.get(&id).map(|e| e.conn) {
+                if stale != conn {
+                    self.on_engine_gone(
+                        comm,
+                        stale,
+                        "it registered again on a new connection",
+                        now,
+                    );
+                }
+            }
+            if let Some(gone) = self.lost.remove(&key) {
+                let entry = self.returns.entry(id).or_insert((0, String::new()));
+                entry.0 += 1;
+                entry.1 = gone.reason;
+                tracing::info!(engine = %id, node, "engine is back");
+            }
+            ids.push(id);
+            self.engines.insert(
+                id,
+                Engine {
+                    conn,
+                    node: node.to_string(),
+                    host: host.to_string(),
+                    slot: s.slot,
+                    pid: s.kernel_pid,
+                    process_pid,
+                    tasks_done: 0,
+                    assigned: VecDeque::new(),
+                    outstanding: 0,
+                },
+            );
+        }
+        tracing::info!(node, host, engines = %crate::proto::format_ids(&ids), "engines registered");
+        if let Some(ec) = self.engine_conns.get_mut(&conn) {
+            ec.engines.clone_from(&ids);
+        }
+        comm.to_engine(
+            conn,
+            ControllerToEngine::Registered {
+                ids,
+                heartbeat_ms: self.heartbeat.as_millis() as u64,
+            },
+        );
+        self.answer_waiters(comm, now);
+        self.fill(comm);
     }
 
     fn finish(&mut self, comm: &mut impl Comm, results: Vec<TaskResult>) {
@@ -680,11 +817,18 @@ impl State {
 
     /// An engine connection closed or went silent: its engines are gone, and every task they
     /// held fails with a reason that names them.
-    pub fn on_engine_gone(&mut self, comm: &mut impl Comm, conn: ConnId, reason: &str) {
+    pub fn on_engine_gone(
+        &mut self,
+        comm: &mut impl Comm,
+        conn: ConnId,
+        reason: &str,
+        now: Instant,
+    ) {
         let Some(ec) = self.engine_conns.remove(&conn) else {
             return;
         };
         let mut failed = Vec::new();
+        let mut requeued = false;
         let lost = ec.engines.first().copied().unwrap_or(EngineId(0));
         for id in ec.engines {
             let Some(engine) = self.engines.remove(&id) else {
@@ -692,16 +836,56 @@ impl State {
             };
             tracing::warn!(engine = %id, node = engine.node, reason, "engine lost");
             let now = now_micros();
+            self.lost.insert(
+                (engine.node.clone(), engine.slot),
+                LostEngine {
+                    id: Some(id),
+                    node: engine.node.clone(),
+                    host: engine.host.clone(),
+                    reason: reason.to_string(),
+                    since: now,
+                },
+            );
             for (task, _) in engine.assigned {
-                let Some(tref) = self.tasks.get(&task).copied() else {
+                let Some(tref) = self.tasks.remove(&task) else {
                     continue;
                 };
+                let lost_here = format!(
+                    "engine {id} (node {}, host {}) was lost: {reason}",
+                    engine.node, engine.host
+                );
+                let attempts = tref.balanced.as_ref().map_or(1, |(_, a)| *a);
+                if let Some((items, _)) = tref.balanced {
+                    if attempts < self.attempts {
+                        // Another engine runs it; a late result from this one is ignored,
+                        // since the task id is gone.
+                        if let Some(job) = self.jobs.get_mut(&tref.job) {
+                            let feed = job.feed.get_or_insert_with(|| Feed {
+                                items: VecDeque::new(),
+                                next: tref.first + tref.slots,
+                                chunksize: None,
+                                again: VecDeque::new(),
+                            });
+                            feed.again.push_back(Requeued {
+                                first: tref.first,
+                                items,
+                                attempts,
+                            });
+                            if !self.feeds.contains(&tref.job) {
+                                self.feeds.push_front(tref.job);
+                            }
+                            requeued = true;
+                        }
+                        continue;
+                    }
+                }
                 let error = RemoteError {
                     ename: "EngineLost".into(),
-                    evalue: format!(
-                        "engine {id} (node {}, host {}) was lost: {reason}",
-                        engine.node, engine.host
-                    ),
+                    evalue: if attempts > 1 {
+                        format!("{lost_here} (it was the {attempts}th engine to lose this task; tasks are handed out at most {} times)", self.attempts)
+                    } else {
+                        lost_here
+                    },
                     traceback: String::new(),
                 };
                 let per_item = self
@@ -725,18 +909,41 @@ impl State {
                 });
             }
         }
-        if self.engines.is_empty() {
-            // Nobody is left to take the rest of the load-balanced maps: fail their items now
-            // rather than leave the maps waiting for ever.
-            failed.extend(self.drain_feeds(
-                lost,
-                &format!("no engine is left to run it (engine {lost} was lost: {reason})"),
-            ));
+        if self.engines.is_empty() && self.orphaned.is_none() {
+            // Nobody is left to take the rest of the load-balanced maps: an engine that comes
+            // back soon (restarted by its node) takes them; after a while they fail instead
+            // of waiting for ever.
+            self.orphaned = Some((now, lost, reason.to_string()));
         }
-        if !failed.is_empty() {
+        if !failed.is_empty() || requeued {
             self.finish(comm, failed);
         }
         comm.close(conn);
+    }
+
+    /// Fails the work of load-balanced maps once no engine has been there to take it for
+    /// [`ORPHAN_GRACE`].
+    fn fail_orphaned(&mut self, comm: &mut impl Comm, now: Instant) {
+        if !self.engines.is_empty() {
+            self.orphaned = None;
+            return;
+        }
+        let Some((since, lost, reason)) = &self.orphaned else {
+            return;
+        };
+        if now.saturating_duration_since(*since) < ORPHAN_GRACE {
+            return;
+        }
+        let why = format!(
+            "no engine was left to run it for {} s (engine {lost} was lost: {reason})",
+            ORPHAN_GRACE.as_secs()
+        );
+        let lost = *lost;
+        self.orphaned = None;
+        let failed = self.drain_feeds(lost, &why);
+        if !failed.is_empty() {
+            self.finish(comm, failed);
+        }
     }
 
     /// Takes every item not yet handed out and makes it an `EngineLost` failure.
@@ -747,24 +954,33 @@ impl State {
             let Some(feed) = self.jobs.get_mut(&job_id).and_then(|j| j.feed.take()) else {
                 continue;
             };
-            let n = feed.items.len() as u64;
-            let task = self.new_task(job_id, feed.next, n);
-            let error = RemoteError {
-                ename: "EngineLost".into(),
-                evalue: why.to_string(),
-                traceback: String::new(),
-            };
-            failed.push(TaskResult {
-                task,
-                engine: lost,
-                first: feed.next,
-                outcome: Outcome::Items(vec![Err(error); n as usize]),
-                stdout: String::new(),
-                stderr: String::new(),
-                execution_count: 0,
-                started: now,
-                completed: now,
-            });
+            let mut runs: Vec<(u64, u64)> = feed
+                .again
+                .iter()
+                .map(|r| (r.first, r.items.len() as u64))
+                .collect();
+            if !feed.items.is_empty() {
+                runs.push((feed.next, feed.items.len() as u64));
+            }
+            for (first, n) in runs {
+                let task = self.new_task(job_id, first, n);
+                let error = RemoteError {
+                    ename: "EngineLost".into(),
+                    evalue: why.to_string(),
+                    traceback: String::new(),
+                };
+                failed.push(TaskResult {
+                    task,
+                    engine: lost,
+                    first,
+                    outcome: Outcome::Items(vec![Err(error); n as usize]),
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    execution_count: 0,
+                    started: now,
+                    completed: now,
+                });
+            }
         }
         failed
     }
@@ -797,8 +1013,9 @@ impl State {
                 quiet.as_secs_f64(),
                 self.heartbeat.as_secs_f64()
             );
-            self.on_engine_gone(comm, conn, &reason);
+            self.on_engine_gone(comm, conn, &reason, now);
         }
+        self.fail_orphaned(comm, now);
         self.answer_waiters(comm, now);
     }
 
@@ -826,32 +1043,47 @@ impl State {
         let engines = self
             .engines
             .iter()
-            .map(|(id, e)| EngineStatus {
-                id: *id,
-                node: e.node.clone(),
-                host: e.host.clone(),
-                pid: e.pid,
-                state: if e.assigned.is_empty() {
-                    EngineState::Idle
-                } else {
-                    EngineState::Busy
-                },
-                tasks_done: e.tasks_done,
-                queued: e.assigned.len() as u64,
+            .map(|(id, e)| {
+                let (returns, last_lost) = match self.returns.get(id) {
+                    Some((n, why)) => (*n, Some(why.clone())),
+                    None => (0, None),
+                };
+                EngineStatus {
+                    id: *id,
+                    node: e.node.clone(),
+                    host: e.host.clone(),
+                    pid: e.pid,
+                    process_pid: e.process_pid,
+                    state: if e.assigned.is_empty() {
+                        EngineState::Idle
+                    } else {
+                        EngineState::Busy
+                    },
+                    tasks_done: e.tasks_done,
+                    queued: e.assigned.len() as u64,
+                    returns,
+                    last_lost,
+                }
             })
             .collect();
+        let running = self.engines.values().filter(|e| !e.assigned.is_empty()).count() as u64;
         ClusterStatus {
             cluster: self.cluster.clone(),
             controller_pid: std::process::id(),
             engines,
-            queued: self.tasks.len() as u64
+            lost: self.lost.values().cloned().collect(),
+            queued: (self.tasks.len() as u64).saturating_sub(running)
                 + self
                     .feeds
                     .iter()
                     .filter_map(|j| self.jobs.get(j))
                     .filter_map(|j| j.feed.as_ref())
-                    .map(|f| f.items.len() as u64)
+                    .map(|f| {
+                        (f.items.len() + f.again.iter().map(|r| r.items.len()).sum::<usize>())
+                            as u64
+                    })
                     .sum::<u64>(),
+            running,
             jobs: self.next_job,
         }
     }
@@ -908,7 +1140,7 @@ mod tests {
 
     fn cluster_with(engines_per_conn: &[usize]) -> (State, Recorder, Instant) {
         let now = Instant::now();
-        let mut s = State::new("t", Duration::from_secs(1));
+        let mut s = State::new("t", Duration::from_secs(1), 2);
         let mut c = Recorder::default();
         for (i, n) in engines_per_conn.iter().enumerate() {
             let conn = ConnId(i as u64);
@@ -916,7 +1148,13 @@ mod tests {
             let msg = EngineToController::Register {
                 node: format!("node{i}"),
                 host: "127.0.0.1".into(),
-                kernel_pids: vec![1000; *n],
+                pid: 900 + i as u32,
+                engines: (0..*n as u32)
+                    .map(|slot| EngineSlot {
+                        slot,
+                        kernel_pid: 1000,
+                    })
+                    .collect(),
             };
             s.on_engine_message(&mut c, conn, msg, now);
         }
@@ -1085,7 +1323,17 @@ mod tests {
         let reg = EngineToController::Register {
             node: "n".into(),
             host: "h".into(),
-            kernel_pids: vec![1, 2],
+            pid: 3,
+            engines: vec![
+                EngineSlot {
+                    slot: 0,
+                    kernel_pid: 1,
+                },
+                EngineSlot {
+                    slot: 1,
+                    kernel_pid: 2,
+                },
+            ],
         };
         s.on_engine_message(&mut c, ConnId(7), reg, now);
         assert!(
@@ -1372,7 +1620,7 @@ mod tests {
             now,
         );
         c.to_clients.clear();
-        s.on_engine_gone(&mut c, ConnId(0), "its connection closed");
+        s.on_engine_gone(&mut c, ConnId(0), "its connection closed", now);
         let failed: usize = c
             .to_clients
             .iter()

@@ -1,16 +1,21 @@
-//! The engine process: `starlingd engine` hosts N engines on one node, each with its kernel.
+//! Engines: `starlingd engine` on a node is a [`supervisor`] that keeps one engine process per
+//! engine running; each engine process runs [`run`].
 //!
-//! [`run`] starts the kernels while it connects to the controller, registers them (the
-//! controller hands out engine ids), then routes each [`Assignment`] to its engine's slot. A
-//! slot runs its tasks in order, consecutive Python tasks as one batch per kernel round trip,
-//! and sends results back as they finish. A kernel that dies is reported as that task's error
-//! and replaced; the engine keeps its id. When the controller goes away, the process exits and
-//! its kernels with it.
+//! [`run`] starts the kernels while it connects to the controller, registers them by their
+//! slot on the node (the controller hands out engine ids, the same ones again to an engine
+//! that comes back), then routes each [`Assignment`] to its engine's slot. A slot runs its
+//! tasks in order, consecutive Python tasks as one batch per kernel round trip, and sends
+//! results back as they finish. A kernel that dies is reported as that task's error and
+//! replaced; the engine keeps its id. When the connection to the controller is lost, the engine
+//! keeps its kernels and reconnects with backoff (for `reconnect_s`); when the controller says
+//! stop, it exits and its kernels with it.
 
 pub mod kernel;
+pub mod supervisor;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,17 +26,29 @@ use tokio::sync::mpsc;
 use crate::proto::auth::{Key, Role};
 use crate::proto::conn::{self, PeerStream};
 use crate::proto::{
-    Assignment, ControllerToEngine, EngineId, EngineToController, Func, JobId, Mapper, Outcome,
+    Assignment, ControllerToEngine, EngineId, EngineSlot, EngineToController, Func, JobId, Mapper, Outcome,
     ProtoError, RemoteError, TaskResult, Value, Work,
 };
 use kernel::{Batch, KernelFrame, KernelReply, PythonKernel};
 
-/// How long an engine keeps trying to reach its controller before it gives up: long enough for
-/// a controller that is still starting on a slow node.
+/// How long an engine keeps trying to reach its controller when it starts: long enough for a
+/// controller that is still starting on a slow node.
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Pause between attempts to reach the controller.
-const CONNECT_RETRY: Duration = Duration::from_millis(50);
+/// First pause between attempts to reach the controller; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Exit status of an engine process that gave up reaching its controller: its node does not
+/// restart it.
+pub const EXIT_GAVE_UP: u8 = 3;
+/// Exit status of an engine process that cannot start (its Python cannot run): restarting it
+/// would not help.
+pub const EXIT_CANNOT_START: u8 = 4;
+
+fn default_reconnect() -> u64 {
+    600
+}
 
 /// What `starlingd engine` reads from its config file (mode 0600: it holds the engine key).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,7 +63,7 @@ pub struct EngineConfig {
     pub node: String,
     /// The address this node is known by, reported in `status`.
     pub host: String,
-    /// Engines in this process.
+    /// Engines on this node, each in a process of its own.
     pub engines: u32,
     /// The Python interpreter for kernels.
     pub python: String,
@@ -55,6 +72,9 @@ pub struct EngineConfig {
     /// Where kernels' own stdout/stderr go (what user code writes outside a task's capture).
     pub log: Option<PathBuf>,
     pub max_frame: usize,
+    /// How long an engine that lost its controller keeps trying to reach it again (s).
+    #[serde(default = "default_reconnect")]
+    pub reconnect_s: u64,
 }
 
 /// Why an engine process stopped.
@@ -68,16 +88,31 @@ pub enum EngineError {
     },
     #[error(transparent)]
     Proto(#[from] ProtoError),
-    #[error("kernel: {0}")]
-    Kernel(#[from] kernel::KernelError),
+    #[error("cannot start: {0}")]
+    CannotStart(String),
     #[error("the controller answered the registration with something else")]
     NotRegistered,
 }
 
+impl EngineError {
+    /// The process exit status that tells the node's supervisor whether to start it again.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            EngineError::Unreachable { .. } => EXIT_GAVE_UP,
+            EngineError::CannotStart(_) => EXIT_CANNOT_START,
+            // A refused key or protocol version will not get better by restarting.
+            EngineError::Proto(ProtoError::Refused(_)) => EXIT_CANNOT_START,
+            EngineError::Proto(_) | EngineError::NotRegistered => 1,
+        }
+    }
+}
+
 type Conn = conn::Conn<PeerStream, ControllerToEngine, EngineToController>;
 
-async fn connect(config: &EngineConfig) -> Result<Conn, EngineError> {
-    let deadline = tokio::time::Instant::now() + CONNECT_DEADLINE;
+/// Connects to the controller, retrying with backoff for up to `within`.
+async fn connect(config: &EngineConfig, within: Duration) -> Result<Conn, EngineError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = RETRY_FIRST;
     loop {
         match conn::connect(
             &config.controller,
@@ -94,22 +129,46 @@ async fn connect(config: &EngineConfig) -> Result<Conn, EngineError> {
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(EngineError::Unreachable {
                     addr: config.controller.clone(),
-                    secs: CONNECT_DEADLINE.as_secs(),
+                    secs: within.as_secs(),
                     last: e,
                 })
             }
             Err(e) => {
                 tracing::debug!("controller not reachable yet: {e}");
-                tokio::time::sleep(CONNECT_RETRY).await;
+                tokio::time::sleep(pause.min(deadline - tokio::time::Instant::now())).await;
+                pause = (pause * 2).min(RETRY_MAX);
             }
         }
     }
 }
 
-/// Runs the engine process until the controller says stop or goes away.
-pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
-    let n = config.engines.max(1) as usize;
-    let spawn_all = futures::future::join_all((0..n).map(|_| {
+/// Tells the controller that the engines of `slots` cannot start, and why, so that `up` fails
+/// at once with the reason instead of waiting for them.
+pub async fn report_cannot_start(config: &EngineConfig, slots: &[u32], reason: &str) {
+    let Ok(Ok(mut conn)) =
+        tokio::time::timeout(CONNECT_DEADLINE, connect(config, CONNECT_DEADLINE)).await
+    else {
+        return;
+    };
+    for slot in slots {
+        let _ = conn
+            .send(&EngineToController::CannotStart {
+                node: config.node.clone(),
+                host: config.host.clone(),
+                slot: *slot,
+                reason: reason.to_string(),
+            })
+            .await;
+    }
+}
+
+/// Runs the engines of `slots` (which engines of the node they are) in this process until the
+/// controller says stop. When the connection to the controller is lost, they keep their
+/// kernels (and namespaces) and reconnect with backoff for `reconnect_s`; the controller gives
+/// them back their ids. Work handed out before the loss is dropped here, since the controller
+/// has given up on it.
+pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineError> {
+    let spawn_all = futures::future::join_all(slots.iter().map(|_| {
         PythonKernel::spawn(
             &config.python,
             &config.workdir,
@@ -117,44 +176,133 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
             config.max_frame,
         )
     }));
-    let (kernels, conn) = tokio::join!(spawn_all, connect(&config));
-    let mut conn = conn?;
-    let kernels = kernels.into_iter().collect::<Result<Vec<_>, _>>()?;
-    conn.send(&EngineToController::Register {
-        node: config.node.clone(),
-        host: config.host.clone(),
-        kernel_pids: kernels.iter().map(|k| k.pid).collect(),
-    })
-    .await?;
-    let (ids, heartbeat) = match conn.recv().await? {
-        Some(ControllerToEngine::Registered { ids, heartbeat_ms }) => {
-            (ids, Duration::from_millis(heartbeat_ms.max(10)))
+    let (kernels, conn) = tokio::join!(spawn_all, connect(&config, CONNECT_DEADLINE));
+    let kernels = match kernels.into_iter().collect::<Result<Vec<_>, _>>() {
+        Ok(k) => k,
+        Err(e) => {
+            let reason = e.to_string();
+            if let Ok(mut conn) = conn {
+                for slot in &slots {
+                    let _ = conn
+                        .send(&EngineToController::CannotStart {
+                            node: config.node.clone(),
+                            host: config.host.clone(),
+                            slot: *slot,
+                            reason: reason.clone(),
+                        })
+                        .await;
+                }
+            }
+            return Err(EngineError::CannotStart(reason));
         }
-        _ => return Err(EngineError::NotRegistered),
     };
-    tracing::info!(engines = %crate::proto::format_ids(&ids), "registered");
+    let mut conn = Some(conn?);
 
-    let (mut reader, writer) = conn.split();
-    // Frames go out pre-encoded, so results can be fitted to the frame limit before they leave.
+    // Frames go out pre-encoded, so results can be fitted to the frame limit before they
+    // leave. The queue outlives connections; each connection's writer borrows it.
     let (out_tx, out_rx) = mpsc::unbounded_channel::<bytes::Bytes>();
-    let pump = tokio::spawn(writer.pump_frames(out_rx));
+    let out_rx = Arc::new(tokio::sync::Mutex::new(out_rx));
+    let epoch = Arc::new(AtomicU64::new(0));
 
-    let mut slots: HashMap<EngineId, mpsc::UnboundedSender<SlotMsg>> = HashMap::new();
+    let mut slot_txs: Vec<mpsc::UnboundedSender<SlotMsg>> = Vec::new();
     let mut slot_tasks = Vec::new();
-    for (id, kernel) in ids.iter().copied().zip(kernels) {
+    let mut kernel_pids = Vec::new();
+    for kernel in kernels {
         let (tx, rx) = mpsc::unbounded_channel();
-        slots.insert(id, tx);
+        slot_txs.push(tx);
+        kernel_pids.push(kernel.pid);
         let slot = Slot {
-            id,
+            id: EngineId(0),
             kernel: Some(kernel),
             known: HashSet::new(),
             forget: Vec::new(),
             config: config.clone(),
             out: out_tx.clone(),
+            epoch: epoch.clone(),
+            batch_epoch: 0,
         };
         slot_tasks.push(tokio::spawn(slot.run(rx)));
     }
 
+    let result = loop {
+        let c = match conn.take() {
+            Some(c) => c,
+            None => match connect(&config, Duration::from_secs(config.reconnect_s)).await {
+                Ok(c) => c,
+                Err(e) => break Err(e),
+            },
+        };
+        let current = epoch.load(Ordering::SeqCst);
+        match serve(&config, c, &slots, &kernel_pids, &slot_txs, current, &out_tx, &out_rx).await {
+            Ok(()) => break Ok(()),
+            Err(why) => {
+                // Whatever was handed out or produced on that connection is the controller's
+                // past: it has failed or moved it.
+                epoch.fetch_add(1, Ordering::SeqCst);
+                let mut rx = out_rx.lock().await;
+                while rx.try_recv().is_ok() {}
+                tracing::warn!(
+                    "{why}; reconnecting for up to {} s",
+                    config.reconnect_s
+                );
+            }
+        }
+    };
+    drop(slot_txs);
+    for t in slot_tasks {
+        t.abort();
+    }
+    result
+}
+
+/// One connection's life: registers, then routes work to the slots until the controller says
+/// stop (`Ok`) or the connection is lost (`Err` with the reason).
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    config: &EngineConfig,
+    mut conn: Conn,
+    slots: &[u32],
+    kernel_pids: &[u32],
+    slot_txs: &[mpsc::UnboundedSender<SlotMsg>],
+    epoch: u64,
+    out_tx: &mpsc::UnboundedSender<bytes::Bytes>,
+    out_rx: &Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<bytes::Bytes>>>,
+) -> Result<(), String> {
+    let register = EngineToController::Register {
+        node: config.node.clone(),
+        host: config.host.clone(),
+        pid: std::process::id(),
+        engines: slots
+            .iter()
+            .zip(kernel_pids)
+            .map(|(slot, pid)| EngineSlot {
+                slot: *slot,
+                kernel_pid: *pid,
+            })
+            .collect(),
+    };
+    let lost = |e: ProtoError| format!("the connection to the controller failed: {e}");
+    conn.send(&register).await.map_err(lost)?;
+    let (ids, heartbeat) = match conn.recv().await.map_err(lost)? {
+        Some(ControllerToEngine::Registered { ids, heartbeat_ms }) => {
+            (ids, Duration::from_millis(heartbeat_ms.max(10)))
+        }
+        Some(_) => return Err("the controller answered the registration with something else".into()),
+        None => return Err("the controller closed the connection while registering".into()),
+    };
+    tracing::info!(engines = %crate::proto::format_ids(&ids), "registered");
+    let mut by_id: HashMap<EngineId, &mpsc::UnboundedSender<SlotMsg>> = HashMap::new();
+    for (id, tx) in ids.iter().zip(slot_txs) {
+        let _ = tx.send(SlotMsg::Registered(*id));
+        by_id.insert(*id, tx);
+    }
+
+    let (mut reader, writer) = conn.split();
+    let rx = out_rx.clone();
+    let mut pump = tokio::spawn(async move {
+        let mut rx = rx.lock().await;
+        writer.pump_frames(&mut rx).await
+    });
     let beat = out_tx.clone();
     let heart = tokio::spawn(async move {
         let mut tick = tokio::time::interval(heartbeat);
@@ -168,15 +316,23 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
             }
         }
     });
+    let _stop_heart = AbortOnDrop(heart);
 
     let mut mappers: HashMap<JobId, Arc<Mapper>> = HashMap::new();
-    let why = loop {
-        match reader.recv().await {
+    let outcome = loop {
+        let msg = tokio::select! {
+            m = reader.recv() => m,
+            sent = &mut pump => break Err(match sent {
+                Ok(Err(e)) => format!("sending to the controller failed: {e}"),
+                _ => "the writer to the controller stopped".to_string(),
+            }),
+        };
+        match msg {
             Ok(Some(ControllerToEngine::Forget(jobs))) => {
                 for job in &jobs {
                     mappers.remove(job);
                 }
-                for tx in slots.values() {
+                for tx in slot_txs {
                     let _ = tx.send(SlotMsg::Forget(jobs.clone()));
                 }
             }
@@ -193,10 +349,10 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
                     per_slot
                         .entry(a.engine)
                         .or_default()
-                        .push(Task { a, mapper });
+                        .push(Task { a, mapper, epoch });
                 }
                 for (id, tasks) in per_slot {
-                    match slots.get(&id) {
+                    match by_id.get(&id) {
                         Some(tx) => {
                             let _ = tx.send(SlotMsg::Tasks(tasks));
                         }
@@ -207,28 +363,34 @@ pub async fn run(config: EngineConfig) -> Result<(), EngineError> {
                 }
             }
             Ok(Some(ControllerToEngine::Shutdown)) => {
-                break "the controller asked this engine to stop".to_string()
+                tracing::info!("stopping: the controller asked this engine to stop");
+                break Ok(());
             }
             Ok(Some(ControllerToEngine::Registered { .. })) => {
                 tracing::warn!("registered twice; ignored");
             }
-            Ok(None) => break "the controller closed the connection".to_string(),
-            Err(e) => break format!("the connection to the controller failed: {e}"),
+            Ok(None) => break Err("the controller closed the connection".to_string()),
+            Err(e) => break Err(format!("the connection to the controller failed: {e}")),
         }
     };
-    tracing::info!("stopping: {why}");
-    heart.abort();
-    drop(slots);
-    for t in slot_tasks {
-        t.abort();
-    }
-    drop(out_tx);
     pump.abort();
-    Ok(())
+    let _ = pump.await;
+    outcome
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What a slot is told.
 enum SlotMsg {
+    /// The id the controller gave this engine on the current connection.
+    Registered(EngineId),
     Tasks(Vec<Task>),
     /// Finished map jobs whose functions the kernel can drop.
     Forget(Vec<JobId>),
@@ -238,6 +400,8 @@ enum SlotMsg {
 struct Task {
     a: Assignment,
     mapper: Option<Arc<Mapper>>,
+    /// The connection it came on: work from an earlier one is the controller's past.
+    epoch: u64,
 }
 
 impl Task {
@@ -268,6 +432,10 @@ struct Slot {
     forget: Vec<u64>,
     config: EngineConfig,
     out: mpsc::UnboundedSender<bytes::Bytes>,
+    /// The current connection: results of work from an earlier one are dropped.
+    epoch: Arc<AtomicU64>,
+    /// The connection the work in hand came on.
+    batch_epoch: u64,
 }
 
 fn func_json(f: &Func, frame: &mut KernelFrame) -> serde_json::Value {
@@ -308,6 +476,11 @@ impl Slot {
             let mut tasks = Vec::new();
             for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                 match msg {
+                    SlotMsg::Registered(id) => {
+                        self.id = id;
+                        // A controller that restarted may reuse job ids: functions go again.
+                        self.known.clear();
+                    }
                     SlotMsg::Tasks(more) => tasks.extend(more),
                     SlotMsg::Forget(jobs) => {
                         for job in jobs {
@@ -318,6 +491,8 @@ impl Slot {
                     }
                 }
             }
+            self.batch_epoch = self.epoch.load(Ordering::SeqCst);
+            tasks.retain(|t| t.epoch == self.batch_epoch);
             let mut rest = &tasks[..];
             while !rest.is_empty() {
                 let python = rest.iter().take_while(|t| t.in_kernel()).count();
@@ -386,6 +561,9 @@ impl Slot {
     }
 
     fn send(&self, results: Vec<TaskResult>) {
+        if self.epoch.load(Ordering::SeqCst) != self.batch_epoch {
+            return;
+        }
         let done = EngineToController::Done(results);
         for frame in crate::proto::encode_results(done, self.config.max_frame) {
             let _ = self.out.send(frame);

@@ -12,7 +12,7 @@ use futures::{SinkExt, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedParts, FramedWrite, LengthDelimitedCodec};
 
 use super::auth::{self, Auth, Hello, Key, Role, ServerHandshake, Verdict};
 use super::{
@@ -53,8 +53,14 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtoError> {
 }
 
 fn read_error(e: std::io::Error) -> ProtoError {
-    if e.kind() == std::io::ErrorKind::InvalidData {
+    use std::io::ErrorKind;
+    if e.kind() == ErrorKind::InvalidData {
         ProtoError::Malformed(e.to_string())
+    } else if matches!(
+        e.kind(),
+        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+    ) {
+        ProtoError::Dropped
     } else {
         ProtoError::Io(e)
     }
@@ -97,6 +103,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin, Rx: DeserializeOwned, Tx: Serialize> Con
         }
     }
 
+    #[cfg(test)]
+    async fn feed_for_test(&mut self, msg: &Tx) {
+        self.framed.feed(encode(msg)).await.unwrap();
+    }
+
+    #[cfg(test)]
+    async fn flush_for_test(&mut self) {
+        SinkExt::<bytes::Bytes>::flush(&mut self.framed).await.unwrap();
+    }
+
     /// Changes the frame limit (after the handshake).
     pub fn set_max_frame(&mut self, max_frame: usize) {
         self.framed.codec_mut().set_max_frame_length(max_frame);
@@ -115,8 +131,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin, Rx: DeserializeOwned, Tx: Serialize> Con
         let parts = self.framed.into_parts();
         let max = parts.codec.max_frame_length();
         let (r, w) = tokio::io::split(parts.io);
-        let mut read = FramedRead::new(r, codec(max));
-        read.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        // Frames that arrived with the last one read are already in the buffer: the reader
+        // must decode them before it waits on the socket, or it waits for the peer's next
+        // frame with work in hand (`from_parts` marks a non-empty buffer readable; a
+        // `FramedRead` whose buffer is filled by hand does not).
+        let mut read = FramedParts::new::<bytes::Bytes>(r, codec(max));
+        read.read_buf = parts.read_buf;
+        let read = Framed::from_parts(read);
         (
             Reader {
                 inner: read,
@@ -132,7 +153,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, Rx: DeserializeOwned, Tx: Serialize> Con
 
 /// The receiving half of a [`Conn`].
 pub struct Reader<S, Rx> {
-    inner: FramedRead<tokio::io::ReadHalf<S>, LengthDelimitedCodec>,
+    inner: Framed<tokio::io::ReadHalf<S>, LengthDelimitedCodec>,
     _t: PhantomData<fn() -> Rx>,
 }
 
@@ -186,7 +207,7 @@ impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
     /// checked their size against the limit first.
     pub async fn pump_frames(
         mut self,
-        mut rx: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
     ) -> Result<(), ProtoError> {
         while let Some(frame) = rx.recv().await {
             self.inner.feed(frame).await?;
@@ -330,5 +351,28 @@ mod tests {
         a.write_all(&[0x7f, 0xff, 0xff, 0xff]).await.unwrap();
         let err = rx.recv().await.unwrap_err();
         assert!(matches!(err, ProtoError::Malformed(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_arrived_with_the_previous_one_is_read_after_a_split() {
+        // The controller's `Registered` and first `Run` often reach an engine in one read: the
+        // reader made by `split` must hand out the second without waiting for more bytes.
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut tx: Conn<_, (), super::super::ClientToController> = Conn::new(a, 1024);
+        let mut rx: Conn<_, super::super::ClientToController, ()> = Conn::new(b, 1024);
+        let msg = |id| super::super::ClientToController {
+            id,
+            body: super::super::ClientRequest::Ids,
+        };
+        tx.feed_for_test(&msg(1)).await;
+        tx.feed_for_test(&msg(2)).await;
+        tx.flush_for_test().await;
+        assert_eq!(rx.recv().await.unwrap(), Some(msg(1)));
+        let (mut reader, _writer) = rx.split();
+        let second = tokio::time::timeout(Duration::from_secs(5), reader.recv())
+            .await
+            .expect("the buffered frame is read without new bytes on the wire");
+        assert_eq!(second.unwrap(), Some(msg(2)));
+        drop(tx);
     }
 }

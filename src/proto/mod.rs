@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use value::Value;
 
 /// Bumped whenever a message changes shape; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default hard limit on one frame (64 MiB): large enough for a big push or a map chunk, small
 /// enough that a garbage length prefix cannot make a peer allocate gigabytes.
@@ -39,6 +39,8 @@ pub enum ProtoError {
     Malformed(String),
     #[error("the connection closed")]
     Closed,
+    #[error("the other side went away without closing the connection (its process was killed, or the network between failed)")]
+    Dropped,
     #[error("the controller refused this connection: {0}")]
     Refused(#[from] auth::Refusal),
     #[error("no answer within {0} s during the handshake")]
@@ -586,9 +588,26 @@ pub struct ClusterStatus {
     pub cluster: String,
     pub controller_pid: u32,
     pub engines: Vec<EngineStatus>,
-    /// Tasks waiting or running across all engines.
+    /// Engines that were registered (or tried to start) and are gone, each with the reason;
+    /// an engine that comes back leaves this list.
+    pub lost: Vec<LostEngine>,
+    /// Tasks waiting for an engine (items of load-balanced maps not yet handed out included).
     pub queued: u64,
+    /// Tasks running on engines now.
+    pub running: u64,
     pub jobs: u64,
+}
+
+/// An engine that is gone, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostEngine {
+    /// `None` for an engine that failed before it ever registered.
+    pub id: Option<EngineId>,
+    pub node: String,
+    pub host: String,
+    pub reason: String,
+    /// When it was lost, µs since the epoch.
+    pub since: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -598,10 +617,16 @@ pub struct EngineStatus {
     pub host: String,
     /// The kernel's process id (what `os.getpid()` prints on that engine).
     pub pid: u32,
+    /// The pid of the `starlingd engine` process that hosts it.
+    pub process_pid: u32,
     pub state: EngineState,
     pub tasks_done: u64,
     /// Tasks assigned and not finished, the running one included.
     pub queued: u64,
+    /// How often this engine was lost and came back (its process restarted by its node, or
+    /// reconnected after a network blip or a stall), and the last reason.
+    pub returns: u32,
+    pub last_lost: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -622,11 +647,23 @@ impl std::fmt::Display for EngineState {
 /// Engine process → controller.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum EngineToController {
-    /// First message after the handshake: one engine process with `kernel_pids.len()` engines.
+    /// First message after the handshake: one engine process and its engines. An engine that
+    /// registers again with a slot of its node (its process restarted, or reconnected) gets
+    /// back the id that slot had.
     Register {
         node: String,
         host: String,
-        kernel_pids: Vec<u32>,
+        /// The `starlingd engine` process's pid.
+        pid: u32,
+        engines: Vec<EngineSlot>,
+    },
+    /// An engine that cannot start at all (its Python cannot run, say): the controller fails
+    /// whoever waits for engines at once, with this reason, instead of letting them time out.
+    CannotStart {
+        node: String,
+        host: String,
+        slot: u32,
+        reason: String,
     },
     Heartbeat,
     Done(Vec<TaskResult>),
@@ -636,6 +673,13 @@ pub enum EngineToController {
         pid: u32,
         reason: String,
     },
+}
+
+/// One engine of a registering process: which engine of its node it is, and its kernel's pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineSlot {
+    pub slot: u32,
+    pub kernel_pid: u32,
 }
 
 /// Controller → engine process.

@@ -128,6 +128,7 @@ impl Provider for LocalProvider {
             engine_key: engine_key.clone(),
             db: Some(master.join("tasks.db")),
             heartbeat_ms: spec.heartbeat_ms,
+            task_attempts: spec.task_attempts,
             max_frame: spec.max_frame(),
         };
         let cfg_path = master.join("config/controller.json");
@@ -196,6 +197,7 @@ impl Provider for LocalProvider {
             workdir: std::env::current_dir()?,
             log: Some(node0.join("logs/kernels.log")),
             max_frame: spec.max_frame(),
+            reconnect_s: spec.reconnect_s,
         };
         let ecfg_path = node0.join("config/engine.json");
         home::write_private(

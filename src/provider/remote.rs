@@ -108,6 +108,7 @@ pub async fn start_cluster(
         engine_key: engine_key.clone(),
         db: None,
         heartbeat_ms: spec.heartbeat_ms,
+        task_attempts: spec.task_attempts,
         max_frame: spec.max_frame(),
     };
     let plan = Plan {

@@ -83,6 +83,22 @@ pub enum Count {
     Auto,
 }
 
+/// The most engines one node may host: each is a Python process of its own (20–40 MB), and a
+/// node's engine process refuses counts its memory cannot hold long before this.
+pub const MAX_ENGINES_PER_NODE: u32 = 1024;
+
+impl std::str::FromStr for Count {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Count::Auto);
+        }
+        s.parse::<u32>()
+            .map(Count::N)
+            .map_err(|_| format!("'{s}' is not a whole number or \"auto\""))
+    }
+}
+
 impl Count {
     /// The number, with `auto` meaning this machine's core count.
     pub fn resolve_here(self) -> u32 {
@@ -141,6 +157,8 @@ pub struct SpecFile {
     pub heartbeat_ms: Option<u64>,
     pub max_frame_mb: Option<u64>,
     pub register_timeout_s: Option<u64>,
+    pub reconnect_s: Option<u64>,
+    pub task_attempts: Option<u32>,
     /// The port the controller listens on (on the master; a local cluster picks a free one).
     pub controller_port: Option<u16>,
     /// Shell commands run on every node, in order, before the engines start.
@@ -171,6 +189,11 @@ pub struct ClusterSpec {
     pub heartbeat_ms: u64,
     pub max_frame_mb: u64,
     pub register_timeout_s: u64,
+    /// How long an engine that lost its controller keeps trying to reach it again.
+    pub reconnect_s: u64,
+    /// How many times a load-balanced task is handed out, at most, when engines running it
+    /// are lost.
+    pub task_attempts: u32,
     pub controller_port: u16,
     pub setup: Vec<String>,
     pub files: Vec<FileCopy>,
@@ -210,7 +233,7 @@ pub struct UpOptions<'a> {
     pub local: bool,
     pub name: Option<&'a str>,
     /// Engines per node.
-    pub engines: Option<u32>,
+    pub engines: Option<Count>,
     /// The kernels' Python interpreter.
     pub python: Option<&'a str>,
 }
@@ -232,10 +255,16 @@ pub fn for_up(o: &UpOptions) -> Result<ClusterSpec, SpecError> {
         spec.name = name.to_string();
     }
     if let Some(n) = o.engines {
-        if n == 0 {
-            return Err(SpecError::Options("-n must be at least 1".into()));
+        match n {
+            Count::N(0) => return Err(SpecError::Options("-n must be at least 1".into())),
+            Count::N(n) if n > MAX_ENGINES_PER_NODE => {
+                return Err(SpecError::Options(format!(
+                    "-n {n} is more engines than one node may host ({MAX_ENGINES_PER_NODE}); use more nodes (a spec with `nodes:` or `hosts:`), or \"auto\" for one per core"
+                )))
+            }
+            _ => {}
         }
-        spec.engines_per_node = Count::N(n);
+        spec.engines_per_node = n;
     }
     if let Some(python) = o.python {
         spec.python = python.to_string();
@@ -306,6 +335,8 @@ pub fn parse(origin: &str, text: &str) -> Result<ClusterSpec, SpecError> {
             .register_timeout_s
             .or(defaults.register_timeout_s)
             .unwrap_or(60),
+        reconnect_s: file.reconnect_s.or(defaults.reconnect_s).unwrap_or(600),
+        task_attempts: file.task_attempts.or(defaults.task_attempts).unwrap_or(2),
         controller_port: file
             .controller_port
             .or(defaults.controller_port)
@@ -527,6 +558,29 @@ impl ClusterSpec {
                 origin,
                 "engines_per_node",
                 "must be at least 1, or \"auto\"",
+            ));
+        }
+        if let Count::N(n) = self.engines_per_node {
+            if n > MAX_ENGINES_PER_NODE {
+                return Err(field_error(
+                    origin,
+                    "engines_per_node",
+                    &format!("{n} is more engines than one node may host ({MAX_ENGINES_PER_NODE}); use more nodes, or \"auto\" for one per core"),
+                ));
+            }
+        }
+        if !(1..=100).contains(&self.task_attempts) {
+            return Err(field_error(
+                origin,
+                "task_attempts",
+                &format!("{} is out of range; use 1 (never run a task twice) to 100", self.task_attempts),
+            ));
+        }
+        if self.reconnect_s > 7 * 24 * 3600 {
+            return Err(field_error(
+                origin,
+                "reconnect_s",
+                &format!("{} is out of range; use 0 to 604800 (a week)", self.reconnect_s),
             ));
         }
         if !(10..=600_000).contains(&self.heartbeat_ms) {

@@ -1,0 +1,212 @@
+//! A node's engines under supervision: `starlingd engine --config FILE` (without `--slot`).
+//!
+//! The supervisor starts one engine process per engine of the node (`starlingd engine
+//! --config FILE --slot I`), so a crash, a `kill -9` or the OOM killer takes one engine, not
+//! all of them. It starts a process that died again, with backoff, and the engine registers
+//! under its old id; a process that was told to stop, gave up on its controller, or cannot start
+//! at all (its Python cannot run) is not started again. The engine processes hold a pipe from
+//! the supervisor as stdin and stop when it closes, so they do not outlive it.
+//!
+//! The supervisor is its processes' subreaper: whatever a task leaves running — a double fork,
+//! `setsid`, a cleared environment — stays its descendant, and is stopped with the node.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::Path;
+use std::process::{ChildStdin, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+use super::{report_cannot_start, EngineConfig, EngineError, EXIT_CANNOT_START, EXIT_GAVE_UP};
+
+/// Memory each engine needs, at least: its Python kernel and its engine process.
+pub const ENGINE_MEMORY: u64 = 24 << 20;
+/// How long engine processes get to stop after SIGTERM before they (and whatever their tasks
+/// left behind) are killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Restarts of one engine within this window count towards its backoff.
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// One engine process and its history.
+struct Worker {
+    slot: u32,
+    /// Keeps the engine process's stdin open: it stops when this closes.
+    _stdin: Option<ChildStdin>,
+    crashes: VecDeque<Instant>,
+}
+
+/// Why memory on this node cannot hold `engines` engines, if it cannot.
+fn memory_check(engines: u32) -> Result<(), String> {
+    let Some(available) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    }) else {
+        return Ok(());
+    };
+    let need = u64::from(engines) * ENGINE_MEMORY;
+    if need > available {
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        return Err(format!(
+            "{engines} engines need at least {:.1} GiB ({} MiB each, a Python kernel and its engine process) and this node has {:.1} GiB available; use fewer engines per node (engines_per_node, -n) or more nodes",
+            gib(need),
+            ENGINE_MEMORY >> 20,
+            gib(available)
+        ));
+    }
+    Ok(())
+}
+
+fn start(config_path: &Path, slot: u32) -> std::io::Result<(Pid, ChildStdin)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .arg("engine")
+        .arg("--config")
+        .arg(config_path)
+        .arg("--slot")
+        .arg(slot.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let stdin = child.stdin.take().expect("piped");
+    Ok((Pid::from_raw(child.id() as i32), stdin))
+}
+
+/// Runs the node's engines until they are told to stop (or give up), or `shutdown` completes;
+/// then stops them and everything they left behind.
+pub async fn supervise(
+    config_path: &Path,
+    config: &EngineConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), EngineError> {
+    let slots: Vec<u32> = (0..config.engines.max(1)).collect();
+    if let Err(why) = memory_check(slots.len() as u32) {
+        report_cannot_start(config, &slots, &why).await;
+        return Err(EngineError::CannotStart(why));
+    }
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!("cannot become the subreaper of the engines: {e}; processes that tasks leave behind may outlive the node");
+    }
+    let mut children = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+        .map_err(|e| EngineError::CannotStart(format!("cannot watch child processes: {e}")))?;
+
+    let mut running: HashMap<Pid, Worker> = HashMap::new();
+    let mut pending: Vec<(Instant, Worker)> = Vec::new();
+    for slot in slots {
+        pending.push((
+            Instant::now(),
+            Worker {
+                slot,
+                _stdin: None,
+                crashes: VecDeque::new(),
+            },
+        ));
+    }
+    tokio::pin!(shutdown);
+    loop {
+        let now = Instant::now();
+        for (_, mut w) in pending.extract_if(.., |(at, _)| *at <= now) {
+            match start(config_path, w.slot) {
+                Ok((pid, stdin)) => {
+                    w._stdin = Some(stdin);
+                    running.insert(pid, w);
+                }
+                Err(e) => {
+                    let why = format!("cannot start an engine process: {e}");
+                    report_cannot_start(config, &[w.slot], &why).await;
+                    tracing::error!(slot = w.slot, "{why}");
+                }
+            }
+        }
+        if running.is_empty() && pending.is_empty() {
+            tracing::info!("every engine of this node has stopped");
+            break;
+        }
+        let next = pending.iter().map(|(at, _)| *at).min();
+        tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!("stopping the engines");
+                break;
+            }
+            () = async { tokio::time::sleep_until(next.expect("checked")).await }, if next.is_some() => {}
+            _ = children.recv() => {
+                for (pid, status) in reap() {
+                    let Some(mut w) = running.remove(&pid) else {
+                        continue; // an orphan a task left behind, now reaped
+                    };
+                    let code = match status {
+                        WaitStatus::Exited(_, code) => Some(code),
+                        _ => None,
+                    };
+                    match code {
+                        Some(0) => tracing::info!(slot = w.slot, "engine stopped"),
+                        Some(c) if c == i32::from(EXIT_GAVE_UP) || c == i32::from(EXIT_CANNOT_START) => {
+                            tracing::warn!(slot = w.slot, "engine stopped for good (exit status {c})");
+                        }
+                        _ => {
+                            let now = Instant::now();
+                            w.crashes.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+                            let delay = match w.crashes.len() {
+                                0 => Duration::ZERO,
+                                n => Duration::from_millis(500 << n.min(6)).min(BACKOFF_MAX),
+                            };
+                            w.crashes.push_back(now);
+                            tracing::warn!(slot = w.slot, ?status, "engine process died; starting it again in {:.1} s", delay.as_secs_f64());
+                            w._stdin = None;
+                            pending.push((now + delay, w));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for pid in running.keys() {
+        let _ = nix::sys::signal::kill(*pid, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while !running.is_empty() && Instant::now() < deadline {
+        tokio::select! {
+            _ = children.recv() => {}
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        for (pid, _) in reap() {
+            running.remove(&pid);
+        }
+    }
+    // What is left — a stuck engine, processes tasks left behind — is killed.
+    let me = std::process::id();
+    for _ in 0..10 {
+        let left = crate::node::descendants(me);
+        if left.is_empty() {
+            break;
+        }
+        for pid in left {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reap();
+    }
+    Ok(())
+}
+
+/// Collects the exit of every child that has ended.
+fn reap() -> Vec<(Pid, WaitStatus)> {
+    let mut out = Vec::new();
+    loop {
+        match nix::sys::wait::waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => break,
+            Ok(status) => {
+                if let Some(pid) = status.pid() {
+                    out.push((pid, status));
+                }
+            }
+        }
+    }
+    out
+}
