@@ -388,9 +388,9 @@ async fn dispatch(cli: &Cli) -> Result<ExitCode> {
             Ok(exit(output::pulled(g.output, &args.names, &ar)))
         }
         Command::Scatter(args) => {
-            let items = read_items(&args.items)?;
-            let n = items.len();
             let client = connect(g).await?;
+            let items = read_items(&args.items, client.request_limit())?;
+            let n = items.len();
             let ar = client
                 .direct(targets(&args.targets)?)
                 .scatter(&args.name, items)
@@ -579,31 +579,11 @@ fn read_source(path: &Path) -> Result<String> {
     }
 }
 
-/// The items of `--range`, `--json` or `--lines`.
-fn read_items(args: &ItemArgs) -> Result<Vec<Value>> {
+/// The items of `--range`, `--json` or `--lines`, for a cluster that takes requests of up to
+/// `limit` bytes.
+fn read_items(args: &ItemArgs, limit: usize) -> Result<Vec<Value>> {
     if let Some(r) = &args.range {
-        let bad = || {
-            anyhow::anyhow!(
-                "bad --range '{r}': use N (for 0..N) or START:STOP[:STEP], e.g. 10 or 0:100:5"
-            )
-        };
-        let parts: Vec<i64> = r
-            .split(':')
-            .map(|p| p.trim().parse::<i64>().map_err(|_| bad()))
-            .collect::<Result<_>>()?;
-        let (start, stop, step) = match parts.as_slice() {
-            [n] => (0, *n, 1),
-            [a, b] => (*a, *b, 1),
-            [a, b, c] if *c != 0 => (*a, *b, *c),
-            _ => return Err(bad()),
-        };
-        let mut items = Vec::new();
-        let mut i = start;
-        while (step > 0 && i < stop) || (step < 0 && i > stop) {
-            items.push(Value::from(i));
-            i += step;
-        }
-        return Ok(items);
+        return range_items(r, limit);
     }
     if let Some(path) = &args.json {
         let text = read_source(path)?;
@@ -618,6 +598,54 @@ fn read_items(args: &ItemArgs) -> Result<Vec<Value>> {
         return Ok(read_source(path)?.lines().map(Value::from).collect());
     }
     bail!("give the items with --range, --json or --lines")
+}
+
+/// `--range N` or `START:STOP[:STEP]`, as Python's `range`. The count is worked out first, and a
+/// range that cannot fit in one request of `limit` bytes is refused before any item is made.
+fn range_items(r: &str, limit: usize) -> Result<Vec<Value>> {
+    let bad = || {
+        anyhow::anyhow!(
+            "bad --range '{r}': use N (for 0..N) or START:STOP[:STEP] with whole numbers, e.g. 10 or 0:100:5"
+        )
+    };
+    let parts: Vec<i64> = r
+        .split(':')
+        .map(|p| p.trim().parse::<i64>().map_err(|_| bad()))
+        .collect::<Result<_>>()?;
+    let (start, stop, step) = match parts.as_slice() {
+        [n] => (0, *n, 1),
+        [a, b] => (*a, *b, 1),
+        [a, b, c] if *c != 0 => (*a, *b, *c),
+        [_, _, _] => bail!("bad --range '{r}': the step cannot be 0"),
+        _ => return Err(bad()),
+    };
+    // In i128, nothing here can overflow.
+    let (start, stop, step) = (i128::from(start), i128::from(stop), i128::from(step));
+    let n = if step > 0 {
+        (stop - start + step - 1).div_euclid(step)
+    } else {
+        (start - stop - step - 1).div_euclid(-step)
+    }
+    .max(0);
+    if n > 0 {
+        let last = start + (n - 1) * step;
+        let per_item = [start, last]
+            .iter()
+            .map(|v| crate::proto::conn::encode(&Value::from(*v as i64)).len())
+            .max()
+            .unwrap_or(1) as i128;
+        let fit = limit as i128 / per_item;
+        if n > fit {
+            bail!(
+                "--range {r} has {n} items, about {} MiB to send; one request to this cluster is limited to {} MiB (max_frame_mb in its spec), which holds about {fit} items like these. Map over fewer items at a time: several maps, or chunk numbers that your function expands into items",
+                (n * per_item) >> 20,
+                limit >> 20,
+            );
+        }
+    }
+    Ok((0..n)
+        .map(|k| Value::from((start + k * step) as i64))
+        .collect())
 }
 
 /// The mapper named on the command line.
@@ -646,8 +674,8 @@ fn mapper(args: &MapArgs) -> Result<Mapper> {
 
 async fn map(g: &Global, args: &MapArgs) -> Result<ExitCode> {
     let mapper = mapper(args)?;
-    let items = read_items(&args.items)?;
     let client = connect(g).await?;
+    let items = read_items(&args.items, client.request_limit())?;
     let ar = match &args.targets {
         Some(t) => {
             if args.chunksize.is_some() {

@@ -171,12 +171,7 @@ impl Client {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = conn::encode(&ClientToController { id, body });
         // Room for the envelope the controller puts around the work on its way to an engine.
-        let limit = self
-            .shared
-            .info
-            .max_frame
-            .saturating_sub(conn::ENVELOPE_MARGIN);
-        if frame.len() > limit {
+        if frame.len() > self.request_limit() {
             return Err(ClientError::TooLarge {
                 mib: frame.len() >> 20,
                 limit_mib: self.shared.info.max_frame >> 20,
@@ -206,6 +201,15 @@ impl Client {
                 "the controller went away before answering".into(),
             )),
         }
+    }
+
+    /// The largest request the cluster takes, in bytes (its `max_frame_mb`), less the room the
+    /// controller needs around the work.
+    pub fn request_limit(&self) -> usize {
+        self.shared
+            .info
+            .max_frame
+            .saturating_sub(conn::ENVELOPE_MARGIN)
     }
 
     /// The registered engine ids, ascending.

@@ -628,7 +628,8 @@ impl State {
                 slot,
                 reason,
             } => {
-                let reason = format!("engine {slot} of node {node} ({host}) cannot start: {reason}");
+                let reason =
+                    format!("engine {slot} of node {node} ({host}) cannot start: {reason}");
                 tracing::error!("{reason}");
                 let id = self.slot_ids.get(&(node.clone(), slot)).copied();
                 self.lost.insert(
@@ -879,6 +880,14 @@ impl State {
                         continue;
                     }
                 }
+                // `finish` takes it from here.
+                self.tasks.insert(
+                    task,
+                    TaskRef {
+                        balanced: None,
+                        ..tref
+                    },
+                );
                 let error = RemoteError {
                     ename: "EngineLost".into(),
                     evalue: if attempts > 1 {
@@ -1066,7 +1075,11 @@ impl State {
                 }
             })
             .collect();
-        let running = self.engines.values().filter(|e| !e.assigned.is_empty()).count() as u64;
+        let running = self
+            .engines
+            .values()
+            .filter(|e| !e.assigned.is_empty())
+            .count() as u64;
         ClusterStatus {
             cluster: self.cluster.clone(),
             controller_pid: std::process::id(),
@@ -1521,7 +1534,9 @@ mod tests {
         // Expensive items (1 s): one more task to replace the finished one, no more.
         finish_chunk(&mut s, &mut c, ConnId(0), &first[0].1[0], 1_000_000);
         assert_eq!(runs(&mut c)[0].1.len(), 1);
-        assert_eq!(s.status().queued, 100 - 1);
+        // One finished, one running, the rest waits (the prefetched one included).
+        assert_eq!(s.status().running, 1);
+        assert_eq!(s.status().queued, 100 - 2);
     }
 
     #[test]
@@ -1609,8 +1624,27 @@ mod tests {
         assert_eq!(s.status().jobs, KEEP_FINISHED_JOBS as u64 + 1);
     }
 
+    fn failed_items(c: &Recorder) -> usize {
+        c.to_clients
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ControllerToClient::Results { results, .. } => Some(
+                    results
+                        .iter()
+                        .map(|r| match &r.outcome {
+                            Outcome::Items(items) => items.iter().filter(|i| i.is_err()).count(),
+                            Outcome::Err(_) => 1,
+                            Outcome::Ok { .. } => 0,
+                        })
+                        .sum::<usize>(),
+                ),
+                ControllerToClient::Reply { .. } => None,
+            })
+            .sum()
+    }
+
     #[test]
-    fn a_map_whose_last_engine_is_lost_fails_its_remaining_items_instead_of_waiting() {
+    fn a_lost_engines_balanced_work_waits_for_an_engine_and_fails_only_when_none_comes() {
         let (mut s, mut c, now) = cluster_with(&[1]);
         s.on_client_request(
             &mut c,
@@ -1621,25 +1655,59 @@ mod tests {
         );
         c.to_clients.clear();
         s.on_engine_gone(&mut c, ConnId(0), "its connection closed", now);
-        let failed: usize = c
-            .to_clients
-            .iter()
-            .filter_map(|(_, m)| match m {
-                ControllerToClient::Results { results, .. } => Some(
-                    results
-                        .iter()
-                        .map(|r| match &r.outcome {
-                            Outcome::Items(items) => items.len(),
-                            _ => 1,
-                        })
-                        .sum::<usize>(),
-                ),
-                ControllerToClient::Reply { .. } => None,
-            })
-            .sum();
-        assert_eq!(failed, 100, "the two assigned items and the 98 queued ones");
+        assert_eq!(
+            failed_items(&c),
+            0,
+            "nothing fails while an engine may come back"
+        );
+        assert_eq!(s.status().queued, 100);
+        s.on_tick(&mut c, now + ORPHAN_GRACE / 2);
+        assert_eq!(failed_items(&c), 0);
+        s.on_tick(&mut c, now + ORPHAN_GRACE + Duration::from_secs(1));
+        assert_eq!(
+            failed_items(&c),
+            100,
+            "the two assigned items and the 98 queued ones"
+        );
         assert_eq!(s.jobs[&JobId(0)].remaining, 0);
         assert_eq!(s.status().queued, 0);
+    }
+
+    #[test]
+    fn an_engine_that_comes_back_gets_its_id_and_the_work_it_lost_first() {
+        let (mut s, mut c, now) = cluster_with(&[2]);
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            1,
+            ClientRequest::Submit(map_spec(100, Some(1))),
+            now,
+        );
+        c.to_engines.clear();
+        s.on_engine_gone(&mut c, ConnId(0), "its connection closed", now);
+        assert!(s.ids().is_empty());
+        // The same node's slots register again, from a new connection.
+        s.on_engine_connected(ConnId(9), now);
+        let reg = EngineToController::Register {
+            node: "node0".into(),
+            host: "127.0.0.1".into(),
+            pid: 4,
+            engines: vec![EngineSlot {
+                slot: 1,
+                kernel_pid: 5,
+            }],
+        };
+        s.on_engine_message(&mut c, ConnId(9), reg, now);
+        assert_eq!(s.ids(), vec![EngineId(1)], "slot 1 had id 1");
+        let run = runs(&mut c);
+        let firsts: Vec<u64> = run[0].1.iter().map(|a| a.first).collect();
+        // Engine 0 held items 0 and 2, engine 1 items 1 and 3: the lost ones go first.
+        assert_eq!(&firsts[..2], &[0, 2], "{firsts:?}");
+        let st = s.status();
+        assert_eq!(st.engines[0].returns, 1);
+        assert_eq!(st.lost.len(), 1, "slot 0 is still gone: {:?}", st.lost);
+        assert_eq!(st.lost[0].id, Some(EngineId(0)));
+        assert_eq!(failed_items(&c), 0);
     }
 
     #[test]

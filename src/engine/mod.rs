@@ -26,8 +26,8 @@ use tokio::sync::mpsc;
 use crate::proto::auth::{Key, Role};
 use crate::proto::conn::{self, PeerStream};
 use crate::proto::{
-    Assignment, ControllerToEngine, EngineId, EngineSlot, EngineToController, Func, JobId, Mapper, Outcome,
-    ProtoError, RemoteError, TaskResult, Value, Work,
+    Assignment, ControllerToEngine, EngineId, EngineSlot, EngineToController, Func, JobId, Mapper,
+    Outcome, ProtoError, RemoteError, TaskResult, Value, Work,
 };
 use kernel::{Batch, KernelFrame, KernelReply, PythonKernel};
 
@@ -99,9 +99,10 @@ impl EngineError {
     pub fn exit_status(&self) -> u8 {
         match self {
             EngineError::Unreachable { .. } => EXIT_GAVE_UP,
-            EngineError::CannotStart(_) => EXIT_CANNOT_START,
-            // A refused key or protocol version will not get better by restarting.
-            EngineError::Proto(ProtoError::Refused(_)) => EXIT_CANNOT_START,
+            // A refused key or protocol version will not get better by restarting either.
+            EngineError::CannotStart(_) | EngineError::Proto(ProtoError::Refused(_)) => {
+                EXIT_CANNOT_START
+            }
             EngineError::Proto(_) | EngineError::NotRegistered => 1,
         }
     }
@@ -233,7 +234,18 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
             },
         };
         let current = epoch.load(Ordering::SeqCst);
-        match serve(&config, c, &slots, &kernel_pids, &slot_txs, current, &out_tx, &out_rx).await {
+        match serve(
+            &config,
+            c,
+            &slots,
+            &kernel_pids,
+            &slot_txs,
+            current,
+            &out_tx,
+            &out_rx,
+        )
+        .await
+        {
             Ok(()) => break Ok(()),
             Err(why) => {
                 // Whatever was handed out or produced on that connection is the controller's
@@ -241,10 +253,7 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
                 epoch.fetch_add(1, Ordering::SeqCst);
                 let mut rx = out_rx.lock().await;
                 while rx.try_recv().is_ok() {}
-                tracing::warn!(
-                    "{why}; reconnecting for up to {} s",
-                    config.reconnect_s
-                );
+                tracing::warn!("{why}; reconnecting for up to {} s", config.reconnect_s);
             }
         }
     };
@@ -287,7 +296,9 @@ async fn serve(
         Some(ControllerToEngine::Registered { ids, heartbeat_ms }) => {
             (ids, Duration::from_millis(heartbeat_ms.max(10)))
         }
-        Some(_) => return Err("the controller answered the registration with something else".into()),
+        Some(_) => {
+            return Err("the controller answered the registration with something else".into())
+        }
         None => return Err("the controller closed the connection while registering".into()),
     };
     tracing::info!(engines = %crate::proto::format_ids(&ids), "registered");
@@ -470,16 +481,18 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 impl Slot {
+    /// Runs what arrives; the first message is always `Registered`, which initialises the
+    /// kernel with its engine id.
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SlotMsg>) {
-        self.init_kernel().await;
         while let Some(first) = rx.recv().await {
             let mut tasks = Vec::new();
             for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                 match msg {
                     SlotMsg::Registered(id) => {
+                        // The kernel learns its id (and, since a controller that restarted
+                        // may reuse job ids, forgets which functions it was sent).
                         self.id = id;
-                        // A controller that restarted may reuse job ids: functions go again.
-                        self.known.clear();
+                        self.init_kernel().await;
                     }
                     SlotMsg::Tasks(more) => tasks.extend(more),
                     SlotMsg::Forget(jobs) => {

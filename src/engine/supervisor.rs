@@ -36,7 +36,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 struct Worker {
     slot: u32,
     /// Keeps the engine process's stdin open: it stops when this closes.
-    _stdin: Option<ChildStdin>,
+    #[allow(dead_code)] // held, never read
+    stdin_pipe: Option<ChildStdin>,
     crashes: VecDeque<Instant>,
 }
 
@@ -103,7 +104,7 @@ pub async fn supervise(
             Instant::now(),
             Worker {
                 slot,
-                _stdin: None,
+                stdin_pipe: None,
                 crashes: VecDeque::new(),
             },
         ));
@@ -111,10 +112,12 @@ pub async fn supervise(
     tokio::pin!(shutdown);
     loop {
         let now = Instant::now();
-        for (_, mut w) in pending.extract_if(.., |(at, _)| *at <= now) {
+        let (due, later): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(at, _)| *at <= now);
+        pending = later;
+        for (_, mut w) in due {
             match start(config_path, w.slot) {
                 Ok((pid, stdin)) => {
-                    w._stdin = Some(stdin);
+                    w.stdin_pipe = Some(stdin);
                     running.insert(pid, w);
                 }
                 Err(e) => {
@@ -158,7 +161,7 @@ pub async fn supervise(
                             };
                             w.crashes.push_back(now);
                             tracing::warn!(slot = w.slot, ?status, "engine process died; starting it again in {:.1} s", delay.as_secs_f64());
-                            w._stdin = None;
+                            w.stdin_pipe = None;
                             pending.push((now + delay, w));
                         }
                     }

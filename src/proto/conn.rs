@@ -110,7 +110,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin, Rx: DeserializeOwned, Tx: Serialize> Con
 
     #[cfg(test)]
     async fn flush_for_test(&mut self) {
-        SinkExt::<bytes::Bytes>::flush(&mut self.framed).await.unwrap();
+        SinkExt::<bytes::Bytes>::flush(&mut self.framed)
+            .await
+            .unwrap();
     }
 
     /// Changes the frame limit (after the handshake).

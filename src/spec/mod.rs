@@ -573,14 +573,20 @@ impl ClusterSpec {
             return Err(field_error(
                 origin,
                 "task_attempts",
-                &format!("{} is out of range; use 1 (never run a task twice) to 100", self.task_attempts),
+                &format!(
+                    "{} is out of range; use 1 (never run a task twice) to 100",
+                    self.task_attempts
+                ),
             ));
         }
         if self.reconnect_s > 7 * 24 * 3600 {
             return Err(field_error(
                 origin,
                 "reconnect_s",
-                &format!("{} is out of range; use 0 to 604800 (a week)", self.reconnect_s),
+                &format!(
+                    "{} is out of range; use 0 to 604800 (a week)",
+                    self.reconnect_s
+                ),
             ));
         }
         if !(10..=600_000).contains(&self.heartbeat_ms) {

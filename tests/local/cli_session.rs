@@ -69,8 +69,9 @@ fn the_readme_session_works_line_by_line() {
     );
     let status = c.starling(&["status", "--output", "json"]).ok().json();
     assert_eq!(
-        status["queued"], 4,
-        "the sleeping job is still running: {status}"
+        (&status["running"], &status["queued"]),
+        (&serde_json::json!(4), &serde_json::json!(0)),
+        "the sleeping job is running on every engine, nothing waits: {status}"
     );
     let res = c.starling(&["result"]);
     let outs: Vec<&str> = res
@@ -111,7 +112,10 @@ fn the_readme_session_works_line_by_line() {
         text.starts_with("cluster 'session': controller pid "),
         "{text}"
     );
-    assert!(text.contains("4 engines, 0 tasks queued"), "{text}");
+    assert!(
+        text.contains("4 engines, 0 tasks running, 0 queued"),
+        "{text}"
+    );
     let rows: Vec<&str> = text.lines().skip(2).collect();
     assert_eq!(rows.len(), 4, "{text}");
     assert!(

@@ -130,13 +130,6 @@ impl Cluster {
         starling::node::our_processes(&self.node_root())
     }
 
-    /// Pid of the engine process (`starlingd engine`).
-    pub fn engine_process(&self) -> u32 {
-        let pid = std::fs::read_to_string(self.node_root().join("node000/starlingd.pid"))
-            .expect("the engine pid file");
-        pid.trim().parse().expect("a pid")
-    }
-
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for node in std::fs::read_dir(self.node_root())

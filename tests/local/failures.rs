@@ -88,8 +88,26 @@ async fn a_dead_kernel_is_reported_and_replaced_and_the_engine_keeps_its_id() {
     );
 }
 
+/// The `starlingd engine` process that hosts `engine`, from `status`.
+async fn process_of(client: &starling::client::Client, engine: u32) -> Pid {
+    let st = client.status().await.unwrap();
+    let e = st
+        .engines
+        .iter()
+        .find(|e| e.id == EngineId(engine))
+        .expect("the engine is registered");
+    Pid::from_raw(e.process_pid as i32)
+}
+
+/// A map of `n` items taking 10 ms each: its expected result, and the function.
+const SLOW_SQUARE: &str = "lambda x: (__import__('time').sleep(0.01), x * x)[1]";
+
+fn squares(n: u64) -> Vec<Value> {
+    (0..n).map(|x| Value::from(x * x)).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_engine_that_misses_two_heartbeats_is_lost_and_its_work_fails_with_the_reason() {
+async fn a_stalled_engine_is_lost_then_comes_back_with_its_id_namespace_and_no_work_lost() {
     let c = Cluster::new("lostengine");
     let spec = c.home_path().join("fast.yaml");
     std::fs::write(
@@ -99,40 +117,138 @@ async fn an_engine_that_misses_two_heartbeats_is_lost_and_its_work_fails_with_th
     .unwrap();
     c.starling_raw(&["up", "-f", spec.to_str().unwrap()]).ok();
     let client = c.client().await;
-    let ar = client
+    client
         .all()
+        .execute("kept = 'mine'")
+        .await
+        .unwrap()
+        .get()
+        .await
+        .unwrap();
+    let stalled = process_of(&client, 0).await;
+
+    // Direct work on the stalled engine cannot move: it fails, naming the engine and why.
+    let direct = client
+        .direct(vec![EngineId(0)])
         .execute("import time; time.sleep(20)")
         .await
         .unwrap();
-    let engine = c.engine_process();
-    kill(Pid::from_raw(engine as i32), Signal::SIGSTOP).unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(10), ar.get()).await;
-    kill(Pid::from_raw(engine as i32), Signal::SIGCONT).unwrap();
+    let map = client
+        .load_balanced()
+        .chunksize(1)
+        .map(SLOW_SQUARE, (0..300u64).map(Value::from).collect())
+        .await
+        .unwrap();
+    kill(stalled, Signal::SIGSTOP).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), direct.get()).await;
     let ClientError::Remote(err) = outcome.expect("the loss is noticed in time").unwrap_err()
     else {
         panic!()
     };
-    assert_eq!(err.errors.len(), 2);
-    for e in &err.errors {
-        assert_eq!(e.error.ename, "EngineLost");
-        assert!(
-            e.error.evalue.contains(&format!(
-                "engine {} (node node000, host 127.0.0.1) was lost: no heartbeat for",
-                e.engine
-            )),
-            "{}",
-            e.error.evalue
-        );
-    }
-    assert!(client.ids().await.unwrap().is_empty());
-    // The controller cut it loose: the engine process notices and exits with its kernels.
+    assert_eq!(err.errors[0].error.ename, "EngineLost");
     assert!(
-        eventually(Duration::from_secs(10), || c.processes().len() == 1).await,
-        "only the controller remains: {:?}",
-        c.processes()
+        err.errors[0]
+            .error
+            .evalue
+            .contains("engine 0 (node node000, host 127.0.0.1) was lost: no heartbeat for"),
+        "{}",
+        err.errors[0].error.evalue
     );
     let st = c.starling(&["status"]);
-    assert!(st.ok().stdout.contains("0 engines"), "{}", st.stdout);
+    assert!(
+        st.ok().stdout.contains("1 engine (1 lost)") && st.stdout.contains("lost    0"),
+        "{}",
+        st.stdout
+    );
+
+    // Back: the same id, the same kernel and namespace; the map lost nothing.
+    let cont = std::time::Instant::now();
+    kill(stalled, Signal::SIGCONT).unwrap();
+    let mut back = false;
+    while cont.elapsed() < Duration::from_secs(20) {
+        if client.ids().await.unwrap() == vec![EngineId(0), EngineId(1)] {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back, "engine 0 is back: {:?}", client.ids().await);
+    eprintln!(
+        "a stalled engine was back {:.2} s after SIGCONT",
+        cont.elapsed().as_secs_f64()
+    );
+    let got = tokio::time::timeout(Duration::from_secs(60), map.get())
+        .await
+        .expect("the map completes")
+        .expect("no item failed");
+    assert_eq!(got, squares(300));
+    let kept = client
+        .direct(vec![EngineId(0)])
+        .execute("kept")
+        .await
+        .unwrap();
+    assert_eq!(kept.get().await.unwrap(), vec![Value::from("mine")]);
+    let st = client.status().await.unwrap();
+    assert!(st.lost.is_empty(), "{:?}", st.lost);
+    let e0 = &st.engines[0];
+    assert_eq!(e0.returns, 1);
+    assert!(
+        e0.last_lost
+            .as_deref()
+            .unwrap_or("")
+            .contains("no heartbeat"),
+        "{e0:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_process_killed_mid_map_is_restarted_under_its_id_and_the_map_completes() {
+    let c = Cluster::up("killed", 2);
+    let client = c.client().await;
+    for chunksize in [Some(1), None] {
+        let victim = process_of(&client, 1).await;
+        let mut view = client.load_balanced();
+        if let Some(cs) = chunksize {
+            view = view.chunksize(cs);
+        }
+        let n = 400;
+        let map = view
+            .map(SLOW_SQUARE, (0..n).map(Value::from).collect())
+            .await
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(20), || map.progress().0 >= 20).await,
+            "the map is under way"
+        );
+        kill(victim, Signal::SIGKILL).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(60), map.get())
+            .await
+            .expect("the map completes")
+            .unwrap_or_else(|e| panic!("chunksize {chunksize:?}: {e}"));
+        assert_eq!(got, squares(n), "chunksize {chunksize:?}");
+        // A new engine process, the same id.
+        let mut restarted = false;
+        for _ in 0..500 {
+            let ids = client.ids().await.unwrap();
+            if ids == vec![EngineId(0), EngineId(1)] && process_of(&client, 1).await != victim {
+                restarted = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(restarted, "engine 1 runs in a new process");
+    }
+    let st = client.status().await.unwrap();
+    assert_eq!(st.engines[1].returns, 2);
+    let r = client
+        .all()
+        .execute("1 + 1")
+        .await
+        .unwrap()
+        .get()
+        .await
+        .unwrap();
+    assert_eq!(r, vec![Value::from(2), Value::from(2)]);
 }
 
 #[test]
@@ -228,8 +344,19 @@ fn up_refuses_bad_specs_with_file_line_and_column() {
 fn a_missing_python_fails_up_with_the_reason_and_leaves_nothing() {
     let c = Cluster::new("nopython");
     let spec = c.home_path().join("nopy.yaml");
-    std::fs::write(&spec, "name: nopython\nengines_per_node: 1\npython: /nonexistent/python3\nregister_timeout_s: 5\n").unwrap();
+    std::fs::write(
+        &spec,
+        "name: nopython\nengines_per_node: 2\npython: /nonexistent/python3\n",
+    )
+    .unwrap();
+    // The engines say why they cannot start: `up` fails at once, not after its 60 s wait.
+    let started = std::time::Instant::now();
     let r = c.starling_raw(&["up", "-f", spec.to_str().unwrap()]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "up failed after {:?}",
+        started.elapsed()
+    );
     assert!(
         r.fails()
             .stderr
@@ -470,4 +597,51 @@ async fn a_map_of_a_name_that_does_not_exist_says_nameerror_for_every_item() {
     for e in &err.errors {
         assert_eq!(e.error.ename, "NameError", "{}", e.error);
     }
+}
+
+#[test]
+fn ranges_are_counted_before_any_item_is_made() {
+    let c = Cluster::up("ranges", 1);
+    // At the end of i64: one item, no overflow.
+    let r = c.starling(&[
+        "map",
+        "lambda x: x",
+        "--range",
+        "9223372036854775806:9223372036854775807:5",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(r.ok().json(), json!([i64::MAX - 1]));
+    let r = c.starling(&[
+        "map",
+        "lambda x: x",
+        "--range",
+        "5:0:-2",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(r.ok().json(), json!([5, 3, 1]));
+    let r = c.starling(&["map", "lambda x: x", "--range", "3:3", "--output", "json"]);
+    assert_eq!(r.ok().json(), json!([]));
+    // Far more than one request holds: refused at once, saying how much would fit.
+    let started = std::time::Instant::now();
+    let r = c.starling(&["map", "lambda x: x", "--range", "10000000000"]);
+    assert!(
+        r.fails()
+            .stderr
+            .contains("--range 10000000000 has 10000000000 items"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("max_frame_mb"), "{}", r.stderr);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let r = c.starling(&["map", "lambda x: x", "--range", "1:2:0"]);
+    assert!(
+        r.fails().stderr.contains("the step cannot be 0"),
+        "{}",
+        r.stderr
+    );
+    // The cluster did not notice any of it.
+    let r = c.starling(&["px", "1 + 1"]);
+    assert!(r.ok().stdout.contains("Out[0:"), "{}", r.stdout);
 }
