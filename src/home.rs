@@ -2,7 +2,8 @@
 //!
 //! Everything lives under `STARLING_HOME` (default `~/.starling`):
 //! `clusters/<name>/` holds a cluster's connection file and cache; `node/<cluster>/<node>/`
-//! holds what runs on a node (config, secrets, logs, pid files).
+//! holds what runs on a node (config, secrets, logs, pid files); `history/<cluster>/` keeps the
+//! task stores of local clusters after they are gone.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,11 @@ pub fn cluster_dir(name: &str) -> PathBuf {
 /// node of the cluster below it.
 pub fn nodes_dir(root: &Path, cluster: &str) -> PathBuf {
     root.join("node").join(cluster)
+}
+
+/// `history/<cluster>/` under [`home`]: task stores that outlive their local clusters.
+pub fn history_dir(cluster: &str) -> PathBuf {
+    home().join("history").join(cluster)
 }
 
 /// The connection file of a cluster.

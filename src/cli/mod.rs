@@ -533,6 +533,15 @@ async fn down(g: &Global, args: &NameArgs) -> Result<ExitCode> {
             }
             name
         }
+        (None, None) if g.cluster.is_none() && connection::known_clusters().is_empty() => {
+            // Idempotent: `down` after `down` has nothing to do, and says so.
+            output::message(
+                g.output,
+                "no clusters on this machine; nothing to take down",
+                &serde_json::json!({"clusters": []}),
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => cluster_name(g, args.name.as_ref())?,
     };
     let t = provider::down(&name, &hints(g)).await?;

@@ -213,3 +213,17 @@ fn reap() -> Vec<(Pid, WaitStatus)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_count_the_node_cannot_hold_is_refused_with_the_figures() {
+        assert!(memory_check(1).is_ok());
+        let err = memory_check(1_000_000_000).unwrap_err();
+        assert!(err.starts_with("1000000000 engines need at least"), "{err}");
+        assert!(err.contains("GiB available"), "{err}");
+        assert!(err.contains("fewer engines per node"), "{err}");
+    }
+}

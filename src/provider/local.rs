@@ -6,7 +6,10 @@
 //! pids in `~/.starling/clusters/<cluster>/local.json`, writes the connection file, and waits
 //! for every engine to register. `terminate` asks the controller to stop, waits for the
 //! processes to exit, and kills whatever of theirs remains, by pid: every process of a local
-//! cluster carries [`MARK_VAR`](crate::node::MARK_VAR) in its environment, so none is missed and no stranger is hit.
+//! cluster carries [`MARK_VAR`](crate::node::MARK_VAR) in its environment or descends from one
+//! that does, so none is missed and no stranger is hit. It removes only the directories
+//! starling made for the cluster, worked out from its name (never paths read from a file), and
+//! keeps the task store under `~/.starling/history/<cluster>/`.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -34,13 +37,21 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How often `down` looks whether the processes are gone.
 const EXIT_POLL: Duration = Duration::from_millis(5);
 
-/// The provider's record of a local cluster: `clusters/<name>/local.json`.
+/// The provider's record of a local cluster: `clusters/<name>/local.json`. Only pids: every
+/// path of a cluster follows from its name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LocalState {
     cluster: String,
     controller_pid: u32,
     engine_pids: Vec<u32>,
-    node_root: PathBuf,
+    /// The task store, under `history/<cluster>/`.
+    #[serde(default)]
+    db: Option<PathBuf>,
+}
+
+/// Where the nodes of local cluster `name` live.
+fn node_root(name: &str) -> PathBuf {
+    home::nodes_dir(&home::home(), name)
 }
 
 #[derive(Debug, Default)]
@@ -91,7 +102,7 @@ impl Provider for LocalProvider {
         let daemon = super::daemon_path()?;
         let mut notes = Vec::new();
         if let Some(old) = load_state(name) {
-            if !our_processes(&old.node_root).is_empty() {
+            if !our_processes(&node_root(name)).is_empty() {
                 return Err(ProviderError::AlreadyRunning {
                     name: name.to_string(),
                     pid: old.controller_pid,
@@ -100,7 +111,7 @@ impl Provider for LocalProvider {
             notes.push(format!(
                 "cluster '{name}' had stopped without `down`; cleaned up what it left"
             ));
-            remove_files(&old);
+            remove_files(name);
         } else if home::connection_path(name).exists() {
             return Err(ProviderError::Invalid(format!(
                 "a cluster named '{name}' from another provider exists on this machine; take it down first or pick another name"
@@ -110,8 +121,15 @@ impl Provider for LocalProvider {
         let cert =
             ClusterCert::generate(name).map_err(|e| ProviderError::Invalid(e.to_string()))?;
         let (client_key, engine_key) = (Key::generate(), Key::generate());
-        let node_root = home::nodes_dir(&home::home(), name);
+        let node_root = node_root(name);
         let master = node_root.join("master");
+        // The task store outlives the cluster: one file per `up`, so job ids never collide.
+        let history = home::history_dir(name);
+        home::create_private_dir(&history)?;
+        let db = history.join(format!(
+            "tasks-{}.db",
+            crate::proto::now_micros() / 1_000_000
+        ));
         let node0 = node_root.join("node000");
         for d in [&master, &node0] {
             home::create_private_dir(&d.join("config"))?;
@@ -126,7 +144,7 @@ impl Provider for LocalProvider {
             key_pem: cert.key_pem.clone(),
             client_key: client_key.clone(),
             engine_key: engine_key.clone(),
-            db: Some(master.join("tasks.db")),
+            db: Some(db.clone()),
             heartbeat_ms: spec.heartbeat_ms,
             task_attempts: spec.task_attempts,
             max_frame: spec.max_frame(),
@@ -157,7 +175,7 @@ impl Provider for LocalProvider {
             cluster: name.to_string(),
             controller_pid,
             engine_pids: Vec::new(),
-            node_root: node_root.clone(),
+            db: Some(db),
         };
         home::write_private(
             &state_path(name),
@@ -284,7 +302,8 @@ impl Provider for LocalProvider {
         let Some(state) = load_state(cluster) else {
             return Err(ProviderError::NoSuchCluster(cluster.to_string()));
         };
-        let live = our_processes(&state.node_root);
+        let root = node_root(cluster);
+        let live = our_processes(&root);
         if !live.is_empty() {
             // Politely first: the controller tells its engines to stop, and they their kernels.
             if let Ok(info) = ConnectionInfo::load(&home::connection_path(cluster)) {
@@ -295,19 +314,24 @@ impl Provider for LocalProvider {
                 }
             }
             let deadline = Instant::now() + STOP_GRACE;
-            while !our_processes(&state.node_root).is_empty() && Instant::now() < deadline {
+            while !our_processes(&root).is_empty() && Instant::now() < deadline {
                 tokio::time::sleep(EXIT_POLL).await;
             }
-            // Whatever is left — a hung daemon, a kernel stuck in C code — is killed by pid.
-            node::kill_all(&state.node_root, STOP_GRACE).await;
+            // Whatever is left — a hung daemon, a kernel stuck in C code, a process a task
+            // left behind — is killed by pid.
+            node::kill_all(&root, STOP_GRACE).await;
         }
-        remove_files(&state);
+        remove_files(cluster);
+        let notes = match state.db.filter(|db| db.exists()) {
+            Some(db) => vec![format!("its task store is kept: {}", db.display())],
+            None => Vec::new(),
+        };
         Ok(Terminated {
             cluster: cluster.to_string(),
             stopped: live.len(),
             was_dead: live.is_empty(),
             removed: Vec::new(),
-            notes: Vec::new(),
+            notes,
             found: true,
         })
     }
@@ -319,7 +343,7 @@ impl Provider for LocalProvider {
                 continue;
             };
             let info = ConnectionInfo::load(&home::connection_path(&name)).ok();
-            let live = our_processes(&state.node_root);
+            let live = our_processes(&node_root(&name));
             let running = live.contains(&state.controller_pid);
             out.push(ClusterSummary {
                 name,
@@ -341,7 +365,9 @@ impl Provider for LocalProvider {
     }
 }
 
-fn remove_files(state: &LocalState) {
-    let _ = std::fs::remove_dir_all(home::cluster_dir(&state.cluster));
-    let _ = std::fs::remove_dir_all(&state.node_root);
+/// Removes the directories starling made for local cluster `name` (its name was checked, so
+/// both are inside `STARLING_HOME`); its task store in `history/` stays.
+fn remove_files(name: &str) {
+    let _ = std::fs::remove_dir_all(home::cluster_dir(name));
+    let _ = std::fs::remove_dir_all(node_root(name));
 }

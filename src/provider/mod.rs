@@ -280,22 +280,27 @@ fn local_state_exists(name: &str) -> bool {
 
 /// Takes a cluster down with whichever provider it belongs to; idempotent.
 pub async fn down(name: &str, hints: &Hints) -> Result<Terminated, ProviderError> {
+    home::check_name("cluster", name).map_err(ProviderError::Invalid)?;
     if local_state_exists(name) {
         return local::LocalProvider::new().terminate(name).await;
     }
+    // Idempotent: a second `down` finds nothing, and says so.
+    let nothing = |notes: Vec<String>| Terminated {
+        cluster: name.to_string(),
+        stopped: 0,
+        was_dead: true,
+        removed: Vec::new(),
+        notes,
+        found: false,
+    };
+    if Record::load(name).is_none() && region_hint(hints).is_none() {
+        return Ok(nothing(vec![
+            "this machine has no record of it; for a teammate's EC2 cluster pass --region (or set AWS_REGION)".into(),
+        ]));
+    }
     let cluster = match open(name, hints).await {
         Ok(c) => c,
-        // Idempotent: a second `down` finds nothing, and says so.
-        Err(ProviderError::NoSuchCluster(_)) => {
-            return Ok(Terminated {
-                cluster: name.to_string(),
-                stopped: 0,
-                was_dead: true,
-                removed: Vec::new(),
-                notes: Vec::new(),
-                found: false,
-            })
-        }
+        Err(ProviderError::NoSuchCluster(_)) => return Ok(nothing(Vec::new())),
         Err(e) => return Err(e),
     };
     match (&cluster.api, &cluster.record) {

@@ -645,3 +645,101 @@ fn ranges_are_counted_before_any_item_is_made() {
     let r = c.starling(&["px", "1 + 1"]);
     assert!(r.ok().stdout.contains("Out[0:"), "{}", r.stdout);
 }
+
+#[test]
+fn down_stops_what_tasks_left_behind_removes_only_its_own_files_keeps_the_store_and_can_repeat() {
+    let c = Cluster::up("cleanup", 1);
+    // A task leaves a process behind that sheds everything a search by environment or
+    // process group would find: a double fork, a new session, an empty environment.
+    let escaped = c.starling(&[
+        "px",
+        "import subprocess; p = subprocess.run(['bash', '-c', 'setsid env -i sleep 300 >/dev/null 2>&1 & echo $!'], capture_output=True, text=True); int(p.stdout)",
+        "--output",
+        "json",
+    ]);
+    let doc = escaped.ok().json();
+    let pid = doc[0]["value"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("a pid: {doc}")) as i32;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    assert!(environ.is_empty(), "the escaped process has no environment");
+
+    // Someone edits the cluster's state to point at a directory that is not the cluster's.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("precious"), "keep me").unwrap();
+    let state_path = c.home_path().join("clusters/cleanup/local.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state["node_root"] = json!(outside.path());
+    state["db"] = json!(outside.path().join("precious"));
+    std::fs::write(&state_path, state.to_string()).unwrap();
+
+    let down = c.starling(&["down"]);
+    assert!(
+        down.ok().stdout.contains("nothing of it remains"),
+        "{}",
+        down.stdout
+    );
+    assert!(
+        kill(Pid::from_raw(pid), None).is_err(),
+        "the escaped process is gone"
+    );
+    assert!(c.processes().is_empty(), "{:?}", c.processes());
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("precious")).unwrap(),
+        "keep me"
+    );
+    // The task store outlives the cluster.
+    let history: Vec<_> = std::fs::read_dir(c.home_path().join("history/cleanup"))
+        .expect("a history folder")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(history.len(), 1, "{history:?}");
+    let db = rusqlite::Connection::open(&history[0]).unwrap();
+    let jobs: i64 = db
+        .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(jobs, 1, "the px job is recorded");
+
+    // Again, by name and bare: nothing to do, and no error.
+    let again = c.starling(&["down"]);
+    assert!(
+        again.ok().stdout.contains("nothing to take down"),
+        "{}",
+        again.stdout
+    );
+    let bare = c.starling_raw(&["down"]);
+    assert!(
+        bare.ok().stdout.contains("nothing to take down"),
+        "{}",
+        bare.stdout
+    );
+}
+
+#[test]
+fn up_refuses_more_engines_than_a_node_holds_and_takes_n_auto() {
+    let c = Cluster::new("auto");
+    let r = c.starling_raw(&["up", "--local", "-n", "100000", "--name", "auto"]);
+    assert!(
+        r.fails()
+            .stderr
+            .contains("-n 100000 is more engines than one node may host (1024)"),
+        "{}",
+        r.stderr
+    );
+    assert!(c.processes().is_empty());
+    let r = c.starling_raw(&["up", "--local", "-n", "lots", "--name", "auto"]);
+    assert!(
+        r.fails()
+            .stderr
+            .contains("'lots' is not a whole number or \"auto\""),
+        "{}",
+        r.stderr
+    );
+    c.starling_raw(&["up", "--local", "-n", "auto", "--name", "auto"])
+        .ok();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let ids = c.starling(&["ids", "--output", "json"]);
+    assert_eq!(ids.ok().json().as_array().unwrap().len(), cores);
+}
