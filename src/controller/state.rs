@@ -31,8 +31,11 @@ const GSS_DIVISOR: usize = 2;
 /// Finished jobs whose results the controller keeps in memory for clients that attach later,
 /// at most this many; older ones are forgotten (the task store keeps their record).
 const KEEP_FINISHED_JOBS: usize = 1000;
-/// …and at most this many result slots (items or tasks) across them.
+/// …and at most this many result slots (items or tasks) across them…
 const KEEP_FINISHED_SLOTS: u64 = 5_000_000;
+/// …and about this many bytes of results: a few large results do not grow the controller
+/// without bound. The last finished job is kept whatever its size, for `starling result`.
+pub const KEEP_FINISHED_BYTES: usize = 128 << 20;
 /// How long the work of load-balanced maps waits for an engine when none is left (one that
 /// comes back, restarted by its node or reconnected, takes it) before it fails.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
@@ -95,6 +98,8 @@ struct Job {
     feed: Option<Feed>,
     /// Mean engine time per item, from finished chunks (µs); guides prefetching.
     item_micros: Option<f64>,
+    /// About how many bytes `done` holds.
+    bytes: usize,
 }
 
 /// The items of a load-balanced map not yet handed out.
@@ -158,6 +163,7 @@ pub struct State {
     /// Finished jobs still held in memory, oldest first, and their slots in all.
     finished: VecDeque<JobId>,
     finished_slots: u64,
+    finished_bytes: usize,
     waiting: Vec<WaitEngines>,
     /// Since when no engine has been registered, the last one lost and why.
     orphaned: Option<(Instant, EngineId, String)>,
@@ -189,6 +195,7 @@ impl State {
             last_tick: None,
             finished: VecDeque::new(),
             finished_slots: 0,
+            finished_bytes: 0,
             waiting: Vec::new(),
             orphaned: None,
             slot_ids: HashMap::new(),
@@ -267,7 +274,7 @@ impl State {
                 None if job.0 < self.next_job => reply(
                     comm,
                     Reply::Error(format!(
-                        "job {job} finished long ago and its results are no longer held (the controller keeps the last {KEEP_FINISHED_JOBS} jobs); the task store tasks.db on the master has its record"
+                        "job {job} finished long ago and its results are no longer held (the controller keeps the last {KEEP_FINISHED_JOBS} jobs and {} MiB of results); the cluster's task store has its record", KEEP_FINISHED_BYTES >> 20
                     )),
                 ),
                 None => reply(
@@ -477,6 +484,7 @@ impl State {
                 mapper,
                 feed: None,
                 item_micros: None,
+                bytes: 0,
             },
         );
         if empty {
@@ -783,6 +791,7 @@ impl State {
                     );
                 }
             }
+            job.bytes += results.iter().map(TaskResult::approx_bytes).sum::<usize>();
             job.done.extend(results);
             if job.remaining == 0 {
                 job.subscribers.clear();
@@ -795,6 +804,7 @@ impl State {
                 }
                 self.finished.push_back(job_id);
                 self.finished_slots += job.info.slots;
+                self.finished_bytes += job.bytes;
             }
         }
         self.forget_old_jobs();
@@ -805,13 +815,17 @@ impl State {
 
     /// Drops the oldest finished jobs beyond the memory bounds.
     fn forget_old_jobs(&mut self) {
-        while self.finished.len() > KEEP_FINISHED_JOBS || self.finished_slots > KEEP_FINISHED_SLOTS
+        while self.finished.len() > 1
+            && (self.finished.len() > KEEP_FINISHED_JOBS
+                || self.finished_slots > KEEP_FINISHED_SLOTS
+                || self.finished_bytes > KEEP_FINISHED_BYTES)
         {
             let Some(old) = self.finished.pop_front() else {
                 break;
             };
             if let Some(job) = self.jobs.remove(&old) {
                 self.finished_slots -= job.info.slots;
+                self.finished_bytes -= job.bytes;
             }
         }
     }
@@ -1622,6 +1636,43 @@ mod tests {
             }
         ));
         assert_eq!(s.status().jobs, KEEP_FINISHED_JOBS as u64 + 1);
+    }
+
+    #[test]
+    fn large_results_are_held_up_to_a_byte_bound_and_the_last_job_always() {
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        let big = bytes::Bytes::from(vec![7u8; 30 << 20]);
+        let jobs = 12;
+        for _ in 0..jobs {
+            let info = submit(&mut s, &mut c, Targets::All, now);
+            let (t, e) = info.tasks[0];
+            let mut r = ok(t, e, 0);
+            r.outcome = Outcome::Ok {
+                value: Value::Pickle {
+                    repr: "b'...'".into(),
+                    bytes: big.clone(),
+                    buffers: Vec::new(),
+                },
+                display: None,
+            };
+            s.on_engine_message(&mut c, ConnId(0), EngineToController::Done(vec![r]), now);
+        }
+        assert!(
+            s.finished_bytes <= KEEP_FINISHED_BYTES,
+            "{}",
+            s.finished_bytes
+        );
+        assert_eq!(s.jobs.len(), KEEP_FINISHED_BYTES / (30 << 20));
+        assert!(s.jobs.contains_key(&JobId(jobs - 1)));
+
+        // One job larger than the whole bound is still there for `starling result`.
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        let info = submit(&mut s, &mut c, Targets::All, now);
+        let (t, e) = info.tasks[0];
+        let mut r = ok(t, e, 0);
+        r.stdout = "x".repeat(KEEP_FINISHED_BYTES + 1);
+        s.on_engine_message(&mut c, ConnId(0), EngineToController::Done(vec![r]), now);
+        assert!(s.jobs.contains_key(&JobId(0)));
     }
 
     fn failed_items(c: &Recorder) -> usize {

@@ -105,11 +105,19 @@ def _name(kind):
     return "<%s-%d>" % (kind, _names)
 
 
+# A repr is for people to read: a large value's is cut here, so that its text does not travel
+# (and stay in the controller) beside the value itself.
+_REPR_LIMIT = 64 * 1024
+
+
 def _safe_repr(v):
     try:
-        return repr(v)
+        text = repr(v)
     except Exception as e:  # noqa: BLE001 - a broken __repr__ must not kill the kernel
         return "<%s object (repr failed: %s)>" % (type(v).__name__, e)
+    if len(text) > _REPR_LIMIT:
+        return "%s... (%d characters in all)" % (text[:_REPR_LIMIT], len(text))
+    return text
 
 
 def _dumps(v, bufs):
@@ -354,7 +362,7 @@ def _run(task, bufs):
             reply = _encode(value, rbufs)
             reply["ok"] = True
             if value is not None:
-                reply["d"] = _safe_repr(value)
+                reply["d"] = reply.get("r") or reply.get("o") or _safe_repr(value)
         elif op == "map":
             job = task["job"]
             if "func" in task:

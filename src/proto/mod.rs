@@ -421,6 +421,27 @@ pub enum Outcome {
     Items(Vec<Result<Value, RemoteError>>),
 }
 
+impl TaskResult {
+    /// About how many bytes it holds in memory.
+    pub fn approx_bytes(&self) -> usize {
+        let error = |e: &RemoteError| 72 + e.ename.len() + e.evalue.len() + e.traceback.len();
+        let outcome = match &self.outcome {
+            Outcome::Ok { value, display } => {
+                value.approx_bytes() + display.as_ref().map_or(0, String::len)
+            }
+            Outcome::Err(e) => error(e),
+            Outcome::Items(items) => items
+                .iter()
+                .map(|i| match i {
+                    Ok(v) => v.approx_bytes(),
+                    Err(e) => error(e),
+                })
+                .sum(),
+        };
+        128 + outcome + self.stdout.len() + self.stderr.len()
+    }
+}
+
 /// The result of one task, with its captured output and timing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskResult {

@@ -69,6 +69,25 @@ impl Value {
     }
 
     /// How many bytes the value's pickle and buffers hold (0 for JSON values).
+    /// About how many bytes the value holds in memory: what bounds by bytes count.
+    pub fn approx_bytes(&self) -> usize {
+        fn json(v: &serde_json::Value) -> usize {
+            match v {
+                serde_json::Value::String(s) => 24 + s.len(),
+                serde_json::Value::Array(a) => 24 + a.iter().map(json).sum::<usize>(),
+                serde_json::Value::Object(o) => {
+                    48 + o.iter().map(|(k, v)| 24 + k.len() + json(v)).sum::<usize>()
+                }
+                _ => 16,
+            }
+        }
+        match self {
+            Value::Json(v) => json(v),
+            Value::Pickle { repr, .. } => 64 + repr.len() + self.pickled_len(),
+            Value::Opaque { repr } => 24 + repr.len(),
+        }
+    }
+
     pub fn pickled_len(&self) -> usize {
         match self {
             Value::Pickle { bytes, buffers, .. } => {
