@@ -1,8 +1,27 @@
 //! The `starling` command line: clap commands and formatting, nothing more. Every command calls
 //! the library ([`crate::provider`], [`crate::client`]); `run` can be called from tests.
 
+/// `println!` for the command's output: when stdout is gone (`starling px ... | head -1`), the
+/// program ends quietly with status 141, as a pipeline expects, instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            crate::cli::stdout_failed(&e);
+        }
+    }};
+}
+
 mod nodes;
 mod output;
+
+/// Ends the program after stdout failed: quietly if the reader went away.
+pub(crate) fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() != std::io::ErrorKind::BrokenPipe {
+        eprintln!("error: cannot write the output: {e}");
+    }
+    std::process::exit(141)
+}
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -218,8 +237,12 @@ pub struct UpArgs {
 
 #[derive(Debug, Args)]
 pub struct PxArgs {
-    /// The code to run.
-    pub code: String,
+    /// The code to run; `-` reads it from stdin.
+    #[arg(allow_hyphen_values = true)]
+    pub code: Option<String>,
+    /// Run the code in FILE (`-` for stdin) instead.
+    #[arg(long, value_name = "FILE", conflicts_with = "code")]
+    pub file: Option<PathBuf>,
     /// Engines to run on: an id (3), a list (0,2), a slice (::2, :-1) or all.
     #[arg(short, long, default_value = "all", allow_hyphen_values = true)]
     pub targets: String,
@@ -327,7 +350,11 @@ pub async fn run(cli: Cli) -> ExitCode {
         Err(e) => {
             let mut msg = format!("error: {e}");
             for cause in e.chain().skip(1) {
-                msg = format!("{msg}\n  caused by: {cause}");
+                // Most errors already name their cause; say it once.
+                let cause = cause.to_string();
+                if !msg.contains(&cause) {
+                    msg = format!("{msg}\n  caused by: {cause}");
+                }
             }
             eprintln!("{msg}");
             ExitCode::FAILURE
@@ -348,7 +375,7 @@ async fn dispatch(cli: &Cli) -> Result<ExitCode> {
             }
             std::fs::write(&args.output_file, text)
                 .with_context(|| format!("cannot write {}", args.output_file.display()))?;
-            println!(
+            outln!(
                 "wrote {} from the {} template; edit it, then `starling up -f {}`",
                 args.output_file.display(),
                 args.template,
@@ -714,12 +741,18 @@ async fn map(g: &Global, args: &MapArgs) -> Result<ExitCode> {
 
 async fn px(g: &Global, args: &PxArgs) -> Result<ExitCode> {
     let targets = targets(&args.targets)?;
+    let code = match (&args.code, &args.file) {
+        (Some(code), _) if code == "-" => read_source(Path::new("-"))?,
+        (Some(code), _) => code.clone(),
+        (None, Some(file)) => read_source(file)?,
+        (None, None) => bail!("give the code to run, `-` to read it from stdin, or --file FILE"),
+    };
     let client = connect(g).await?;
     let view = client.direct(targets);
     let ar = if args.sh {
-        view.shell(&args.code).await?
+        view.shell(&code).await?
     } else {
-        view.execute(&args.code).await?
+        view.execute(&code).await?
     };
     if args.noblock {
         let job = ar.job_id();

@@ -14,7 +14,7 @@ use crate::proto::{
 use crate::provider::{ec2::Instance, ClusterSummary, Launched, Terminated};
 
 fn print_json(v: &Json) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
+    outln!("{}", serde_json::to_string_pretty(v).expect("serializes"));
 }
 
 /// JSON for scripts: one pretty document, or with `jsonl` one compact line per element.
@@ -24,10 +24,15 @@ fn print_doc(f: Format, v: &Json) {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             for item in items {
-                let _ = writeln!(out, "{item}");
+                if let Err(e) = writeln!(out, "{item}") {
+                    super::stdout_failed(&e);
+                }
+            }
+            if let Err(e) = out.flush() {
+                super::stdout_failed(&e);
             }
         }
-        (Format::Jsonl, other) => println!("{other}"),
+        (Format::Jsonl, other) => outln!("{other}"),
         _ => print_json(v),
     }
 }
@@ -45,7 +50,7 @@ fn value_json(v: &Value) -> Json {
 
 pub fn ids(f: Format, ids: &[EngineId]) {
     match f {
-        Format::Text => println!("{}", format_ids(ids)),
+        Format::Text => outln!("{}", format_ids(ids)),
         _ => print_doc(f, &json!(ids)),
     }
 }
@@ -56,7 +61,7 @@ pub fn launched(f: Format, l: &Launched) {
             for n in &l.notes {
                 eprintln!("note: {n}");
             }
-            println!(
+            outln!(
                 "cluster '{}' is up: {} {} registered in {:.2} s\nconnection file: {}",
                 l.cluster,
                 count(l.engines.len(), "engine"),
@@ -86,25 +91,26 @@ pub fn terminated(f: Format, t: &Terminated) {
                 eprintln!("note: {n}");
             }
             if !t.found {
-                println!(
+                outln!(
                     "nothing of cluster '{}' exists; nothing to take down",
                     t.cluster
                 );
             } else if !t.removed.is_empty() {
-                println!(
+                outln!(
                     "cluster '{}' is down: removed {}; nothing of it remains",
                     t.cluster,
                     t.removed.join("; ")
                 );
             } else if t.was_dead {
-                println!(
+                outln!(
                     "cluster '{}' was not running (its processes had already exited); removed its files",
                     t.cluster
                 );
             } else {
-                println!(
+                outln!(
                     "cluster '{}' is down: stopped {} processes; nothing of it remains",
-                    t.cluster, t.stopped
+                    t.cluster,
+                    t.stopped
                 );
             }
         }
@@ -119,7 +125,7 @@ pub fn terminated(f: Format, t: &Terminated) {
 /// A one-line result of a command, or its JSON.
 pub fn message(f: Format, text: &str, doc: &Json) {
     match f {
-        Format::Text => println!("{text}"),
+        Format::Text => outln!("{text}"),
         _ => print_doc(f, doc),
     }
 }
@@ -133,12 +139,17 @@ pub enum NodeRows {
 pub fn nodes(f: Format, rows: &NodeRows) {
     match (f, rows) {
         (Format::Text, NodeRows::Ec2(list)) => {
-            println!(
+            outln!(
                 "{:<8}  {:<20}  {:<12}  {:<9}  {:<15}  {:<15}",
-                "node", "instance", "type", "state", "private", "public"
+                "node",
+                "instance",
+                "type",
+                "state",
+                "private",
+                "public"
             );
             for i in list {
-                println!(
+                outln!(
                     "{:<8}  {:<20}  {:<12}  {:<9}  {:<15}  {:<15}",
                     i.node,
                     i.id,
@@ -150,9 +161,9 @@ pub fn nodes(f: Format, rows: &NodeRows) {
             }
         }
         (Format::Text, NodeRows::Hosts(list)) => {
-            println!("{:<8}  {:<24}  {:<10}", "node", "host", "user");
+            outln!("{:<8}  {:<24}  {:<10}", "node", "host", "user");
             for n in list {
-                println!(
+                outln!(
                     "{:<8}  {:<24}  {:<10}",
                     n.name,
                     format!("{}:{}", n.ssh_host, n.port),
@@ -177,7 +188,7 @@ pub fn per_node(f: Format, results: &[(NodeTarget, Result<String, String>)]) -> 
                 match r {
                     Ok(out) => {
                         for line in out.lines() {
-                            println!("{}: {line}", node.name);
+                            outln!("{}: {line}", node.name);
                         }
                     }
                     Err(e) => {
@@ -233,9 +244,9 @@ pub fn added(f: Format, reports: &[NodeReport], ids: &[EngineId], elapsed: Durat
 pub fn submitted(f: Format, job: JobId, engines: &[EngineId]) {
     match f {
         Format::Text if engines.is_empty() => {
-            println!("job {job} submitted, load-balanced; `starling result` waits for it");
+            outln!("job {job} submitted, load-balanced; `starling result` waits for it");
         }
-        Format::Text => println!(
+        Format::Text => outln!(
             "job {job} submitted to engines {}; `starling result` waits for it",
             format_ids(engines)
         ),
@@ -246,7 +257,7 @@ pub fn submitted(f: Format, job: JobId, engines: &[EngineId]) {
 fn block(label: &str, text: &str) {
     let text = text.strip_suffix('\n').unwrap_or(text);
     if !text.is_empty() {
-        println!("[{label}] {text}");
+        outln!("[{label}] {text}");
     }
 }
 
@@ -263,12 +274,12 @@ pub fn results(f: Format, results: &[TaskResult]) -> bool {
                 match &r.outcome {
                     Outcome::Ok {
                         display: Some(d), ..
-                    } => println!("Out[{}:{}]: {d}", r.engine, r.execution_count),
+                    } => outln!("Out[{}:{}]: {d}", r.engine, r.execution_count),
                     Outcome::Ok { display: None, .. } => {}
                     Outcome::Err(e) => print_error(&format!("{}:error", r.engine), e),
                     Outcome::Items(items) => {
                         let shown: Vec<String> = items.iter().map(item_repr).collect();
-                        println!("Out[{}]: [{}]", r.engine, shown.join(", "));
+                        outln!("Out[{}]: [{}]", r.engine, shown.join(", "));
                     }
                 }
             }
@@ -327,7 +338,7 @@ pub fn status(f: Format, s: &ClusterStatus) {
             } else {
                 format!(" ({} lost)", s.lost.len())
             };
-            println!(
+            outln!(
                 "cluster '{}': controller pid {}, {}{lost}, {} running, {} queued, {}",
                 s.cluster,
                 s.controller_pid,
@@ -336,12 +347,20 @@ pub fn status(f: Format, s: &ClusterStatus) {
                 s.queued,
                 count(s.jobs as usize, "job"),
             );
-            println!(
+            outln!(
                 "{:>4}  {:<15}  {:<8}  {:>8}  {:>8}  {:<5}  {:>6}  {:>6}  {:>4}",
-                "id", "host", "node", "pid", "process", "state", "done", "queued", "back"
+                "id",
+                "host",
+                "node",
+                "pid",
+                "process",
+                "state",
+                "done",
+                "queued",
+                "back"
             );
             for e in &s.engines {
-                println!(
+                outln!(
                     "{:>4}  {:<15}  {:<8}  {:>8}  {:>8}  {:<5}  {:>6}  {:>6}  {:>4}",
                     e.id.0,
                     e.host,
@@ -357,7 +376,7 @@ pub fn status(f: Format, s: &ClusterStatus) {
             let now = crate::proto::now_micros();
             for l in &s.lost {
                 let id = l.id.map_or_else(|| "-".to_string(), |i| i.0.to_string());
-                println!(
+                outln!(
                     "lost {id:>4}  {:<15}  {:<8}  {} ago: {}",
                     l.host,
                     l.node,
@@ -367,7 +386,7 @@ pub fn status(f: Format, s: &ClusterStatus) {
             }
             for e in s.engines.iter().filter(|e| e.returns > 0) {
                 if let Some(why) = &e.last_lost {
-                    println!("engine {} came back after: {why}", e.id.0);
+                    outln!("engine {} came back after: {why}", e.id.0);
                 }
             }
         }
@@ -397,15 +416,22 @@ pub fn status(f: Format, s: &ClusterStatus) {
 pub fn clusters(f: Format, clusters: &[ClusterSummary]) {
     match f {
         Format::Text if clusters.is_empty() => {
-            println!("no clusters; `starling up --local -n 4` starts one");
+            outln!("no clusters; `starling up --local -n 4` starts one");
         }
         Format::Text => {
-            println!(
+            outln!(
                 "{:<20}  {:<8}  {:<10}  {:<9}  {:>5}  {:<12}  {:>6}  {:>7}  controller",
-                "name", "provider", "region", "state", "nodes", "types", "age", "engines"
+                "name",
+                "provider",
+                "region",
+                "state",
+                "nodes",
+                "types",
+                "age",
+                "engines"
             );
             for c in clusters {
-                println!(
+                outln!(
                     "{:<20}  {:<8}  {:<10}  {:<9}  {:>5}  {:<12}  {:>6}  {:>7}  {}",
                     c.name,
                     c.provider.to_string(),
@@ -433,10 +459,10 @@ fn age(secs: u64) -> String {
 }
 
 fn print_error(label: &str, e: &RemoteError) {
-    println!("[{label}] {e}");
+    outln!("[{label}] {e}");
     let tb = e.traceback.trim_end();
     if !tb.is_empty() {
-        println!("{tb}");
+        outln!("{tb}");
     }
 }
 
@@ -459,7 +485,7 @@ pub fn list(f: Format, values: &[Value]) {
     match f {
         Format::Text => {
             let shown: Vec<String> = values.iter().map(Value::to_python_repr).collect();
-            println!("[{}]", shown.join(", "));
+            outln!("[{}]", shown.join(", "));
         }
         _ => print_doc(f, &Json::Array(values.iter().map(value_json).collect())),
     }
@@ -523,7 +549,7 @@ pub fn map_results(f: Format, ar: &AsyncResult) -> bool {
 
 pub fn pushed(f: Format, names: &[String], engines: &[EngineId]) {
     match f {
-        Format::Text => println!(
+        Format::Text => outln!(
             "pushed {} to engines {}",
             names.join(", "),
             format_ids(engines)
@@ -534,7 +560,7 @@ pub fn pushed(f: Format, names: &[String], engines: &[EngineId]) {
 
 pub fn scattered(f: Format, name: &str, n: usize, engines: &[EngineId]) {
     match f {
-        Format::Text => println!(
+        Format::Text => outln!(
             "scattered {n} items as '{name}' over engines {}",
             format_ids(engines)
         ),
@@ -554,19 +580,19 @@ pub fn pulled(f: Format, names: &[String], ar: &AsyncResult) -> bool {
             for r in &results {
                 match &r.outcome {
                     Outcome::Ok { value, .. } => match (names, value) {
-                        ([one], v) => println!("[{}] {one} = {}", r.engine, v.to_python_repr()),
+                        ([one], v) => outln!("[{}] {one} = {}", r.engine, v.to_python_repr()),
                         (many, Value::Json(Json::Array(vs)))
                             if many.len() == vs.len() && !many.is_empty() =>
                         {
                             for (n, v) in many.iter().zip(vs) {
-                                println!(
+                                outln!(
                                     "[{}] {n} = {}",
                                     r.engine,
                                     Value::Json(v.clone()).to_python_repr()
                                 );
                             }
                         }
-                        (_, v) => println!("Out[{}]: {}", r.engine, v.to_python_repr()),
+                        (_, v) => outln!("Out[{}]: {}", r.engine, v.to_python_repr()),
                     },
                     Outcome::Err(e) => print_error(&format!("{}:error", r.engine), e),
                     Outcome::Items(_) => {}

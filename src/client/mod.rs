@@ -48,11 +48,13 @@ pub enum ClientError {
     NoConnectionFile(String),
     #[error("the connection file {path} is unusable: {reason}")]
     BadConnectionFile { path: PathBuf, reason: String },
-    #[error("cannot reach the controller of cluster '{cluster}' at {addr}: {source}. Is the cluster up? (`starling status`; `starling up` starts it)")]
+    #[error("cannot reach the controller of cluster '{cluster}' at {addr}: {reason}{hint}")]
     Connect {
         cluster: String,
         addr: String,
-        source: ProtoError,
+        reason: ProtoError,
+        /// What to try next: whether the cluster is up, unless the controller answered.
+        hint: &'static str,
     },
     #[error("lost the connection to the controller: {0}")]
     Disconnected(String),
@@ -114,10 +116,15 @@ impl Client {
                 info.max_frame,
             )
             .await
-            .map_err(|source| ClientError::Connect {
+            .map_err(|reason| ClientError::Connect {
                 cluster: info.cluster.clone(),
                 addr: info.controller.clone(),
-                source,
+                hint: match reason {
+                    // The controller is up and said why it would not talk.
+                    ProtoError::Refused(_) => "",
+                    _ => ". Is the cluster up? (`starling status`; `starling up` starts it)",
+                },
+                reason,
             })?;
         let (mut reader, writer) = c.split();
         let (out, out_rx) = mpsc::unbounded_channel();

@@ -342,9 +342,26 @@ impl Provider for LocalProvider {
             let Some(state) = load_state(&name) else {
                 continue;
             };
-            let info = ConnectionInfo::load(&home::connection_path(&name)).ok();
+            let path = home::connection_path(&name);
+            let info = ConnectionInfo::load(&path).ok();
             let live = our_processes(&node_root(&name));
             let running = live.contains(&state.controller_pid);
+            // The connection file is written once the controller listens: the cluster's age.
+            let age_s = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs());
+            let engines = match (&info, running) {
+                (Some(info), true) => {
+                    let ids = async { Client::connect_with(info.clone()).await?.ids().await };
+                    match tokio::time::timeout(Duration::from_secs(2), ids).await {
+                        Ok(Ok(ids)) => Some(ids.len()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
             out.push(ClusterSummary {
                 name,
                 provider: ProviderKind::Local,
@@ -356,9 +373,9 @@ impl Provider for LocalProvider {
                     .filter(|p| live.contains(p))
                     .count(),
                 types: String::new(),
-                age_s: None,
+                age_s,
                 controller: info.map(|i| i.controller).unwrap_or_default(),
-                engines: None,
+                engines,
             });
         }
         Ok(out)

@@ -1,6 +1,6 @@
 //! The user session of the README, line by line, through the real CLI.
 
-use crate::common::Cluster;
+use crate::common::{Cluster, STARLING};
 
 #[test]
 fn the_readme_session_works_line_by_line() {
@@ -238,4 +238,58 @@ fn result_with_a_timeout_says_how_far_the_job_got() {
         let st = client.status().await.unwrap();
         assert_eq!(st.engines[0].state, starling::proto::EngineState::Busy);
     });
+}
+
+#[test]
+fn px_reads_code_from_stdin_or_a_file_and_a_closed_pipe_ends_it_quietly() {
+    let c = Cluster::up("pipes", 2);
+    let bin = std::path::Path::new(STARLING).parent().unwrap();
+    let sh = |script: &str| {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .env("STARLING_HOME", c.home_path())
+            .env("STARLING_CLUSTER", "pipes")
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap()
+    };
+    let out = sh("printf 'x = 20\\nx + 1\\n' | starling px -");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        2,
+        "{out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("]: 21"),
+        "{out:?}"
+    );
+    let file = c.home_path().join("code.py");
+    std::fs::write(&file, "import os\nx * 2\n").unwrap();
+    let r = c.starling(&["px", "--file", file.to_str().unwrap(), "--targets", "0"]);
+    assert!(r.ok().stdout.contains("]: 40"), "{}", r.stdout);
+    let r = c.starling(&["px"]);
+    assert!(r.fails().stderr.contains("--file"), "{}", r.stderr);
+
+    // `| head -1`: the reader goes away; starling ends with 141 like any pipeline member.
+    let out = sh(
+        "starling map 'lambda x: x' --range 20000 --output jsonl | head -1; echo \"status ${PIPESTATUS[0]}\"",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout.lines().next(), Some("0"), "{stdout}");
+    assert!(stdout.contains("status 141"), "{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // `list` shows a local cluster's engines and age.
+    let r = c.starling_raw(&["list", "--output", "json"]);
+    let doc = r.ok().json();
+    let me = doc
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "pipes")
+        .unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!(me["engines"], 2, "{doc}");
+    assert!(me["age_s"].is_u64(), "{doc}");
 }

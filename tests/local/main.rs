@@ -7,5 +7,6 @@ mod cli_session;
 mod client_lib;
 mod failures;
 mod maps;
+mod readme;
 mod security;
 mod specs;

@@ -32,13 +32,17 @@ async fn a_client_with_the_wrong_key_is_refused_and_nothing_else_is_disturbed() 
         matches!(
             &err,
             ClientError::Connect {
-                source: ProtoError::Refused(_),
+                reason: ProtoError::Refused(_),
                 ..
             }
         ),
         "{err:?}"
     );
     assert!(text.contains("the client key is wrong"), "{text}");
+    assert!(
+        !text.contains("Is the cluster up"),
+        "the controller answered: {text}"
+    );
 
     // The engine key does not open the client door either.
     let engine_cfg: serde_json::Value = serde_json::from_str(
