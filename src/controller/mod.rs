@@ -269,9 +269,9 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
                     Ok(Some(req)) => {
                         let _ = events.send(Event::ClientRequest(conn, req.id, req.body));
                     }
-                    Ok(None) => break,
-                    // A client process that exits without closing TLS: nothing to report.
-                    Err(ProtoError::Dropped) => break,
+                    // Closed, or a client process that exited without closing TLS: nothing
+                    // to report.
+                    Ok(None) | Err(ProtoError::Dropped) => break,
                     Err(e) => {
                         tracing::warn!(?conn, "client connection closed: {e}");
                         break;
