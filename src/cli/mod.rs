@@ -29,7 +29,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::client::{connection, AsyncResult, Client, ClientError};
 use crate::home;
@@ -58,24 +58,52 @@ pub struct Global {
     /// A connection file to use instead of looking the cluster up by name.
     #[arg(long, global = true, value_name = "FILE")]
     pub connection: Option<PathBuf>,
-    /// Output format: text for people, json for scripts.
-    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    /// Output format: text for people, json or jsonl for scripts.
+    #[arg(long, global = true, value_name = "text|json|jsonl", value_parser = parse_format, default_value = "text")]
     pub output: Format,
     /// Log more (repeat for even more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// EC2 region, for clusters this machine did not start (default: AWS_REGION).
-    #[arg(long, global = true, value_name = "REGION")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "REGION",
+        help_heading = "Options for clusters on EC2 and SSH hosts"
+    )]
     pub region: Option<String>,
     /// EC2 endpoint, e.g. LocalStack's (default: AWS_ENDPOINT_URL, else AWS).
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        help_heading = "Options for clusters on EC2 and SSH hosts"
+    )]
     pub endpoint_url: Option<String>,
     /// The SSH key to log in to nodes with (default: the spec's `ssh.key_file`).
-    #[arg(short = 'i', long, global = true, value_name = "FILE")]
+    #[arg(
+        short = 'i',
+        long,
+        global = true,
+        value_name = "FILE",
+        help_heading = "Options for clusters on EC2 and SSH hosts"
+    )]
     pub key_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// `--output`'s value, with a pointer for those who meant a file.
+fn parse_format(text: &str) -> Result<Format, String> {
+    match text {
+        "text" => Ok(Format::Text),
+        "json" => Ok(Format::Json),
+        "jsonl" => Ok(Format::Jsonl),
+        other => Err(format!(
+            "'{other}' is not an output format (text, json or jsonl); `init` writes its spec to the file named by -o FILE"
+        )),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Text,
     Json,

@@ -9,6 +9,11 @@
 # and their out-of-band buffers (NumPy data, pickle protocol 5) travel as raw buffers. The pipes
 # are moved to close-on-exec fds, and a process the task forks loses them at once, so nothing
 # user code writes or starts can reach the protocol.
+#
+# While a batch of tasks runs, fds 1 and 2 point at files of their own: what a task writes —
+# print, os.system, a C extension, a child process — is its stdout and stderr, in order, bounded
+# when read back after it. Between batches they point where the engine put them (its bounded
+# log).
 import ast
 import base64
 import builtins
@@ -21,6 +26,7 @@ import os
 import pickle
 import struct
 import sys
+import tempfile
 import time
 import traceback
 import types
@@ -45,6 +51,47 @@ def _forked():
 
 os.register_at_fork(after_in_child=_forked)
 _PYTHON = "%d.%d" % sys.version_info[:2]
+
+# The most of a task's stdout (and of its stderr) that comes back with its result.
+_CAPTURE_LIMIT = 1 << 20
+
+
+class _Capture:
+    """One of fds 1 and 2 while a task runs: a file of its own, read back (bounded) after."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.between = os.dup(fd)  # where it points between tasks; close-on-exec
+        self.file = tempfile.TemporaryFile()
+        # Python-level writes go through the fd too, so print and os.system keep their order.
+        self.text = open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+
+    def start(self):
+        os.dup2(self.file.fileno(), self.fd)
+
+    def stop(self):
+        os.dup2(self.between, self.fd)
+
+    def take(self):
+        """What was written since the last take."""
+        try:
+            self.text.flush()
+        except (OSError, ValueError):
+            pass
+        size = os.fstat(self.file.fileno()).st_size
+        if not size:
+            return ""
+        self.file.seek(0)
+        data = self.file.read(_CAPTURE_LIMIT)
+        self.file.seek(0)
+        self.file.truncate()
+        text = data.decode("utf-8", "replace")
+        if size > _CAPTURE_LIMIT:
+            text += "\n[starling: %d more bytes of this output were cut]\n" % (size - _CAPTURE_LIMIT)
+        return text
+
+
+_OUT, _ERR = _Capture(1), _Capture(2)
 
 
 class _Reference:
@@ -347,8 +394,7 @@ def _execute(code):
 def _run(task, bufs):
     global _count, _limit
     op = task["op"]
-    out, err = io.StringIO(), io.StringIO()
-    sys.stdout, sys.stderr = out, err
+    sys.stdout, sys.stderr = _OUT.text, _ERR.text
     started = time.time()
     rbufs = []
     try:
@@ -416,8 +462,8 @@ def _run(task, bufs):
     if os.getpid() != _PID:
         os._exit(0)
     reply["id"] = task["id"]
-    reply["out"] = out.getvalue()
-    reply["err"] = err.getvalue()
+    reply["out"] = _OUT.take()
+    reply["err"] = _ERR.take()
     for job in task.get("forget", ()):
         _maps.pop(job, None)
     reply["n"] = _count
@@ -497,10 +543,16 @@ def main():
             tasks, bufs = _read_frame()
         except EOFError:
             return
-        for task in tasks:
-            # One frame per task, written at once: if a task kills the process, the results
-            # before it are already out.
-            _write_frame(*_run(task, bufs))
+        _OUT.start()
+        _ERR.start()
+        try:
+            for task in tasks:
+                # One frame per task, written at once: if a task kills the process, the results
+                # before it are already out.
+                _write_frame(*_run(task, bufs))
+        finally:
+            _OUT.stop()
+            _ERR.stop()
 
 
 main()

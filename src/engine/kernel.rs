@@ -237,6 +237,35 @@ pub struct PythonKernel {
     pub pid: u32,
 }
 
+/// The most a kernels' log grows to before it is moved to `FILE.1` (replacing the one there)
+/// and started afresh: output written outside tasks never fills a node's disk.
+pub const LOG_LIMIT: u64 = 16 << 20;
+
+/// Appends what `from` yields to the log at `path`, keeping it under [`LOG_LIMIT`].
+async fn copy_to_log(mut from: impl tokio::io::AsyncRead + Unpin, path: std::path::PathBuf) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Several kernels share the log: each checks its size before it writes.
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() + n as u64 > LOG_LIMIT) {
+            let mut old = path.clone().into_os_string();
+            old.push(".1");
+            let _ = std::fs::rename(&path, old);
+        }
+        if let Ok(mut log) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+        {
+            let _ = std::io::Write::write_all(&mut log, &buf[..n]);
+        }
+    }
+}
+
 fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
 }
@@ -259,18 +288,12 @@ impl PythonKernel {
             .current_dir(workdir)
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        match engine_log.map(|p| {
-            std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
-        }) {
-            Some(Ok(log)) => {
-                cmd.stdout(log.try_clone()?).stderr(log);
-            }
-            _ => {
-                cmd.stdout(Stdio::null()).stderr(Stdio::null());
-            }
+        // What the kernel writes outside tasks (a task's own output is captured by the kernel)
+        // goes to the engine's log, bounded.
+        if engine_log.is_some() {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        } else {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
         // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
         unsafe {
@@ -290,10 +313,18 @@ impl PythonKernel {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| KernelError::Spawn {
+        let mut child = cmd.spawn().map_err(|source| KernelError::Spawn {
             python: python.to_string(),
             source,
         })?;
+        if let Some(log) = engine_log {
+            if let Some(out) = child.stdout.take() {
+                tokio::spawn(copy_to_log(out, log.to_path_buf()));
+            }
+            if let Some(err) = child.stderr.take() {
+                tokio::spawn(copy_to_log(err, log.to_path_buf()));
+            }
+        }
         drop((req_r, rep_w));
         let pid = child.id().unwrap_or(0);
         let codec = FrameCodec {

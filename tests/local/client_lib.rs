@@ -253,7 +253,7 @@ async fn the_task_store_records_every_job_and_result() {
         .wait(None)
         .await
         .unwrap();
-    let db = c.node_root().join("master/tasks.db");
+    let db = c.task_store();
     let counted = crate::common::eventually(Duration::from_secs(5), || {
         let conn = rusqlite::Connection::open(&db).unwrap();
         let n: i64 = conn

@@ -118,6 +118,19 @@ impl Cluster {
         self.home.path().join("node").join(&self.name)
     }
 
+    /// The cluster's task store (under `history/`, where it outlives the cluster).
+    pub fn task_store(&self) -> PathBuf {
+        let dir = self.home.path().join("history").join(&self.name);
+        let mut stores: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "db"))
+            .collect();
+        stores.sort();
+        stores.pop().expect("a task store")
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(self.connection_file())
             .await

@@ -374,7 +374,12 @@ fn user_output_cannot_corrupt_the_protocol() {
     let code = "import os, sys\nos.write(1, b'{\"ok\": true}\\n')\nos.write(2, b'garbage\\n')\nsys.__stdout__.write('more\\n')\nprint('x' * 100000)\n'fine'";
     let r = c.starling(&["px", "--output", "json", code]).ok().json();
     assert_eq!(r[0]["value"], "fine");
-    assert_eq!(r[0]["stdout"].as_str().unwrap().len(), 100_001);
+    // What the task wrote to fds 1 and 2 is its output, like what it printed; never a result.
+    let stdout = r[0]["stdout"].as_str().unwrap();
+    assert!(stdout.starts_with("{\"ok\": true}\n"), "{}", &stdout[..40]);
+    assert!(stdout.contains("more\n"));
+    assert!(stdout.ends_with(&format!("{}\n", "x".repeat(100_000))));
+    assert_eq!(r[0]["stderr"], "garbage\n");
     let again = c
         .starling(&["px", "input() if False else 'still fine'"])
         .ok()
@@ -661,8 +666,15 @@ fn down_stops_what_tasks_left_behind_removes_only_its_own_files_keeps_the_store_
     let pid = doc[0]["value"]
         .as_i64()
         .unwrap_or_else(|| panic!("a pid: {doc}")) as i32;
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    assert!(environ.is_empty(), "the escaped process has no environment");
+    // Once `setsid` and `env -i` have exec'd `sleep`, it has no environment at all.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|e| e.is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the escaped process sheds its environment"
+        );
+        std::thread::yield_now();
+    }
 
     // Someone edits the cluster's state to point at a directory that is not the cluster's.
     let outside = tempfile::tempdir().unwrap();
@@ -690,13 +702,7 @@ fn down_stops_what_tasks_left_behind_removes_only_its_own_files_keeps_the_store_
         "keep me"
     );
     // The task store outlives the cluster.
-    let history: Vec<_> = std::fs::read_dir(c.home_path().join("history/cleanup"))
-        .expect("a history folder")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(history.len(), 1, "{history:?}");
-    let db = rusqlite::Connection::open(&history[0]).unwrap();
+    let db = rusqlite::Connection::open(c.task_store()).unwrap();
     let jobs: i64 = db
         .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
         .unwrap();
@@ -742,4 +748,64 @@ fn up_refuses_more_engines_than_a_node_holds_and_takes_n_auto() {
     let cores = std::thread::available_parallelism().unwrap().get();
     let ids = c.starling(&["ids", "--output", "json"]);
     assert_eq!(ids.ok().json().as_array().unwrap().len(), cores);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_written_at_the_fd_level_reaches_the_user_in_order_and_nothing_grows_unbounded() {
+    let c = Cluster::up("fdout", 2);
+    let r = c.starling(&[
+        "px",
+        "--targets",
+        "0",
+        "import os, subprocess; print('a'); os.system('echo b; echo e >&2'); subprocess.run(['echo', 'c']); print('d')",
+    ]);
+    assert_eq!(
+        r.ok().stdout,
+        "[stdout:0] a\nb\nc\nd\n[stderr:0] e\n",
+        "{}",
+        r.stdout
+    );
+    // A task that writes far more than anyone reads: the first MiB, and how much was cut.
+    let r = c.starling(&[
+        "px",
+        "--targets",
+        "0",
+        "import os; os.system('head -c 3000000 /dev/zero | tr \"\\\\0\" x')",
+    ]);
+    assert!(
+        r.ok()
+            .stdout
+            .contains("[starling: 1951424 more bytes of this output were cut]"),
+        "{}",
+        &r.stdout[r.stdout.len().saturating_sub(300)..]
+    );
+    // Output between tasks (a thread that never stops) goes to the log, which stays bounded.
+    c.starling(&[
+        "px",
+        "--targets",
+        "1",
+        "import threading, os\ndef spam():\n    while True:\n        os.write(1, b'y' * 65536)\nthreading.Thread(target=spam, daemon=True).start()",
+    ])
+    .ok();
+    let logs = c.node_root().join("node000/logs");
+    assert!(
+        eventually(Duration::from_secs(30), || logs
+            .join("kernels.log.1")
+            .exists())
+        .await,
+        "the log was rotated"
+    );
+    for _ in 0..3 {
+        for f in ["kernels.log", "kernels.log.1"] {
+            let len = std::fs::metadata(logs.join(f)).map_or(0, |m| m.len());
+            assert!(
+                len <= starling::engine::kernel::LOG_LIMIT,
+                "{f}: {len} bytes"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The engine next to it works as before.
+    let r = c.starling(&["px", "--targets", "0", "6 * 7"]);
+    assert!(r.ok().stdout.contains("42"), "{}", r.stdout);
 }
