@@ -23,11 +23,12 @@ if [ "$what" != test ]; then
         "$VENV/bin/pip" install -q --disable-pip-version-check -r python/requirements-dev.txt
         cp python/requirements-dev.txt "$VENV/.requirements"
     fi
-    # The dev build is the one `cargo test` makes (same features, nothing rebuilt).
+    # The dev build is the one `cargo test --workspace` makes (same features: python/Cargo.toml
+    # says why), so maturin below compiles only the binding itself.
     if [ "$PROFILE" = dev ]; then
-        cargo build --locked --all-targets
+        cargo build --locked --workspace --all-targets
     else
-        cargo build --locked --profile "$PROFILE" --bins
+        cargo build --locked --workspace --profile "$PROFILE" --bins
     fi
     mkdir -p python/starling/bin
     cp "$TARGET/$DIR/starlingd" python/starling/bin/starlingd.new

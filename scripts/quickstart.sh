@@ -4,7 +4,7 @@
 # the Python package into .venv-python and says how to use it from IPython.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins
+cargo build --release --workspace --bins
 BIN="${CARGO_TARGET_DIR:-$PWD/target}/release"
 export PATH="$BIN:$PATH"
 starling up --local -n 4 --name quickstart

@@ -21,8 +21,10 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --features starling/e2e --locked -- -D warnings
 echo "== cargo test"
+# Every build here is `--workspace`: the dependencies' features are then the same in each (the
+# Python crate's included), so aws-sdk-ec2 and its stack are compiled once, not once per build.
 # A hung test fails here, loudly and in time, instead of running into CI's limit.
-timeout 1800 cargo test --locked
+timeout 1800 cargo test --locked --workspace
 echo "== Python: build the package (maturin) into .venv-python, ruff, pytest"
 # Installs maturin, cloudpickle, pytest, IPython, nbclient, ... into .venv-python itself.
 scripts/python.sh build

@@ -132,6 +132,18 @@ impl Progress {
         }
     }
 
+    /// A bar counting up to `total` on a terminal (`None` elsewhere).
+    pub fn counter(&self, total: u64, what: &str) -> Option<ProgressBar> {
+        self.multi.as_ref().map(|m| {
+            let bar = m.add(ProgressBar::new(total));
+            bar.set_style(
+                ProgressStyle::with_template(&format!("  {{bar:30}} {{pos}}/{{len}} {what}"))
+                    .expect("a valid template"),
+            );
+            bar
+        })
+    }
+
     fn node(&self, name: &str) -> NodeBar {
         let bar = self.multi.as_ref().map(|m| {
             let bar = m.add(ProgressBar::new_spinner());

@@ -269,7 +269,13 @@ impl Provider for LocalProvider {
         let timeout = Duration::from_secs(spec.register_timeout_s);
         let registered = async {
             let client = Client::connect_with(info).await?;
-            client.wait_for_engines(engines, timeout).await
+            super::await_engines(
+                &client,
+                engines,
+                timeout,
+                &crate::bootstrap::Progress::new(),
+            )
+            .await
         };
         match registered.await {
             Ok(ids) => Ok(Launched {

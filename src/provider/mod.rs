@@ -313,6 +313,34 @@ pub async fn down(name: &str, hints: &Hints) -> Result<Terminated, ProviderError
     }
 }
 
+/// Waits until `n` engines have registered (or `timeout` passes), counting them on a terminal
+/// meanwhile: `up` of many engines shows how far it got.
+pub async fn await_engines(
+    client: &crate::client::Client,
+    n: u32,
+    timeout: Duration,
+    progress: &crate::bootstrap::Progress,
+) -> Result<Vec<EngineId>, ClientError> {
+    let Some(bar) = progress.counter(u64::from(n), "engines registered") else {
+        return client.wait_for_engines(n, timeout).await;
+    };
+    let wait = client.wait_for_engines(n, timeout);
+    tokio::pin!(wait);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let out = loop {
+        tokio::select! {
+            r = &mut wait => break r,
+            _ = tick.tick() => {
+                if let Ok(ids) = client.ids().await {
+                    bar.set_position(ids.len() as u64);
+                }
+            }
+        }
+    };
+    bar.finish_and_clear();
+    out
+}
+
 /// Every cluster this machine knows, and every EC2 cluster in the regions it knows of (the
 /// hint, AWS_REGION, and the regions of the EC2 clusters it started).
 pub async fn list(hints: &Hints) -> Result<Vec<ClusterSummary>, ProviderError> {

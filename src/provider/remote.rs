@@ -136,9 +136,13 @@ pub async fn start_cluster(
     let engines: u32 = reports.iter().map(|r| r.engines).sum();
     progress.say(&format!("waiting for {engines} engines to register"));
     let client = Client::connect_with(info).await?;
-    let ids = client
-        .wait_for_engines(engines, Duration::from_secs(spec.register_timeout_s))
-        .await?;
+    let ids = super::await_engines(
+        &client,
+        engines,
+        Duration::from_secs(spec.register_timeout_s),
+        progress,
+    )
+    .await?;
     Ok(Launched {
         cluster: name,
         connection,

@@ -41,11 +41,13 @@ if ! cmp -s tests/e2e/requirements-localstack.txt "$STAMP" 2>/dev/null; then
 fi
 
 # Build everything the suite runs (the suite and both binaries), then enter the namespace.
-cargo test --locked --features e2e --test e2e --no-run
+# `--workspace`, like every build in scripts/test.sh: the dependencies' features are then the
+# same in every build (the Python crate's included), and nothing is compiled twice.
+cargo test --locked --workspace --features starling/e2e --test e2e --no-run
 export STARLING_E2E_VENV=$VENV
 # The Python package's venv (scripts/python.sh build): the Python client's end-to-end test.
 export STARLING_E2E_PYTHON=$ROOT/.venv-python/bin/python
 if [ $# -eq 0 ]; then
-    set -- cargo test --offline --locked --features e2e --test e2e -- --test-threads=4
+    set -- cargo test --offline --locked --workspace --features starling/e2e --test e2e -- --test-threads=4
 fi
 exec unshare -n "$ROOT/tests/e2e/inside.sh" "$@"
