@@ -207,12 +207,16 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
 
     let mut slot_txs: Vec<mpsc::UnboundedSender<SlotMsg>> = Vec::new();
     let mut slot_tasks = Vec::new();
-    let mut kernel_pids = Vec::new();
-    for kernel in kernels {
+    // Each slot's kernel pid, kept current when a kernel is replaced: what registering again
+    // reports.
+    let kernel_pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    for (index, kernel) in kernels.into_iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         slot_txs.push(tx);
-        kernel_pids.push(kernel.pid);
+        kernel_pids.lock().expect("not poisoned").push(kernel.pid);
         let slot = Slot {
+            index,
+            kernel_pids: kernel_pids.clone(),
             id: EngineId(0),
             kernel: Some(kernel),
             known: HashSet::new(),
@@ -271,7 +275,7 @@ async fn serve(
     config: &EngineConfig,
     mut conn: Conn,
     slots: &[u32],
-    kernel_pids: &[u32],
+    kernel_pids: &std::sync::Mutex<Vec<u32>>,
     slot_txs: &[mpsc::UnboundedSender<SlotMsg>],
     epoch: u64,
     out_tx: &mpsc::UnboundedSender<bytes::Bytes>,
@@ -283,7 +287,7 @@ async fn serve(
         pid: std::process::id(),
         engines: slots
             .iter()
-            .zip(kernel_pids)
+            .zip(kernel_pids.lock().expect("not poisoned").iter())
             .map(|(slot, pid)| EngineSlot {
                 slot: *slot,
                 kernel_pid: *pid,
@@ -443,6 +447,9 @@ struct Slot {
     forget: Vec<u64>,
     config: EngineConfig,
     out: mpsc::UnboundedSender<bytes::Bytes>,
+    /// Which of its process's engines it is, and every engine's kernel pid.
+    index: usize,
+    kernel_pids: Arc<std::sync::Mutex<Vec<u32>>>,
     /// The current connection: results of work from an earlier one are dropped.
     epoch: Arc<AtomicU64>,
     /// The connection the work in hand came on.
@@ -658,6 +665,7 @@ impl Slot {
         {
             Ok(k) => {
                 let pid = k.pid;
+                self.kernel_pids.lock().expect("not poisoned")[self.index] = pid;
                 self.kernel = Some(k);
                 self.init_kernel().await;
                 tracing::warn!(engine = %self.id, pid, "kernel replaced: {reason}");
