@@ -99,6 +99,7 @@ fn value_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
                 repr,
                 bytes,
                 buffers,
+                json: None,
             });
         }
     }
@@ -172,6 +173,7 @@ fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
             repr,
             bytes,
             buffers,
+            ..
         } => {
             // Buffers become bytearrays: a NumPy array unpickled from one is writable.
             let bufs = PyList::empty(py);

@@ -43,7 +43,8 @@ fn error_json(e: &RemoteError) -> Json {
 
 fn value_json(v: &Value) -> Json {
     match v {
-        Value::Json(j) => j.clone(),
+        // A tuple (a pickle that is JSON once its tuples are lists) shows as a list.
+        Value::Json(j) | Value::Pickle { json: Some(j), .. } => j.clone(),
         Value::Pickle { repr, .. } | Value::Opaque { repr } => json!({ "repr": repr }),
     }
 }

@@ -1652,6 +1652,7 @@ mod tests {
                     repr: "b'...'".into(),
                     bytes: big.clone(),
                     buffers: Vec::new(),
+                    json: None,
                 },
                 display: None,
             };

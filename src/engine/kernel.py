@@ -197,7 +197,39 @@ def _encode(v, bufs):
     first = len(bufs)
     bufs.append(data)
     bufs.extend(mine)
-    return {"p": list(range(first, len(bufs))), "r": _safe_repr(v)}
+    out = {"p": list(range(first, len(bufs))), "r": _safe_repr(v)}
+    # Small containers only: a large value's JSON form would double what travels.
+    if type(v) in (tuple, list, dict) and len(data) <= _REPR_LIMIT:
+        j = _lists_for_tuples(v)
+        if j is not _NOT_JSON:
+            out["j"] = j
+    return out
+
+
+_NOT_JSON = object()
+
+
+def _lists_for_tuples(v):
+    """v as JSON with its tuples as lists, or _NOT_JSON (for --output json: a tuple shows as a
+    list there, never as its repr)."""
+    t = type(v)
+    if t is tuple or t is list:
+        out = []
+        for x in v:
+            y = _lists_for_tuples(x)
+            if y is _NOT_JSON:
+                return _NOT_JSON
+            out.append(y)
+        return out
+    if t is dict:
+        out = {}
+        for k, x in v.items():
+            y = _lists_for_tuples(x) if type(k) is str else _NOT_JSON
+            if y is _NOT_JSON:
+                return _NOT_JSON
+            out[k] = y
+        return out
+    return v if _is_json(v) else _NOT_JSON
 
 
 def _loads(refs, bufs):

@@ -125,6 +125,7 @@ impl KernelFrame {
                 repr: text(v, "r"),
                 bytes,
                 buffers: bufs.collect::<Result<_, _>>()?,
+                json: v.get("j").cloned(),
             })
         } else if let Some(o) = v.get("o").and_then(Json::as_str) {
             Ok(Value::Opaque {

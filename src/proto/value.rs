@@ -20,6 +20,10 @@ pub enum Value {
         repr: String,
         bytes: Bytes,
         buffers: Vec<Bytes>,
+        /// The value as JSON with its tuples as lists, when that makes it JSON (`(1, 'a')`): what
+        /// `--output json` shows for it. Never sent back to a kernel, where it would lose its
+        /// tuples.
+        json: Option<serde_json::Value>,
     },
     /// A Python object that could be neither JSON-encoded nor pickled (a module, an open
     /// file): only its `repr` came back.
@@ -50,6 +54,7 @@ impl Value {
             repr: repr.into(),
             bytes: bytes.into(),
             buffers: Vec::new(),
+            json: None,
         }
     }
 

@@ -177,9 +177,41 @@ fn json_output_is_one_document_for_scripts() {
         .ok()
         .json();
     assert_eq!(
-        res[0]["value"]["repr"], "(1, 2)",
-        "a tuple has no JSON form: {res}"
+        res[0]["value"],
+        serde_json::json!([1, 2]),
+        "a tuple shows as a list: {res}"
     );
+    assert_eq!(res[0]["display"], "(1, 2)");
+    // Nested, and in maps; what has no JSON form at all still shows its repr.
+    let px = c
+        .starling(&[
+            "px",
+            "--targets",
+            "0",
+            "--output",
+            "json",
+            "{'a': (1, [2, (3,)])}",
+        ])
+        .ok()
+        .json();
+    assert_eq!(px[0]["value"], serde_json::json!({"a": [1, [2, [3]]]}));
+    let map = c
+        .starling(&[
+            "map",
+            "lambda x: (x, str(x))",
+            "--range",
+            "2",
+            "--output",
+            "json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(map, serde_json::json!([[0, "0"], [1, "1"]]));
+    let set = c
+        .starling(&["px", "--targets", "0", "--output", "json", "{1, 2}"])
+        .ok()
+        .json();
+    assert_eq!(set[0]["value"], serde_json::json!({"repr": "{1, 2}"}));
     let list = c.starling_raw(&["list", "--output", "json"]).ok().json();
     assert_eq!(list[0]["name"], "jsonout");
     assert_eq!(list[0]["state"], "running");
