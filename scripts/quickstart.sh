@@ -4,7 +4,9 @@
 # the Python package into .venv-python and says how to use it from IPython.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --workspace --bins
+# The examples too: with the dev-dependencies' features in this one build, `cargo run --release
+# --example hello` afterwards compiles only the example.
+cargo build --release --bins --examples
 BIN="${CARGO_TARGET_DIR:-$PWD/target}/release"
 export PATH="$BIN:$PATH"
 starling up --local -n 4 --name quickstart
