@@ -844,6 +844,7 @@ impl State {
         };
         let mut failed = Vec::new();
         let mut requeued = false;
+        let ec_had_engines = !ec.engines.is_empty();
         let lost = ec.engines.first().copied().unwrap_or(EngineId(0));
         for id in ec.engines {
             let Some(engine) = self.engines.remove(&id) else {
@@ -932,7 +933,7 @@ impl State {
                 });
             }
         }
-        if self.engines.is_empty() && self.orphaned.is_none() {
+        if self.engines.is_empty() && self.orphaned.is_none() && !ec_had_engines {
             // Nobody is left to take the rest of the load-balanced maps: an engine that comes
             // back soon (restarted by its node) takes them; after a while they fail instead
             // of waiting for ever.

@@ -52,8 +52,17 @@ def _forked():
 os.register_at_fork(after_in_child=_forked)
 _PYTHON = "%d.%d" % sys.version_info[:2]
 
-# The most of a task's stdout (and of its stderr) that comes back with its result.
+# The most of a task's stdout (and of its stderr) that comes back with its result. (The capture
+# file itself holds what the task wrote until it is read back, in the kernel's temp folder.)
 _CAPTURE_LIMIT = 1 << 20
+
+try:  # C code's printf output waits in libc's buffer (fds 1 and 2 are files): flushed per task
+    import ctypes
+
+    _c_fflush = ctypes.CDLL(None).fflush
+    _c_fflush.argtypes = [ctypes.c_void_p]
+except Exception:  # noqa: BLE001 - no ctypes or no libc: Python-level output is still flushed
+    _c_fflush = None
 
 
 class _Capture:
@@ -76,6 +85,8 @@ class _Capture:
         """What was written since the last take."""
         try:
             self.text.flush()
+            if _c_fflush is not None:
+                _c_fflush(None)
         except (OSError, ValueError):
             pass
         size = os.fstat(self.file.fileno()).st_size
@@ -200,7 +211,10 @@ def _encode(v, bufs):
     out = {"p": list(range(first, len(bufs))), "r": _safe_repr(v)}
     # Small containers only: a large value's JSON form would double what travels.
     if type(v) in (tuple, list, dict) and len(data) <= _REPR_LIMIT:
-        j = _lists_for_tuples(v)
+        try:
+            j = _lists_for_tuples(v)
+        except RecursionError:  # a container that holds itself
+            j = _NOT_JSON
         if j is not _NOT_JSON:
             out["j"] = j
     return out

@@ -229,6 +229,9 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
         slot_tasks.push(tokio::spawn(slot.run(rx)));
     }
 
+    // A connection that fails as soon as it is made (another process serving the same slot,
+    // say) is not tried again at once.
+    let mut pause = RETRY_FIRST;
     let result = loop {
         let c = match conn.take() {
             Some(c) => c,
@@ -237,6 +240,7 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
                 Err(e) => break Err(e),
             },
         };
+        let connected = tokio::time::Instant::now();
         let current = epoch.load(Ordering::SeqCst);
         match serve(
             &config,
@@ -258,6 +262,12 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
                 let mut rx = out_rx.lock().await;
                 while rx.try_recv().is_ok() {}
                 tracing::warn!("{why}; reconnecting for up to {} s", config.reconnect_s);
+                if connected.elapsed() < Duration::from_secs(5) {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_MAX);
+                } else {
+                    pause = RETRY_FIRST;
+                }
             }
         }
     };
@@ -334,13 +344,17 @@ async fn serve(
     let _stop_heart = AbortOnDrop(heart);
 
     let mut mappers: HashMap<JobId, Arc<Mapper>> = HashMap::new();
+    let mut pump_done = false;
     let outcome = loop {
         let msg = tokio::select! {
             m = reader.recv() => m,
-            sent = &mut pump => break Err(match sent {
-                Ok(Err(e)) => format!("sending to the controller failed: {e}"),
-                _ => "the writer to the controller stopped".to_string(),
-            }),
+            sent = &mut pump => {
+                pump_done = true;
+                break Err(match sent {
+                    Ok(Err(e)) => format!("sending to the controller failed: {e}"),
+                    _ => "the writer to the controller stopped".to_string(),
+                });
+            }
         };
         match msg {
             Ok(Some(ControllerToEngine::Forget(jobs))) => {
@@ -388,8 +402,11 @@ async fn serve(
             Err(e) => break Err(format!("the connection to the controller failed: {e}")),
         }
     };
-    pump.abort();
-    let _ = pump.await;
+    if !pump_done {
+        // The writer lets go of the queue once it has stopped.
+        pump.abort();
+        let _ = pump.await;
+    }
     outcome
 }
 

@@ -31,6 +31,8 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Restarts of one engine within this window count towards its backoff.
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Pause before trying again to start an engine process that could not be started.
+const START_RETRY: Duration = Duration::from_secs(5);
 
 /// One engine process and its history.
 struct Worker {
@@ -65,8 +67,8 @@ fn memory_check(engines: u32) -> Result<(), String> {
 }
 
 fn start(config_path: &Path, slot: u32) -> std::io::Result<(Pid, ChildStdin)> {
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
+    // This very binary, even when its file was replaced since it started (an upgrade).
+    let mut child = Command::new("/proc/self/exe")
         .arg("engine")
         .arg("--config")
         .arg(config_path)
@@ -121,9 +123,13 @@ pub async fn supervise(
                     running.insert(pid, w);
                 }
                 Err(e) => {
-                    let why = format!("cannot start an engine process: {e}");
-                    report_cannot_start(config, &[w.slot], &why).await;
-                    tracing::error!(slot = w.slot, "{why}");
+                    // Out of processes or memory for a moment, say: try again later.
+                    tracing::error!(
+                        slot = w.slot,
+                        "cannot start an engine process: {e}; trying again in {} s",
+                        START_RETRY.as_secs()
+                    );
+                    pending.push((now + START_RETRY, w));
                 }
             }
         }

@@ -88,7 +88,9 @@ impl Value {
         }
         match self {
             Value::Json(v) => json(v),
-            Value::Pickle { repr, .. } => 64 + repr.len() + self.pickled_len(),
+            Value::Pickle { repr, json: j, .. } => {
+                64 + repr.len() + self.pickled_len() + j.as_ref().map_or(0, json)
+            }
             Value::Opaque { repr } => 24 + repr.len(),
         }
     }

@@ -126,10 +126,14 @@ impl Provider for LocalProvider {
         // The task store outlives the cluster: one file per `up`, so job ids never collide.
         let history = home::history_dir(name);
         home::create_private_dir(&history)?;
-        let db = history.join(format!(
-            "tasks-{}.db",
-            crate::proto::now_micros() / 1_000_000
-        ));
+        let stamp = crate::proto::now_micros() / 1_000_000;
+        let db = (0..)
+            .map(|n| match n {
+                0 => history.join(format!("tasks-{stamp}.db")),
+                n => history.join(format!("tasks-{stamp}-{n}.db")),
+            })
+            .find(|p| !p.exists())
+            .expect("some name is free");
         let node0 = node_root.join("node000");
         for d in [&master, &node0] {
             home::create_private_dir(&d.join("config"))?;

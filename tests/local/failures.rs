@@ -765,6 +765,24 @@ async fn output_written_at_the_fd_level_reaches_the_user_in_order_and_nothing_gr
         "{}",
         r.stdout
     );
+    // C code's printf, buffered by libc, arrives with its task.
+    let r = c.starling(&[
+        "px",
+        "--targets",
+        "0",
+        "import ctypes; ctypes.CDLL(None).printf(b'from C\\n'); 1",
+    ]);
+    assert!(r.ok().stdout.contains("[stdout:0] from C"), "{}", r.stdout);
+    // A tuple that holds itself has no JSON form; it still comes back as its repr.
+    let r = c.starling(&[
+        "px",
+        "--targets",
+        "0",
+        "--output",
+        "json",
+        "t = ([],); t[0].append(t); t",
+    ]);
+    assert_eq!(r.ok().json()[0]["value"]["repr"], "([(...)],)");
     // A task that writes far more than anyone reads: the first MiB, and how much was cut.
     let r = c.starling(&[
         "px",
