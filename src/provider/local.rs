@@ -127,13 +127,13 @@ impl Provider for LocalProvider {
         let history = home::history_dir(name);
         home::create_private_dir(&history)?;
         let stamp = crate::proto::now_micros() / 1_000_000;
-        let db = (0..)
+        let db = (0..1000)
             .map(|n| match n {
                 0 => history.join(format!("tasks-{stamp}.db")),
                 n => history.join(format!("tasks-{stamp}-{n}.db")),
             })
             .find(|p| !p.exists())
-            .expect("some name is free");
+            .unwrap_or_else(|| history.join(format!("tasks-{stamp}-{}.db", std::process::id())));
         let node0 = node_root.join("node000");
         for d in [&master, &node0] {
             home::create_private_dir(&d.join("config"))?;
