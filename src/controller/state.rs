@@ -933,7 +933,7 @@ impl State {
                 });
             }
         }
-        if self.engines.is_empty() && self.orphaned.is_none() && !ec_had_engines {
+        if self.engines.is_empty() && self.orphaned.is_none() && ec_had_engines {
             // Nobody is left to take the rest of the load-balanced maps: an engine that comes
             // back soon (restarted by its node) takes them; after a while they fail instead
             // of waiting for ever.
