@@ -325,3 +325,32 @@ fn px_reads_code_from_stdin_or_a_file_and_a_closed_pipe_ends_it_quietly() {
     assert_eq!(me["engines"], 2, "{doc}");
     assert!(me["age_s"].is_u64(), "{doc}");
 }
+
+#[test]
+fn help_and_messages_speak_to_a_newcomer() {
+    let c = Cluster::new("newcomer");
+    // `--output` is the format; a file name there points to init's -o.
+    let r = c.starling_raw(&["init", "--output", "spec.yaml"]);
+    assert!(
+        r.fails()
+            .stderr
+            .contains("'spec.yaml' is not an output format (text, json or jsonl); `init` writes its spec to the file named by -o FILE"),
+        "{}",
+        r.stderr
+    );
+    // A command's own options first; the EC2/SSH ones under their own heading.
+    let help = c.starling_raw(&["px", "--help"]);
+    let text = &help.ok().stdout;
+    let heading = text
+        .find("Options for clusters on EC2 and SSH hosts:")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(text.find("--noblock").unwrap() < heading, "{text}");
+    assert!(text.find("--region").unwrap() > heading, "{text}");
+    // One engine is one engine.
+    let up = c.starling_raw(&["up", "--local", "-n", "1", "--name", "newcomer"]);
+    assert!(
+        up.ok().stdout.contains("is up: 1 engine [0] registered"),
+        "{}",
+        up.stdout
+    );
+}
