@@ -171,6 +171,9 @@ pub struct State {
     slot_ids: HashMap<(String, u32), EngineId>,
     /// Engines gone and not back, by node slot (bounded by the slots there are).
     lost: BTreeMap<(String, u32), LostEngine>,
+    /// Why the engines of these node slots cannot start, until one of them registers: whoever
+    /// waits for engines hears it at once, whenever they ask.
+    cannot_start: BTreeMap<(String, u32), String>,
     /// Per id: how often it was lost and came back, and the last reason it was lost.
     returns: HashMap<EngineId, (u32, String)>,
     next_engine: u32,
@@ -200,6 +203,7 @@ impl State {
             orphaned: None,
             slot_ids: HashMap::new(),
             lost: BTreeMap::new(),
+            cannot_start: BTreeMap::new(),
             returns: HashMap::new(),
             next_engine: 0,
             next_job: 0,
@@ -257,6 +261,8 @@ impl State {
             ClientRequest::WaitEngines { count, timeout_ms } => {
                 if self.engines.len() >= count as usize {
                     reply(comm, Reply::Ids(self.ids()));
+                } else if let Some(why) = self.cannot_start.values().next() {
+                    reply(comm, Reply::Error(why.clone()));
                 } else {
                     self.waiting.push(WaitEngines {
                         conn,
@@ -639,6 +645,8 @@ impl State {
                 let reason =
                     format!("engine {slot} of node {node} ({host}) cannot start: {reason}");
                 tracing::error!("{reason}");
+                self.cannot_start
+                    .insert((node.clone(), slot), reason.clone());
                 let id = self.slot_ids.get(&(node.clone(), slot)).copied();
                 self.lost.insert(
                     (node.clone(), slot),
@@ -711,6 +719,7 @@ impl State {
                     );
                 }
             }
+            self.cannot_start.remove(&key);
             if let Some(gone) = self.lost.remove(&key) {
                 let entry = self.returns.entry(id).or_insert((0, String::new()));
                 entry.0 += 1;
@@ -1675,6 +1684,47 @@ mod tests {
         r.stdout = "x".repeat(KEEP_FINISHED_BYTES + 1);
         s.on_engine_message(&mut c, ConnId(0), EngineToController::Done(vec![r]), now);
         assert!(s.jobs.contains_key(&JobId(0)));
+    }
+
+    #[test]
+    fn an_engine_that_cannot_start_fails_waiters_before_and_after_it_said_so() {
+        let (mut s, mut c, now) = cluster_with(&[]);
+        let wait = |s: &mut State, c: &mut Recorder, id| {
+            s.on_client_request(
+                c,
+                CLIENT,
+                id,
+                ClientRequest::WaitEngines {
+                    count: 1,
+                    timeout_ms: 60_000,
+                },
+                now,
+            );
+        };
+        wait(&mut s, &mut c, 1);
+        s.on_engine_connected(ConnId(5), now);
+        let cannot = EngineToController::CannotStart {
+            node: "node000".into(),
+            host: "127.0.0.1".into(),
+            slot: 0,
+            reason: "cannot start `/nonexistent/python3`".into(),
+        };
+        s.on_engine_message(&mut c, ConnId(5), cannot, now);
+        // A waiter that asks only now hears it too, at once.
+        wait(&mut s, &mut c, 2);
+        let errors: Vec<u64> = c
+            .to_clients
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ControllerToClient::Reply {
+                    id,
+                    body: Reply::Error(e),
+                } if e.contains("engine 0 of node node000 (127.0.0.1) cannot start") => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(errors, vec![1, 2]);
+        assert_eq!(s.status().lost.len(), 1);
     }
 
     fn failed_items(c: &Recorder) -> usize {
