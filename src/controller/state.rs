@@ -757,10 +757,39 @@ impl State {
         self.fill(comm);
     }
 
+    /// Puts a load-balanced task that was handed out fewer than `attempts` times back in its
+    /// map's queue, first in line; gives the task back when it cannot run again. Its old task
+    /// id is gone, so a late result for it is ignored.
+    fn requeue(&mut self, tref: TaskRef) -> Result<(), TaskRef> {
+        let runs_again = tref
+            .balanced
+            .as_ref()
+            .is_some_and(|(_, attempts)| *attempts < self.attempts);
+        let Some(job) = self.jobs.get_mut(&tref.job).filter(|_| runs_again) else {
+            return Err(tref);
+        };
+        let (items, attempts) = tref.balanced.expect("checked");
+        let feed = job.feed.get_or_insert_with(|| Feed {
+            items: VecDeque::new(),
+            next: tref.first + tref.slots,
+            chunksize: None,
+            again: VecDeque::new(),
+        });
+        feed.again.push_back(Requeued {
+            first: tref.first,
+            items,
+            attempts,
+        });
+        if !self.feeds.contains(&tref.job) {
+            self.feeds.push_front(tref.job);
+        }
+        Ok(())
+    }
+
     fn finish(&mut self, comm: &mut impl Comm, results: Vec<TaskResult>) {
         let mut by_job: BTreeMap<JobId, Vec<TaskResult>> = BTreeMap::new();
         for result in results {
-            let Some(tref) = self.tasks.remove(&result.task) else {
+            let Some(mut tref) = self.tasks.remove(&result.task) else {
                 tracing::warn!(task = %result.task, "result for an unknown task; ignored");
                 continue;
             };
@@ -769,6 +798,14 @@ impl State {
                 if let Some(i) = engine.assigned.iter().position(|(t, _)| *t == result.task) {
                     let (_, n) = engine.assigned.remove(i).expect("found");
                     engine.outstanding -= n;
+                }
+            }
+            // Its kernel died under it: like work on a lost engine, it runs again elsewhere
+            // while it has attempts left.
+            if kernel_died(&result.outcome) {
+                match self.requeue(tref) {
+                    Ok(()) => continue,
+                    Err(t) => tref = t,
                 }
             }
             if let Some(job) = self.jobs.get_mut(&tref.job) {
@@ -880,30 +917,13 @@ impl State {
                     engine.node, engine.host
                 );
                 let attempts = tref.balanced.as_ref().map_or(1, |(_, a)| *a);
-                if let Some((items, _)) = tref.balanced {
-                    if attempts < self.attempts {
-                        // Another engine runs it; a late result from this one is ignored,
-                        // since the task id is gone.
-                        if let Some(job) = self.jobs.get_mut(&tref.job) {
-                            let feed = job.feed.get_or_insert_with(|| Feed {
-                                items: VecDeque::new(),
-                                next: tref.first + tref.slots,
-                                chunksize: None,
-                                again: VecDeque::new(),
-                            });
-                            feed.again.push_back(Requeued {
-                                first: tref.first,
-                                items,
-                                attempts,
-                            });
-                            if !self.feeds.contains(&tref.job) {
-                                self.feeds.push_front(tref.job);
-                            }
-                            requeued = true;
-                        }
+                let tref = match self.requeue(tref) {
+                    Ok(()) => {
+                        requeued = true;
                         continue;
                     }
-                }
+                    Err(t) => t,
+                };
                 // `finish` takes it from here.
                 self.tasks.insert(
                     task,
@@ -915,7 +935,7 @@ impl State {
                 let error = RemoteError {
                     ename: "EngineLost".into(),
                     evalue: if attempts > 1 {
-                        format!("{lost_here} (it was the {attempts}th engine to lose this task; tasks are handed out at most {} times)", self.attempts)
+                        format!("{lost_here} (it had been handed out {attempts} times, the most a task is: task_attempts)")
                     } else {
                         lost_here
                     },
@@ -1123,6 +1143,19 @@ impl State {
             running,
             jobs: self.next_job,
         }
+    }
+}
+
+/// Whether a task failed because its kernel died under it (the engine reports `KernelDied`
+/// for it, for every item of a map chunk).
+fn kernel_died(outcome: &Outcome) -> bool {
+    let died = |e: &RemoteError| e.ename == "KernelDied";
+    match outcome {
+        Outcome::Err(e) => died(e),
+        Outcome::Items(items) => {
+            !items.is_empty() && items.iter().all(|i| i.as_ref().is_err_and(died))
+        }
+        Outcome::Ok { .. } => false,
     }
 }
 

@@ -827,3 +827,57 @@ async fn output_written_at_the_fd_level_reaches_the_user_in_order_and_nothing_gr
     let r = c.starling(&["px", "--targets", "0", "6 * 7"]);
     assert!(r.ok().stdout.contains("42"), "{}", r.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balanced_task_whose_kernel_dies_runs_again_and_fails_only_when_it_always_does() {
+    let c = Cluster::up("kerneldies", 2);
+    let client = c.client().await;
+    let marker = c.home_path().join("died-once");
+    // Item 3 kills its kernel the first time it runs, and only then.
+    let once = format!(
+        "lambda x: (open({m:?}, 'x').close(), __import__('os')._exit(1)) if x == 3 and not __import__('os').path.exists({m:?}) else x * x",
+        m = marker.to_str().unwrap()
+    );
+    let got = client
+        .load_balanced()
+        .chunksize(1)
+        .map(once.as_str(), (0..20u64).map(Value::from).collect())
+        .await
+        .unwrap()
+        .get()
+        .await
+        .expect("the item ran again on a fresh kernel");
+    assert_eq!(got, squares(20));
+    assert!(marker.exists());
+
+    // Item 5 kills every kernel it meets: it runs twice (task_attempts), then fails alone.
+    let always = "lambda x: __import__('os')._exit(1) if x == 5 else x * x";
+    let ar = client
+        .load_balanced()
+        .chunksize(1)
+        .map(always, (0..20u64).map(Value::from).collect())
+        .await
+        .unwrap();
+    let ClientError::Remote(err) = ar.get().await.unwrap_err() else {
+        panic!()
+    };
+    assert_eq!(err.errors.len(), 1, "{err}");
+    assert_eq!(err.errors[0].error.ename, "KernelDied");
+    let values = ar.values();
+    assert_eq!(values.iter().filter(|v| v.is_some()).count(), 20);
+    // One kernel died for the first map, two for the second: item 5 ran twice, no more.
+    let log = c.node_root().join("node000/logs/engine.log");
+    let replaced = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("kernel replaced")
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || replaced() == 3).await,
+        "{} kernels replaced",
+        replaced()
+    );
+    let st = client.status().await.unwrap();
+    assert_eq!(st.engines.len(), 2, "both engines are still there");
+}
