@@ -1472,6 +1472,24 @@ mod tests {
         }
     }
 
+    /// The client submits a load-balanced map of `n` items as request `id`.
+    fn submit_map(
+        s: &mut State,
+        c: &mut Recorder,
+        id: u64,
+        n: usize,
+        chunksize: Option<u32>,
+        now: Instant,
+    ) {
+        s.on_client_request(
+            c,
+            CLIENT,
+            id,
+            ClientRequest::Submit(map_spec(n, chunksize)),
+            now,
+        );
+    }
+
     /// Every Run frame sent so far, as (engine process, assignments), and forgets them.
     fn runs(c: &mut Recorder) -> Vec<(ConnId, Vec<Assignment>, usize)> {
         c.to_engines
@@ -1561,13 +1579,7 @@ mod tests {
     #[test]
     fn cheap_tasks_are_prefetched_deeply_and_expensive_ones_stay_queued() {
         let (mut s, mut c, now) = cluster_with(&[1]);
-        s.on_client_request(
-            &mut c,
-            CLIENT,
-            1,
-            ClientRequest::Submit(map_spec(10_000, Some(1))),
-            now,
-        );
+        submit_map(&mut s, &mut c, 1, 10_000, Some(1), now);
         let first = runs(&mut c);
         assert_eq!(
             first[0].1.len(),
@@ -1580,13 +1592,7 @@ mod tests {
         assert!(next[0].1.len() > 100, "{}", next[0].1.len());
 
         let (mut s, mut c, now) = cluster_with(&[1]);
-        s.on_client_request(
-            &mut c,
-            CLIENT,
-            1,
-            ClientRequest::Submit(map_spec(100, Some(1))),
-            now,
-        );
+        submit_map(&mut s, &mut c, 1, 100, Some(1), now);
         let first = runs(&mut c);
         // Expensive items (1 s): one more task to replace the finished one, no more.
         finish_chunk(&mut s, &mut c, ConnId(0), &first[0].1[0], 1_000_000);
@@ -1782,13 +1788,7 @@ mod tests {
     #[test]
     fn a_lost_engines_balanced_work_waits_for_an_engine_and_fails_only_when_none_comes() {
         let (mut s, mut c, now) = cluster_with(&[1]);
-        s.on_client_request(
-            &mut c,
-            CLIENT,
-            1,
-            ClientRequest::Submit(map_spec(100, Some(1))),
-            now,
-        );
+        submit_map(&mut s, &mut c, 1, 100, Some(1), now);
         c.to_clients.clear();
         s.on_engine_gone(&mut c, ConnId(0), "its connection closed", now);
         assert_eq!(
@@ -1812,13 +1812,7 @@ mod tests {
     #[test]
     fn an_engine_that_comes_back_gets_its_id_and_the_work_it_lost_first() {
         let (mut s, mut c, now) = cluster_with(&[2]);
-        s.on_client_request(
-            &mut c,
-            CLIENT,
-            1,
-            ClientRequest::Submit(map_spec(100, Some(1))),
-            now,
-        );
+        submit_map(&mut s, &mut c, 1, 100, Some(1), now);
         c.to_engines.clear();
         s.on_engine_gone(&mut c, ConnId(0), "its connection closed", now);
         assert!(s.ids().is_empty());
@@ -1849,13 +1843,7 @@ mod tests {
     #[test]
     fn engines_are_told_to_forget_a_finished_maps_function() {
         let (mut s, mut c, now) = cluster_with(&[1]);
-        s.on_client_request(
-            &mut c,
-            CLIENT,
-            1,
-            ClientRequest::Submit(map_spec(2, Some(2))),
-            now,
-        );
+        submit_map(&mut s, &mut c, 1, 2, Some(2), now);
         let (_, tasks, defs) = runs(&mut c).remove(0);
         assert_eq!(defs, 1);
         finish_chunk(&mut s, &mut c, ConnId(0), &tasks[0], 1);
@@ -1864,13 +1852,7 @@ mod tests {
             .iter()
             .any(|(_, m)| *m == ControllerToEngine::Forget(vec![JobId(0)])));
         // A later map sends its own function again.
-        s.on_client_request(
-            &mut c,
-            CLIENT,
-            2,
-            ClientRequest::Submit(map_spec(2, Some(2))),
-            now,
-        );
+        submit_map(&mut s, &mut c, 2, 2, Some(2), now);
         assert_eq!(runs(&mut c)[0].2, 1);
     }
 

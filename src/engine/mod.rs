@@ -90,8 +90,6 @@ pub enum EngineError {
     Proto(#[from] ProtoError),
     #[error("cannot start: {0}")]
     CannotStart(String),
-    #[error("the controller answered the registration with something else")]
-    NotRegistered,
 }
 
 impl EngineError {
@@ -103,7 +101,7 @@ impl EngineError {
             EngineError::CannotStart(_) | EngineError::Proto(ProtoError::Refused(_)) => {
                 EXIT_CANNOT_START
             }
-            EngineError::Proto(_) | EngineError::NotRegistered => 1,
+            EngineError::Proto(_) => 1,
         }
     }
 }
@@ -145,12 +143,7 @@ async fn connect(config: &EngineConfig, within: Duration) -> Result<Conn, Engine
 
 /// Tells the controller that the engines of `slots` cannot start, and why, so that `up` fails
 /// at once with the reason instead of waiting for them.
-pub async fn report_cannot_start(config: &EngineConfig, slots: &[u32], reason: &str) {
-    let Ok(Ok(mut conn)) =
-        tokio::time::timeout(CONNECT_DEADLINE, connect(config, CONNECT_DEADLINE)).await
-    else {
-        return;
-    };
+async fn send_cannot_start(conn: &mut Conn, config: &EngineConfig, slots: &[u32], reason: &str) {
     for slot in slots {
         let _ = conn
             .send(&EngineToController::CannotStart {
@@ -160,6 +153,13 @@ pub async fn report_cannot_start(config: &EngineConfig, slots: &[u32], reason: &
                 reason: reason.to_string(),
             })
             .await;
+    }
+}
+
+/// [`send_cannot_start`] on a connection of its own, for a node that starts no engine process.
+pub async fn report_cannot_start(config: &EngineConfig, slots: &[u32], reason: &str) {
+    if let Ok(mut conn) = connect(config, CONNECT_DEADLINE).await {
+        send_cannot_start(&mut conn, config, slots, reason).await;
     }
 }
 
@@ -183,16 +183,7 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
         Err(e) => {
             let reason = e.to_string();
             if let Ok(mut conn) = conn {
-                for slot in &slots {
-                    let _ = conn
-                        .send(&EngineToController::CannotStart {
-                            node: config.node.clone(),
-                            host: config.host.clone(),
-                            slot: *slot,
-                            reason: reason.clone(),
-                        })
-                        .await;
-                }
+                send_cannot_start(&mut conn, &config, &slots, &reason).await;
             }
             return Err(EngineError::CannotStart(reason));
         }
