@@ -33,7 +33,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::client::{connection, AsyncResult, Client, ClientError};
 use crate::home;
-use crate::proto::{Func, JobId, JobKind, Mapper, Targets, Value};
+use crate::proto::{Dependency, Func, JobId, JobKind, JobOptions, Mapper, Targets, Value};
 use crate::provider::{self, local::LocalProvider, Provider};
 use crate::spec;
 
@@ -127,6 +127,16 @@ pub enum Command {
     Result(ResultArgs),
     /// Map a function over items, load-balanced (or on fixed engines with --targets).
     Map(MapArgs),
+    /// Drop a job's tasks that have not started; --interrupt stops its running ones too.
+    Abort(AbortArgs),
+    /// Send SIGINT to engines' kernels: what they run raises KeyboardInterrupt.
+    Interrupt(InterruptArgs),
+    /// Jobs in the task store: who ran what, when, and how it ended.
+    History(HistoryArgs),
+    /// Submit a job from the task store again, as a new job.
+    Resubmit(ResubmitArgs),
+    /// Delete finished jobs from the task store.
+    Purge(PurgeArgs),
     /// Set names on engines from a JSON object: `push '{"a": 1}'`.
     Push(PushArgs),
     /// Read names from engines.
@@ -280,6 +290,123 @@ pub struct PxArgs {
     /// Run the code with bash instead of Python.
     #[arg(long)]
     pub sh: bool,
+    #[command(flatten)]
+    pub sched: SchedArgs,
+}
+
+/// Job ids on the command line: `3` or `3,4,7`.
+#[derive(Debug, Clone)]
+pub struct JobList(pub Vec<JobId>);
+
+impl std::str::FromStr for JobList {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        text.split(',')
+            .map(|j| j.trim().parse::<u64>().map(JobId))
+            .collect::<Result<Vec<_>, _>>()
+            .map(JobList)
+            .map_err(|_| format!("'{text}' is not a job id or a list of them; write e.g. 3 or 3,4"))
+    }
+}
+
+/// When a job may start, how long it may take, and what it is called.
+#[derive(Debug, Args)]
+pub struct SchedArgs {
+    /// Start only once these jobs have ended (by default: succeeded); if that can no longer
+    /// happen, fail at once with ImpossibleDependency.
+    #[arg(long, value_name = "JOB[,JOB]")]
+    pub after: Option<JobList>,
+    /// With --after or --follow: enough when any one of the jobs has ended as --when says.
+    #[arg(long)]
+    pub any: bool,
+    /// With --after or --follow: which ending counts: ok, failed, or done (either).
+    #[arg(long, value_name = "ok|failed|done", default_value = "ok", value_parser = ["ok", "failed", "done"])]
+    pub when: String,
+    /// Fail each task that has not finished this many seconds after it could start; a running
+    /// one is interrupted.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, allow_hyphen_values = true)]
+    pub timeout: Option<f64>,
+    /// A label to find the job by in `starling history`.
+    #[arg(long)]
+    pub label: Option<String>,
+}
+
+impl SchedArgs {
+    fn dependency(&self, jobs: &JobList) -> Dependency {
+        Dependency {
+            jobs: jobs.0.clone(),
+            all: !self.any,
+            success: self.when != "failed",
+            failure: self.when != "ok",
+        }
+    }
+
+    fn options(&self, follow: Option<&JobList>, retries: u32) -> JobOptions {
+        JobOptions {
+            label: self.label.clone(),
+            submitter: String::new(),
+            after: self.after.as_ref().map(|j| self.dependency(j)),
+            follow: follow.map(|j| self.dependency(j)),
+            retries,
+            timeout_ms: self
+                .timeout
+                .map(|s| ((s * 1000.0).round() as u64).max(u64::from(s > 0.0))),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AbortArgs {
+    /// The job.
+    pub job: u64,
+    /// Interrupt its running tasks too (SIGINT; a kernel that does not stop is replaced).
+    #[arg(long)]
+    pub interrupt: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InterruptArgs {
+    /// Engines to interrupt: an id (3), a list (0,2), a slice (::2) or all.
+    #[arg(short, long, default_value = "all", allow_hyphen_values = true)]
+    pub targets: String,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Only jobs that ended so: ok, failed, aborted, timeout, impossible, or pending.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only jobs with this label.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Only jobs submitted in this past span: 30s, 10m, 2h, 7d.
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub since: Option<Duration>,
+    /// At most this many jobs, newest first.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// A db_query dict (JSON), e.g. '{"kind": "map", "attempts": {"$gt": 1}}'.
+    #[arg(long, value_name = "JSON")]
+    pub query: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ResubmitArgs {
+    /// The job to submit again.
+    pub job: u64,
+    /// Return at once with the new job id.
+    #[arg(long)]
+    pub noblock: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// Only jobs submitted longer ago than this: 30s, 10m, 2h, 7d.
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub before: Option<Duration>,
+    /// Every finished job.
+    #[arg(long, conflicts_with = "before")]
+    pub all: bool,
 }
 
 /// Where a command's items come from.
@@ -322,6 +449,14 @@ pub struct MapArgs {
     /// Show progress while waiting (a bar on a terminal, lines otherwise).
     #[arg(long)]
     pub progress: bool,
+    /// Run only on the engines where these jobs ran (load-balanced maps), once they ended.
+    #[arg(long, value_name = "JOB[,JOB]")]
+    pub follow: Option<JobList>,
+    /// Run a task that raised again, up to N times, on another engine where there is one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub retries: u32,
+    #[command(flatten)]
+    pub sched: SchedArgs,
 }
 
 #[derive(Debug, Args)]
@@ -421,6 +556,91 @@ async fn dispatch(cli: &Cli) -> Result<ExitCode> {
         }
         Command::Px(args) => px(g, args).await,
         Command::Map(args) => map(g, args).await,
+        Command::Abort(args) => {
+            let client = connect(g).await?;
+            client.abort(JobId(args.job), args.interrupt).await?;
+            output::message(
+                g.output,
+                &format!(
+                    "job {} aborted: its tasks that had not started fail as TaskAborted{}",
+                    args.job,
+                    if args.interrupt {
+                        ", its running ones were interrupted"
+                    } else {
+                        "; running ones finish (--interrupt stops them)"
+                    }
+                ),
+                &serde_json::json!({"aborted": args.job, "interrupted": args.interrupt}),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Interrupt(args) => {
+            let client = connect(g).await?;
+            let ids = client.interrupt(targets(&args.targets)?).await?;
+            output::message(
+                g.output,
+                &format!("interrupted engines {}", crate::proto::format_ids(&ids)),
+                &serde_json::json!({"interrupted": ids}),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History(args) => {
+            let mut query = match &args.query {
+                Some(q) => serde_json::from_str(q)
+                    .context("--query takes a JSON dict, e.g. '{\"status\": \"failed\"}'")?,
+                None => serde_json::json!({}),
+            };
+            let Some(fields) = query.as_object_mut() else {
+                bail!("--query takes a JSON dict, e.g. '{{\"status\": \"failed\"}}'");
+            };
+            if let Some(s) = &args.status {
+                fields.insert("status".into(), s.as_str().into());
+            }
+            if let Some(l) = &args.label {
+                fields.insert("label".into(), l.as_str().into());
+            }
+            if let Some(age) = args.since {
+                let since = crate::proto::now_micros().saturating_sub(age.as_micros() as u64);
+                fields.insert("submitted".into(), serde_json::json!({"$gte": since}));
+            }
+            let client = connect(g).await?;
+            let records = client.history(&query, args.limit).await?;
+            output::history(g.output, &records);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resubmit(args) => {
+            let client = connect(g).await?;
+            let ar = client.resubmit(JobId(args.job)).await?;
+            if args.noblock {
+                let job = ar.job_id();
+                std::fs::write(last_job_path(g)?, job.to_string())
+                    .context("cannot remember the job id")?;
+                output::submitted(g.output, job, &ar.engines());
+                return Ok(ExitCode::SUCCESS);
+            }
+            finish(g, &ar, None, false).await
+        }
+        Command::Purge(args) => {
+            let query = match (args.before, args.all) {
+                (Some(age), _) => {
+                    let before = crate::proto::now_micros().saturating_sub(age.as_micros() as u64);
+                    serde_json::json!({"submitted": {"$lt": before}})
+                }
+                (None, true) => serde_json::json!({}),
+                (None, false) => bail!("say which finished jobs to delete: --before 7d (submitted more than 7 days ago), or --all"),
+            };
+            let client = connect(g).await?;
+            let n = client.purge(&query).await?;
+            output::message(
+                g.output,
+                &format!(
+                    "deleted {} from the task store",
+                    output::count(n as usize, "finished job")
+                ),
+                &serde_json::json!({"purged": n}),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Push(args) => {
             let values: serde_json::Value = serde_json::from_str(&args.values)
                 .context("push takes a JSON object, e.g. '{\"a\": 1, \"b\": [1, 2]}'")?;
@@ -610,6 +830,27 @@ fn last_job_path(g: &Global) -> Result<PathBuf> {
 }
 
 /// A positive, finite number of seconds.
+/// A span of time back from now: `30s`, `10m`, `2h`, `7d`, or seconds.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| c.is_alphabetic()).unwrap_or(t.len()));
+    let scale = match unit {
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => f64::NAN,
+    };
+    match num.parse::<f64>() {
+        Ok(n) if n >= 0.0 && scale.is_finite() && n * scale < 1e10 => {
+            Ok(Duration::from_secs_f64(n * scale))
+        }
+        _ => Err(format!(
+            "'{text}' is not a span of time; write e.g. 30s, 10m, 2h or 7d"
+        )),
+    }
+}
+
 fn parse_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(s) if (0.0..1e9).contains(&s) => Ok(s),
@@ -745,10 +986,19 @@ async fn map(g: &Global, args: &MapArgs) -> Result<ExitCode> {
             if args.chunksize.is_some() {
                 bail!("--chunksize is for load-balanced maps; with --targets each engine gets one contiguous chunk");
             }
-            client.direct(targets(t)?).map_with(mapper, items).await?
+            if args.follow.is_some() || args.retries > 0 {
+                bail!("--follow and --retries are for load-balanced maps; with --targets the engines are fixed");
+            }
+            client
+                .direct(targets(t)?)
+                .options(args.sched.options(None, 0))
+                .map_with(mapper, items)
+                .await?
         }
         None => {
-            let mut view = client.load_balanced();
+            let mut view = client
+                .load_balanced()
+                .options(args.sched.options(args.follow.as_ref(), args.retries));
             if let Some(c) = args.chunksize {
                 if c == 0 {
                     bail!("--chunksize must be at least 1");
@@ -776,7 +1026,7 @@ async fn px(g: &Global, args: &PxArgs) -> Result<ExitCode> {
         (None, None) => bail!("give the code to run, `-` to read it from stdin, or --file FILE"),
     };
     let client = connect(g).await?;
-    let view = client.direct(targets);
+    let view = client.direct(targets).options(args.sched.options(None, 0));
     let ar = if args.sh {
         view.shell(&code).await?
     } else {

@@ -450,6 +450,49 @@ pub fn clusters(f: Format, clusters: &[ClusterSummary]) {
     }
 }
 
+/// The task store's jobs: a table for people, the records for scripts.
+pub fn history(f: Format, records: &[crate::proto::JobRecord]) {
+    match f {
+        Format::Text => {
+            if records.is_empty() {
+                outln!("no job matches");
+                return;
+            }
+            let now = crate::proto::now_micros();
+            outln!(
+                "{:>5}  {:>9}  {:<8} {:<10} {:>7}  {:>8}  {:<12} {:<12} error",
+                "job",
+                "submitted",
+                "kind",
+                "status",
+                "items",
+                "attempts",
+                "engines",
+                "label"
+            );
+            for r in records {
+                let mut error = r.error.clone().unwrap_or_default().replace('\n', " ");
+                if error.chars().count() > 60 {
+                    error = format!("{}...", error.chars().take(57).collect::<String>());
+                }
+                outln!(
+                    "{:>5}  {:>9}  {:<8} {:<10} {:>7}  {:>8}  {:<12} {:<12} {}",
+                    r.job,
+                    format!("{} ago", age(now.saturating_sub(r.submitted) / 1_000_000)),
+                    r.kind,
+                    r.status,
+                    r.items,
+                    r.attempts,
+                    format_ids(&r.engines),
+                    r.label.as_deref().unwrap_or("-"),
+                    error
+                );
+            }
+        }
+        _ => print_doc(f, &json!(records)),
+    }
+}
+
 fn age(secs: u64) -> String {
     match secs {
         s if s < 120 => format!("{s}s"),

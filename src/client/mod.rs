@@ -34,8 +34,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::proto::auth::Role;
 use crate::proto::conn;
 use crate::proto::{
-    ClientRequest, ClientToController, ClusterStatus, ControllerToClient, EngineId, Func, JobId,
-    JobSpec, Mapper, ProtoError, Reply, Targets, Value, Work,
+    ClientRequest, ClientToController, ClusterStatus, ControllerToClient, Dependency, EngineId,
+    Func, JobId, JobOptions, JobRecord, JobSpec, Mapper, ProtoError, Reply, Targets, Value, Work,
 };
 pub use connection::ConnectionInfo;
 use result::JobState;
@@ -76,7 +76,7 @@ struct Pending {
     closed: Option<String>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     info: ConnectionInfo,
     /// Encoded frames to the writer task.
     out: mpsc::UnboundedSender<bytes::Bytes>,
@@ -257,6 +257,7 @@ impl Client {
             client: self.clone(),
             chunksize: None,
             ordered: true,
+            options: JobOptions::default(),
         }
     }
 
@@ -270,18 +271,103 @@ impl Client {
         DirectView {
             client: self.clone(),
             targets: targets.into(),
+            options: JobOptions::default(),
         }
     }
 
     /// Submits any job as it is: what the views build, for callers that build their own.
     pub async fn submit(&self, spec: JobSpec) -> Result<AsyncResult, ClientError> {
-        self.submit_or_subscribe(ClientRequest::Submit(spec)).await
+        self.submit_with(spec, JobOptions::default()).await
+    }
+
+    /// [`Self::submit`] with scheduler options: dependencies, retries, a timeout, a label.
+    pub async fn submit_with(
+        &self,
+        spec: JobSpec,
+        mut options: JobOptions,
+    ) -> Result<AsyncResult, ClientError> {
+        if options.submitter.is_empty() {
+            options.submitter = submitter();
+        }
+        self.submit_or_subscribe(ClientRequest::Submit {
+            spec,
+            options: Box::new(options),
+        })
+        .await
+    }
+
+    /// Drops the tasks of a job that have not started (they fail as `TaskAborted`); with
+    /// `interrupt`, its running tasks are interrupted too. An error if it has finished.
+    pub async fn abort(&self, job: JobId, interrupt: bool) -> Result<(), ClientError> {
+        self.request(ClientRequest::Abort { job, interrupt })
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends SIGINT to the kernels of these engines (ipyparallel's `send_signal`): what runs
+    /// there raises `KeyboardInterrupt`. Returns the engines interrupted.
+    pub async fn interrupt(
+        &self,
+        targets: impl Into<Targets>,
+    ) -> Result<Vec<EngineId>, ClientError> {
+        match self
+            .request(ClientRequest::Interrupt {
+                targets: targets.into(),
+            })
+            .await?
+        {
+            Reply::Ids(ids) => Ok(ids),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Re-attaches to a job by id — also one submitted by another client that has since exited.
     pub async fn result(&self, job: JobId) -> Result<AsyncResult, ClientError> {
         self.submit_or_subscribe(ClientRequest::Subscribe { job })
             .await
+    }
+
+    /// The jobs in the cluster's task store that match `query`, newest first, at most `limit`:
+    /// ipyparallel's `db_query`. The query is a dict of [`JobRecord`]'s keys to values or to
+    /// `{operator: value}` with MongoDB's `$lt`, `$lte`, `$gt`, `$gte`, `$eq`, `$ne`, `$in`,
+    /// `$nin`, `$exists`: `{"status": "failed", "submitted": {"$gt": micros}}`. `engine`
+    /// selects jobs that ran a task on that engine.
+    pub async fn history(
+        &self,
+        query: &serde_json::Value,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, ClientError> {
+        let body = ClientRequest::History {
+            filter: query.to_string(),
+            limit,
+        };
+        match self.request(body).await? {
+            Reply::History(records) => Ok(records),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Submits what job `job` submitted again, as a new job (ipyparallel's `resubmit`).
+    pub async fn resubmit(&self, job: JobId) -> Result<AsyncResult, ClientError> {
+        match self.request(ClientRequest::Request { job }).await? {
+            Reply::Request { spec, mut options } => {
+                options.submitter = String::new();
+                self.submit_with(spec, *options).await
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Deletes the finished jobs that match `query` (see [`Self::history`]) from the task
+    /// store and the controller's memory; returns how many (ipyparallel's `purge_results`).
+    pub async fn purge(&self, query: &serde_json::Value) -> Result<u64, ClientError> {
+        let body = ClientRequest::Purge {
+            filter: query.to_string(),
+        };
+        match self.request(body).await? {
+            Reply::Count(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Stops the cluster's engines and controller.
@@ -294,6 +380,7 @@ impl Client {
             (Reply::Job(_), Some(state)) => Ok(AsyncResult {
                 state,
                 ordered: true,
+                client: Arc::downgrade(&self.shared),
             }),
             (other, _) => Err(unexpected(&other)),
         }
@@ -372,22 +459,55 @@ fn unexpected(reply: &Reply) -> ClientError {
 pub struct DirectView {
     client: Client,
     targets: Targets,
+    options: JobOptions,
 }
 
 impl DirectView {
+    /// Sets every scheduler option at once (dependencies, retries, timeout, label).
+    #[must_use]
+    pub fn options(mut self, options: JobOptions) -> Self {
+        self.options = options;
+        self
+    }
+
     /// The targets this view names.
     pub fn targets(&self) -> &Targets {
         &self.targets
     }
 
+    /// Work from this view starts only once `dep` is met (by default: every job in it has
+    /// succeeded); if it cannot be met any more, the work fails with `ImpossibleDependency`.
+    #[must_use]
+    pub fn after(mut self, dep: impl Into<Dependency>) -> Self {
+        self.options.after = Some(dep.into());
+        self
+    }
+
+    /// Each task of this view's work fails with `TaskTimeout` if it has not finished this
+    /// long after it could start; a running one is interrupted.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.options.timeout_ms = Some((timeout.as_millis() as u64).max(1));
+        self
+    }
+
+    /// A label for this view's jobs, to find them in the history.
+    #[must_use]
+    pub fn label(mut self, label: &str) -> Self {
+        self.options.label = Some(label.to_string());
+        self
+    }
+
+    async fn submit_spec(&self, spec: JobSpec) -> Result<AsyncResult, ClientError> {
+        self.client.submit_with(spec, self.options.clone()).await
+    }
+
     async fn submit(&self, work: Work) -> Result<AsyncResult, ClientError> {
-        let spec = JobSpec::Direct {
+        self.submit_spec(JobSpec::Direct {
             targets: self.targets.clone(),
             work,
-        };
-        self.client
-            .submit_or_subscribe(ClientRequest::Submit(spec))
-            .await
+        })
+        .await
     }
 
     /// Runs Python code on each engine, in that engine's namespace. The value of a final
@@ -437,14 +557,12 @@ impl DirectView {
         mapper: Mapper,
         items: Vec<Value>,
     ) -> Result<AsyncResult, ClientError> {
-        let spec = JobSpec::DirectMap {
+        self.submit_spec(JobSpec::DirectMap {
             targets: self.targets.clone(),
             mapper,
             items,
-        };
-        self.client
-            .submit_or_subscribe(ClientRequest::Submit(spec))
-            .await
+        })
+        .await
     }
 
     /// Sets names in each engine's namespace.
@@ -460,14 +578,12 @@ impl DirectView {
 
     /// Splits `items` into contiguous chunks, one per engine, and sets `name` to its chunk there.
     pub async fn scatter(&self, name: &str, items: Vec<Value>) -> Result<AsyncResult, ClientError> {
-        let spec = JobSpec::Scatter {
+        self.submit_spec(JobSpec::Scatter {
             targets: self.targets.clone(),
             name: name.to_string(),
             items,
-        };
-        self.client
-            .submit_or_subscribe(ClientRequest::Submit(spec))
-            .await
+        })
+        .await
     }
 
     /// The concatenation of the lists named `name` on each engine, in engine order: the
@@ -497,9 +613,56 @@ pub struct LoadBalancedView {
     client: Client,
     chunksize: Option<u32>,
     ordered: bool,
+    options: JobOptions,
 }
 
 impl LoadBalancedView {
+    /// Sets every scheduler option at once (dependencies, retries, timeout, label).
+    #[must_use]
+    pub fn options(mut self, options: JobOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Work from this view starts only once `dep` is met (by default: every job in it has
+    /// succeeded); if it cannot be met any more, the work fails with `ImpossibleDependency`.
+    #[must_use]
+    pub fn after(mut self, dep: impl Into<Dependency>) -> Self {
+        self.options.after = Some(dep.into());
+        self
+    }
+
+    /// Work from this view runs only on the engines where `dep`'s jobs ran (all of them, or
+    /// any, as `dep` says), once they have ended as it asks.
+    #[must_use]
+    pub fn follow(mut self, dep: impl Into<Dependency>) -> Self {
+        self.options.follow = Some(dep.into());
+        self
+    }
+
+    /// A task that raises runs again, up to `retries` times, on another engine where there
+    /// is one with room.
+    #[must_use]
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.options.retries = retries;
+        self
+    }
+
+    /// Each task fails with `TaskTimeout` if it has not finished this long after it could
+    /// start; a running one is interrupted.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.options.timeout_ms = Some((timeout.as_millis() as u64).max(1));
+        self
+    }
+
+    /// A label for this view's jobs, to find them in the history.
+    #[must_use]
+    pub fn label(mut self, label: &str) -> Self {
+        self.options.label = Some(label.to_string());
+        self
+    }
+
     /// Fixes the number of items per task; by default chunks adapt (large first, small last).
     #[must_use]
     pub fn chunksize(mut self, chunksize: u32) -> Self {
@@ -538,7 +701,7 @@ impl LoadBalancedView {
             chunksize: self.chunksize,
         };
         self.client
-            .submit_or_subscribe(ClientRequest::Submit(spec))
+            .submit_with(spec, self.options.clone())
             .await
             .map(|ar| ar.ordered(self.ordered))
     }
@@ -554,5 +717,39 @@ impl LoadBalancedView {
         let args = serde_json::Value::Array(args.iter().map(Value::nested_json).collect());
         self.map_with(Mapper::Star(func.into()), vec![Value::Json(args)])
             .await
+    }
+}
+
+/// Who submits, for the task store's record: `user@host`.
+fn submitter() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".into(), |h| h.trim().to_string());
+    format!("{user}@{host}")
+}
+
+impl From<JobId> for Dependency {
+    fn from(job: JobId) -> Self {
+        Dependency::on(vec![job])
+    }
+}
+
+impl From<Vec<JobId>> for Dependency {
+    fn from(jobs: Vec<JobId>) -> Self {
+        Dependency::on(jobs)
+    }
+}
+
+impl From<&AsyncResult> for Dependency {
+    fn from(ar: &AsyncResult) -> Self {
+        Dependency::on(vec![ar.job_id()])
+    }
+}
+
+impl From<&[&AsyncResult]> for Dependency {
+    fn from(ars: &[&AsyncResult]) -> Self {
+        Dependency::on(ars.iter().map(|ar| ar.job_id()).collect())
     }
 }

@@ -107,6 +107,8 @@ pub struct AsyncResult {
     pub(crate) state: Arc<JobState>,
     /// Whether [`Self::stream`] yields in item order (else as results complete).
     pub(crate) ordered: bool,
+    /// The connection it came from, for [`Self::abort`]; not kept alive by it.
+    pub(crate) client: std::sync::Weak<super::Shared>,
 }
 
 /// One failed slot in a [`CompositeError`].
@@ -154,6 +156,17 @@ impl std::fmt::Display for CompositeError {
 impl std::error::Error for CompositeError {}
 
 impl AsyncResult {
+    /// Drops this job's tasks that have not started (they fail as `TaskAborted`); with
+    /// `interrupt`, its running tasks are interrupted too.
+    pub async fn abort(&self, interrupt: bool) -> Result<(), ClientError> {
+        let shared = self.client.upgrade().ok_or_else(|| {
+            ClientError::Disconnected("the client this job came from is closed".into())
+        })?;
+        super::Client { shared }
+            .abort(self.job_id(), interrupt)
+            .await
+    }
+
     /// The job's id, for `starling result JOB` or [`super::Client::result`].
     pub fn job_id(&self) -> JobId {
         self.state.info.job

@@ -25,10 +25,10 @@ use crate::proto::conn::{self, Accepted, ServerKeys};
 use crate::proto::tls::ClusterCert;
 use crate::proto::{
     ClientRequest, ControllerToClient, ControllerToEngine, EngineToController, JobId, JobInfo,
-    JobSpec, ProtoError, TaskResult,
+    JobOptions, JobSpec, ProtoError, Reply, TaskResult,
 };
 use state::{Comm, ConnId, State};
-use store::{Store, StoreOp};
+use store::{Answer, Read, Store, StoreOp};
 
 /// Default heartbeat period: an engine is declared lost after missing two, so a dead node is
 /// noticed within about 2.5 s, while a busy machine has plenty of slack.
@@ -123,13 +123,80 @@ impl Comm for Wire {
         // Dropping the sender ends the writer, which closes the socket.
         self.engines.remove(&conn);
     }
-    fn record_job(&mut self, info: &JobInfo, spec: &JobSpec) {
+    fn record_job(&mut self, info: &JobInfo, spec: &JobSpec, options: &JobOptions) {
         if let Some(store) = &self.store {
             store.send(StoreOp::Job {
                 info: info.clone(),
-                spec: store::spec_text(spec),
+                options: options.clone(),
+                summary: store::spec_text(spec),
+                request: store::request_blob(spec, options),
             });
         }
+    }
+    fn record_ended(&mut self, job: JobId, status: &'static str, error: Option<&str>) {
+        if let Some(store) = &self.store {
+            store.send(StoreOp::Ended {
+                job,
+                status,
+                error: error.map(str::to_string),
+                completed: crate::proto::now_micros(),
+            });
+        }
+    }
+    fn read_store(&mut self, conn: ConnId, id: u64, read: Read) {
+        let Some(tx) = self.clients.get(&conn).cloned() else {
+            return;
+        };
+        let max_frame = self.max_frame;
+        let send = move |msg: ControllerToClient| {
+            for frame in crate::proto::encode_results(msg, max_frame) {
+                let _ = tx.send(frame);
+            }
+        };
+        let Some(store) = &self.store else {
+            send(ControllerToClient::Reply {
+                id,
+                body: Reply::Error("this controller keeps no task store".into()),
+            });
+            return;
+        };
+        let job = match &read {
+            Read::Job(job) => Some(*job),
+            _ => None,
+        };
+        store.send(StoreOp::Read {
+            read,
+            answer: Box::new(move |answer| {
+                let reply = |body| ControllerToClient::Reply { id, body };
+                match answer {
+                    Answer::History(records) => send(reply(Reply::History(records))),
+                    Answer::Job(Some(found)) => {
+                        let (info, results) = *found;
+                        let job = info.job;
+                        send(reply(Reply::Job(info)));
+                        if !results.is_empty() {
+                            send(ControllerToClient::Results { job, results });
+                        }
+                    }
+                    Answer::Job(None) => send(reply(Reply::Error(format!(
+                        "job {} is not in the task store (purged?)",
+                        job.map_or(0, |j| j.0)
+                    )))),
+                    Answer::Request(Some(found)) => {
+                        let (spec, options) = *found;
+                        send(reply(Reply::Request {
+                            spec,
+                            options: Box::new(options),
+                        }));
+                    }
+                    Answer::Request(None) => send(reply(Reply::Error(
+                        "that job is not in the task store (purged?)".into(),
+                    ))),
+                    Answer::Purged(n) => send(reply(Reply::Count(n))),
+                    Answer::Error(e) => send(reply(Reply::Error(e))),
+                }
+            }),
+        });
     }
     fn shutdown(&mut self) {
         self.shutdown_requested = true;

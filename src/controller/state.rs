@@ -4,15 +4,18 @@
 //! synchronous `on_*` call on [`State`]; the only way out is the [`Comm`] trait. The socket
 //! code in [`super`] feeds events in; tests feed them directly and read what came out.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::store::Read;
 use crate::proto::{
     now_micros, Assignment, ClientRequest, ClusterStatus, ControllerToClient, ControllerToEngine,
-    EngineId, EngineSlot, EngineState, EngineStatus, EngineToController, JobId, JobInfo, JobKind,
-    JobSpec, LostEngine, Mapper, Outcome, RemoteError, Reply, TaskId, TaskResult, Value, Work,
+    Dependency, EngineId, EngineSlot, EngineState, EngineStatus, EngineToController, JobId,
+    JobInfo, JobKind, JobOptions, JobSpec, LostEngine, Mapper, Outcome, RemoteError, Reply, TaskId,
+    TaskResult, Value, Work,
 };
 
 /// Every engine may hold this many tasks (the running one included) whatever their cost, so it
@@ -53,9 +56,13 @@ pub trait Comm {
     /// Drops a connection (an engine declared lost).
     fn close(&mut self, conn: ConnId);
     /// Records a submitted job in the task store.
-    fn record_job(&mut self, info: &JobInfo, spec: &JobSpec);
+    fn record_job(&mut self, info: &JobInfo, spec: &JobSpec, options: &JobOptions);
     /// Records finished tasks in the task store.
     fn record_results(&mut self, job: JobId, results: &[TaskResult]);
+    /// Records that a job's last task is in: its status and first error.
+    fn record_ended(&mut self, job: JobId, status: &'static str, error: Option<&str>);
+    /// Asks the task store; the answer goes to the client as the reply to request `id`.
+    fn read_store(&mut self, conn: ConnId, id: u64, read: Read);
     /// Stops the controller once the messages queued so far are sent.
     fn shutdown(&mut self);
 }
@@ -100,6 +107,40 @@ struct Job {
     item_micros: Option<f64>,
     /// About how many bytes `done` holds.
     bytes: usize,
+    options: JobOptions,
+    /// Waiting for its dependencies: nothing of it has been handed out.
+    waiting: bool,
+    /// The tasks of a direct job that waits for its dependencies, to send once they are met.
+    held: Vec<Assignment>,
+    /// Where it may run (`follow`); anywhere when `None`.
+    allowed: Option<BTreeSet<EngineId>>,
+    /// When its unfinished tasks time out.
+    deadline: Option<Instant>,
+    /// The engines that ran its tasks.
+    ran_on: BTreeSet<EngineId>,
+    /// Why it failed, if a task did: its first error.
+    failure: Option<Arc<str>>,
+    /// How it ended, for the store: `ok` until a task fails.
+    status: &'static str,
+}
+
+/// How a job ended, kept for every job (a few bytes each) so dependencies on it can be judged
+/// long after its results are forgotten.
+#[derive(Debug)]
+struct Ended {
+    ok: bool,
+    engines: Box<[EngineId]>,
+    /// For a failed job: why, in a few words, for the errors of the jobs that depended on it.
+    why: Option<Arc<str>>,
+}
+
+/// Whether a job's dependencies are met.
+enum Readiness {
+    /// It can run — where, for `follow`.
+    Ready(Option<BTreeSet<EngineId>>),
+    Waiting,
+    /// They can no longer be met: why.
+    Impossible(String),
 }
 
 /// The items of a load-balanced map not yet handed out.
@@ -118,13 +159,28 @@ impl Feed {
     }
 }
 
-/// A load-balanced chunk that runs again elsewhere: its first slot, its items, and how many
-/// times it was handed out.
+/// A load-balanced chunk that runs again elsewhere: its first slot, its items, and its past.
 #[derive(Debug)]
 struct Requeued {
     first: u64,
     items: Vec<Value>,
-    attempts: u32,
+    past: Past,
+}
+
+/// What happened to a load-balanced chunk before: how often its engine was lost (or its kernel
+/// died) under it, how often it raised and was retried, and the engines where it raised.
+#[derive(Debug, Clone, Default)]
+struct Past {
+    lost: u32,
+    retried: u32,
+    avoid: Vec<EngineId>,
+}
+
+impl Past {
+    /// How many times the chunk was handed out, this time included.
+    fn attempts(&self) -> u32 {
+        1 + self.lost + self.retried
+    }
 }
 
 #[derive(Debug)]
@@ -141,9 +197,14 @@ struct TaskRef {
     job: JobId,
     first: u64,
     slots: u64,
-    /// A load-balanced chunk keeps its items and the times it was handed out, so it can run
-    /// elsewhere when its engine is lost.
-    balanced: Option<(Vec<Value>, u32)>,
+    /// A load-balanced chunk keeps its items and its past, so it can run again elsewhere.
+    balanced: Option<(Vec<Value>, Past)>,
+}
+
+impl TaskRef {
+    fn attempts(&self) -> u32 {
+        self.balanced.as_ref().map_or(1, |(_, p)| p.attempts())
+    }
 }
 
 /// The whole state of a controller.
@@ -176,6 +237,12 @@ pub struct State {
     cannot_start: BTreeMap<(String, u32), String>,
     /// Per id: how often it was lost and came back, and the last reason it was lost.
     returns: HashMap<EngineId, (u32, String)>,
+    /// How every finished job ended.
+    ended: HashMap<JobId, Ended>,
+    /// Jobs waiting for a job to end, by that job.
+    dependents: HashMap<JobId, Vec<JobId>>,
+    /// Jobs that just ended, whose dependents are still to be looked at.
+    just_ended: Vec<JobId>,
     next_engine: u32,
     next_job: u64,
     next_task: u64,
@@ -205,6 +272,9 @@ impl State {
             lost: BTreeMap::new(),
             cannot_start: BTreeMap::new(),
             returns: HashMap::new(),
+            ended: HashMap::new(),
+            dependents: HashMap::new(),
+            just_ended: Vec::new(),
             next_engine: 0,
             next_job: 0,
             next_task: 0,
@@ -272,17 +342,38 @@ impl State {
                     });
                 }
             }
-            ClientRequest::Submit(spec) => match self.submit(comm, conn, &spec) {
-                Ok(info) => reply(comm, Reply::Job(info)),
+            ClientRequest::Submit { spec, options } => {
+                match self.submit(comm, conn, &spec, *options, now) {
+                    Ok(info) => {
+                        reply(comm, Reply::Job(info));
+                        self.after_change(comm, now);
+                    }
+                    Err(e) => reply(comm, Reply::Error(e)),
+                }
+            }
+            ClientRequest::Abort { job, interrupt } => match self.abort(comm, job, interrupt) {
+                Ok(()) => {
+                    reply(comm, Reply::Done);
+                    self.after_change(comm, now);
+                }
+                Err(e) => reply(comm, Reply::Error(e)),
+            },
+            ClientRequest::Interrupt { targets } => match targets.resolve(&self.ids()) {
+                Ok(chosen) => {
+                    let mut per_conn: BTreeMap<ConnId, Vec<EngineId>> = BTreeMap::new();
+                    for id in &chosen {
+                        per_conn.entry(self.engines[id].conn).or_default().push(*id);
+                    }
+                    for (econn, ids) in per_conn {
+                        comm.to_engine(econn, ControllerToEngine::Interrupt(ids));
+                    }
+                    reply(comm, Reply::Ids(chosen));
+                }
                 Err(e) => reply(comm, Reply::Error(e)),
             },
             ClientRequest::Subscribe { job } => match self.jobs.get_mut(&job) {
-                None if job.0 < self.next_job => reply(
-                    comm,
-                    Reply::Error(format!(
-                        "job {job} finished long ago and its results are no longer held (the controller keeps the last {KEEP_FINISHED_JOBS} jobs and {} MiB of results); the cluster's task store has its record", KEEP_FINISHED_BYTES >> 20
-                    )),
-                ),
+                // Finished and forgotten here: the store has it.
+                None if job.0 < self.next_job => comm.read_store(conn, id, Read::Job(job)),
                 None => reply(
                     comm,
                     Reply::Error(format!(
@@ -306,6 +397,27 @@ impl State {
                     }
                 }
             },
+            ClientRequest::History { filter, limit } => {
+                comm.read_store(conn, id, Read::History { filter, limit });
+            }
+            ClientRequest::Request { job } => comm.read_store(conn, id, Read::Request(job)),
+            ClientRequest::Purge { filter } => {
+                if let Err(e) = super::store::where_clause(&filter) {
+                    reply(comm, Reply::Error(e));
+                    return;
+                }
+                // Finished jobs held here go too, so what is purged is gone everywhere.
+                if let Ok(forget) = self.matching_finished(&filter) {
+                    for job in forget {
+                        if let Some(j) = self.jobs.remove(&job) {
+                            self.finished_slots -= j.info.slots;
+                            self.finished_bytes -= j.bytes;
+                        }
+                        self.finished.retain(|f| *f != job);
+                    }
+                }
+                comm.read_store(conn, id, Read::Purge { filter });
+            }
             ClientRequest::Shutdown => {
                 for econn in self.engine_conns.keys() {
                     comm.to_engine(*econn, ControllerToEngine::Shutdown);
@@ -331,12 +443,128 @@ impl State {
         task
     }
 
+    /// Refuses options that cannot work, before anything is made.
+    fn check_options(&self, spec: &JobSpec, options: &JobOptions) -> Result<(), String> {
+        let balanced = matches!(spec, JobSpec::Map { .. });
+        if !balanced && options.follow.is_some() {
+            return Err("follow places load-balanced work (map, or apply without --targets); direct work already names its engines".into());
+        }
+        if !balanced && options.retries > 0 {
+            return Err("retries apply to load-balanced work (map, or apply without --targets); direct work runs once on each target".into());
+        }
+        if options.timeout_ms == Some(0) {
+            return Err("the timeout must be more than 0 seconds".into());
+        }
+        for dep in options.after.iter().chain(&options.follow) {
+            for j in &dep.jobs {
+                if j.0 >= self.next_job {
+                    return Err(format!(
+                        "there is no job {j} on cluster '{}' to depend on (the last job is {}); dependencies name jobs already submitted",
+                        self.cluster,
+                        self.next_job.checked_sub(1).map_or("none yet".to_string(), |n| n.to_string())
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How `dep` stands now.
+    fn judge(&self, dep: &Dependency) -> Readiness {
+        let mut met: Vec<&Ended> = Vec::new();
+        let mut unmet = None;
+        let mut pending = false;
+        for j in &dep.jobs {
+            match self.ended.get(j) {
+                None => pending = true,
+                Some(e) if (e.ok && dep.success) || (!e.ok && dep.failure) => met.push(e),
+                Some(e) => {
+                    if unmet.is_none() {
+                        unmet = Some(match &e.why {
+                            Some(why) => format!("job {j} failed ({why})"),
+                            None if !dep.success => format!(
+                                "job {j} succeeded, and only its failure was to be waited for"
+                            ),
+                            None => format!("job {j} did not end as required"),
+                        });
+                    }
+                }
+            }
+        }
+        let where_met = || {
+            let mut sets = met
+                .iter()
+                .map(|e| e.engines.iter().copied().collect::<BTreeSet<_>>());
+            let first = sets.next().unwrap_or_default();
+            sets.fold(first, |acc, s| {
+                if dep.all {
+                    acc.intersection(&s).copied().collect()
+                } else {
+                    acc.union(&s).copied().collect()
+                }
+            })
+        };
+        if dep.all {
+            match (unmet, pending) {
+                (Some(why), _) => Readiness::Impossible(why),
+                (None, true) => Readiness::Waiting,
+                (None, false) => Readiness::Ready(Some(where_met())),
+            }
+        } else if !met.is_empty() || dep.jobs.is_empty() {
+            Readiness::Ready(Some(where_met()))
+        } else if pending {
+            Readiness::Waiting
+        } else {
+            Readiness::Impossible(unmet.unwrap_or_default())
+        }
+    }
+
+    /// Whether a job's `after` and `follow` are met, and where it may run.
+    fn readiness(&self, options: &JobOptions) -> Readiness {
+        let after = options
+            .after
+            .as_ref()
+            .map_or(Readiness::Ready(None), |d| self.judge(d));
+        let follow = options
+            .follow
+            .as_ref()
+            .map_or(Readiness::Ready(None), |d| self.judge(d));
+        match (after, follow) {
+            (Readiness::Impossible(why), _) | (_, Readiness::Impossible(why)) => {
+                Readiness::Impossible(why)
+            }
+            (Readiness::Waiting, _) | (_, Readiness::Waiting) => Readiness::Waiting,
+            (Readiness::Ready(_), Readiness::Ready(None)) => Readiness::Ready(None),
+            (Readiness::Ready(_), Readiness::Ready(Some(engines))) => {
+                let dep = options.follow.as_ref().expect("follow was judged");
+                if engines.iter().any(|e| self.engines.contains_key(e)) {
+                    Readiness::Ready(Some(engines))
+                } else if engines.is_empty() {
+                    Readiness::Impossible(format!(
+                        "no engine ran {} of jobs {:?}, so there is nowhere to follow them",
+                        if dep.all { "all" } else { "any" },
+                        dep.jobs.iter().map(|j| j.0).collect::<Vec<_>>()
+                    ))
+                } else {
+                    Readiness::Impossible(format!(
+                        "the engines where it was to follow jobs {:?} ({}) are gone",
+                        dep.jobs.iter().map(|j| j.0).collect::<Vec<_>>(),
+                        crate::proto::format_ids(&engines.iter().copied().collect::<Vec<_>>())
+                    ))
+                }
+            }
+        }
+    }
+
     fn submit(
         &mut self,
         comm: &mut impl Comm,
         conn: ConnId,
         spec: &JobSpec,
+        options: JobOptions,
+        now: Instant,
     ) -> Result<JobInfo, String> {
+        self.check_options(spec, &options)?;
         let job = JobId(self.next_job);
         // Per target: the work and how many result slots it fills.
         let (kind, targets, mut per_target, mapper, feed): (JobKind, _, Vec<(Work, u64)>, _, _) =
@@ -448,6 +676,9 @@ impl State {
             tasks: Vec::with_capacity(chosen.len()),
             slots,
         };
+        let readiness = self.readiness(&options);
+        let ready = matches!(readiness, Readiness::Ready(_));
+        let mut held = Vec::new();
         let mut per_conn: BTreeMap<ConnId, Vec<Assignment>> = BTreeMap::new();
         let mut first = 0;
         for (engine_id, (work, n)) in chosen.iter().zip(per_target) {
@@ -465,20 +696,25 @@ impl State {
             // subscribers released, exactly when every task has reported.
             let task = self.new_task(job, slot_first, n);
             info.tasks.push((task, *engine_id));
+            let assignment = Assignment {
+                task,
+                engine: *engine_id,
+                first: slot_first,
+                work,
+            };
+            if !ready {
+                held.push(assignment);
+                continue;
+            }
             let engine = self
                 .engines
                 .get_mut(engine_id)
                 .expect("resolved ids are registered");
             engine.assigned.push_back((task, n));
             engine.outstanding += n;
-            per_conn.entry(engine.conn).or_default().push(Assignment {
-                task,
-                engine: *engine_id,
-                first: slot_first,
-                work,
-            });
+            per_conn.entry(engine.conn).or_default().push(assignment);
         }
-        comm.record_job(&info, spec);
+        comm.record_job(&info, spec, &options);
         let empty = info.slots == 0;
         self.jobs.insert(
             job,
@@ -488,27 +724,326 @@ impl State {
                 subscribers: if empty { Vec::new() } else { vec![conn] },
                 info: info.clone(),
                 mapper,
-                feed: None,
+                feed: feed.filter(|f| !f.items.is_empty()),
                 item_micros: None,
                 bytes: 0,
+                waiting: !ready,
+                held,
+                allowed: None,
+                deadline: None,
+                ran_on: BTreeSet::new(),
+                failure: None,
+                status: "ok",
+                options,
             },
         );
         if empty {
+            comm.record_ended(job, "ok", None);
+            self.job_ended(job);
             self.finished.push_back(job);
             self.forget_old_jobs();
+            return Ok(info);
         }
         for (econn, tasks) in per_conn {
             let defs = self.defs_for(econn, &tasks);
             comm.to_engine(econn, ControllerToEngine::Run { defs, tasks });
         }
-        if let Some(feed) = feed {
-            if !feed.items.is_empty() {
-                self.jobs.get_mut(&job).expect("just inserted").feed = Some(feed);
-                self.feeds.push_back(job);
-                self.fill(comm);
+        match readiness {
+            Readiness::Ready(allowed) => self.release(comm, job, allowed, now),
+            Readiness::Waiting => {
+                let j = &self.jobs[&job];
+                let deps: BTreeSet<JobId> = j
+                    .options
+                    .after
+                    .iter()
+                    .chain(&j.options.follow)
+                    .flat_map(|d| d.jobs.iter().copied())
+                    .filter(|d| !self.ended.contains_key(d))
+                    .collect();
+                for d in deps {
+                    self.dependents.entry(d).or_default().push(job);
+                }
             }
+            Readiness::Impossible(why) => self.fail_impossible(comm, job, &why),
         }
         Ok(info)
+    }
+
+    /// Lets a job run: its held direct tasks go to their engines (or fail, if an engine is
+    /// gone), its load-balanced items join the queue, and its timeout starts.
+    fn release(
+        &mut self,
+        comm: &mut impl Comm,
+        job_id: JobId,
+        allowed: Option<BTreeSet<EngineId>>,
+        now: Instant,
+    ) {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        job.waiting = false;
+        job.allowed = allowed.filter(|_| job.options.follow.is_some());
+        job.deadline = job
+            .options
+            .timeout_ms
+            .map(|ms| now + Duration::from_millis(ms));
+        let held = std::mem::take(&mut job.held);
+        if job.feed.is_some() && !self.feeds.contains(&job_id) {
+            self.feeds.push_back(job_id);
+        }
+        let mut per_conn: BTreeMap<ConnId, Vec<Assignment>> = BTreeMap::new();
+        let mut failed = Vec::new();
+        for a in held {
+            let slots = self.tasks.get(&a.task).map_or(1, |t| t.slots);
+            match self.engines.get_mut(&a.engine) {
+                Some(engine) => {
+                    engine.assigned.push_back((a.task, slots));
+                    engine.outstanding += slots;
+                    per_conn.entry(engine.conn).or_default().push(a);
+                }
+                None => {
+                    let why = format!("engine {} was lost before the job could start", a.engine);
+                    failed.push(self.failed_result(a.task, a.engine, "EngineLost", &why));
+                }
+            }
+        }
+        for (econn, tasks) in per_conn {
+            let defs = self.defs_for(econn, &tasks);
+            comm.to_engine(econn, ControllerToEngine::Run { defs, tasks });
+        }
+        if !failed.is_empty() {
+            self.finish_only(comm, failed);
+        }
+    }
+
+    /// A failed result for a task that never ran (or whose run is abandoned): every slot it
+    /// fills gets `ename: why`. The task is taken out of the books.
+    fn failed_result(
+        &mut self,
+        task: TaskId,
+        engine: EngineId,
+        ename: &str,
+        why: &str,
+    ) -> TaskResult {
+        let (per_item, slots, first, attempts) = match self.tasks.get_mut(&task) {
+            // A failure made here is final: it is not retried.
+            Some(t) => (
+                self.jobs
+                    .get(&t.job)
+                    .is_some_and(|j| j.info.kind.per_item()),
+                t.slots,
+                t.first,
+                std::mem::take(&mut t.balanced).map_or(1, |(_, p)| p.attempts()),
+            ),
+            None => (false, 1, 0, 1),
+        };
+        let error = RemoteError {
+            ename: ename.into(),
+            evalue: why.to_string(),
+            traceback: String::new(),
+        };
+        let now = now_micros();
+        TaskResult {
+            task,
+            engine,
+            first,
+            outcome: if per_item {
+                Outcome::Items(vec![Err(error); slots as usize])
+            } else {
+                Outcome::Err(error)
+            },
+            stdout: String::new(),
+            stderr: String::new(),
+            execution_count: 0,
+            started: now,
+            completed: now,
+            attempts,
+        }
+    }
+
+    /// Fails everything of a job that has not been handed to an engine: its held direct
+    /// tasks and its queued load-balanced items.
+    fn fail_unstarted(&mut self, job_id: JobId, ename: &str, why: &str) -> Vec<TaskResult> {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return Vec::new();
+        };
+        let held = std::mem::take(&mut job.held);
+        let feed = job.feed.take();
+        self.feeds.retain(|j| *j != job_id);
+        let mut failed: Vec<TaskResult> = held
+            .into_iter()
+            .map(|a| self.failed_result(a.task, a.engine, ename, why))
+            .collect();
+        if let Some(feed) = feed {
+            let mut runs: Vec<(u64, u64, u32)> = feed
+                .again
+                .iter()
+                .map(|r| (r.first, r.items.len() as u64, r.past.attempts() - 1))
+                .collect();
+            if !feed.items.is_empty() {
+                runs.push((feed.next, feed.items.len() as u64, 0));
+            }
+            for (first, n, attempts) in runs {
+                let task = self.new_task(job_id, first, n);
+                let mut r = self.failed_result(task, EngineId(u32::MAX), ename, why);
+                r.attempts = attempts;
+                failed.push(r);
+            }
+        }
+        failed
+    }
+
+    /// Fails a job's tasks that engines hold: those queued there, and with `running` the ones
+    /// running too, which are interrupted. Their engines are told to drop them.
+    fn fail_assigned(
+        &mut self,
+        comm: &mut impl Comm,
+        job_id: JobId,
+        running: bool,
+        ename: &str,
+        why: &str,
+    ) -> Vec<TaskResult> {
+        let mut cancel: BTreeMap<ConnId, Vec<(EngineId, TaskId)>> = BTreeMap::new();
+        let mut gone = Vec::new();
+        for (id, engine) in &mut self.engines {
+            let mut i = 0;
+            while i < engine.assigned.len() {
+                let (task, n) = engine.assigned[i];
+                let ours = self.tasks.get(&task).is_some_and(|t| t.job == job_id);
+                if ours && (running || i > 0) {
+                    engine.assigned.remove(i);
+                    engine.outstanding -= n;
+                    cancel.entry(engine.conn).or_default().push((*id, task));
+                    gone.push((task, *id));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        for (econn, tasks) in cancel {
+            comm.to_engine(econn, ControllerToEngine::Cancel(tasks));
+        }
+        gone.into_iter()
+            .map(|(task, engine)| {
+                let mut r = self.failed_result(task, engine, ename, why);
+                r.completed = now_micros();
+                r
+            })
+            .collect()
+    }
+
+    /// A job whose dependencies can no longer be met fails at once, every task of it.
+    fn fail_impossible(&mut self, comm: &mut impl Comm, job_id: JobId, why: &str) {
+        let why = format!("job {job_id} cannot run: {why}");
+        let failed = self.fail_unstarted(job_id, "ImpossibleDependency", &why);
+        self.finish_only(comm, failed);
+    }
+
+    /// Drops the unstarted tasks of an unfinished job (they fail as `TaskAborted`); with
+    /// `interrupt`, its running tasks too.
+    fn abort(
+        &mut self,
+        comm: &mut impl Comm,
+        job_id: JobId,
+        interrupt: bool,
+    ) -> Result<(), String> {
+        let Some(job) = self.jobs.get(&job_id).filter(|j| j.remaining > 0) else {
+            return Err(if job_id.0 >= self.next_job {
+                format!("there is no job {job_id} on cluster '{}'", self.cluster)
+            } else {
+                format!("job {job_id} has already finished; there is nothing to abort")
+            });
+        };
+        let _ = job;
+        let mut failed = self.fail_unstarted(
+            job_id,
+            "TaskAborted",
+            &format!("job {job_id} was aborted before this task started"),
+        );
+        failed.extend(self.fail_assigned(
+            comm,
+            job_id,
+            interrupt,
+            "TaskAborted",
+            &format!(
+                "job {job_id} was aborted (queued tasks were dropped, running ones interrupted)"
+            ),
+        ));
+        self.finish_only(comm, failed);
+        Ok(())
+    }
+
+    /// The finished jobs held in memory that a `db_query` dict selects (only the keys the
+    /// controller knows without the store are judged here; the store judges the rest).
+    fn matching_finished(&self, filter: &str) -> Result<Vec<JobId>, String> {
+        let query: serde_json::Value = serde_json::from_str(if filter.trim().is_empty() {
+            "{}"
+        } else {
+            filter
+        })
+        .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for id in &self.finished {
+            let Some(job) = self.jobs.get(id) else {
+                continue;
+            };
+            let known = [
+                ("job", serde_json::json!(id.0)),
+                ("submitted", serde_json::json!(job.info.submitted)),
+                ("status", serde_json::json!(job.status)),
+                ("label", serde_json::json!(job.options.label)),
+            ];
+            let fits = query.as_object().is_some_and(|q| {
+                q.iter()
+                    .all(|(k, test)| match known.iter().find(|(n, _)| n == k) {
+                        None => true,
+                        Some((_, v)) => matches_test(v, test),
+                    })
+            });
+            if fits {
+                out.push(*id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records how a job ended and queues its dependents to be looked at.
+    fn job_ended(&mut self, job_id: JobId) {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
+        self.ended.insert(
+            job_id,
+            Ended {
+                ok: job.failure.is_none(),
+                engines: job.ran_on.iter().copied().collect(),
+                why: job.failure.clone(),
+            },
+        );
+        if self.dependents.contains_key(&job_id) {
+            self.just_ended.push(job_id);
+        }
+    }
+
+    /// After anything that can end jobs or free engines: jobs whose dependencies are now met
+    /// are released (or failed, if they can no longer be), then engines with room get work.
+    fn after_change(&mut self, comm: &mut impl Comm, now: Instant) {
+        while let Some(ended) = self.just_ended.pop() {
+            for d in self.dependents.remove(&ended).unwrap_or_default() {
+                if !self.jobs.get(&d).is_some_and(|j| j.waiting) {
+                    continue;
+                }
+                let options = self.jobs[&d].options.clone();
+                match self.readiness(&options) {
+                    Readiness::Ready(allowed) => self.release(comm, d, allowed, now),
+                    Readiness::Waiting => {}
+                    Readiness::Impossible(why) => self.fail_impossible(comm, d, &why),
+                }
+            }
+        }
+        if !self.feeds.is_empty() {
+            self.fill(comm);
+        }
     }
 
     /// The mapper definitions an engine process needs for these tasks and has not had yet.
@@ -544,31 +1079,42 @@ impl State {
         }
     }
 
-    /// Hands out chunks of load-balanced maps to the least-loaded engines with room.
+    /// Hands out chunks of load-balanced maps to the least-loaded engines with room, oldest
+    /// map first. A map that may run only on some engines (`follow`) and finds none of them
+    /// with room lets the next map go ahead; any other waits for room, first in line.
     fn fill(&mut self, comm: &mut impl Comm) {
         let mut per_conn: BTreeMap<ConnId, Vec<Assignment>> = BTreeMap::new();
         let n_engines = self.engines.len().max(1);
-        while let Some(&job_id) = self.feeds.front() {
+        let mut i = 0;
+        while let Some(&job_id) = self.feeds.get(i) {
             let Some(job) = self.jobs.get_mut(&job_id) else {
-                self.feeds.pop_front();
+                self.feeds.remove(i);
                 continue;
             };
             let item_micros = job.item_micros;
             let Some(feed) = job.feed.as_mut().filter(|f| !f.is_empty()) else {
                 job.feed = None;
-                self.feeds.pop_front();
+                self.feeds.remove(i);
                 continue;
             };
+            let allowed = job.allowed.as_ref();
+            let avoid = feed.again.front().map_or(&[][..], |r| &r.past.avoid[..]);
             let Some((engine_id, engine)) = self
                 .engines
                 .iter_mut()
-                .filter(|(_, e)| Self::has_room(e, item_micros))
-                .min_by_key(|(_, e)| (e.outstanding, e.assigned.len()))
+                .filter(|(id, e)| {
+                    allowed.map_or(true, |a| a.contains(id)) && Self::has_room(e, item_micros)
+                })
+                .min_by_key(|(id, e)| (avoid.contains(id), e.outstanding, e.assigned.len()))
             else {
+                if allowed.is_some() {
+                    i += 1;
+                    continue;
+                }
                 break;
             };
-            let (first, items, attempts) = match feed.again.pop_front() {
-                Some(r) => (r.first, r.items, r.attempts + 1),
+            let (first, items, past) = match feed.again.pop_front() {
+                Some(r) => (r.first, r.items, r.past),
                 None => {
                     let remaining = feed.items.len();
                     let size = match feed.chunksize {
@@ -581,7 +1127,7 @@ impl State {
                     let items: Vec<Value> = feed.items.drain(..size).collect();
                     let first = feed.next;
                     feed.next += size as u64;
-                    (first, items, 1)
+                    (first, items, Past::default())
                 }
             };
             let size = items.len() as u64;
@@ -593,7 +1139,7 @@ impl State {
                     job: job_id,
                     first,
                     slots: size,
-                    balanced: Some((items.clone(), attempts)),
+                    balanced: Some((items.clone(), past)),
                 },
             );
             engine.assigned.push_back((task, size));
@@ -668,7 +1214,10 @@ impl State {
                     );
                 }
             }
-            EngineToController::Done(results) => self.finish(comm, results),
+            EngineToController::Done(results) => {
+                self.finish_only(comm, results);
+                self.after_change(comm, now);
+            }
             EngineToController::KernelRestarted {
                 engine,
                 pid,
@@ -754,21 +1303,37 @@ impl State {
             },
         );
         self.answer_waiters(comm, now);
-        self.fill(comm);
+        self.after_change(comm, now);
     }
 
-    /// Puts a load-balanced task that was handed out fewer than `attempts` times back in its
-    /// map's queue, first in line; gives the task back when it cannot run again. Its old task
-    /// id is gone, so a late result for it is ignored.
-    fn requeue(&mut self, tref: TaskRef) -> Result<(), TaskRef> {
-        let runs_again = tref
-            .balanced
-            .as_ref()
-            .is_some_and(|(_, attempts)| *attempts < self.attempts);
-        let Some(job) = self.jobs.get_mut(&tref.job).filter(|_| runs_again) else {
+    /// Puts a load-balanced task back in its map's queue, first in line, if it may run again:
+    /// after its engine was lost or its kernel died (`raised_on: None`) while it has been
+    /// lost fewer than `task_attempts` times; after it raised on an engine while it has
+    /// retries left. Gives the task back when it cannot run again. Its old task id is gone,
+    /// so a late result for it is ignored.
+    fn requeue(&mut self, tref: TaskRef, raised_on: Option<EngineId>) -> Result<(), TaskRef> {
+        let Some((job, past)) = self
+            .jobs
+            .get_mut(&tref.job)
+            .zip(tref.balanced.as_ref().map(|(_, p)| p))
+        else {
             return Err(tref);
         };
-        let (items, attempts) = tref.balanced.expect("checked");
+        let runs_again = match raised_on {
+            None => past.lost + 1 < self.attempts,
+            Some(_) => past.retried < job.options.retries,
+        };
+        if !runs_again {
+            return Err(tref);
+        }
+        let (items, mut past) = tref.balanced.expect("checked");
+        match raised_on {
+            None => past.lost += 1,
+            Some(engine) => {
+                past.retried += 1;
+                past.avoid.push(engine);
+            }
+        }
         let feed = job.feed.get_or_insert_with(|| Feed {
             items: VecDeque::new(),
             next: tref.first + tref.slots,
@@ -778,7 +1343,7 @@ impl State {
         feed.again.push_back(Requeued {
             first: tref.first,
             items,
-            attempts,
+            past,
         });
         if !self.feeds.contains(&tref.job) {
             self.feeds.push_front(tref.job);
@@ -786,11 +1351,14 @@ impl State {
         Ok(())
     }
 
-    fn finish(&mut self, comm: &mut impl Comm, results: Vec<TaskResult>) {
+    /// Takes in finished tasks: the books, requeues (dead kernels, retries), the job's
+    /// subscribers and the store; a job whose last task is in has ended.
+    fn finish_only(&mut self, comm: &mut impl Comm, results: Vec<TaskResult>) {
         let mut by_job: BTreeMap<JobId, Vec<TaskResult>> = BTreeMap::new();
-        for result in results {
+        for mut result in results {
             let Some(mut tref) = self.tasks.remove(&result.task) else {
-                tracing::warn!(task = %result.task, "result for an unknown task; ignored");
+                // A task already failed (aborted, timed out, its engine declared lost).
+                tracing::debug!(task = %result.task, "result for a task no longer expected; ignored");
                 continue;
             };
             if let Some(engine) = self.engines.get_mut(&result.engine) {
@@ -800,16 +1368,44 @@ impl State {
                     engine.outstanding -= n;
                 }
             }
+            if tref.balanced.is_some() {
+                result.attempts = tref.attempts();
+            }
             // Its kernel died under it: like work on a lost engine, it runs again elsewhere
-            // while it has attempts left.
+            // while it has attempts left. A task that raised runs again while it has retries.
             if kernel_died(&result.outcome) {
-                match self.requeue(tref) {
+                match self.requeue(tref, None) {
+                    Ok(()) => continue,
+                    Err(t) => tref = t,
+                }
+            } else if first_error(&result.outcome).is_some() {
+                match self.requeue(tref, Some(result.engine)) {
                     Ok(()) => continue,
                     Err(t) => tref = t,
                 }
             }
             if let Some(job) = self.jobs.get_mut(&tref.job) {
                 job.remaining = job.remaining.saturating_sub(tref.slots);
+                if first_error(&result.outcome)
+                    .map_or(true, |e| !CONTROLLER_ERRORS.contains(&e.ename.as_str()))
+                {
+                    job.ran_on.insert(result.engine);
+                }
+                if job.failure.is_none() {
+                    if let Some(e) = first_error(&result.outcome) {
+                        job.status = match e.ename.as_str() {
+                            "TaskAborted" => "aborted",
+                            "TaskTimeout" => "timeout",
+                            "ImpossibleDependency" => "impossible",
+                            _ => "failed",
+                        };
+                        job.failure = Some(if e.ename == "ImpossibleDependency" {
+                            e.evalue.as_str().into()
+                        } else {
+                            format!("{e}, on engine {}", result.engine).into()
+                        });
+                    }
+                }
                 if matches!(result.outcome, Outcome::Items(_)) && result.completed > result.started
                 {
                     let per_item = (result.completed - result.started) as f64 / tref.slots as f64;
@@ -851,12 +1447,11 @@ impl State {
                 self.finished.push_back(job_id);
                 self.finished_slots += job.info.slots;
                 self.finished_bytes += job.bytes;
+                comm.record_ended(job_id, job.status, job.failure.as_deref());
+                self.job_ended(job_id);
             }
         }
         self.forget_old_jobs();
-        if !self.feeds.is_empty() {
-            self.fill(comm);
-        }
     }
 
     /// Drops the oldest finished jobs beyond the memory bounds.
@@ -876,8 +1471,9 @@ impl State {
         }
     }
 
-    /// An engine connection closed or went silent: its engines are gone, and every task they
-    /// held fails with a reason that names them.
+    /// An engine connection closed or went silent: its engines are gone. Load-balanced work
+    /// they held runs again elsewhere while it has attempts left; the rest fails with a reason
+    /// that names them.
     pub fn on_engine_gone(
         &mut self,
         comm: &mut impl Comm,
@@ -889,7 +1485,6 @@ impl State {
             return;
         };
         let mut failed = Vec::new();
-        let mut requeued = false;
         let ec_had_engines = !ec.engines.is_empty();
         let lost = ec.engines.first().copied().unwrap_or(EngineId(0));
         for id in ec.engines {
@@ -897,7 +1492,6 @@ impl State {
                 continue;
             };
             tracing::warn!(engine = %id, node = engine.node, reason, "engine lost");
-            let now = now_micros();
             self.lost.insert(
                 (engine.node.clone(), engine.slot),
                 LostEngine {
@@ -905,7 +1499,7 @@ impl State {
                     node: engine.node.clone(),
                     host: engine.host.clone(),
                     reason: reason.to_string(),
-                    since: now,
+                    since: now_micros(),
                 },
             );
             for (task, _) in engine.assigned {
@@ -916,50 +1510,19 @@ impl State {
                     "engine {id} (node {}, host {}) was lost: {reason}",
                     engine.node, engine.host
                 );
-                let attempts = tref.balanced.as_ref().map_or(1, |(_, a)| *a);
-                let tref = match self.requeue(tref) {
-                    Ok(()) => {
-                        requeued = true;
-                        continue;
-                    }
+                let handed = tref.balanced.as_ref().map_or(1, |(_, p)| p.lost + 1);
+                let tref = match self.requeue(tref, None) {
+                    Ok(()) => continue,
                     Err(t) => t,
                 };
-                // `finish` takes it from here.
-                self.tasks.insert(
-                    task,
-                    TaskRef {
-                        balanced: None,
-                        ..tref
-                    },
-                );
-                let error = RemoteError {
-                    ename: "EngineLost".into(),
-                    evalue: if attempts > 1 {
-                        format!("{lost_here} (it had been handed out {attempts} times, the most a task is: task_attempts)")
-                    } else {
-                        lost_here
-                    },
-                    traceback: String::new(),
+                // `failed_result` and `finish_only` take it from here.
+                self.tasks.insert(task, tref);
+                let why = if handed > 1 {
+                    format!("{lost_here} (its engines were lost {handed} times, the most a task is: task_attempts)")
+                } else {
+                    lost_here
                 };
-                let per_item = self
-                    .jobs
-                    .get(&tref.job)
-                    .is_some_and(|j| j.info.kind.per_item());
-                failed.push(TaskResult {
-                    task,
-                    engine: id,
-                    first: tref.first,
-                    outcome: if per_item {
-                        Outcome::Items(vec![Err(error); tref.slots as usize])
-                    } else {
-                        Outcome::Err(error)
-                    },
-                    stdout: String::new(),
-                    stderr: String::new(),
-                    execution_count: 0,
-                    started: now,
-                    completed: now,
-                });
+                failed.push(self.failed_result(task, id, "EngineLost", &why));
             }
         }
         if self.engines.is_empty() && self.orphaned.is_none() && ec_had_engines {
@@ -968,9 +1531,30 @@ impl State {
             // of waiting for ever.
             self.orphaned = Some((now, lost, reason.to_string()));
         }
-        if !failed.is_empty() || requeued {
-            self.finish(comm, failed);
+        // Work that was to follow jobs onto engines that are all gone now cannot run.
+        let stranded: Vec<(JobId, String)> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.remaining > 0 && !j.waiting)
+            .filter_map(|(id, j)| {
+                let allowed = j.allowed.as_ref()?;
+                let alive = allowed.iter().any(|e| self.engines.contains_key(e));
+                (!alive && j.feed.is_some()).then(|| {
+                    (
+                        *id,
+                        format!(
+                            "the engines it was to follow onto ({}) are gone: {reason}",
+                            crate::proto::format_ids(&allowed.iter().copied().collect::<Vec<_>>())
+                        ),
+                    )
+                })
+            })
+            .collect();
+        self.finish_only(comm, failed);
+        for (job, why) in stranded {
+            self.fail_impossible(comm, job, &why);
         }
+        self.after_change(comm, now);
         comm.close(conn);
     }
 
@@ -993,49 +1577,37 @@ impl State {
         );
         let lost = *lost;
         self.orphaned = None;
-        let failed = self.drain_feeds(lost, &why);
-        if !failed.is_empty() {
-            self.finish(comm, failed);
+        let mut failed = Vec::new();
+        for job in self.feeds.clone() {
+            for mut r in self.fail_unstarted(job, "EngineLost", &why) {
+                r.engine = lost;
+                failed.push(r);
+            }
         }
+        self.finish_only(comm, failed);
     }
 
-    /// Takes every item not yet handed out and makes it an `EngineLost` failure.
-    fn drain_feeds(&mut self, lost: EngineId, why: &str) -> Vec<TaskResult> {
-        let now = now_micros();
-        let mut failed = Vec::new();
-        for job_id in std::mem::take(&mut self.feeds) {
-            let Some(feed) = self.jobs.get_mut(&job_id).and_then(|j| j.feed.take()) else {
-                continue;
-            };
-            let mut runs: Vec<(u64, u64)> = feed
-                .again
-                .iter()
-                .map(|r| (r.first, r.items.len() as u64))
-                .collect();
-            if !feed.items.is_empty() {
-                runs.push((feed.next, feed.items.len() as u64));
+    /// Fails what is left of jobs whose timeout has passed; their running tasks are
+    /// interrupted.
+    fn time_out(&mut self, comm: &mut impl Comm, now: Instant) {
+        let late: Vec<(JobId, u64)> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.remaining > 0 && j.deadline.is_some_and(|d| d <= now))
+            .map(|(id, j)| (*id, j.options.timeout_ms.unwrap_or(0)))
+            .collect();
+        for (job, ms) in late {
+            let why = format!(
+                "the task did not finish within {} s of when it could start (timeout)",
+                ms as f64 / 1000.0
+            );
+            if let Some(j) = self.jobs.get_mut(&job) {
+                j.deadline = None;
             }
-            for (first, n) in runs {
-                let task = self.new_task(job_id, first, n);
-                let error = RemoteError {
-                    ename: "EngineLost".into(),
-                    evalue: why.to_string(),
-                    traceback: String::new(),
-                };
-                failed.push(TaskResult {
-                    task,
-                    engine: lost,
-                    first,
-                    outcome: Outcome::Items(vec![Err(error); n as usize]),
-                    stdout: String::new(),
-                    stderr: String::new(),
-                    execution_count: 0,
-                    started: now,
-                    completed: now,
-                });
-            }
+            let mut failed = self.fail_unstarted(job, "TaskTimeout", &why);
+            failed.extend(self.fail_assigned(comm, job, true, "TaskTimeout", &why));
+            self.finish_only(comm, failed);
         }
-        failed
     }
 
     /// The clock: loses silent engines and answers waiters whose time ran out.
@@ -1069,7 +1641,9 @@ impl State {
             self.on_engine_gone(comm, conn, &reason, now);
         }
         self.fail_orphaned(comm, now);
+        self.time_out(comm, now);
         self.answer_waiters(comm, now);
+        self.after_change(comm, now);
     }
 
     fn answer_waiters(&mut self, comm: &mut impl Comm, now: Instant) {
@@ -1146,6 +1720,49 @@ impl State {
     }
 }
 
+/// Whether `v` passes a `db_query` test (a value, or `{operator: value}`), for the few keys
+/// the controller judges itself.
+fn matches_test(v: &serde_json::Value, test: &serde_json::Value) -> bool {
+    use serde_json::Value as J;
+    let num = |x: &J| x.as_f64();
+    let cmp = |a: &J, b: &J| match (num(a), num(b)) {
+        (Some(x), Some(y)) => x.partial_cmp(&y),
+        _ => a.as_str().zip(b.as_str()).map(|(x, y)| x.cmp(y)),
+    };
+    match test {
+        J::Object(ops) => ops.iter().all(|(op, arg)| match op.as_str() {
+            "$lt" => cmp(v, arg) == Some(std::cmp::Ordering::Less),
+            "$lte" => matches!(cmp(v, arg), Some(o) if o.is_le()),
+            "$gt" => cmp(v, arg) == Some(std::cmp::Ordering::Greater),
+            "$gte" => matches!(cmp(v, arg), Some(o) if o.is_ge()),
+            "$eq" => v == arg,
+            "$ne" => v != arg,
+            "$in" => arg.as_array().is_some_and(|a| a.contains(v)),
+            "$nin" => arg.as_array().map_or(true, |a| !a.contains(v)),
+            "$exists" => arg.as_bool() == Some(!v.is_null()),
+            _ => false,
+        }),
+        other => v == other,
+    }
+}
+
+/// The errors the controller makes for tasks that did not (or not fully) run.
+const CONTROLLER_ERRORS: [&str; 4] = [
+    "EngineLost",
+    "ImpossibleDependency",
+    "TaskAborted",
+    "TaskTimeout",
+];
+
+/// A task's first error, if it failed (for a map chunk: its first failed item).
+fn first_error(outcome: &Outcome) -> Option<&RemoteError> {
+    match outcome {
+        Outcome::Ok { .. } => None,
+        Outcome::Err(e) => Some(e),
+        Outcome::Items(items) => items.iter().find_map(|i| i.as_ref().err()),
+    }
+}
+
 /// Whether a task failed because its kernel died under it (the engine reports `KernelDied`
 /// for it, for every item of a map chunk).
 fn kernel_died(outcome: &Outcome) -> bool {
@@ -1178,9 +1795,17 @@ mod tests {
     use super::*;
     use crate::proto::{Targets, Work};
 
+    fn submit_req(spec: JobSpec) -> ClientRequest {
+        ClientRequest::Submit {
+            spec,
+            options: Box::default(),
+        }
+    }
+
     #[derive(Default)]
     struct Recorder {
         to_clients: Vec<(ConnId, ControllerToClient)>,
+        reads: Vec<(ConnId, u64, String)>,
         to_engines: Vec<(ConnId, ControllerToEngine)>,
         closed: Vec<ConnId>,
         recorded_jobs: usize,
@@ -1197,7 +1822,11 @@ mod tests {
         fn close(&mut self, conn: ConnId) {
             self.closed.push(conn);
         }
-        fn record_job(&mut self, _: &JobInfo, _: &JobSpec) {
+        fn record_ended(&mut self, _: JobId, _: &'static str, _: Option<&str>) {}
+        fn read_store(&mut self, conn: ConnId, id: u64, read: Read) {
+            self.reads.push((conn, id, format!("{read:?}")));
+        }
+        fn record_job(&mut self, _: &JobInfo, _: &JobSpec, _: &JobOptions) {
             self.recorded_jobs += 1;
         }
         fn record_results(&mut self, _: JobId, r: &[TaskResult]) {
@@ -1238,7 +1867,7 @@ mod tests {
             targets,
             work: Work::Execute { code: "1".into() },
         };
-        s.on_client_request(c, CLIENT, 1, ClientRequest::Submit(spec), now);
+        s.on_client_request(c, CLIENT, 1, submit_req(spec), now);
         match c.to_clients.pop() {
             Some((
                 _,
@@ -1265,6 +1894,7 @@ mod tests {
             execution_count: 1,
             started: 0,
             completed: 0,
+            attempts: 1,
         }
     }
 
@@ -1447,7 +2077,7 @@ mod tests {
             targets: Targets::Ids(vec![EngineId(5)]),
             work: Work::Execute { code: "1".into() },
         };
-        s.on_client_request(&mut c, CLIENT, 1, ClientRequest::Submit(spec), now);
+        s.on_client_request(&mut c, CLIENT, 1, submit_req(spec), now);
         assert!(
             matches!(&c.to_clients[0].1, ControllerToClient::Reply { body: Reply::Error(e), .. } if e == "there is no engine 5; the engines are [0, 1]")
         );
@@ -1481,13 +2111,7 @@ mod tests {
         chunksize: Option<u32>,
         now: Instant,
     ) {
-        s.on_client_request(
-            c,
-            CLIENT,
-            id,
-            ClientRequest::Submit(map_spec(n, chunksize)),
-            now,
-        );
+        s.on_client_request(c, CLIENT, id, submit_req(map_spec(n, chunksize)), now);
     }
 
     /// Every Run frame sent so far, as (engine process, assignments), and forgets them.
@@ -1521,6 +2145,7 @@ mod tests {
             execution_count: 0,
             started: 1_000,
             completed: 1_000 + micros * n as u64,
+            attempts: 1,
         };
         s.on_engine_message(c, conn, EngineToController::Done(vec![r]), Instant::now());
     }
@@ -1529,7 +2154,7 @@ mod tests {
     fn a_load_balanced_map_is_one_submission_split_into_shrinking_chunks() {
         let (mut s, mut c, now) = cluster_with(&[1, 1]);
         let spec = map_spec(1000, None);
-        s.on_client_request(&mut c, CLIENT, 1, ClientRequest::Submit(spec), now);
+        s.on_client_request(&mut c, CLIENT, 1, submit_req(spec), now);
         let first = runs(&mut c);
         // Two tasks per engine up front, the mapper sent once per engine process.
         assert_eq!(first.len(), 2);
@@ -1610,7 +2235,7 @@ mod tests {
             mapper: Mapper::Shell("echo {}".into()),
             items: (0..10).map(Value::from).collect(),
         };
-        s.on_client_request(&mut c, CLIENT, 1, ClientRequest::Submit(spec), now);
+        s.on_client_request(&mut c, CLIENT, 1, submit_req(spec), now);
         let (_, tasks, defs) = runs(&mut c).remove(0);
         assert_eq!(defs, 1);
         let chunks: Vec<(u64, usize)> = tasks.iter().map(|a| (a.first, items_of(a))).collect();
@@ -1633,7 +2258,7 @@ mod tests {
             mapper: Mapper::Python(crate::proto::Func::Expr("lambda x: x".into())),
             items: vec![Value::from(7)],
         };
-        s.on_client_request(&mut c, CLIENT, 1, ClientRequest::Submit(spec), now);
+        s.on_client_request(&mut c, CLIENT, 1, submit_req(spec), now);
         let (_, tasks, _) = runs(&mut c).remove(0);
         assert_eq!(tasks.len(), 1, "engines with no items get no task");
         c.to_clients.clear();
@@ -1646,7 +2271,7 @@ mod tests {
     }
 
     #[test]
-    fn finished_jobs_are_forgotten_beyond_the_memory_bound_with_a_clear_answer() {
+    fn finished_jobs_are_forgotten_beyond_the_memory_bound_and_read_from_the_store() {
         let (mut s, mut c, now) = cluster_with(&[1]);
         for _ in 0..=KEEP_FINISHED_JOBS {
             let info = submit(&mut s, &mut c, Targets::All, now);
@@ -1674,11 +2299,10 @@ mod tests {
             ClientRequest::Subscribe { job: JobId(1) },
             now,
         );
-        assert!(
-            matches!(&c.to_clients[0].1, ControllerToClient::Reply { body: Reply::Error(e), .. } if e.contains("no longer held"))
-        );
+        // The first job is no longer held: the task store answers for it.
+        assert_eq!(c.reads, vec![(CLIENT, 3, "Job(JobId(0))".to_string())]);
         assert!(matches!(
-            &c.to_clients[1].1,
+            &c.to_clients[0].1,
             ControllerToClient::Reply {
                 body: Reply::Job(_),
                 ..
@@ -1876,5 +2500,390 @@ mod tests {
         }
         assert!(s.ids().is_empty());
         assert!(t - later <= Duration::from_millis(1750), "{:?}", t - later);
+    }
+
+    /// Submits a load-balanced apply-like map of `n` items with these options; returns the
+    /// job, or the controller's error.
+    fn submit_with(
+        s: &mut State,
+        c: &mut Recorder,
+        n: usize,
+        options: JobOptions,
+        now: Instant,
+    ) -> Result<JobId, String> {
+        let spec = JobSpec::Map {
+            mapper: Mapper::Python(crate::proto::Func::Expr("f".into())),
+            items: (0..n as i64).map(Value::from).collect(),
+            chunksize: Some(1),
+        };
+        s.on_client_request(
+            c,
+            CLIENT,
+            9,
+            ClientRequest::Submit {
+                spec,
+                options: Box::new(options),
+            },
+            now,
+        );
+        match c.to_clients.pop() {
+            Some((
+                _,
+                ControllerToClient::Reply {
+                    body: Reply::Job(info),
+                    ..
+                },
+            )) => Ok(info.job),
+            Some((
+                _,
+                ControllerToClient::Reply {
+                    body: Reply::Error(e),
+                    ..
+                },
+            )) => Err(e),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn raised(a: &Assignment) -> TaskResult {
+        TaskResult {
+            task: a.task,
+            engine: a.engine,
+            first: a.first,
+            outcome: Outcome::Items(vec![Err(RemoteError {
+                ename: "ValueError".into(),
+                evalue: "bad".into(),
+                traceback: String::new(),
+            })]),
+            stdout: String::new(),
+            stderr: String::new(),
+            execution_count: 0,
+            started: 1,
+            completed: 2,
+            attempts: 1,
+        }
+    }
+
+    fn assignments(c: &mut Recorder) -> Vec<(ConnId, Assignment)> {
+        runs(c)
+            .into_iter()
+            .flat_map(|(conn, tasks, _)| tasks.into_iter().map(move |a| (conn, a)))
+            .collect()
+    }
+
+    fn after(jobs: &[JobId]) -> JobOptions {
+        JobOptions {
+            after: Some(Dependency::on(jobs.to_vec())),
+            ..JobOptions::default()
+        }
+    }
+
+    /// Every result the client got, by job.
+    fn results_of(c: &Recorder, job: JobId) -> Vec<TaskResult> {
+        c.to_clients
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ControllerToClient::Results { job: j, results } if *j == job => {
+                    Some(results.clone())
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn a_job_with_after_waits_for_its_dependency_and_runs_once_it_succeeded() {
+        let (mut s, mut c, now) = cluster_with(&[2]);
+        let first = submit_with(&mut s, &mut c, 1, JobOptions::default(), now).unwrap();
+        let sent = assignments(&mut c);
+        assert_eq!(sent.len(), 1);
+        let second = submit_with(&mut s, &mut c, 3, after(&[first]), now).unwrap();
+        assert!(
+            assignments(&mut c).is_empty(),
+            "nothing of it runs before its dependency"
+        );
+        assert_eq!(s.status().queued, 0, "it is not queued for engines yet");
+        let (conn, a) = &sent[0];
+        finish_chunk(&mut s, &mut c, *conn, a, 10);
+        let now_sent = assignments(&mut c);
+        assert_eq!(
+            now_sent.len(),
+            3,
+            "all of it runs once the first job ended well"
+        );
+        assert!(now_sent
+            .iter()
+            .all(|(_, a)| matches!(&a.work, Work::MapChunk { job, .. } if *job == second)));
+    }
+
+    #[test]
+    fn an_impossible_dependency_fails_at_once_and_so_do_its_dependents() {
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        let first = submit_with(&mut s, &mut c, 1, JobOptions::default(), now).unwrap();
+        let sent = assignments(&mut c);
+        let second = submit_with(&mut s, &mut c, 2, after(&[first]), now).unwrap();
+        let third = submit_with(&mut s, &mut c, 1, after(&[second]), now).unwrap();
+        // A job that only runs if the first fails: it will run.
+        let on_failure = JobOptions {
+            after: Some(Dependency {
+                jobs: vec![first],
+                all: true,
+                success: false,
+                failure: true,
+            }),
+            ..JobOptions::default()
+        };
+        let cleanup = submit_with(&mut s, &mut c, 1, on_failure, now).unwrap();
+        let (conn, a) = &sent[0];
+        s.on_engine_message(
+            &mut c,
+            *conn,
+            EngineToController::Done(vec![raised(a)]),
+            now,
+        );
+        for job in [second, third] {
+            let rs = results_of(&c, job);
+            assert!(!rs.is_empty(), "job {job} failed at once");
+            for r in rs {
+                let Outcome::Items(items) = &r.outcome else {
+                    panic!()
+                };
+                let e = items[0].as_ref().unwrap_err();
+                assert_eq!(e.ename, "ImpossibleDependency");
+                assert!(
+                    e.evalue.contains(&format!("job {job} cannot run")),
+                    "{}",
+                    e.evalue
+                );
+                assert!(
+                    e.evalue.contains("ValueError: bad"),
+                    "the root cause is named: {}",
+                    e.evalue
+                );
+            }
+        }
+        let ran = assignments(&mut c);
+        assert_eq!(ran.len(), 1);
+        assert!(matches!(&ran[0].1.work, Work::MapChunk { job, .. } if *job == cleanup));
+        // A dependency on a job that does not exist is refused.
+        let err = submit_with(&mut s, &mut c, 1, after(&[JobId(99)]), now).unwrap_err();
+        assert!(err.contains("there is no job 99"), "{err}");
+    }
+
+    #[test]
+    fn any_dependency_is_met_by_one_and_follow_runs_where_its_job_ran() {
+        let (mut s, mut c, now) = cluster_with(&[1, 1, 1]);
+        let a = submit_with(&mut s, &mut c, 1, JobOptions::default(), now).unwrap();
+        let b = submit_with(&mut s, &mut c, 1, JobOptions::default(), now).unwrap();
+        let sent = assignments(&mut c);
+        let any = JobOptions {
+            after: Some(Dependency {
+                jobs: vec![a, b],
+                all: false,
+                success: true,
+                failure: false,
+            }),
+            ..JobOptions::default()
+        };
+        let either = submit_with(&mut s, &mut c, 1, any, now).unwrap();
+        let follow = JobOptions {
+            follow: Some(Dependency::on(vec![a])),
+            ..JobOptions::default()
+        };
+        let follower = submit_with(&mut s, &mut c, 6, follow, now).unwrap();
+        let (conn_a, task_a) = sent
+            .iter()
+            .find(|(_, x)| matches!(&x.work, Work::MapChunk { job, .. } if *job == a))
+            .unwrap();
+        finish_chunk(&mut s, &mut c, *conn_a, task_a, 10);
+        let next = assignments(&mut c);
+        assert!(
+            next.iter()
+                .any(|(_, x)| matches!(&x.work, Work::MapChunk { job, .. } if *job == either)),
+            "any: one is enough"
+        );
+        let followed: Vec<EngineId> = next
+            .iter()
+            .filter(|(_, x)| matches!(&x.work, Work::MapChunk { job, .. } if *job == follower))
+            .map(|(_, x)| x.engine)
+            .collect();
+        assert!(!followed.is_empty());
+        assert!(
+            followed.iter().all(|e| *e == task_a.engine),
+            "follow: only on engine {}: {followed:?}",
+            task_a.engine
+        );
+        // Follow is for load-balanced work.
+        let direct = JobSpec::Direct {
+            targets: Targets::All,
+            work: Work::Execute { code: "1".into() },
+        };
+        let options = JobOptions {
+            follow: Some(Dependency::on(vec![a])),
+            ..JobOptions::default()
+        };
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            5,
+            ClientRequest::Submit {
+                spec: direct,
+                options: Box::new(options),
+            },
+            now,
+        );
+        assert!(
+            matches!(c.to_clients.pop(), Some((_, ControllerToClient::Reply { body: Reply::Error(e), .. })) if e.contains("follow places load-balanced work"))
+        );
+    }
+
+    #[test]
+    fn a_task_that_raises_is_retried_on_another_engine_and_attempts_are_counted() {
+        let (mut s, mut c, now) = cluster_with(&[1, 1]);
+        let options = JobOptions {
+            retries: 2,
+            ..JobOptions::default()
+        };
+        let job = submit_with(&mut s, &mut c, 1, options, now).unwrap();
+        let mut engines = Vec::new();
+        for round in 0..3 {
+            let sent = assignments(&mut c);
+            assert_eq!(sent.len(), 1, "round {round}");
+            let (conn, a) = &sent[0];
+            engines.push(a.engine);
+            if round < 2 {
+                s.on_engine_message(
+                    &mut c,
+                    *conn,
+                    EngineToController::Done(vec![raised(a)]),
+                    now,
+                );
+                assert!(
+                    results_of(&c, job).is_empty(),
+                    "a retried task reports nothing yet"
+                );
+            } else {
+                finish_chunk(&mut s, &mut c, *conn, a, 10);
+            }
+        }
+        assert_ne!(engines[0], engines[1], "the retry goes to the other engine");
+        let rs = results_of(&c, job);
+        assert_eq!(rs.len(), 1);
+        assert!(matches!(&rs[0].outcome, Outcome::Items(i) if i[0].is_ok()));
+        assert_eq!(rs[0].attempts, 3);
+    }
+
+    #[test]
+    fn a_timeout_fails_queued_and_running_tasks_and_cancels_them_on_the_engine() {
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        let options = JobOptions {
+            timeout_ms: Some(1000),
+            ..JobOptions::default()
+        };
+        let job = submit_with(&mut s, &mut c, 5, options, now).unwrap();
+        let sent = assignments(&mut c);
+        assert!(!sent.is_empty());
+        s.on_tick(&mut c, now + Duration::from_millis(500));
+        assert!(results_of(&c, job).is_empty());
+        s.on_tick(&mut c, now + Duration::from_millis(1100));
+        let rs = results_of(&c, job);
+        let timed_out: usize = rs
+            .iter()
+            .map(|r| match &r.outcome {
+                Outcome::Items(i) => i
+                    .iter()
+                    .filter(|x| x.as_ref().is_err_and(|e| e.ename == "TaskTimeout"))
+                    .count(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(timed_out, 5, "every item times out");
+        let cancelled: Vec<TaskId> = c
+            .to_engines
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ControllerToEngine::Cancel(t) => Some(t.iter().map(|(_, t)| *t)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let held: Vec<TaskId> = sent.iter().map(|(_, a)| a.task).collect();
+        assert_eq!(
+            cancelled, held,
+            "the engine drops or interrupts what it held"
+        );
+        assert_eq!(s.status().running, 0);
+        // A late result of an interrupted task is ignored.
+        let (conn, a) = &sent[0];
+        finish_chunk(&mut s, &mut c, *conn, a, 10);
+        assert_eq!(results_of(&c, job).len(), rs.len());
+    }
+
+    #[test]
+    fn abort_drops_queued_tasks_leaves_running_ones_unless_interrupted_and_refuses_finished_jobs() {
+        let (mut s, mut c, now) = cluster_with(&[1]);
+        let job = submit_with(&mut s, &mut c, 4, JobOptions::default(), now).unwrap();
+        let sent = assignments(&mut c);
+        assert_eq!(sent.len(), MIN_PREFETCH, "two handed out, two queued here");
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            7,
+            ClientRequest::Abort {
+                job,
+                interrupt: false,
+            },
+            now,
+        );
+        assert!(c.to_clients.iter().any(|(_, m)| matches!(
+            m,
+            ControllerToClient::Reply {
+                id: 7,
+                body: Reply::Done
+            }
+        )));
+        let aborted = |c: &Recorder| {
+            results_of(c, job)
+                .iter()
+                .map(|r| match &r.outcome {
+                    Outcome::Items(i) => i
+                        .iter()
+                        .filter(|x| x.as_ref().is_err_and(|e| e.ename == "TaskAborted"))
+                        .count(),
+                    _ => 0,
+                })
+                .sum::<usize>()
+        };
+        assert_eq!(
+            aborted(&c),
+            3,
+            "the two queued here and the one queued on the engine"
+        );
+        let (conn, running) = &sent[0];
+        finish_chunk(&mut s, &mut c, *conn, running, 10);
+        let items: u64 = results_of(&c, job)
+            .iter()
+            .map(|r| match &r.outcome {
+                Outcome::Items(i) => i.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(items, 4, "the running task finished, the job is complete");
+        assert!(!s.jobs[&job].subscribers.contains(&CLIENT));
+        c.to_clients.clear();
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            8,
+            ClientRequest::Abort {
+                job,
+                interrupt: true,
+            },
+            now,
+        );
+        assert!(
+            matches!(c.to_clients.pop(), Some((_, ControllerToClient::Reply { body: Reply::Error(e), .. })) if e.contains("already finished"))
+        );
     }
 }

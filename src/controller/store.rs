@@ -1,34 +1,88 @@
 //! The task store: every job and every result, in SQLite, like ipyparallel's task database.
 //!
-//! Writes never block the controller: they go down a channel to one writer thread, which
-//! commits whatever has queued up in one transaction. The file outlives the controller, so a
-//! cluster's history can be read with `sqlite3` after it is gone.
+//! One thread owns the database. Writes go down a channel to it and whatever has queued up is
+//! committed in one transaction, so they never block the controller. Reads (`history`,
+//! results of jobs no longer held in memory, the request of a job to resubmit, `purge`) go
+//! down the same channel and are answered after every write sent before them: a client that
+//! asks right after a job ended sees it. The file outlives the controller, so a cluster's
+//! history can also be read with `sqlite3` after it is gone.
+//!
+//! Queries are ipyparallel's `db_query` dicts (MongoDB's operators) over the keys of
+//! [`JobRecord`], turned into SQL with bound parameters by [`where_clause`].
 
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+use serde_json::{json, Value as Json};
 
-use crate::proto::{Func, JobId, JobInfo, JobSpec, Mapper, Outcome, TaskResult, Work};
+use crate::proto::{
+    EngineId, Func, JobId, JobInfo, JobKind, JobOptions, JobRecord, JobSpec, Mapper, Micros,
+    Outcome, TaskId, TaskResult, Work,
+};
 
-/// One write for the store.
+/// A question for the store, answered through [`StoreOp::Read`]'s callback.
+#[derive(Debug)]
+pub enum Read {
+    /// Jobs matching a `db_query` dict (JSON text, `{}` for all), newest first.
+    History { filter: String, limit: u32 },
+    /// A finished job's description and every result, for a client attaching late.
+    Job(JobId),
+    /// What was submitted as a job, to submit it again.
+    Request(JobId),
+    /// Deletes finished jobs (and their tasks) matching a `db_query` dict; answers how many.
+    Purge { filter: String },
+}
+
+/// The store's answer to a [`Read`].
+#[derive(Debug)]
+pub enum Answer {
+    History(Vec<JobRecord>),
+    Job(Option<Box<(JobInfo, Vec<TaskResult>)>>),
+    Request(Option<Box<(JobSpec, JobOptions)>>),
+    Purged(u64),
+    Error(String),
+}
+
+/// One operation for the store's thread.
 pub enum StoreOp {
     Job {
         info: JobInfo,
-        spec: String,
+        options: JobOptions,
+        summary: String,
+        /// The request as submitted (MessagePack), kept for `resubmit` unless it is large.
+        request: Option<Vec<u8>>,
     },
     Results {
         job: JobId,
         results: Vec<TaskResult>,
     },
+    /// A job's last task is in: its status (`ok`, `failed`, `aborted`, `timeout`,
+    /// `impossible`) and first error.
+    Ended {
+        job: JobId,
+        status: &'static str,
+        error: Option<String>,
+        completed: Micros,
+    },
+    Read {
+        read: Read,
+        answer: Box<dyn FnOnce(Answer) + Send>,
+    },
 }
 
-/// The sending side; dropping it lets the writer finish and close the file.
+/// The sending side; dropping it lets the thread finish and close the file.
 pub struct Store {
     tx: Option<mpsc::Sender<StoreOp>>,
     thread: Option<JoinHandle<()>>,
 }
+
+/// Requests larger than this are recorded by their summary only, not kept for `resubmit`.
+pub const KEEP_REQUEST_BYTES: usize = 16 << 20;
+
+/// Bumped when the tables change shape.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -36,32 +90,60 @@ PRAGMA synchronous = NORMAL;
 CREATE TABLE IF NOT EXISTS jobs (
     job INTEGER PRIMARY KEY,
     submitted INTEGER NOT NULL,
+    submitter TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    label TEXT,
     spec TEXT NOT NULL,
-    tasks INTEGER NOT NULL
+    items INTEGER NOT NULL,
+    after TEXT,
+    follow TEXT,
+    retries INTEGER NOT NULL,
+    timeout REAL,
+    status TEXT NOT NULL,
+    error TEXT,
+    completed INTEGER,
+    request BLOB
 );
 CREATE TABLE IF NOT EXISTS tasks (
     task INTEGER PRIMARY KEY,
     job INTEGER NOT NULL,
     engine INTEGER NOT NULL,
+    first INTEGER NOT NULL,
     ok INTEGER NOT NULL,
     result TEXT NOT NULL,
+    outcome BLOB NOT NULL,
     stdout TEXT NOT NULL,
     stderr TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
     started INTEGER NOT NULL,
     completed INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_job ON tasks(job);
+CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs(submitted);
 ";
 
 impl Store {
-    /// Opens (or creates) the store at `path` and starts its writer thread.
+    /// Opens (or creates) the store at `path` and starts its thread.
     pub fn open(path: &Path) -> Result<Self, rusqlite::Error> {
         let conn = Connection::open(path)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let has_tables: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'jobs'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_tables && version != SCHEMA_VERSION {
+            return Err(rusqlite::Error::InvalidParameterName(format!(
+                "{} was written by another version of starling (schema {version}, this one writes {SCHEMA_VERSION}); move it away to start a new one",
+                path.display()
+            )));
+        }
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("task-store".into())
-            .spawn(move || writer(conn, &rx))
+            .spawn(move || serve(conn, &rx))
             .expect("a thread can be spawned");
         Ok(Self {
             tx: Some(tx),
@@ -85,32 +167,97 @@ impl Drop for Store {
     }
 }
 
-fn writer(mut conn: Connection, rx: &mpsc::Receiver<StoreOp>) {
+fn serve(mut conn: Connection, rx: &mpsc::Receiver<StoreOp>) {
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter());
-        if let Err(e) = write_batch(&mut conn, batch) {
-            tracing::error!("the task store could not be written: {e}");
+        let mut writes = Vec::new();
+        for op in std::iter::once(first).chain(rx.try_iter()) {
+            match op {
+                StoreOp::Read { read, answer } => {
+                    // Everything sent before the question is written first.
+                    flush(&mut conn, std::mem::take(&mut writes));
+                    answer(self::read(&conn, read).unwrap_or_else(|e| {
+                        Answer::Error(format!("the task store could not be read: {e}"))
+                    }));
+                }
+                op => writes.push(op),
+            }
         }
+        flush(&mut conn, writes);
+    }
+}
+
+fn flush(conn: &mut Connection, writes: Vec<StoreOp>) {
+    if writes.is_empty() {
+        return;
+    }
+    if let Err(e) = write_batch(conn, writes) {
+        tracing::error!("the task store could not be written: {e}");
+    }
+}
+
+fn kind_name(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Execute => "execute",
+        JobKind::Shell => "shell",
+        JobKind::Apply => "apply",
+        JobKind::Push => "push",
+        JobKind::Pull => "pull",
+        JobKind::Scatter => "scatter",
+        JobKind::Map => "map",
+    }
+}
+
+fn kind_from(name: &str) -> JobKind {
+    match name {
+        "execute" => JobKind::Execute,
+        "shell" => JobKind::Shell,
+        "apply" => JobKind::Apply,
+        "push" => JobKind::Push,
+        "pull" => JobKind::Pull,
+        "scatter" => JobKind::Scatter,
+        _ => JobKind::Map,
     }
 }
 
 fn write_batch(conn: &mut Connection, batch: Vec<StoreOp>) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
-        let mut job_stmt =
-            tx.prepare_cached("INSERT OR REPLACE INTO jobs VALUES (?1, ?2, ?3, ?4)")?;
-        let mut task_stmt = tx.prepare_cached(
-            "INSERT OR REPLACE INTO tasks VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        let mut job_stmt = tx.prepare_cached(
+            "INSERT OR REPLACE INTO jobs VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', NULL, NULL, ?12)",
         )?;
+        let mut task_stmt = tx.prepare_cached(
+            "INSERT OR REPLACE INTO tasks VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?;
+        let mut end_stmt = tx.prepare_cached(
+            "UPDATE jobs SET status = ?2, error = ?3, completed = ?4 WHERE job = ?1",
+        )?;
+        let deps = |d: &Option<crate::proto::Dependency>| {
+            d.as_ref().map(|d| {
+                json!({"jobs": d.jobs, "all": d.all, "success": d.success, "failure": d.failure})
+                    .to_string()
+            })
+        };
         for op in batch {
             match op {
-                StoreOp::Job { info, spec } => {
+                StoreOp::Job {
+                    info,
+                    options,
+                    summary,
+                    request,
+                } => {
                     job_stmt.execute(params![
                         info.job.0 as i64,
                         info.submitted as i64,
-                        spec,
-                        info.tasks.len() as i64
+                        options.submitter,
+                        kind_name(info.kind),
+                        options.label,
+                        summary,
+                        info.slots as i64,
+                        deps(&options.after),
+                        deps(&options.follow),
+                        options.retries,
+                        options.timeout_ms.map(|ms| ms as f64 / 1000.0),
+                        request,
                     ])?;
                 }
                 StoreOp::Results { job, results } => {
@@ -132,30 +279,363 @@ fn write_batch(conn: &mut Connection, batch: Vec<StoreOp>) -> rusqlite::Result<(
                                 )
                             }
                         };
+                        let outcome = rmp_serde::to_vec(&r.outcome).unwrap_or_default();
                         task_stmt.execute(params![
                             r.task.0 as i64,
                             job.0 as i64,
                             i64::from(r.engine.0),
+                            r.first as i64,
                             ok,
                             text,
+                            outcome,
                             r.stdout,
                             r.stderr,
+                            r.attempts,
                             r.started as i64,
                             r.completed as i64
                         ])?;
                     }
                 }
+                StoreOp::Ended {
+                    job,
+                    status,
+                    error,
+                    completed,
+                } => {
+                    end_stmt.execute(params![job.0 as i64, status, error, completed as i64])?;
+                }
+                StoreOp::Read { .. } => unreachable!("reads are answered, not batched"),
             }
         }
     }
     tx.commit()
 }
 
+/// The keys a query may name, and the SQL each stands for (over `jobs`).
+const KEYS: [(&str, &str); 14] = [
+    ("job", "job"),
+    ("submitted", "submitted"),
+    ("completed", "completed"),
+    ("submitter", "submitter"),
+    ("kind", "kind"),
+    ("label", "label"),
+    ("status", "status"),
+    ("error", "error"),
+    ("items", "items"),
+    ("retries", "retries"),
+    ("timeout", "timeout"),
+    (
+        "engine",
+        "(SELECT group_concat(DISTINCT engine) FROM tasks t WHERE t.job = jobs.job)",
+    ),
+    (
+        "attempts",
+        "(SELECT max(attempts) FROM tasks t WHERE t.job = jobs.job)",
+    ),
+    ("spec", "spec"),
+];
+
+fn key_names() -> String {
+    KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+}
+
+fn sql_value(v: &Json, key: &str) -> Result<rusqlite::types::Value, String> {
+    use rusqlite::types::Value as V;
+    Ok(match v {
+        Json::Null => V::Null,
+        Json::Bool(b) => V::Integer(i64::from(*b)),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => V::Integer(i),
+            None => V::Real(n.as_f64().unwrap_or(0.0)),
+        },
+        Json::String(s) => V::Text(s.clone()),
+        other => {
+            return Err(format!(
+                "the value for '{key}' must be a number, a string, true/false or null, not {other}"
+            ))
+        }
+    })
+}
+
+/// Turns a `db_query` dict into a SQL condition over `jobs` and its parameters:
+/// `{"status": "failed", "submitted": {"$gt": T}, "label": {"$in": ["a", "b"]}}`. Keys are
+/// those of [`KEYS`]; operators are `$lt`, `$lte`, `$gt`, `$gte`, `$eq`, `$ne`, `$in`, `$nin`
+/// and `$exists`. `engine` matches jobs that ran a task on that engine.
+pub fn where_clause(filter: &str) -> Result<(String, Vec<rusqlite::types::Value>), String> {
+    let query: Json = if filter.trim().is_empty() {
+        json!({})
+    } else {
+        serde_json::from_str(filter).map_err(|e| format!("the query is not JSON: {e}"))?
+    };
+    let Json::Object(fields) = query else {
+        return Err(format!(
+            "a query is a dict of keys to values or to {{operator: value}}, not {query}"
+        ));
+    };
+    let mut conds = vec!["1".to_string()];
+    let mut args = Vec::new();
+    for (key, test) in fields {
+        let Some((_, column)) = KEYS.iter().find(|(k, _)| *k == key) else {
+            return Err(format!(
+                "unknown key '{key}' in the query; the keys are {}",
+                key_names()
+            ));
+        };
+        let engine = key == "engine";
+        let ops = match test {
+            Json::Object(ops) => ops.into_iter().collect::<Vec<_>>(),
+            v => vec![("$eq".to_string(), v)],
+        };
+        if ops.is_empty() {
+            return Err(format!("the test for '{key}' names no operator"));
+        }
+        for (op, v) in ops {
+            let list = |v: &Json| -> Result<Vec<rusqlite::types::Value>, String> {
+                match v {
+                    Json::Array(items) => items.iter().map(|i| sql_value(i, &key)).collect(),
+                    other => Err(format!("{op} for '{key}' takes a list, not {other}")),
+                }
+            };
+            if engine {
+                // Jobs with a task on the engine(s): a test on the tasks of the job.
+                let (cmp, vals): (String, Vec<_>) = match op.as_str() {
+                    "$eq" => ("t.engine = ?".into(), vec![sql_value(&v, &key)?]),
+                    "$in" => {
+                        let vals = list(&v)?;
+                        (
+                            format!("t.engine IN ({})", vec!["?"; vals.len()].join(", ")),
+                            vals,
+                        )
+                    }
+                    _ => {
+                        return Err(format!(
+                            "'engine' takes a value or $in (jobs that ran a task there), not {op}"
+                        ))
+                    }
+                };
+                conds.push(format!(
+                    "EXISTS (SELECT 1 FROM tasks t WHERE t.job = jobs.job AND {cmp})"
+                ));
+                args.extend(vals);
+                continue;
+            }
+            let sql = match op.as_str() {
+                "$lt" | "$lte" | "$gt" | "$gte" | "$ne" | "$eq" => {
+                    let cmp = match op.as_str() {
+                        "$lt" => "<",
+                        "$lte" => "<=",
+                        "$gt" => ">",
+                        "$gte" => ">=",
+                        "$ne" => "IS NOT",
+                        _ => "IS",
+                    };
+                    args.push(sql_value(&v, &key)?);
+                    format!("{column} {cmp} ?")
+                }
+                "$in" | "$nin" => {
+                    let vals = list(&v)?;
+                    let n = vals.len();
+                    args.extend(vals);
+                    let not = if op == "$nin" { "NOT " } else { "" };
+                    format!("{column} {not}IN ({})", vec!["?"; n].join(", "))
+                }
+                "$exists" => match v {
+                    Json::Bool(true) => format!("{column} IS NOT NULL"),
+                    Json::Bool(false) => format!("{column} IS NULL"),
+                    other => return Err(format!("$exists takes true or false, not {other}")),
+                },
+                other => {
+                    return Err(format!(
+                        "unknown operator '{other}' for '{key}'; use $lt, $lte, $gt, $gte, $eq, $ne, $in, $nin or $exists"
+                    ))
+                }
+            };
+            conds.push(sql);
+        }
+    }
+    Ok((conds.join(" AND "), args))
+}
+
+fn read(conn: &Connection, read: Read) -> rusqlite::Result<Answer> {
+    Ok(match read {
+        Read::History { filter, limit } => {
+            let (cond, args) = match where_clause(&filter) {
+                Ok(x) => x,
+                Err(e) => return Ok(Answer::Error(e)),
+            };
+            let sql = format!(
+                "SELECT job, submitted, completed, submitter, kind, label, status, error, items, retries, timeout, after, follow, spec,
+                   (SELECT max(attempts) FROM tasks t WHERE t.job = jobs.job),
+                   (SELECT group_concat(DISTINCT engine) FROM tasks t WHERE t.job = jobs.job)
+                 FROM jobs WHERE {cond} ORDER BY job DESC LIMIT {limit}"
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let deps = |text: Option<String>| -> Vec<JobId> {
+                text.and_then(|t| serde_json::from_str::<Json>(&t).ok())
+                    .and_then(|v| serde_json::from_value(v["jobs"].clone()).ok())
+                    .unwrap_or_default()
+            };
+            let rows = stmt.query_map(params_from_iter(args), |r| {
+                let engines: Option<String> = r.get(15)?;
+                Ok(JobRecord {
+                    job: JobId(r.get::<_, i64>(0)? as u64),
+                    submitted: r.get::<_, i64>(1)? as u64,
+                    completed: r.get::<_, Option<i64>>(2)?.map(|c| c as u64),
+                    submitter: r.get(3)?,
+                    kind: r.get(4)?,
+                    label: r.get(5)?,
+                    status: r.get(6)?,
+                    error: r.get(7)?,
+                    items: r.get::<_, i64>(8)? as u64,
+                    retries: r.get(9)?,
+                    timeout: r.get(10)?,
+                    after: deps(r.get(11)?),
+                    follow: deps(r.get(12)?),
+                    spec: r.get(13)?,
+                    attempts: r.get::<_, Option<u32>>(14)?.unwrap_or(0),
+                    engines: engines
+                        .unwrap_or_default()
+                        .split(',')
+                        .filter_map(|e| e.parse().ok().map(EngineId))
+                        .collect(),
+                })
+            })?;
+            Answer::History(rows.collect::<rusqlite::Result<_>>()?)
+        }
+        Read::Job(job) => {
+            let head = conn
+                .query_row(
+                    "SELECT submitted, kind, items, status FROM jobs WHERE job = ?1",
+                    [job.0 as i64],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)? as u64,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)? as u64,
+                            r.get::<_, String>(3)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((submitted, kind, slots, _status)) = head else {
+                return Ok(Answer::Job(None));
+            };
+            let kind = kind_from(&kind);
+            let mut stmt = conn.prepare(
+                "SELECT task, engine, first, outcome, stdout, stderr, attempts, started, completed FROM tasks WHERE job = ?1 ORDER BY first",
+            )?;
+            let results = stmt
+                .query_map([job.0 as i64], |r| {
+                    let blob: Vec<u8> = r.get(3)?;
+                    Ok(TaskResult {
+                        task: TaskId(r.get::<_, i64>(0)? as u64),
+                        engine: EngineId(r.get(1)?),
+                        first: r.get::<_, i64>(2)? as u64,
+                        outcome: rmp_serde::from_slice(&blob).unwrap_or_else(|e| {
+                            Outcome::Err(crate::proto::RemoteError {
+                                ename: "StoreError".into(),
+                                evalue: format!("this result could not be read back: {e}"),
+                                traceback: String::new(),
+                            })
+                        }),
+                        stdout: r.get(4)?,
+                        stderr: r.get(5)?,
+                        execution_count: 0,
+                        attempts: r.get(6)?,
+                        started: r.get::<_, i64>(7)? as u64,
+                        completed: r.get::<_, i64>(8)? as u64,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let tasks = if kind.per_item() {
+                Vec::new()
+            } else {
+                results.iter().map(|r| (r.task, r.engine)).collect()
+            };
+            let info = JobInfo {
+                job,
+                kind,
+                submitted,
+                tasks,
+                slots,
+            };
+            Answer::Job(Some(Box::new((info, results))))
+        }
+        Read::Request(job) => {
+            let blob: Option<Option<Vec<u8>>> = conn
+                .query_row(
+                    "SELECT request FROM jobs WHERE job = ?1",
+                    [job.0 as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match blob {
+                None => Answer::Request(None),
+                Some(None) => Answer::Error(format!(
+                    "job {job} was larger than {} MiB, so the store kept only its summary; submit it again from where it came",
+                    KEEP_REQUEST_BYTES >> 20
+                )),
+                Some(Some(b)) => match rmp_serde::from_slice(&b) {
+                    Ok(req) => Answer::Request(Some(Box::new(req))),
+                    Err(e) => Answer::Error(format!("job {job}'s request could not be read back: {e}")),
+                },
+            }
+        }
+        Read::Purge { filter } => {
+            let (cond, args) = match where_clause(&filter) {
+                Ok(x) => x,
+                Err(e) => return Ok(Answer::Error(e)),
+            };
+            let tx = conn.unchecked_transaction()?;
+            tx.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS purged (job INTEGER PRIMARY KEY)",
+                [],
+            )?;
+            tx.execute("DELETE FROM purged", [])?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO purged SELECT job FROM jobs WHERE status != 'pending' AND {cond}"
+                ),
+                params_from_iter(args),
+            )?;
+            tx.execute(
+                "DELETE FROM tasks WHERE job IN (SELECT job FROM purged)",
+                [],
+            )?;
+            let n = tx.execute("DELETE FROM jobs WHERE job IN (SELECT job FROM purged)", [])?;
+            tx.commit()?;
+            Answer::Purged(n as u64)
+        }
+    })
+}
+
+/// The request kept for `resubmit`, unless it is too large to keep.
+pub fn request_blob(spec: &JobSpec, options: &JobOptions) -> Option<Vec<u8>> {
+    let values: usize = match spec {
+        JobSpec::Direct { work, .. } => match work {
+            Work::Apply { args, .. } => args.iter().map(crate::proto::Value::approx_bytes).sum(),
+            Work::Push { values } => values.iter().map(|(_, v)| v.approx_bytes()).sum(),
+            Work::MapChunk { items, .. } | Work::Scatter { items, .. } => {
+                items.iter().map(crate::proto::Value::approx_bytes).sum()
+            }
+            _ => 0,
+        },
+        JobSpec::Scatter { items, .. }
+        | JobSpec::DirectMap { items, .. }
+        | JobSpec::Map { items, .. } => items.iter().map(crate::proto::Value::approx_bytes).sum(),
+    };
+    if values > KEEP_REQUEST_BYTES {
+        return None;
+    }
+    rmp_serde::to_vec(&(spec, options))
+        .ok()
+        .filter(|b| b.len() <= KEEP_REQUEST_BYTES)
+}
+
 /// The JSON text a job spec is stored as: what it ran and on how much, readable with
 /// `sqlite3`. Items and values are counted rather than copied, and pickled functions are
 /// recorded by size, so a 100 MB push does not become 100 MB of text.
 pub fn spec_text(spec: &JobSpec) -> String {
-    use serde_json::json;
     let func = |f: &Func| match f {
         Func::Expr(e) => json!(e),
         Func::Module { module, attr, .. } => json!(format!("{module}.py:{attr}")),
@@ -205,4 +685,45 @@ pub fn spec_text(spec: &JobSpec) -> String {
         }
     };
     v.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_become_bound_sql_and_bad_ones_say_what_is_allowed() {
+        let (sql, args) =
+            where_clause(r#"{"status": "failed", "submitted": {"$gt": 5, "$lte": 9}, "label": {"$in": ["a", "b"]}}"#)
+                .unwrap();
+        for cond in [
+            "label IN (?, ?)",
+            "status IS ?",
+            "submitted > ?",
+            "submitted <= ?",
+        ] {
+            assert!(sql.contains(&format!(" AND {cond}")), "{sql}");
+        }
+        assert_eq!(args.len(), 5);
+        let (sql, _) = where_clause(r#"{"engine": 2}"#).unwrap();
+        assert!(sql.contains("EXISTS (SELECT 1 FROM tasks t"), "{sql}");
+        assert_eq!(where_clause("").unwrap().0, "1");
+
+        let err = where_clause(r#"{"colour": 1}"#).unwrap_err();
+        assert!(
+            err.starts_with("unknown key 'colour'") && err.contains("status"),
+            "{err}"
+        );
+        let err = where_clause(r#"{"job": {"$near": 1}}"#).unwrap_err();
+        assert!(err.contains("unknown operator '$near'"), "{err}");
+        let err = where_clause(r#"{"job": {"$in": 3}}"#).unwrap_err();
+        assert!(err.contains("takes a list"), "{err}");
+        assert!(where_clause("[1]")
+            .unwrap_err()
+            .contains("a query is a dict"));
+        assert!(where_clause("{").unwrap_err().contains("not JSON"));
+        // Values are bound, never pasted into the SQL.
+        let (sql, _) = where_clause(r#"{"label": "x'; DROP TABLE jobs; --"}"#).unwrap();
+        assert!(!sql.contains("DROP"), "{sql}");
+    }
 }

@@ -1,6 +1,6 @@
 # The starling Python kernel. `starlingd engine` passes this source in the environment and
-# runs it as "<starling-kernel>" (see kernel.rs), with two private pipes as fds 3 (requests)
-# and 4 (replies). Both carry binary frames:
+# runs it as "<starling-kernel>" (see kernel.rs), with private pipes as fds 3 (requests), 4
+# (replies) and 5 (control). The first two carry binary frames:
 #
 #   u64 length of the rest | u32 header length | u32 buffer count | header (JSON)
 #       | per buffer: u64 length, bytes
@@ -9,6 +9,12 @@
 # and their out-of-band buffers (NumPy data, pickle protocol 5) travel as raw buffers. The pipes
 # are moved to close-on-exec fds, and a process the task forks loses them at once, so nothing
 # user code writes or starts can reach the protocol.
+#
+# The control pipe carries u64 ids of tasks the engine no longer wants (aborted, timed out):
+# they are skipped when their turn comes. SIGINT makes the kernel read it at once and raise
+# KeyboardInterrupt in the running task if that task is one of them, or if the id is 2**64-1
+# ("whatever runs"); otherwise the signal is ignored, so an interrupt never lands in the wrong
+# task or in the kernel's own loop.
 #
 # While a batch of tasks runs, fds 1 and 2 point at files of their own: what a task writes —
 # print, os.system, a C extension, a child process — is its stdout and stderr, in order, bounded
@@ -24,6 +30,7 @@ import linecache
 import math
 import os
 import pickle
+import signal
 import struct
 import sys
 import tempfile
@@ -34,10 +41,32 @@ import types
 _KERNEL_FILE = "<starling-kernel>"
 _PID = os.getpid()
 # os.dup makes close-on-exec fds; fds 3 and 4 are then free for whatever user code opens.
-_RFD, _WFD = os.dup(3), os.dup(4)
-os.close(3)
-os.close(4)
+_RFD, _WFD, _CFD = os.dup(3), os.dup(4), os.dup(5)
+for _fd in (3, 4, 5):
+    os.close(_fd)
 _R = io.FileIO(_RFD, "rb", closefd=True)
+os.set_blocking(_CFD, False)
+_ANY = (1 << 64) - 1
+_cancelled = set()
+_current = None  # the id of the task running now
+
+
+def _read_control():
+    # Takes what the engine wrote on the control pipe; never blocks.
+    try:
+        data = os.read(_CFD, 65536)
+    except (BlockingIOError, OSError):
+        return
+    _cancelled.update(struct.unpack("<%dQ" % (len(data) // 8), data[: len(data) // 8 * 8]))
+
+
+def _on_sigint(signum, frame):
+    _read_control()
+    if _current is None:
+        return
+    if _ANY in _cancelled or _current in _cancelled:
+        _cancelled.discard(_ANY)
+        raise KeyboardInterrupt
 
 
 def _forked():
@@ -45,8 +74,10 @@ def _forked():
     try:
         _R.close()
         os.close(_WFD)
+        os.close(_CFD)
     except OSError:
         pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -438,12 +469,18 @@ def _execute(code):
 
 
 def _run(task, bufs):
-    global _count, _limit
+    global _count, _limit, _current
     op = task["op"]
     sys.stdout, sys.stderr = _OUT.text, _ERR.text
     started = time.time()
     rbufs = []
+    _read_control()
+    _cancelled.discard(_ANY)  # an interrupt that came between tasks is for nobody
     try:
+        if task["id"] in _cancelled:
+            _cancelled.discard(task["id"])
+            raise _Cancelled("the task was cancelled before it started")
+        _current = task["id"]
         if op == "init":
             os.environ["STARLING_ENGINE_ID"] = str(task["engine"])
             _limit = task.get("max_frame", _limit)
@@ -504,6 +541,9 @@ def _run(task, bufs):
         reply = _error(e)
         rbufs = []
     finally:
+        if _current is not None:
+            _cancelled.discard(_current)
+        _current = None
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     if os.getpid() != _PID:
         os._exit(0)
@@ -582,7 +622,12 @@ def _write_frame(header, bufs):
             view = view[os.write(_WFD, view) :]
 
 
+class _Cancelled(Exception):
+    pass
+
+
 def main():
+    signal.signal(signal.SIGINT, _on_sigint)
     _write_frame({"ready": os.getpid(), "python": _PYTHON}, [])
     while True:
         try:

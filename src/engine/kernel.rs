@@ -14,7 +14,12 @@
 //! but the one in flight, or a frame that does not parse, means the kernel can no longer be
 //! trusted: it is killed and reported as dead, never read as a result.
 //!
-//! The pipes are handed over as fds 3 and 4; the kernel moves them to fds that are
+//! A third pipe, fd 5, carries task ids the engine no longer wants (aborted, timed out): the
+//! kernel skips them when their turn comes, and a SIGINT ([`PythonKernel::interrupt`]) makes
+//! it read the pipe at once and stop the running task if it is one of them — so an interrupt
+//! meant for one task never lands in the next. [`INTERRUPT_ANY`] stops whatever runs.
+//!
+//! The pipes are handed over as fds 3, 4 and 5; the kernel moves them to fds that are
 //! close-on-exec, so neither user code nor its child processes can write into the protocol.
 //! Its stdin is `/dev/null` and its fd 1 and 2 go to the engine's log. Shell tasks do not need
 //! a kernel: [`run_shell`] runs each in its own `bash -c`.
@@ -22,6 +27,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -236,6 +242,44 @@ pub struct PythonKernel {
     to_kernel: pipe::Sender,
     from_kernel: FramedRead<pipe::Receiver, FrameCodec>,
     pub pid: u32,
+    /// Where the ids of tasks to drop go (see the module docs); shared with whoever
+    /// interrupts this kernel while it runs.
+    pub control: Arc<Control>,
+}
+
+/// The id that, sent down the control pipe, interrupts whatever task runs.
+pub const INTERRUPT_ANY: u64 = u64::MAX;
+
+/// A kernel's control pipe and pid: what it takes to cancel or interrupt its tasks from
+/// outside the slot that runs them.
+#[derive(Debug)]
+pub struct Control {
+    pid: u32,
+    fd: OwnedFd,
+}
+
+impl Control {
+    /// Tells the kernel these tasks are unwanted; with `interrupt`, stops the running one if
+    /// it is one of them (or any task, for [`INTERRUPT_ANY`]).
+    pub fn cancel(&self, tasks: &[u64], interrupt: bool) {
+        let mut bytes = Vec::with_capacity(tasks.len() * 8);
+        for t in tasks {
+            bytes.extend_from_slice(&t.to_le_bytes());
+        }
+        // Non-blocking, and 8-byte writes are atomic: a full pipe (8,192 unread ids) loses
+        // ids, never the engine's time.
+        let _ = nix::unistd::write(&self.fd, &bytes);
+        if interrupt {
+            self.signal(nix::sys::signal::Signal::SIGINT);
+        }
+    }
+
+    /// Sends a signal to the kernel process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
 }
 
 /// The most a kernels' log grows to before it is moved to `FILE.1` (replacing the one there)
@@ -281,7 +325,14 @@ impl PythonKernel {
     ) -> Result<Self, KernelError> {
         let (req_r, req_w) = cloexec_pipe()?;
         let (rep_r, rep_w) = cloexec_pipe()?;
-        let (child_in, child_out) = (req_r.as_raw_fd(), rep_w.as_raw_fd());
+        let (ctl_r, ctl_w) = cloexec_pipe()?;
+        nix::fcntl::fcntl(
+            ctl_w.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(std::io::Error::from)?;
+        let (child_in, child_out, child_ctl) =
+            (req_r.as_raw_fd(), rep_w.as_raw_fd(), ctl_r.as_raw_fd());
         let mut cmd = Command::new(python);
         cmd.arg("-c")
             .arg(BOOTSTRAP)
@@ -296,18 +347,21 @@ impl PythonKernel {
         } else {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
-        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec. Each pipe
+        // is first copied above fd 9, so moving one to 3, 4 or 5 cannot overwrite another
+        // that happens to sit there.
         unsafe {
             cmd.pre_exec(move || {
-                for (from, to) in [(child_in, 3), (child_out, 4)] {
-                    if from == to {
-                        let flags = libc::fcntl(to, libc::F_GETFD);
-                        if flags < 0
-                            || libc::fcntl(to, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                        {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    } else if libc::dup2(from, to) < 0 {
+                let mut high = [0; 3];
+                for (h, from) in high.iter_mut().zip([child_in, child_out, child_ctl]) {
+                    *h = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 10);
+                    if *h < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (from, to) in high.into_iter().zip(3..) {
+                    // dup2 leaves the new fd open across exec.
+                    if libc::dup2(from, to) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -326,7 +380,7 @@ impl PythonKernel {
                 tokio::spawn(copy_to_log(err, log.to_path_buf()));
             }
         }
-        drop((req_r, rep_w));
+        drop((req_r, rep_w, ctl_r));
         let pid = child.id().unwrap_or(0);
         let codec = FrameCodec {
             max: max_frame.saturating_mul(REPLY_LIMIT_FRAMES),
@@ -336,6 +390,7 @@ impl PythonKernel {
             to_kernel: pipe::Sender::from_owned_fd(req_w)?,
             from_kernel: FramedRead::new(pipe::Receiver::from_owned_fd(rep_r)?, codec),
             pid,
+            control: Arc::new(Control { pid, fd: ctl_w }),
         };
         let ready = tokio::time::timeout(KERNEL_START_TIMEOUT, kernel.from_kernel.next()).await;
         match ready {

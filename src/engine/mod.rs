@@ -29,7 +29,11 @@ use crate::proto::{
     Assignment, ControllerToEngine, EngineId, EngineSlot, EngineToController, Func, JobId, Mapper,
     Outcome, ProtoError, RemoteError, TaskResult, Value, Work,
 };
-use kernel::{Batch, KernelFrame, KernelReply, PythonKernel};
+use kernel::{Batch, Control, KernelFrame, KernelReply, PythonKernel};
+
+/// How long a task that was cancelled while running has, after its interrupt, to stop before
+/// its kernel is killed (and replaced, with an empty namespace).
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 
 /// How long an engine keeps trying to reach its controller when it starts: long enough for a
 /// controller that is still starting on a slow node.
@@ -201,11 +205,16 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
     // Each slot's kernel pid, kept current when a kernel is replaced: what registering again
     // reports.
     let kernel_pids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut shares = Vec::new();
     for (index, kernel) in kernels.into_iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         slot_txs.push(tx);
         kernel_pids.lock().expect("not poisoned").push(kernel.pid);
+        let shared = Arc::new(SlotShared::default());
+        shared.set_kernel(Some(&kernel));
+        shares.push(shared.clone());
         let slot = Slot {
+            shared,
             index,
             kernel_pids: kernel_pids.clone(),
             id: EngineId(0),
@@ -239,6 +248,7 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
             &slots,
             &kernel_pids,
             &slot_txs,
+            &shares,
             current,
             &out_tx,
             &out_rx,
@@ -278,6 +288,7 @@ async fn serve(
     slots: &[u32],
     kernel_pids: &std::sync::Mutex<Vec<u32>>,
     slot_txs: &[mpsc::UnboundedSender<SlotMsg>],
+    shares: &[Arc<SlotShared>],
     epoch: u64,
     out_tx: &mpsc::UnboundedSender<bytes::Bytes>,
     out_rx: &Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<bytes::Bytes>>>,
@@ -308,9 +319,11 @@ async fn serve(
     };
     tracing::info!(engines = %crate::proto::format_ids(&ids), "registered");
     let mut by_id: HashMap<EngineId, &mpsc::UnboundedSender<SlotMsg>> = HashMap::new();
-    for (id, tx) in ids.iter().zip(slot_txs) {
+    let mut share_of: HashMap<EngineId, &Arc<SlotShared>> = HashMap::new();
+    for ((id, tx), share) in ids.iter().zip(slot_txs).zip(shares) {
         let _ = tx.send(SlotMsg::Registered(*id));
         by_id.insert(*id, tx);
+        share_of.insert(*id, share);
     }
 
     let (mut reader, writer) = conn.split();
@@ -382,6 +395,20 @@ async fn serve(
                     }
                 }
             }
+            Ok(Some(ControllerToEngine::Cancel(tasks))) => {
+                for (engine, task) in tasks {
+                    if let Some(share) = share_of.get(&engine) {
+                        share.cancel(task.0);
+                    }
+                }
+            }
+            Ok(Some(ControllerToEngine::Interrupt(engines))) => {
+                for engine in engines {
+                    if let Some(kernel) = share_of.get(&engine).and_then(|s| s.kernel()) {
+                        kernel.cancel(&[kernel::INTERRUPT_ANY], true);
+                    }
+                }
+            }
             Ok(Some(ControllerToEngine::Shutdown)) => {
                 tracing::info!("stopping: the controller asked this engine to stop");
                 break Ok(());
@@ -445,8 +472,55 @@ impl Task {
     }
 }
 
+/// What the connection side knows of a slot, to cancel and interrupt its tasks while the slot
+/// is busy running them.
+#[derive(Default)]
+struct SlotShared {
+    /// The task the kernel runs now, plus one (0: none).
+    running: AtomicU64,
+    /// Tasks not to run.
+    cancelled: std::sync::Mutex<HashSet<u64>>,
+    /// The current kernel's control pipe.
+    kernel: std::sync::Mutex<Option<Arc<Control>>>,
+}
+
+impl SlotShared {
+    fn set_kernel(&self, kernel: Option<&PythonKernel>) {
+        *self.kernel.lock().expect("not poisoned") = kernel.map(|k| k.control.clone());
+    }
+
+    fn kernel(&self) -> Option<Arc<Control>> {
+        self.kernel.lock().expect("not poisoned").clone()
+    }
+
+    /// Drops a task before it starts, or interrupts it if it runs now: the kernel gets
+    /// [`INTERRUPT_GRACE`] to stop it, else it is killed (and the slot replaces it).
+    fn cancel(self: &Arc<Self>, task: u64) {
+        self.cancelled.lock().expect("not poisoned").insert(task);
+        let Some(kernel) = self.kernel() else { return };
+        let running = self.running.load(Ordering::SeqCst) == task + 1;
+        kernel.cancel(&[task], running);
+        if running {
+            let me = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(INTERRUPT_GRACE).await;
+                let same_kernel = me.kernel().is_some_and(|k| Arc::ptr_eq(&k, &kernel));
+                if same_kernel && me.running.load(Ordering::SeqCst) == task + 1 {
+                    tracing::warn!(
+                        task,
+                        "the task did not stop when interrupted; killing its kernel"
+                    );
+                    kernel.signal(nix::sys::signal::Signal::SIGKILL);
+                }
+            });
+        }
+    }
+}
+
 /// One engine: its id, its kernel, the way out.
 struct Slot {
+    /// Shared with the connection side, for cancelling.
+    shared: Arc<SlotShared>,
     id: EngineId,
     kernel: Option<PythonKernel>,
     /// Map jobs whose function the current kernel has compiled.
@@ -616,6 +690,7 @@ impl Slot {
             execution_count: r.execution_count,
             started: r.started,
             completed: r.completed,
+            attempts: 1,
         }
     }
 
@@ -639,6 +714,7 @@ impl Slot {
             execution_count: 0,
             started: now,
             completed: now,
+            attempts: 1,
         }
     }
 
@@ -663,6 +739,7 @@ impl Slot {
 
     async fn replace_kernel(&mut self, reason: &str) -> Result<(), String> {
         self.kernel = None;
+        self.shared.set_kernel(None);
         match PythonKernel::spawn(
             &self.config.python,
             &self.config.workdir,
@@ -674,6 +751,7 @@ impl Slot {
             Ok(k) => {
                 let pid = k.pid;
                 self.kernel_pids.lock().expect("not poisoned")[self.index] = pid;
+                self.shared.set_kernel(Some(&k));
                 self.kernel = Some(k);
                 self.init_kernel().await;
                 tracing::warn!(engine = %self.id, pid, "kernel replaced: {reason}");
@@ -737,7 +815,16 @@ impl Slot {
         req
     }
 
-    async fn run_python(&mut self, mut batch: &[Task]) {
+    async fn run_python(&mut self, batch: &[Task]) {
+        // Tasks cancelled while they waited here are dropped (the controller has failed them).
+        let kept: Vec<&Task> = {
+            let mut cancelled = self.shared.cancelled.lock().expect("not poisoned");
+            batch
+                .iter()
+                .filter(|t| !cancelled.remove(&t.a.task.0))
+                .collect()
+        };
+        let mut batch = &kept[..];
         while !batch.is_empty() {
             if self.kernel.is_none() {
                 if let Err(e) = self
@@ -771,6 +858,8 @@ impl Slot {
             };
             let mut kernel = self.kernel.take().expect("a kernel was just ensured");
             let mut sent = 0;
+            let running = |i: usize| batch.get(i).map_or(0, |t| t.a.task.0 + 1);
+            self.shared.running.store(running(0), Ordering::SeqCst);
             let outcome = kernel
                 .run(&requests, |replies| {
                     let results = batch[sent..]
@@ -779,9 +868,17 @@ impl Slot {
                         .map(|(t, r)| self.result(&t.a, r))
                         .collect::<Vec<_>>();
                     sent += results.len();
+                    self.shared.running.store(running(sent), Ordering::SeqCst);
                     self.send(results);
                 })
                 .await;
+            self.shared.running.store(0, Ordering::SeqCst);
+            {
+                let mut cancelled = self.shared.cancelled.lock().expect("not poisoned");
+                for t in &batch[..outcome.done.min(batch.len())] {
+                    cancelled.remove(&t.a.task.0);
+                }
+            }
             self.kernel = Some(kernel);
             let done = outcome.done;
             match outcome.died {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use value::Value;
 
 /// Bumped whenever a message changes shape; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Default hard limit on one frame (64 MiB): large enough for a big push or a map chunk, small
 /// enough that a garbage length prefix cannot make a peer allocate gigabytes.
@@ -359,6 +359,48 @@ pub enum JobSpec {
     },
 }
 
+/// Jobs another job depends on, with ipyparallel's flags: with `all`, every one of them must
+/// have ended as the flags ask (else any one); `success` and `failure` say which endings
+/// count. The default waits for every job to succeed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependency {
+    pub jobs: Vec<JobId>,
+    pub all: bool,
+    pub success: bool,
+    pub failure: bool,
+}
+
+impl Dependency {
+    /// Waits for every one of `jobs` to succeed.
+    pub fn on(jobs: Vec<JobId>) -> Self {
+        Self {
+            jobs,
+            all: true,
+            success: true,
+            failure: false,
+        }
+    }
+}
+
+/// How the scheduler treats a job, besides what it runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobOptions {
+    /// Free text to find the job by in `history`.
+    pub label: Option<String>,
+    /// Who submitted it (`user@host`), for the record.
+    pub submitter: String,
+    /// Start only once these jobs have ended (as the flags ask).
+    pub after: Option<Dependency>,
+    /// Run only on the engines where these jobs ran (load-balanced work).
+    pub follow: Option<Dependency>,
+    /// Run a task that raised again, up to this many times, on another engine where there is
+    /// one (load-balanced work).
+    pub retries: u32,
+    /// Fail a task with `TaskTimeout` once it has not finished this long after it could start;
+    /// a running one is interrupted.
+    pub timeout_ms: Option<u64>,
+}
+
 /// What kind of job a [`JobInfo`] describes, so a client that re-attaches knows how to show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobKind {
@@ -457,6 +499,9 @@ pub struct TaskResult {
     pub execution_count: u64,
     pub started: Micros,
     pub completed: Micros,
+    /// How many times the task was handed to an engine: more than one when it ran again after
+    /// its engine was lost, its kernel died, or it raised and had retries. Set by the controller.
+    pub attempts: u32,
 }
 
 /// A message that carries task results, and can be made again around a part of them.
@@ -570,11 +615,40 @@ pub enum ClientRequest {
         timeout_ms: u64,
     },
     /// Replies [`Reply::Job`]; results follow as [`ControllerToClient::Results`].
-    Submit(JobSpec),
+    Submit {
+        spec: JobSpec,
+        options: Box<JobOptions>,
+    },
     /// Attach to a job by id, also one another client submitted: replies [`Reply::Job`], then
     /// every result already in, then the rest as they complete.
     Subscribe {
         job: JobId,
+    },
+    /// Drops a job's tasks that have not started (they fail as `TaskAborted`); with
+    /// `interrupt`, its running tasks are interrupted and fail the same way. Replies `Done`.
+    Abort {
+        job: JobId,
+        interrupt: bool,
+    },
+    /// Sends SIGINT to the kernels of these engines: what runs there raises
+    /// `KeyboardInterrupt`. Replies `Ids` with the engines interrupted.
+    Interrupt {
+        targets: Targets,
+    },
+    /// The jobs in the task store that match a `db_query` dict (JSON text; `{}` for all),
+    /// newest first, at most `limit`. Replies `History`.
+    History {
+        filter: String,
+        limit: u32,
+    },
+    /// What job `job` submitted, from the task store, to submit it again. Replies `Request`.
+    Request {
+        job: JobId,
+    },
+    /// Deletes finished jobs that match a `db_query` dict from the task store (and from the
+    /// controller's memory). Replies `Count`.
+    Purge {
+        filter: String,
     },
     /// Stop the engines and the controller.
     Shutdown,
@@ -599,8 +673,44 @@ pub enum Reply {
     Ids(Vec<EngineId>),
     Status(ClusterStatus),
     Job(JobInfo),
+    History(Vec<JobRecord>),
+    Request {
+        spec: JobSpec,
+        options: Box<JobOptions>,
+    },
+    Count(u64),
     Done,
     Error(String),
+}
+
+/// A job as the task store records it: what `history` lists and `db_query` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job: JobId,
+    pub submitted: Micros,
+    pub completed: Option<Micros>,
+    /// `user@host` of the client that submitted it.
+    pub submitter: String,
+    /// `execute`, `shell`, `apply`, `push`, `pull`, `scatter` or `map`.
+    pub kind: String,
+    pub label: Option<String>,
+    /// `pending`, `ok`, `failed`, `aborted`, `timeout` or `impossible`.
+    pub status: String,
+    /// The first error, if it failed.
+    pub error: Option<String>,
+    /// Result slots: items of a map, else tasks.
+    pub items: u64,
+    pub retries: u32,
+    /// Seconds.
+    pub timeout: Option<f64>,
+    pub after: Vec<JobId>,
+    pub follow: Vec<JobId>,
+    /// What it ran, in short (JSON).
+    pub spec: String,
+    /// The most times one of its tasks was handed out.
+    pub attempts: u32,
+    /// The engines that ran its tasks.
+    pub engines: Vec<EngineId>,
 }
 
 /// What `starling status` shows.
@@ -713,6 +823,12 @@ pub enum ControllerToEngine {
     },
     /// These map jobs are finished: their mappers can be dropped.
     Forget(Vec<JobId>),
+    /// These tasks are no longer wanted (aborted, timed out): those not started are dropped,
+    /// a running one is interrupted, and its kernel replaced if it does not stop. Their
+    /// results, if any come, are ignored.
+    Cancel(Vec<(EngineId, TaskId)>),
+    /// Interrupt whatever these engines' kernels are running (SIGINT).
+    Interrupt(Vec<EngineId>),
     /// Work to do, several tasks a frame; each engine runs its tasks in order. `defs` carries
     /// the mapper of each map job this engine process has not seen yet.
     Run {
@@ -796,6 +912,7 @@ mod fit_tests {
             execution_count: 1,
             started: 0,
             completed: 0,
+            attempts: 1,
         }
     }
 
