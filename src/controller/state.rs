@@ -243,6 +243,9 @@ pub struct State {
     dependents: HashMap<JobId, Vec<JobId>>,
     /// Jobs that just ended, whose dependents are still to be looked at.
     just_ended: Vec<JobId>,
+    /// Jobs submitted with dependencies that cannot be met, to fail once their submitter has
+    /// its reply.
+    impossible: Vec<(JobId, String)>,
     next_engine: u32,
     next_job: u64,
     next_task: u64,
@@ -275,6 +278,7 @@ impl State {
             ended: HashMap::new(),
             dependents: HashMap::new(),
             just_ended: Vec::new(),
+            impossible: Vec::new(),
             next_engine: 0,
             next_job: 0,
             next_task: 0,
@@ -764,7 +768,8 @@ impl State {
                     self.dependents.entry(d).or_default().push(job);
                 }
             }
-            Readiness::Impossible(why) => self.fail_impossible(comm, job, &why),
+            // Failed once the client has its reply (results before it would find no job).
+            Readiness::Impossible(why) => self.impossible.push((job, why)),
         }
         Ok(info)
     }
@@ -1028,6 +1033,9 @@ impl State {
     /// After anything that can end jobs or free engines: jobs whose dependencies are now met
     /// are released (or failed, if they can no longer be), then engines with room get work.
     fn after_change(&mut self, comm: &mut impl Comm, now: Instant) {
+        for (job, why) in std::mem::take(&mut self.impossible) {
+            self.fail_impossible(comm, job, &why);
+        }
         while let Some(ended) = self.just_ended.pop() {
             for d in self.dependents.remove(&ended).unwrap_or_default() {
                 if !self.jobs.get(&d).is_some_and(|j| j.waiting) {

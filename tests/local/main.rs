@@ -8,5 +8,6 @@ mod client_lib;
 mod failures;
 mod maps;
 mod readme;
+mod scheduling;
 mod security;
 mod specs;
