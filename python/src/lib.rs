@@ -23,7 +23,9 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
 use serde_json::Value as Json;
 
 use starling::client::{AsyncResult, Client, ClientError};
-use starling::proto::{EngineId, Func, JobId, JobSpec, Mapper, RemoteError, Targets, Value};
+use starling::proto::{
+    Dependency, EngineId, Func, JobId, JobOptions, JobSpec, Mapper, RemoteError, Targets, Value,
+};
 
 /// How often a wait wakes to let Python handle signals (Ctrl-C): well under the half second a
 /// user notices, long enough to cost nothing.
@@ -219,6 +221,46 @@ fn func_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Func> {
     })
 }
 
+/// Scheduler options from a dict: `after` and `follow` as `(jobs, all, success, failure)`,
+/// `retries`, `timeout` (seconds), `label`.
+fn options_from_py(opts: Option<&Bound<'_, PyDict>>) -> PyResult<JobOptions> {
+    let mut o = JobOptions::default();
+    let Some(d) = opts else { return Ok(o) };
+    let dep = |key: &str| -> PyResult<Option<Dependency>> {
+        match d.get_item(key)? {
+            Some(v) if !v.is_none() => {
+                let (jobs, all, success, failure): (Vec<u64>, bool, bool, bool) = v.extract()?;
+                Ok(Some(Dependency {
+                    jobs: jobs.into_iter().map(JobId).collect(),
+                    all,
+                    success,
+                    failure,
+                }))
+            }
+            _ => Ok(None),
+        }
+    };
+    o.after = dep("after")?;
+    o.follow = dep("follow")?;
+    if let Some(r) = d.get_item("retries")? {
+        o.retries = r.extract::<Option<u32>>()?.unwrap_or(0);
+    }
+    if let Some(t) = d.get_item("timeout")? {
+        if let Some(secs) = t.extract::<Option<f64>>()? {
+            if !(secs > 0.0 && secs < 1e9) {
+                return Err(PyValueError::new_err(format!(
+                    "timeout must be a positive number of seconds, not {secs}"
+                )));
+            }
+            o.timeout_ms = Some(((secs * 1000.0).round() as u64).max(1));
+        }
+    }
+    if let Some(l) = d.get_item("label")? {
+        o.label = l.extract()?;
+    }
+    Ok(o)
+}
+
 fn targets_from_py(targets: Option<Vec<u32>>) -> Targets {
     match targets {
         None => Targets::All,
@@ -299,18 +341,23 @@ impl NativeClient {
         serde_json::to_string(&s).map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
+    #[pyo3(signature = (targets, code, options=None))]
     fn execute(
         &self,
         py: Python<'_>,
         targets: Option<Vec<u32>>,
         code: String,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<NativeResult> {
-        let v = self.client.direct(targets_from_py(targets));
+        let v = self
+            .client
+            .direct(targets_from_py(targets))
+            .options(options_from_py(options)?);
         self.submit(py, async move { v.execute(&code).await })
     }
 
     /// `func(*args)`: on each of `targets`, or `balanced` on whichever engine is free first.
-    #[pyo3(signature = (func, args, *, targets=None, balanced=false))]
+    #[pyo3(signature = (func, args, *, targets=None, balanced=false, options=None))]
     fn apply(
         &self,
         py: Python<'_>,
@@ -318,21 +365,26 @@ impl NativeClient {
         args: Vec<Bound<'_, PyAny>>,
         targets: Option<Vec<u32>>,
         balanced: bool,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<NativeResult> {
         let func = func_from_py(func)?;
         let args = values_from_py(&args)?;
+        let options = options_from_py(options)?;
         if balanced {
-            let lb = self.client.load_balanced();
+            let lb = self.client.load_balanced().options(options);
             self.submit(py, async move { lb.apply(func, args).await })
         } else {
-            let v = self.client.direct(targets_from_py(targets));
+            let v = self
+                .client
+                .direct(targets_from_py(targets))
+                .options(options);
             self.submit(py, async move { v.apply(func, args).await })
         }
     }
 
     /// A map: load-balanced (`targets` None and `balanced`), or one contiguous chunk per
     /// target. With `star`, each item is an argument tuple.
-    #[pyo3(signature = (func, items, *, balanced, targets=None, star=false, chunksize=None))]
+    #[pyo3(signature = (func, items, *, balanced, targets=None, star=false, chunksize=None, options=None))]
     #[allow(clippy::too_many_arguments)]
     fn map(
         &self,
@@ -343,7 +395,9 @@ impl NativeClient {
         targets: Option<Vec<u32>>,
         star: bool,
         chunksize: Option<u32>,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<NativeResult> {
+        let options = options_from_py(options)?;
         let func = func_from_py(func)?;
         let mapper = if star {
             Mapper::Star(func)
@@ -365,7 +419,7 @@ impl NativeClient {
             }
         };
         let c = self.client.clone();
-        self.submit(py, async move { c.submit(spec).await })
+        self.submit(py, async move { c.submit_with(spec, options).await })
     }
 
     fn push(
@@ -411,6 +465,45 @@ impl NativeClient {
     fn result(&self, py: Python<'_>, job: u64) -> PyResult<NativeResult> {
         let c = self.client.clone();
         self.submit(py, async move { c.result(JobId(job)).await })
+    }
+
+    /// Drops a job's tasks that have not started; with `interrupt`, its running ones too.
+    #[pyo3(signature = (job, interrupt=false))]
+    fn abort(&self, py: Python<'_>, job: u64, interrupt: bool) -> PyResult<()> {
+        let c = self.client.clone();
+        block_on(py, async move { c.abort(JobId(job), interrupt).await })?.map_err(client_err)
+    }
+
+    /// SIGINT to the kernels of `targets`; returns the engines interrupted.
+    fn interrupt(&self, py: Python<'_>, targets: Option<Vec<u32>>) -> PyResult<Vec<u32>> {
+        let c = self.client.clone();
+        let t = targets_from_py(targets);
+        let ids = block_on(py, async move { c.interrupt(t).await })?.map_err(client_err)?;
+        Ok(ids.into_iter().map(|e| e.0).collect())
+    }
+
+    /// The task store's jobs matching a `db_query` dict given as JSON text, as JSON text.
+    fn history(&self, py: Python<'_>, query: String, limit: u32) -> PyResult<String> {
+        let query: Json = serde_json::from_str(&query)
+            .map_err(|e| PyValueError::new_err(format!("the query is not JSON: {e}")))?;
+        let c = self.client.clone();
+        let records =
+            block_on(py, async move { c.history(&query, limit).await })?.map_err(client_err)?;
+        serde_json::to_string(&records).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
+    /// Submits job `job` again, as a new job.
+    fn resubmit(&self, py: Python<'_>, job: u64) -> PyResult<NativeResult> {
+        let c = self.client.clone();
+        self.submit(py, async move { c.resubmit(JobId(job)).await })
+    }
+
+    /// Deletes finished jobs matching a `db_query` dict (JSON text); returns how many.
+    fn purge(&self, py: Python<'_>, query: String) -> PyResult<u64> {
+        let query: Json = serde_json::from_str(&query)
+            .map_err(|e| PyValueError::new_err(format!("the query is not JSON: {e}")))?;
+        let c = self.client.clone();
+        block_on(py, async move { c.purge(&query).await })?.map_err(client_err)
     }
 
     /// Stops the cluster's engines and controller.
@@ -529,11 +622,12 @@ impl NativeResult {
         for r in self.ar.results() {
             let d = PyDict::new(py);
             d.set_item("task", r.task.0)?;
-            d.set_item("engine_id", r.engine.0)?;
+            d.set_item("engine_id", engine_to_py(r.engine))?;
             d.set_item("first", r.first)?;
             d.set_item("stdout", &r.stdout)?;
             d.set_item("stderr", &r.stderr)?;
             d.set_item("execution_count", r.execution_count)?;
+            d.set_item("attempts", r.attempts)?;
             d.set_item("started", r.started as f64 / 1e6)?;
             d.set_item("completed", r.completed as f64 / 1e6)?;
             let (status, display) = match &r.outcome {
@@ -589,9 +683,14 @@ fn slot_to_py<'py>(
         [
             ok.into_pyobject(py)?.to_owned().into_any(),
             payload,
-            engine.0.into_pyobject(py)?.into_any(),
+            engine_to_py(engine).into_pyobject(py)?.into_any(),
         ],
     )
+}
+
+/// An engine id, or `None` for a task that never ran on one.
+fn engine_to_py(engine: EngineId) -> Option<u32> {
+    (engine != EngineId::NONE).then_some(engine.0)
 }
 
 // ---- clusters -----------------------------------------------------------------------------

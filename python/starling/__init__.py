@@ -15,6 +15,7 @@ from ._starling import PROTOCOL_VERSION
 from .asyncresult import AsyncMapResult, AsyncResult
 from .client import Client
 from .cluster import Cluster
+from .dependency import Dependency
 from .error import CompositeError, RemoteError, SerializationError, StarlingError, TimeoutError
 from .view import DirectView, LoadBalancedView, View
 
@@ -33,6 +34,7 @@ __all__ = [
     "Client",
     "Cluster",
     "CompositeError",
+    "Dependency",
     "DirectView",
     "LoadBalancedView",
     "Reference",

@@ -62,6 +62,11 @@ class AsyncResult(Future):
 
     msg_ids = property(lambda self: [self.job_id])
 
+    def abort(self, interrupt: bool = False) -> None:
+        """Drops this job's tasks that have not started (they fail as ``TaskAborted``); with
+        ``interrupt``, its running tasks are interrupted too. A finished job raises."""
+        self._client._native.abort(self.job_id, interrupt)
+
     def __repr__(self) -> str:
         state = "finished" if self.ready() else "pending"
         return f"<{type(self).__name__}({self._fname}): {state}>"
@@ -228,7 +233,7 @@ class AsyncResult(Future):
     @property
     def metadata(self) -> list:
         """Per task: ``engine_id``, ``submitted``, ``started``, ``completed``, ``status``,
-        ``execution_count``, ``stdout``, ``stderr``."""
+        ``execution_count``, ``attempts``, ``stdout``, ``stderr``."""
         submitted = self._native.submitted
         out = []
         for t in self._tasks():
@@ -240,6 +245,7 @@ class AsyncResult(Future):
                     "completed": t["completed"],
                     "status": t["status"],
                     "execution_count": t["execution_count"],
+                    "attempts": t["attempts"],
                     "stdout": t["stdout"],
                     "stderr": t["stderr"],
                 }

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import builtins
+import datetime
+import json
 import os
+import signal
 import time
 import weakref
 
@@ -130,6 +133,86 @@ class Client:
             ar.wait()
         return ar
 
+    def abort(self, jobs=None, targets=None, block=None, interrupt: bool = False) -> None:
+        """Drops the tasks of jobs (AsyncResults or ids; default: this client's unfinished
+        ones) that have not started: they fail as ``TaskAborted``. With ``interrupt``, their
+        running tasks are interrupted too."""
+        if targets is not None:
+            raise ValueError(
+                "abort takes jobs; to stop what engines run, use send_signal(signal.SIGINT, targets)"
+            )
+        if jobs is None:
+            jobs = self.outstanding
+        elif not isinstance(jobs, (list, tuple, set)):
+            jobs = [jobs]
+        for j in jobs:
+            self._native.abort(getattr(j, "job_id", j), interrupt)
+
+    def send_signal(self, sig=signal.SIGINT, targets=None, block=None) -> list:
+        """Interrupts what engines run (``SIGINT``: it raises ``KeyboardInterrupt`` there);
+        returns the engines signalled."""
+        if sig not in (signal.SIGINT, "SIGINT", int(signal.SIGINT)):
+            raise ValueError("engines take SIGINT only; `starling down` stops a cluster")
+        if targets is None or targets == "all":
+            native_targets = None
+        elif isinstance(targets, int):
+            native_targets = [targets]
+        else:
+            native_targets = list(targets)
+        return self._native.interrupt(native_targets)
+
+    # ---- the task store -----------------------------------------------------------------
+
+    def db_query(self, query: dict, keys=None, limit: int = 1000) -> list:
+        """Jobs in the cluster's task store, newest first (ipyparallel's ``db_query``).
+
+        ``query`` maps keys to values or to ``{operator: value}`` with ``$lt``, ``$lte``,
+        ``$gt``, ``$gte``, ``$eq``, ``$ne``, ``$in``, ``$nin`` and ``$exists``; datetimes may
+        stand for times. The keys: ``job``, ``submitted``, ``completed``, ``submitter``,
+        ``kind``, ``label``, ``status``, ``error``, ``items``, ``retries``, ``timeout``,
+        ``engine`` (jobs that ran a task there), ``attempts``, ``spec``. ``keys`` chooses the
+        keys of each returned record (all by default; ``job`` always)."""
+        if not isinstance(query, dict):
+            raise TypeError(f"a query is a dict, not {type(query).__name__}")
+        records = json.loads(self._native.history(json.dumps(_micros(query)), int(limit)))
+        out = []
+        for r in records:
+            for k in ("submitted", "completed"):
+                if r.get(k) is not None:
+                    r[k] = datetime.datetime.fromtimestamp(r[k] / 1e6, datetime.timezone.utc)
+            if keys is not None:
+                r = {k: r[k] for k in ["job", *keys] if k in r}
+            out.append(r)
+        return out
+
+    def hub_history(self) -> list:
+        """Every job id in the task store, oldest first."""
+        return sorted(r["job"] for r in self.db_query({}, keys=[], limit=2**31))
+
+    def resubmit(self, jobs, block=None):
+        """Submits a job from the store again, as a new job; its AsyncResult."""
+        if isinstance(jobs, (list, tuple)):
+            return [self.resubmit(j, block=block) for j in jobs]
+        native = self._native.resubmit(getattr(jobs, "job_id", jobs))
+        cls = AsyncMapResult if native.kind == "map" else AsyncResult
+        ar = cls(self, native)
+        if block:
+            ar.wait()
+        return ar
+
+    def purge_results(self, jobs="all", targets=None, before=None) -> int:
+        """Deletes finished jobs from the task store: ``'all'``, a list of jobs, or those
+        submitted ``before`` a datetime. Returns how many."""
+        if targets is not None:
+            raise ValueError("purge_results takes jobs or before=, not targets")
+        query = {}
+        if jobs != "all":
+            jobs = jobs if isinstance(jobs, (list, tuple, set)) else [jobs]
+            query["job"] = {"$in": [getattr(j, "job_id", j) for j in jobs]}
+        if before is not None:
+            query["submitted"] = {"$lt": before}
+        return self._native.purge(json.dumps(_micros(query)))
+
     # ---- life ---------------------------------------------------------------------------
 
     @property
@@ -165,6 +248,19 @@ class Client:
         if self._closed:
             return "<Client (closed)>"
         return f"<Client cluster={self.cluster!r}: {len(self.ids)} engines>"
+
+
+def _micros(v):
+    """A query with datetimes turned into the store's microseconds since the epoch."""
+    if isinstance(v, datetime.datetime):
+        if v.tzinfo is None:
+            v = v.astimezone()
+        return int(v.timestamp() * 1e6)
+    if isinstance(v, dict):
+        return {k: _micros(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set)):
+        return [_micros(x) for x in v]
+    return v
 
 
 class _Closed:

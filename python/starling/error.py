@@ -39,6 +39,11 @@ class RemoteError(StarlingError):
         print("\n".join(self._render_traceback_()))
 
 
+def _where(e) -> str:
+    # A task that never ran (aborted, timed out or impossible while queued) has no engine.
+    return "-" if e.engine_id is None else str(e.engine_id)
+
+
 class CompositeError(RemoteError):
     """Several remote errors at once (one per failed engine, task or item): ``elist``."""
 
@@ -51,7 +56,7 @@ class CompositeError(RemoteError):
     def __str__(self) -> str:
         lines = [self.message]
         for e in self.elist[:10]:
-            lines.append(f"[{e.engine_id}:{e.ename}] {e.evalue}")
+            lines.append(f"[{_where(e)}:{e.ename}] {e.evalue}")
         if len(self.elist) > 10:
             lines.append(f"... {len(self.elist) - 10} more exceptions ...")
         return "\n".join(lines)
@@ -60,7 +65,7 @@ class CompositeError(RemoteError):
         lines = [self.message]
         for e in self.elist[:10]:
             lines.append(
-                f"[{e.engine_id}:{e.ename}]: "
+                f"[{_where(e)}:{e.ename}]: "
                 + (e.traceback.rstrip("\n") or f"{e.ename}: {e.evalue}")
             )
         if len(self.elist) > 10:

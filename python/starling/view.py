@@ -10,6 +10,7 @@ import sys
 
 from . import _serialize
 from .asyncresult import AsyncMapResult, AsyncResult
+from .dependency import as_dependency
 
 
 def _name(f) -> str:
@@ -25,10 +26,25 @@ class View:
     def __init__(self, client, *, block: bool = False):
         self.client = client
         self.block = block
+        self.after = None
+        self.timeout = None
+        self.label = None
+
+    def _options(self) -> dict:
+        """The scheduler flags, as the native client takes them."""
+        return {
+            "after": as_dependency(self.after),
+            "follow": as_dependency(getattr(self, "follow", None)),
+            "retries": getattr(self, "retries", 0),
+            "timeout": self.timeout,
+            "label": self.label,
+        }
 
     def set_flags(self, **kwargs) -> None:
-        """Sets flags (``block``, and ``targets`` on a DirectView, ``chunksize`` and
-        ``ordered`` on a LoadBalancedView) for calls on this view."""
+        """Sets flags for calls on this view: ``block``, ``after`` (jobs to wait for),
+        ``timeout`` (seconds a task may take once it could start) and ``label``; ``targets`` on
+        a DirectView; ``chunksize``, ``ordered``, ``follow`` (run where these jobs ran) and
+        ``retries`` on a LoadBalancedView."""
         for k, v in kwargs.items():
             if k not in self._flag_names:
                 raise KeyError(
@@ -99,7 +115,7 @@ class View:
 class DirectView(View):
     """Work on a fixed set of engines: ``targets`` is ``'all'``, an id or a list of ids."""
 
-    _flag_names = ("block", "targets")
+    _flag_names = ("block", "targets", "after", "timeout", "label")
 
     def __init__(self, client, targets="all", *, block: bool = False):
         super().__init__(client, block=block)
@@ -129,7 +145,9 @@ class DirectView(View):
 
     def _apply(self, f, args, kwargs):
         func = _serialize.pack_func(f, args, kwargs)
-        native = self.client._native.apply(func, [], targets=self._native_targets())
+        native = self.client._native.apply(
+            func, [], targets=self._native_targets(), options=self._options()
+        )
         return AsyncResult(self.client, native, fname=_name(f), single=self._single)
 
     def _map(self, f, sequences, **kwargs):
@@ -144,13 +162,14 @@ class DirectView(View):
             balanced=False,
             targets=self._native_targets(),
             star=star,
+            options=self._options(),
         )
         return AsyncMapResult(self.client, native, fname=_name(f))
 
     def execute(self, code: str, silent: bool = True, block=None):
         """Runs Python code on each engine, in that engine's namespace (what ``%px`` does).
         Each task's result is the value of a final expression (or None)."""
-        native = self.client._native.execute(self._native_targets(), code)
+        native = self.client._native.execute(self._native_targets(), code, self._options())
         return self._finish(
             AsyncResult(self.client, native, fname="execute", single=self._single), block
         )
@@ -303,18 +322,31 @@ class LoadBalancedView(View):
     """Work wherever there is room: each ``apply`` on the first free engine, each ``map``
     split into chunks handed out as engines free up."""
 
-    _flag_names = ("block", "chunksize", "ordered")
+    _flag_names = (
+        "block",
+        "chunksize",
+        "ordered",
+        "after",
+        "follow",
+        "retries",
+        "timeout",
+        "label",
+    )
 
     def __init__(self, client, *, block: bool = False):
         super().__init__(client, block=block)
         self.chunksize = None
         self.ordered = True
+        self.follow = None
+        self.retries = 0
 
     def __repr__(self) -> str:
         return "<LoadBalancedView>"
 
     def _apply(self, f, args, kwargs):
-        native = self.client._native.apply(_serialize.pack_func(f, args, kwargs), [], balanced=True)
+        native = self.client._native.apply(
+            _serialize.pack_func(f, args, kwargs), [], balanced=True, options=self._options()
+        )
         return AsyncResult(self.client, native, fname=_name(f), single=True)
 
     def _map(self, f, sequences, chunksize=None, ordered=None):
@@ -322,6 +354,11 @@ class LoadBalancedView(View):
         chunksize = self.chunksize if chunksize is None else chunksize
         ordered = self.ordered if ordered is None else ordered
         native = self.client._native.map(
-            _serialize.pack_func(f), items, balanced=True, star=star, chunksize=chunksize
+            _serialize.pack_func(f),
+            items,
+            balanced=True,
+            star=star,
+            chunksize=chunksize,
+            options=self._options(),
         )
         return AsyncMapResult(self.client, native, fname=_name(f), ordered=ordered)

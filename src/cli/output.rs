@@ -545,10 +545,12 @@ pub fn map_results(f: Format, ar: &AsyncResult) -> bool {
             if failed {
                 let errors = ar.errors();
                 for err in &errors {
-                    print_error(
-                        &format!("item {} on engine {}", err.index, err.engine),
-                        &err.error,
-                    );
+                    let label = if err.engine == EngineId::NONE {
+                        format!("item {}", err.index)
+                    } else {
+                        format!("item {} on engine {}", err.index, err.engine)
+                    };
+                    print_error(&label, &err.error);
                 }
                 eprintln!("error: {} of {} items failed", errors.len(), values.len());
             } else {

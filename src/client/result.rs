@@ -62,7 +62,14 @@ impl JobState {
         for mut r in results {
             let first = r.first as usize;
             let values: Vec<Result<Value, RemoteError>> = match &mut r.outcome {
-                Outcome::Items(items) => std::mem::take(items),
+                Outcome::Items(items) => {
+                    let items = std::mem::take(items);
+                    // The task keeps how it went: its first error, if an item failed.
+                    if let Some(e) = items.iter().find_map(|i| i.as_ref().err()) {
+                        r.outcome = Outcome::Err(e.clone());
+                    }
+                    items
+                }
                 Outcome::Ok { value, .. } => vec![Ok(value.clone())],
                 Outcome::Err(e) => vec![Err(e.clone())],
             };
@@ -141,7 +148,11 @@ impl std::fmt::Display for CompositeError {
         )?;
         for e in self.errors.iter().take(20) {
             if self.per_item {
-                write!(f, "\n[item {} on engine {}] {}", e.index, e.engine, e.error)?;
+                if e.engine == EngineId::NONE {
+                    write!(f, "\n[item {}] {}", e.index, e.error)?;
+                } else {
+                    write!(f, "\n[item {} on engine {}] {}", e.index, e.engine, e.error)?;
+                }
             } else {
                 write!(f, "\n[engine {}] {}", e.engine, e.error)?;
             }
@@ -328,7 +339,8 @@ impl AsyncResult {
     }
 
     /// The finished tasks, in the order they finished, with captured stdout/stderr, execution
-    /// count and timestamps. (For maps, the per-item values are in [`Self::values`].)
+    /// count and timestamps. (For maps, the per-item values are in [`Self::values`]; a map
+    /// chunk's outcome here is its first error if an item failed, else an empty list.)
     pub fn results(&self) -> Vec<TaskResult> {
         self.state
             .filled

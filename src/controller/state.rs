@@ -890,7 +890,7 @@ impl State {
             }
             for (first, n, attempts) in runs {
                 let task = self.new_task(job_id, first, n);
-                let mut r = self.failed_result(task, EngineId(u32::MAX), ename, why);
+                let mut r = self.failed_result(task, EngineId::NONE, ename, why);
                 r.attempts = attempts;
                 failed.push(r);
             }

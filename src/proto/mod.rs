@@ -78,6 +78,12 @@ id_type!(
     /// An engine's number, stable for its life, also across kernel restarts.
     EngineId(u32)
 );
+impl EngineId {
+    /// No engine: what a task that never ran (aborted, timed out or impossible before it was
+    /// handed out) reports as its engine.
+    pub const NONE: EngineId = EngineId(u32::MAX);
+}
+
 id_type!(
     /// One submission from a client: a `px`, a map, a push.
     JobId(u64)
