@@ -110,6 +110,8 @@ struct Job {
     options: JobOptions,
     /// Waiting for its dependencies: nothing of it has been handed out.
     waiting: bool,
+    /// How many of the jobs it depends on have not ended.
+    pending: usize,
     /// The tasks of a direct job that waits for its dependencies, to send once they are met.
     held: Vec<Assignment>,
     /// Where it may run (`follow`); anywhere when `None`.
@@ -732,6 +734,7 @@ impl State {
                 item_micros: None,
                 bytes: 0,
                 waiting: !ready,
+                pending: 0,
                 held,
                 allowed: None,
                 deadline: None,
@@ -764,6 +767,7 @@ impl State {
                     .flat_map(|d| d.jobs.iter().copied())
                     .filter(|d| !self.ended.contains_key(d))
                     .collect();
+                self.jobs.get_mut(&job).expect("just inserted").pending = deps.len();
                 for d in deps {
                     self.dependents.entry(d).or_default().push(job);
                 }
@@ -1037,12 +1041,30 @@ impl State {
             self.fail_impossible(comm, job, &why);
         }
         while let Some(ended) = self.just_ended.pop() {
+            let ok = self.ended.get(&ended).is_some_and(|e| e.ok);
             for d in self.dependents.remove(&ended).unwrap_or_default() {
-                if !self.jobs.get(&d).is_some_and(|j| j.waiting) {
+                let Some(job) = self.jobs.get_mut(&d).filter(|j| j.waiting) else {
+                    continue;
+                };
+                job.pending = job.pending.saturating_sub(1);
+                // Still waiting for others, and this one ended as every dependency it is in
+                // asks: nothing to judge yet (a fan-in of 10,000 jobs is not judged 10,000
+                // times over).
+                let counts = |dep: &Dependency| if ok { dep.success } else { dep.failure };
+                let deps = [&job.options.after, &job.options.follow];
+                let all_of = deps.iter().all(|d| d.as_ref().map_or(true, |d| d.all));
+                let only_one = deps.iter().filter(|d| d.is_some()).count() == 1;
+                let fits = deps
+                    .iter()
+                    .filter_map(|d| d.as_ref())
+                    .all(|dep| counts(dep) || (!only_one && !dep.jobs.contains(&ended)));
+                if job.pending > 0 && all_of && fits {
                     continue;
                 }
-                let options = self.jobs[&d].options.clone();
-                match self.readiness(&options) {
+                let options = std::mem::take(&mut job.options);
+                let readiness = self.readiness(&options);
+                self.jobs.get_mut(&d).expect("looked up above").options = options;
+                match readiness {
                     Readiness::Ready(allowed) => self.release(comm, d, allowed, now),
                     Readiness::Waiting => {}
                     Readiness::Impossible(why) => self.fail_impossible(comm, d, &why),
@@ -2893,5 +2915,50 @@ mod tests {
         assert!(
             matches!(c.to_clients.pop(), Some((_, ControllerToClient::Reply { body: Reply::Error(e), .. })) if e.contains("already finished"))
         );
+    }
+
+    #[test]
+    fn a_fan_in_runs_when_its_last_dependency_ends_and_fails_as_soon_as_one_fails() {
+        let (mut s, mut c, now) = cluster_with(&[4]);
+        let parents: Vec<JobId> = (0..4)
+            .map(|_| submit_with(&mut s, &mut c, 1, JobOptions::default(), now).unwrap())
+            .collect();
+        let sent = assignments(&mut c);
+        assert_eq!(sent.len(), 4, "one parent on each engine");
+        let join = submit_with(&mut s, &mut c, 1, after(&parents[..3]), now).unwrap();
+        let strict = submit_with(&mut s, &mut c, 1, after(&parents[1..]), now).unwrap();
+        let of = |job: JobId| {
+            sent.iter()
+                .find(|(_, a)| matches!(&a.work, Work::MapChunk { job: j, .. } if *j == job))
+                .unwrap()
+                .clone()
+        };
+        let runs = |c: &mut Recorder, job: JobId| {
+            assignments(c)
+                .iter()
+                .any(|(_, a)| matches!(&a.work, Work::MapChunk { job: j, .. } if *j == job))
+        };
+        // The last parent fails: `strict` cannot run, at once, while two of its parents run.
+        let (conn, a) = of(parents[3]);
+        s.on_engine_message(
+            &mut c,
+            conn,
+            EngineToController::Done(vec![raised(&a)]),
+            now,
+        );
+        let failed = results_of(&c, strict);
+        assert_eq!(failed.len(), 1);
+        assert!(
+            matches!(&failed[0].outcome, Outcome::Items(i) if i[0].as_ref().is_err_and(|e| e.ename == "ImpossibleDependency"))
+        );
+        for (k, parent) in parents[..3].iter().enumerate() {
+            let (conn, a) = of(*parent);
+            finish_chunk(&mut s, &mut c, conn, &a, 10);
+            assert_eq!(
+                runs(&mut c, join),
+                k == 2,
+                "the join runs after its last parent, not before"
+            );
+        }
     }
 }
