@@ -1,11 +1,17 @@
-"""Controller memory under large results: RSS of the controller of a local cluster after N jobs
-that each return a 30 MB value, against the bound it keeps (128 MiB of finished results).
+"""Controller memory: under large results, and with a million finished tasks in its store.
 
     bench/controller_memory.py [--jobs 100] [--mb 30]
+    bench/controller_memory.py --tasks 1000000 [--per-map 100000]
 
-Runs the real `starling` CLI from target/release (or $STARLING_BIN): `up --local -n 1`, then
-N × `px --noblock 'b"x" * (MB << 20)'` (waiting for the queue to drain every 10 jobs and
-printing the controller's RSS then), then `down`.
+Runs the real `starling` CLI from target/release (or $STARLING_BIN).
+
+Large results: `up --local -n 1`, then N × `px --noblock 'b"x" * (MB << 20)'` (waiting for the
+queue to drain every 10 jobs and printing the controller's RSS then), then `down`. The
+controller keeps 128 MiB of finished results; the store keeps the rest.
+
+Many tasks (`--tasks`): `up --local -n 2`, then load-balanced maps of `--per-map` items at
+chunksize 1 (one task per item) until the store holds `--tasks` finished tasks, printing after
+each map its tasks/s, the controller's RSS and the store's task count, then `down`.
 """
 
 import argparse
@@ -31,6 +37,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=100)
     ap.add_argument("--mb", type=int, default=30)
+    ap.add_argument(
+        "--tasks",
+        type=int,
+        default=0,
+        help="finished tasks to reach (0: large results)",
+    )
+    ap.add_argument("--per-map", type=int, default=100_000)
     args = ap.parse_args()
     binary = os.environ.get("STARLING_BIN", str(ROOT / "target/release/starling"))
     home = tempfile.mkdtemp(prefix="starling-bench-")
@@ -41,6 +54,8 @@ def main() -> int:
             [binary, *a], env=env, check=True, capture_output=True, text=True
         ).stdout
 
+    if args.tasks:
+        return many_tasks(starling, home, args.tasks, args.per_map)
     starling("up", "--local", "-n", "1", "--name", "memory")
     try:
         status = json.loads(starling("status", "--output", "json"))
@@ -60,6 +75,44 @@ def main() -> int:
                     f"controller RSS {rss_mib(pid):6.0f} MiB"
                 )
         print(f"{args.jobs} jobs in {time.perf_counter() - started:.1f} s")
+    finally:
+        starling("down", "--cluster", "memory")
+    return 0
+
+
+def many_tasks(starling, home: str, tasks: int, per_map: int) -> int:
+    import sqlite3
+
+    starling("up", "--local", "-n", "2", "--name", "memory")
+    try:
+        status = json.loads(starling("status", "--output", "json"))
+        pid = status["controller_pid"]
+        store = max(Path(home, "history", "memory").glob("*.db"))
+        print(f"controller pid {pid}: {rss_mib(pid):.0f} MiB at start; store {store}")
+        done = 0
+        while done < tasks:
+            t = time.perf_counter()
+            out = starling(
+                "map",
+                "lambda x: x",
+                "--range",
+                str(per_map),
+                "--chunksize",
+                "1",
+                "--output",
+                "json",
+            )
+            seconds = time.perf_counter() - t
+            if json.loads(out) != list(range(per_map)):
+                raise AssertionError("wrong map result")
+            done += per_map
+            with sqlite3.connect(store) as db:
+                stored = db.execute("SELECT count(*) FROM tasks").fetchone()[0]
+            print(
+                f"{done:9,d} tasks: {per_map / seconds:8,.0f} tasks/s, "
+                f"controller RSS {rss_mib(pid):5.0f} MiB, store {stored:,} task rows "
+                f"({store.stat().st_size >> 20} MiB)"
+            )
     finally:
         starling("down", "--cluster", "memory")
     return 0

@@ -297,6 +297,7 @@ pub fn results(f: Format, results: &[TaskResult]) -> bool {
                         "stderr": r.stderr,
                         "started_us": r.started,
                         "completed_us": r.completed,
+                        "attempts": r.attempts,
                     });
                     match &r.outcome {
                         Outcome::Ok { value, display } => {

@@ -326,7 +326,7 @@ const KEYS: [(&str, &str); 14] = [
     ("timeout", "timeout"),
     (
         "engine",
-        "(SELECT group_concat(DISTINCT engine) FROM tasks t WHERE t.job = jobs.job)",
+        "(SELECT group_concat(DISTINCT engine) FROM tasks t WHERE t.job = jobs.job AND t.engine != 4294967295)",
     ),
     (
         "attempts",
@@ -466,7 +466,7 @@ fn read(conn: &Connection, read: Read) -> rusqlite::Result<Answer> {
             let sql = format!(
                 "SELECT job, submitted, completed, submitter, kind, label, status, error, items, retries, timeout, after, follow, spec,
                    (SELECT max(attempts) FROM tasks t WHERE t.job = jobs.job),
-                   (SELECT group_concat(DISTINCT engine) FROM tasks t WHERE t.job = jobs.job)
+                   (SELECT group_concat(DISTINCT engine) FROM tasks t WHERE t.job = jobs.job AND t.engine != 4294967295)
                  FROM jobs WHERE {cond} ORDER BY job DESC LIMIT {limit}"
             );
             let mut stmt = conn.prepare(&sql)?;

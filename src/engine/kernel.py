@@ -10,11 +10,12 @@
 # are moved to close-on-exec fds, and a process the task forks loses them at once, so nothing
 # user code writes or starts can reach the protocol.
 #
-# The control pipe carries u64 ids of tasks the engine no longer wants (aborted, timed out):
-# they are skipped when their turn comes. SIGINT makes the kernel read it at once and raise
-# KeyboardInterrupt in the running task if that task is one of them, or if the id is 2**64-1
-# ("whatever runs"); otherwise the signal is ignored, so an interrupt never lands in the wrong
-# task or in the kernel's own loop.
+# The control pipe carries u64 ids of tasks the engine no longer wants (aborted, timed out),
+# and each write comes with a SIGINT: the handler reads the pipe, raises KeyboardInterrupt in
+# the running task if that task is one of them (or if the id is 2**64-1, "whatever runs"), and
+# otherwise only remembers them, so they are skipped when their turn comes. An interrupt
+# never lands in the wrong task or in the kernel's own loop, and a task costs no extra
+# system call.
 #
 # While a batch of tasks runs, fds 1 and 2 point at files of their own: what a task writes —
 # print, os.system, a C extension, a child process — is its stdout and stderr, in order, bounded
@@ -474,7 +475,6 @@ def _run(task, bufs):
     sys.stdout, sys.stderr = _OUT.text, _ERR.text
     started = time.time()
     rbufs = []
-    _read_control()
     _cancelled.discard(_ANY)  # an interrupt that came between tasks is for nobody
     try:
         if task["id"] in _cancelled:

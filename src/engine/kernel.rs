@@ -14,10 +14,11 @@
 //! but the one in flight, or a frame that does not parse, means the kernel can no longer be
 //! trusted: it is killed and reported as dead, never read as a result.
 //!
-//! A third pipe, fd 5, carries task ids the engine no longer wants (aborted, timed out): the
-//! kernel skips them when their turn comes, and a SIGINT ([`PythonKernel::interrupt`]) makes
-//! it read the pipe at once and stop the running task if it is one of them — so an interrupt
-//! meant for one task never lands in the next. [`INTERRUPT_ANY`] stops whatever runs.
+//! A third pipe, fd 5, carries task ids the engine no longer wants (aborted, timed out), each
+//! write followed by a SIGINT ([`Control::cancel`]): the kernel reads the pipe in its signal
+//! handler, stops the running task if it is one of them, and skips the others when their turn
+//! comes — so an interrupt meant for one task never lands in the next. [`INTERRUPT_ANY`] stops
+//! whatever runs.
 //!
 //! The pipes are handed over as fds 3, 4 and 5; the kernel moves them to fds that are
 //! close-on-exec, so neither user code nor its child processes can write into the protocol.
@@ -259,19 +260,17 @@ pub struct Control {
 }
 
 impl Control {
-    /// Tells the kernel these tasks are unwanted; with `interrupt`, stops the running one if
-    /// it is one of them (or any task, for [`INTERRUPT_ANY`]).
-    pub fn cancel(&self, tasks: &[u64], interrupt: bool) {
+    /// Tells the kernel these tasks are unwanted: it skips them when their turn comes, and
+    /// stops the running one if it is one of them (any task, for [`INTERRUPT_ANY`]).
+    pub fn cancel(&self, tasks: &[u64]) {
         let mut bytes = Vec::with_capacity(tasks.len() * 8);
         for t in tasks {
             bytes.extend_from_slice(&t.to_le_bytes());
         }
         // Non-blocking, and 8-byte writes are atomic: a full pipe (8,192 unread ids) loses
-        // ids, never the engine's time.
+        // ids, never the engine's time. The SIGINT that follows makes the kernel read them.
         let _ = nix::unistd::write(&self.fd, &bytes);
-        if interrupt {
-            self.signal(nix::sys::signal::Signal::SIGINT);
-        }
+        self.signal(nix::sys::signal::Signal::SIGINT);
     }
 
     /// Sends a signal to the kernel process.

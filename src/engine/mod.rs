@@ -405,7 +405,7 @@ async fn serve(
             Ok(Some(ControllerToEngine::Interrupt(engines))) => {
                 for engine in engines {
                     if let Some(kernel) = share_of.get(&engine).and_then(|s| s.kernel()) {
-                        kernel.cancel(&[kernel::INTERRUPT_ANY], true);
+                        kernel.cancel(&[kernel::INTERRUPT_ANY]);
                     }
                 }
             }
@@ -499,7 +499,7 @@ impl SlotShared {
         self.cancelled.lock().expect("not poisoned").insert(task);
         let Some(kernel) = self.kernel() else { return };
         let running = self.running.load(Ordering::SeqCst) == task + 1;
-        kernel.cancel(&[task], running);
+        kernel.cancel(&[task]);
         if running {
             let me = self.clone();
             tokio::spawn(async move {

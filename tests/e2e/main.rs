@@ -848,6 +848,20 @@ fn stop_and_start_bring_the_same_cluster_back() {
     user.run(&["start", name]).ok();
     let ids = user.run(&["ids", "--cluster", name]).ok();
     assert_eq!(ids.stdout.trim(), "[0, 1, 2, 3]");
+    // Again: each time the cluster comes back whole and runs work at once.
+    for round in 0..2 {
+        user.run(&["stop", name]).ok();
+        user.run(&["start", name]).ok();
+        let px = user
+            .run(&["px", "--cluster", name, "--output", "json", "6 * 7"])
+            .ok()
+            .json();
+        assert_eq!(px.as_array().unwrap().len(), 4, "round {round}: {px}");
+        assert!(
+            px.as_array().unwrap().iter().all(|r| r["value"] == 42),
+            "{px}"
+        );
+    }
     // Fresh kernels: the old namespace is gone, the cluster works.
     let px = user
         .run(&[
@@ -864,6 +878,105 @@ fn stop_and_start_bring_the_same_cluster_back() {
         px.as_array().unwrap().iter().all(|r| r["value"] == false),
         "{px}"
     );
+    down_leaves_nothing(&user, name);
+}
+
+#[test]
+fn a_node_terminated_mid_map_loses_no_item_and_down_still_leaves_nothing() {
+    let name = "e2e-spot";
+    let user = User::new(name);
+    let spec = user.spec(
+        "spot.yaml",
+        &format!("name: {name}\nnodes: 2\n{}", network(8)),
+    );
+    user.run(&["up", "-f", spec.to_str().unwrap()]).ok();
+    assert_eq!(engine_hosts(&user, name).len(), 6);
+    let submitted = user
+        .run(&[
+            "map",
+            "--cluster",
+            name,
+            "f",
+            "--def",
+            "import time\ndef f(x):\n    time.sleep(0.02)\n    return x * x",
+            "--range",
+            "600",
+            "--chunksize",
+            "1",
+            "--noblock",
+            "--output",
+            "json",
+        ])
+        .ok()
+        .json();
+    let job = submitted["job"].as_u64().unwrap().to_string();
+    // Under way on every node, then node002 goes: its instance terminated, its processes
+    // killed (on the rig every instance is this machine).
+    eventually(
+        Duration::from_secs(60),
+        "node002's engines took work",
+        || {
+            let status = user.run(&["status", name, "--output", "json"]).stdout;
+            let mut docs = serde_json::Deserializer::from_str(&status).into_iter::<Json>();
+            let _nodes = docs.next();
+            docs.next().and_then(Result::ok).is_some_and(|engines| {
+                engines["engines"].as_array().is_some_and(|es| {
+                    es.iter()
+                        .any(|e| e["node"] == "node002" && e["tasks_done"].as_u64() > Some(5))
+                })
+            })
+        },
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let api = Ec2::connect(REGION, Some(ENDPOINT)).await;
+        let victim: Vec<String> = api
+            .instances(Some(name))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.node == "node002")
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(victim.len(), 1);
+        api.terminate(&victim, Duration::from_secs(60))
+            .await
+            .unwrap();
+    });
+    let node002 = format!(
+        "{}={}",
+        starling::node::MARK_VAR,
+        node_root(name).join("node002").display()
+    );
+    for pid in cluster_processes(name) {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if env.split(|b| *b == 0).any(|kv| kv == node002.as_bytes()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let result = user
+        .run(&["result", "--cluster", name, &job, "--output", "json"])
+        .ok()
+        .json();
+    let squares: Vec<i64> = (0..600).map(|x| x * x).collect();
+    assert_eq!(
+        result,
+        serde_json::json!(squares),
+        "no item lost, none twice"
+    );
+    let hosts = engine_hosts(&user, name);
+    assert_eq!(hosts.len(), 4, "node002's engines are gone: {hosts:?}");
+    let history = user
+        .run(&["history", "--cluster", name, "--output", "json"])
+        .ok()
+        .json();
+    assert_eq!(history[0]["status"], "ok", "{history}");
     down_leaves_nothing(&user, name);
 }
 

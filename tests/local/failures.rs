@@ -211,21 +211,27 @@ async fn an_engine_process_killed_mid_map_is_restarted_under_its_id_and_the_map_
         if let Some(cs) = chunksize {
             view = view.chunksize(cs);
         }
-        let n = 400;
+        let n = 10_000;
         let map = view
-            .map(SLOW_SQUARE, (0..n).map(Value::from).collect())
+            .map(
+                "lambda x: (__import__('time').sleep(0.001), x * x)[1]",
+                (0..n).map(Value::from).collect(),
+            )
             .await
             .unwrap();
         assert!(
-            eventually(Duration::from_secs(20), || map.progress().0 >= 20).await,
+            eventually(Duration::from_secs(20), || map.progress().0 >= 500).await,
             "the map is under way"
         );
         kill(victim, Signal::SIGKILL).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(60), map.get())
+        let got = tokio::time::timeout(Duration::from_secs(90), map.get())
             .await
             .expect("the map completes")
             .unwrap_or_else(|e| panic!("chunksize {chunksize:?}: {e}"));
         assert_eq!(got, squares(n), "chunksize {chunksize:?}");
+        // What the killed engine held ran again, and says so.
+        let again = map.results().iter().filter(|r| r.attempts == 2).count();
+        assert!(again >= 1, "chunksize {chunksize:?}: attempts recorded");
         // A new engine process, the same id.
         let mut restarted = false;
         for _ in 0..500 {
