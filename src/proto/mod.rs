@@ -470,23 +470,29 @@ pub enum Outcome {
 }
 
 impl TaskResult {
-    /// About how many bytes it holds in memory.
+    /// About how many bytes it holds in memory: the struct itself, each item's slot, and what
+    /// they point to (with a little for the allocator's own bookkeeping).
     pub fn approx_bytes(&self) -> usize {
-        let error = |e: &RemoteError| 72 + e.ename.len() + e.evalue.len() + e.traceback.len();
+        const ALLOC: usize = 16;
+        let error = |e: &RemoteError| 3 * ALLOC + e.ename.len() + e.evalue.len() + e.traceback.len();
         let outcome = match &self.outcome {
             Outcome::Ok { value, display } => {
-                value.approx_bytes() + display.as_ref().map_or(0, String::len)
+                value.approx_bytes() + display.as_ref().map_or(0, |d| ALLOC + d.len())
             }
             Outcome::Err(e) => error(e),
-            Outcome::Items(items) => items
-                .iter()
-                .map(|i| match i {
-                    Ok(v) => v.approx_bytes(),
-                    Err(e) => error(e),
-                })
-                .sum(),
+            Outcome::Items(items) => {
+                ALLOC
+                    + items.capacity() * std::mem::size_of::<Result<Value, RemoteError>>()
+                    + items
+                        .iter()
+                        .map(|i| match i {
+                            Ok(v) => v.approx_bytes(),
+                            Err(e) => error(e),
+                        })
+                        .sum::<usize>()
+            }
         };
-        128 + outcome + self.stdout.len() + self.stderr.len()
+        std::mem::size_of::<Self>() + outcome + self.stdout.len() + self.stderr.len()
     }
 }
 
