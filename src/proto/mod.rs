@@ -474,7 +474,8 @@ impl TaskResult {
     /// they point to (with a little for the allocator's own bookkeeping).
     pub fn approx_bytes(&self) -> usize {
         const ALLOC: usize = 16;
-        let error = |e: &RemoteError| 3 * ALLOC + e.ename.len() + e.evalue.len() + e.traceback.len();
+        let error =
+            |e: &RemoteError| 3 * ALLOC + e.ename.len() + e.evalue.len() + e.traceback.len();
         let outcome = match &self.outcome {
             Outcome::Ok { value, display } => {
                 value.approx_bytes() + display.as_ref().map_or(0, |d| ALLOC + d.len())

@@ -960,6 +960,8 @@ fn a_node_terminated_mid_map_loses_no_item_and_down_still_leaves_nothing() {
             );
         }
     }
+    // A terminated instance's disk goes with it; on the rig its files are this machine's.
+    std::fs::remove_dir_all(node_root(name).join("node002")).unwrap();
     let result = user
         .run(&["result", "--cluster", name, &job, "--output", "json"])
         .ok()
