@@ -454,6 +454,41 @@ fn unexpected(reply: &Reply) -> ClientError {
     ClientError::Controller(format!("unexpected reply from the controller: {reply:?}"))
 }
 
+/// The scheduler options both views take: `options`, `after`, `timeout`, `label`.
+macro_rules! scheduler_options {
+    () => {
+        /// Sets every scheduler option at once (dependencies, retries, timeout, label).
+        #[must_use]
+        pub fn options(mut self, options: JobOptions) -> Self {
+            self.options = options;
+            self
+        }
+
+        /// Work from this view starts only once `dep` is met (by default: every job in it has
+        /// succeeded); if it cannot be met any more, it fails with `ImpossibleDependency`.
+        #[must_use]
+        pub fn after(mut self, dep: impl Into<Dependency>) -> Self {
+            self.options.after = Some(dep.into());
+            self
+        }
+
+        /// Each task of this view's work fails with `TaskTimeout` if it has not finished this
+        /// long after it could start; a running one is interrupted.
+        #[must_use]
+        pub fn timeout(mut self, timeout: Duration) -> Self {
+            self.options.timeout_ms = Some((timeout.as_millis() as u64).max(1));
+            self
+        }
+
+        /// A label for this view's jobs, to find them in the history.
+        #[must_use]
+        pub fn label(mut self, label: &str) -> Self {
+            self.options.label = Some(label.to_string());
+            self
+        }
+    };
+}
+
 /// Runs work on a fixed set of engines, like ipyparallel's `DirectView`.
 #[derive(Clone)]
 pub struct DirectView {
@@ -463,39 +498,11 @@ pub struct DirectView {
 }
 
 impl DirectView {
-    /// Sets every scheduler option at once (dependencies, retries, timeout, label).
-    #[must_use]
-    pub fn options(mut self, options: JobOptions) -> Self {
-        self.options = options;
-        self
-    }
+    scheduler_options!();
 
     /// The targets this view names.
     pub fn targets(&self) -> &Targets {
         &self.targets
-    }
-
-    /// Work from this view starts only once `dep` is met (by default: every job in it has
-    /// succeeded); if it cannot be met any more, the work fails with `ImpossibleDependency`.
-    #[must_use]
-    pub fn after(mut self, dep: impl Into<Dependency>) -> Self {
-        self.options.after = Some(dep.into());
-        self
-    }
-
-    /// Each task of this view's work fails with `TaskTimeout` if it has not finished this
-    /// long after it could start; a running one is interrupted.
-    #[must_use]
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.options.timeout_ms = Some((timeout.as_millis() as u64).max(1));
-        self
-    }
-
-    /// A label for this view's jobs, to find them in the history.
-    #[must_use]
-    pub fn label(mut self, label: &str) -> Self {
-        self.options.label = Some(label.to_string());
-        self
     }
 
     async fn submit_spec(&self, spec: JobSpec) -> Result<AsyncResult, ClientError> {
@@ -617,20 +624,7 @@ pub struct LoadBalancedView {
 }
 
 impl LoadBalancedView {
-    /// Sets every scheduler option at once (dependencies, retries, timeout, label).
-    #[must_use]
-    pub fn options(mut self, options: JobOptions) -> Self {
-        self.options = options;
-        self
-    }
-
-    /// Work from this view starts only once `dep` is met (by default: every job in it has
-    /// succeeded); if it cannot be met any more, the work fails with `ImpossibleDependency`.
-    #[must_use]
-    pub fn after(mut self, dep: impl Into<Dependency>) -> Self {
-        self.options.after = Some(dep.into());
-        self
-    }
+    scheduler_options!();
 
     /// Work from this view runs only on the engines where `dep`'s jobs ran (all of them, or
     /// any, as `dep` says), once they have ended as it asks.
@@ -645,21 +639,6 @@ impl LoadBalancedView {
     #[must_use]
     pub fn retries(mut self, retries: u32) -> Self {
         self.options.retries = retries;
-        self
-    }
-
-    /// Each task fails with `TaskTimeout` if it has not finished this long after it could
-    /// start; a running one is interrupted.
-    #[must_use]
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.options.timeout_ms = Some((timeout.as_millis() as u64).max(1));
-        self
-    }
-
-    /// A label for this view's jobs, to find them in the history.
-    #[must_use]
-    pub fn label(mut self, label: &str) -> Self {
-        self.options.label = Some(label.to_string());
         self
     }
 

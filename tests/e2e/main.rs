@@ -322,19 +322,21 @@ fn down_leaves_nothing(user: &User, cluster: &str) {
     assert_nothing_left(cluster);
 }
 
-/// Each engine's node address (from `status`), by engine id.
-fn engine_hosts(user: &User, cluster: &str) -> Vec<(u64, String, String)> {
+/// The engines `status` lists (it prints the nodes document, then the engines document).
+fn status_engines(user: &User, cluster: &str) -> Vec<Json> {
     let status = user
         .run(&["status", cluster, "--output", "json"])
         .ok()
         .stdout;
-    // `status` prints the nodes document, then the engines document.
     let mut docs = serde_json::Deserializer::from_str(&status).into_iter::<Json>();
     let _nodes = docs.next().expect("a nodes document").unwrap();
     let engines = docs.next().expect("an engines document").unwrap();
-    engines["engines"]
-        .as_array()
-        .unwrap()
+    engines["engines"].as_array().unwrap().clone()
+}
+
+/// Each engine's node address (from `status`), by engine id.
+fn engine_hosts(user: &User, cluster: &str) -> Vec<(u64, String, String)> {
+    status_engines(user, cluster)
         .iter()
         .filter(|e| e["state"] != "lost")
         .map(|e| {
@@ -916,15 +918,9 @@ fn a_node_terminated_mid_map_loses_no_item_and_down_still_leaves_nothing() {
         Duration::from_secs(60),
         "node002's engines took work",
         || {
-            let status = user.run(&["status", name, "--output", "json"]).stdout;
-            let mut docs = serde_json::Deserializer::from_str(&status).into_iter::<Json>();
-            let _nodes = docs.next();
-            docs.next().and_then(Result::ok).is_some_and(|engines| {
-                engines["engines"].as_array().is_some_and(|es| {
-                    es.iter()
-                        .any(|e| e["node"] == "node002" && e["tasks_done"].as_u64() > Some(5))
-                })
-            })
+            status_engines(&user, name)
+                .iter()
+                .any(|e| e["node"] == "node002" && e["tasks_done"].as_u64() > Some(5))
         },
     );
     let rt = tokio::runtime::Builder::new_current_thread()
