@@ -878,6 +878,8 @@ impl State {
         };
         let held = std::mem::take(&mut job.held);
         let feed = job.feed.take();
+        // Nothing is left to wait for: its dependencies ending later changes nothing.
+        job.waiting = false;
         self.feeds.retain(|j| *j != job_id);
         let mut failed: Vec<TaskResult> = held
             .into_iter()

@@ -50,15 +50,23 @@ os.set_blocking(_CFD, False)
 _ANY = (1 << 64) - 1
 _cancelled = set()
 _current = None  # the id of the task running now
+_partial = b""  # the start of an id whose rest is still in the pipe
 
 
 def _read_control():
     # Takes what the engine wrote on the control pipe; never blocks.
-    try:
-        data = os.read(_CFD, 65536)
-    except (BlockingIOError, OSError):
-        return
-    _cancelled.update(struct.unpack("<%dQ" % (len(data) // 8), data[: len(data) // 8 * 8]))
+    global _partial
+    while True:
+        try:
+            data = os.read(_CFD, 65536)
+        except (BlockingIOError, OSError):
+            return
+        if not data:
+            return
+        data = _partial + data
+        whole = len(data) // 8 * 8
+        _partial = data[whole:]
+        _cancelled.update(struct.unpack("<%dQ" % (whole // 8), data[:whole]))
 
 
 def _on_sigint(signum, frame):

@@ -396,9 +396,13 @@ async fn serve(
                 }
             }
             Ok(Some(ControllerToEngine::Cancel(tasks))) => {
+                let mut per_engine: HashMap<EngineId, Vec<u64>> = HashMap::new();
                 for (engine, task) in tasks {
+                    per_engine.entry(engine).or_default().push(task.0);
+                }
+                for (engine, tasks) in per_engine {
                     if let Some(share) = share_of.get(&engine) {
-                        share.cancel(task.0);
+                        share.cancel(&tasks);
                     }
                 }
             }
@@ -493,14 +497,17 @@ impl SlotShared {
         self.kernel.lock().expect("not poisoned").clone()
     }
 
-    /// Drops a task before it starts, or interrupts it if it runs now: the kernel gets
+    /// Drops tasks before they start, or interrupts the one that runs now: the kernel gets
     /// [`INTERRUPT_GRACE`] to stop it, else it is killed (and the slot replaces it).
-    fn cancel(self: &Arc<Self>, task: u64) {
-        self.cancelled.lock().expect("not poisoned").insert(task);
+    fn cancel(self: &Arc<Self>, tasks: &[u64]) {
+        self.cancelled
+            .lock()
+            .expect("not poisoned")
+            .extend(tasks.iter().copied());
         let Some(kernel) = self.kernel() else { return };
-        let running = self.running.load(Ordering::SeqCst) == task + 1;
-        kernel.cancel(&[task]);
-        if running {
+        let now = self.running.load(Ordering::SeqCst);
+        kernel.cancel(tasks);
+        if let Some(&task) = tasks.iter().find(|t| **t + 1 == now) {
             let me = self.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(INTERRUPT_GRACE).await;
