@@ -958,14 +958,13 @@ impl State {
         job_id: JobId,
         interrupt: bool,
     ) -> Result<(), String> {
-        let Some(job) = self.jobs.get(&job_id).filter(|j| j.remaining > 0) else {
+        if !self.jobs.get(&job_id).is_some_and(|j| j.remaining > 0) {
             return Err(if job_id.0 >= self.next_job {
                 format!("there is no job {job_id} on cluster '{}'", self.cluster)
             } else {
                 format!("job {job_id} has already finished; there is nothing to abort")
             });
-        };
-        let _ = job;
+        }
         let mut failed = self.fail_unstarted(
             job_id,
             "TaskAborted",
