@@ -340,8 +340,13 @@ pub fn status(f: Format, s: &ClusterStatus) {
             } else {
                 format!(" ({} lost)", s.lost.len())
             };
+            let waiting = if s.waiting == 0 {
+                String::new()
+            } else {
+                format!(", {} waiting for dependencies", s.waiting)
+            };
             outln!(
-                "cluster '{}': controller pid {}, {}{lost}, {} running, {} queued, {}",
+                "cluster '{}': controller pid {}, {}{lost}, {} running, {} queued{waiting}, {}",
                 s.cluster,
                 s.controller_pid,
                 count(s.engines.len(), "engine"),
@@ -399,6 +404,7 @@ pub fn status(f: Format, s: &ClusterStatus) {
                 "controller_pid": s.controller_pid,
                 "running": s.running,
                 "queued": s.queued,
+                "waiting": s.waiting,
                 "jobs": s.jobs,
                 "engines": s.engines.iter().map(|e| json!({
                     "id": e.id, "host": e.host, "node": e.node, "pid": e.pid,

@@ -1746,6 +1746,12 @@ impl State {
                     })
                     .sum::<u64>(),
             running,
+            waiting: self
+                .jobs
+                .values()
+                .filter(|j| j.waiting)
+                .map(|j| j.remaining)
+                .sum(),
             jobs: self.next_job,
         }
     }
@@ -2635,6 +2641,7 @@ mod tests {
             "nothing of it runs before its dependency"
         );
         assert_eq!(s.status().queued, 0, "it is not queued for engines yet");
+        assert_eq!(s.status().waiting, 3, "it waits for its dependency");
         let (conn, a) = &sent[0];
         finish_chunk(&mut s, &mut c, *conn, a, 10);
         let now_sent = assignments(&mut c);

@@ -739,6 +739,8 @@ pub struct ClusterStatus {
     pub queued: u64,
     /// Tasks running on engines now.
     pub running: u64,
+    /// Tasks (items of load-balanced maps) of jobs that wait for their dependencies.
+    pub waiting: u64,
     pub jobs: u64,
 }
 
