@@ -1734,7 +1734,10 @@ impl State {
             controller_pid: std::process::id(),
             engines,
             lost: self.lost.values().cloned().collect(),
-            queued: (self.tasks.len() as u64).saturating_sub(running)
+            // Tasks not on an engine's queue yet: held direct tasks wait for dependencies.
+            queued: (self.tasks.len() as u64)
+                .saturating_sub(running)
+                .saturating_sub(self.jobs.values().map(|j| j.held.len() as u64).sum())
                 + self
                     .feeds
                     .iter()
@@ -2640,19 +2643,45 @@ mod tests {
             assignments(&mut c).is_empty(),
             "nothing of it runs before its dependency"
         );
-        assert_eq!(s.status().queued, 0, "it is not queued for engines yet");
-        assert_eq!(s.status().waiting, 3, "it waits for its dependency");
+        let direct = JobSpec::Direct {
+            targets: Targets::All,
+            work: Work::Execute { code: "1".into() },
+        };
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            8,
+            ClientRequest::Submit {
+                spec: direct,
+                options: Box::new(after(&[first])),
+            },
+            now,
+        );
+        assert!(assignments(&mut c).is_empty());
+        assert_eq!(s.status().queued, 0, "neither is queued for engines yet");
+        assert_eq!(s.status().waiting, 3 + 2, "both wait for their dependency");
         let (conn, a) = &sent[0];
         finish_chunk(&mut s, &mut c, *conn, a, 10);
         let now_sent = assignments(&mut c);
-        assert_eq!(
-            now_sent.len(),
-            3,
-            "all of it runs once the first job ended well"
-        );
-        assert!(now_sent
+        let of_map = now_sent
             .iter()
-            .all(|(_, a)| matches!(&a.work, Work::MapChunk { job, .. } if *job == second)));
+            .filter(|(_, a)| matches!(&a.work, Work::MapChunk { job, .. } if *job == second))
+            .count();
+        let of_px = now_sent
+            .iter()
+            .filter(|(_, a)| matches!(&a.work, Work::Execute { .. }))
+            .count();
+        assert_eq!(
+            of_px, 2,
+            "the direct job runs on both engines once the first job ended well"
+        );
+        assert_eq!(of_map, 2, "a map item behind each engine's direct task");
+        let st = s.status();
+        assert_eq!(
+            (st.running, st.queued, st.waiting),
+            (2, 3, 0),
+            "two direct tasks run; two map items wait on engines, one in the map's queue"
+        );
     }
 
     #[test]
