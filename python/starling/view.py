@@ -42,9 +42,10 @@ class View:
 
     def set_flags(self, **kwargs) -> None:
         """Sets flags for calls on this view: ``block``, ``after`` (jobs to wait for),
-        ``timeout`` (seconds a task may take once it could start) and ``label``; ``targets`` on
-        a DirectView; ``chunksize``, ``ordered``, ``follow`` (run where these jobs ran) and
-        ``retries`` on a LoadBalancedView."""
+        ``timeout`` (seconds a task may take once it could start) and ``label`` (the last three
+        for ``apply``, ``map`` and ``execute``); ``targets`` on a DirectView; ``chunksize``,
+        ``ordered``, ``follow`` (run where these jobs ran) and ``retries`` on a
+        LoadBalancedView."""
         for k, v in kwargs.items():
             if k not in self._flag_names:
                 raise KeyError(
