@@ -634,6 +634,17 @@ class _Cancelled(Exception):
     pass
 
 
+def _interrupted_late(task, e):
+    # The interrupt for a cancelled task landed while its reply was being made, outside the
+    # task's own try: it still gets its one reply, and the kernel goes on.
+    global _current
+    _current = None
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    reply = _error(e)
+    reply.update(id=task["id"], out=_OUT.take(), err=_ERR.take(), n=_count, t0=0, t1=0)
+    return reply, []
+
+
 def main():
     signal.signal(signal.SIGINT, _on_sigint)
     _write_frame({"ready": os.getpid(), "python": _PYTHON}, [])
@@ -648,7 +659,11 @@ def main():
             for task in tasks:
                 # One frame per task, written at once: if a task kills the process, the results
                 # before it are already out.
-                _write_frame(*_run(task, bufs))
+                try:
+                    done = _run(task, bufs)
+                except KeyboardInterrupt as e:
+                    done = _interrupted_late(task, e)
+                _write_frame(*done)
         finally:
             _OUT.stop()
             _ERR.stop()
