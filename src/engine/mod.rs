@@ -822,17 +822,20 @@ impl Slot {
         req
     }
 
-    async fn run_python(&mut self, batch: &[Task]) {
-        // Tasks cancelled while they waited here are dropped (the controller has failed them).
-        let kept: Vec<&Task> = {
-            let mut cancelled = self.shared.cancelled.lock().expect("not poisoned");
-            batch
-                .iter()
-                .filter(|t| !cancelled.remove(&t.a.task.0))
-                .collect()
-        };
-        let mut batch = &kept[..];
-        while !batch.is_empty() {
+    /// Takes out the tasks that were cancelled while they waited here (the controller has
+    /// failed them already).
+    fn not_cancelled<'t>(&self, tasks: impl IntoIterator<Item = &'t Task>) -> Vec<&'t Task> {
+        let mut cancelled = self.shared.cancelled.lock().expect("not poisoned");
+        tasks
+            .into_iter()
+            .filter(|t| !cancelled.remove(&t.a.task.0))
+            .collect()
+    }
+
+    async fn run_python(&mut self, tasks: &[Task]) {
+        let mut pending = self.not_cancelled(tasks);
+        while !pending.is_empty() {
+            let batch = &pending[..];
             if self.kernel.is_none() {
                 if let Err(e) = self
                     .replace_kernel("the previous kernel could not be used")
@@ -897,9 +900,15 @@ impl Slot {
                         self.id
                     );
                     self.send(vec![self.failure(killer, "KernelDied", reason.clone())]);
-                    batch = &batch[done + 1..];
+                    self.shared
+                        .cancelled
+                        .lock()
+                        .expect("not poisoned")
+                        .remove(&killer.a.task.0);
+                    // What was cancelled meanwhile does not go to the new kernel.
+                    pending = self.not_cancelled(batch[done + 1..].iter().copied());
                     if let Err(e) = self.replace_kernel(&reason).await {
-                        let failed = batch
+                        let failed = pending
                             .iter()
                             .map(|t| {
                                 self.failure(

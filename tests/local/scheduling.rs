@@ -445,3 +445,45 @@ fn the_cli_waits_after_jobs_lists_the_history_and_refuses_bad_input_clearly() {
         purged.stdout
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_tasks_queued_behind_a_stubborn_one_never_run_on_its_replacement_kernel() {
+    let c = Cluster::up("stubborn", 1);
+    let client = c.client().await;
+    let dir = c.home_path().join("marks");
+    std::fs::create_dir(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    // Item 0 marks that it started, then swallows every interrupt; the others mark that
+    // they ran.
+    let f = format!(
+        "def f(x):\n    import time\n    open(f'{d}/ran-{{x}}', 'w').close()\n    while x == 0:\n        try:\n            time.sleep(60)\n        except KeyboardInterrupt:\n            pass\n    return x\n"
+    );
+    let ar = client
+        .load_balanced()
+        .chunksize(1)
+        .map_with(
+            starling::proto::Mapper::Python(starling::proto::Func::from_source(&f, "f")),
+            (0..4).map(Value::from).collect(),
+        )
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(20), || dir.join("ran-0").exists()).await);
+    ar.abort(true).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(5), ar.wait(None))
+        .await
+        .is_ok());
+    // The kernel is killed after the grace and replaced; what came after item 0 in its batch
+    // was aborted too, and does not run on the new kernel.
+    let after = client.all().execute("'f' in globals()").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), after.get())
+        .await
+        .expect("the engine works again")
+        .unwrap();
+    assert_eq!(got, vec![Value::from(false)], "a new kernel");
+    let ran: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ran, vec!["ran-0".to_string()], "nothing aborted ran");
+}
