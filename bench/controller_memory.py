@@ -17,6 +17,7 @@ each map its tasks/s, the controller's RSS and the store's task count, then `dow
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,16 +55,23 @@ def main() -> int:
             [binary, *a], env=env, check=True, capture_output=True, text=True
         ).stdout
 
-    if args.tasks:
-        return many_tasks(starling, home, args.tasks, args.per_map)
+    try:
+        if args.tasks:
+            return many_tasks(starling, home, args.tasks, args.per_map)
+        return large_results(starling, args.jobs, args.mb)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def large_results(starling, jobs: int, mb: int) -> int:
     starling("up", "--local", "-n", "1", "--name", "memory")
     try:
         status = json.loads(starling("status", "--output", "json"))
         pid = status["controller_pid"]
         print(f"controller pid {pid}: {rss_mib(pid):.0f} MiB at start")
         started = time.perf_counter()
-        for job in range(1, args.jobs + 1):
-            starling("px", "--noblock", f'b"x" * ({args.mb} << 20)')
+        for job in range(1, jobs + 1):
+            starling("px", "--noblock", f'b"x" * ({mb} << 20)')
             if job % 10 == 0:
                 while True:
                     st = json.loads(starling("status", "--output", "json"))
@@ -71,10 +79,10 @@ def main() -> int:
                         break
                     time.sleep(0.05)
                 print(
-                    f"after {job:4d} jobs of {args.mb} MB results: "
+                    f"after {job:4d} jobs of {mb} MB results: "
                     f"controller RSS {rss_mib(pid):6.0f} MiB"
                 )
-        print(f"{args.jobs} jobs in {time.perf_counter() - started:.1f} s")
+        print(f"{jobs} jobs in {time.perf_counter() - started:.1f} s")
     finally:
         starling("down", "--cluster", "memory")
     return 0
