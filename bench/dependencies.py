@@ -27,6 +27,8 @@ import tempfile
 import time
 import traceback
 
+from compare import _sigterm  # SIGTERM becomes SystemExit, so the clusters are stopped
+
 LOOPBACK = "127.0.0.1"
 TIMEOUT = 900
 
@@ -102,16 +104,10 @@ def run_ipyparallel(n):
             cluster.stop_cluster_sync()
 
 
-def _sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("systems", nargs="*", metavar="SYSTEM", help="starling, ipyparallel")
-    p.add_argument(
-        "--n", type=int, default=10_000, help="tasks in the chain and the fan-in"
-    )
+    p.add_argument("--n", type=int, default=10_000, help="tasks in the chain and the fan-in")
     args = p.parse_args()
     systems = args.systems or ["starling", "ipyparallel"]
     signal.signal(signal.SIGTERM, _sigterm)
@@ -126,9 +122,7 @@ def main():
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print()
-    print(
-        f"| workload ({args.n:,} tasks) | starling | ipyparallel | starling vs ipyparallel |"
-    )
+    print(f"| workload ({args.n:,} tasks) | starling | ipyparallel | starling vs ipyparallel |")
     print("|---|---:|---:|---:|")
     for name, label in (
         ("chain", "chain, each `after` the last"),
@@ -138,9 +132,7 @@ def main():
         fmt = lambda v: "-" if v is None else f"{v:,.0f}/s"  # noqa: E731
         ratio = f"{s / i:.1f}x" if s and i else "-"
         print(f"| {label} | {fmt(s)} | {fmt(i)} | {ratio} |")
-    return (
-        0 if all((s, w) in results for s in systems for w in ("chain", "fan_in")) else 1
-    )
+    return 0 if all((s, w) in results for s in systems for w in ("chain", "fan_in")) else 1
 
 
 if __name__ == "__main__":
