@@ -28,7 +28,7 @@ use crate::proto::{
     JobOptions, JobSpec, ProtoError, Reply, TaskResult,
 };
 use state::{Comm, ConnId, State};
-use store::{Answer, Read, Store, StoreOp};
+use store::{Read, Store, StoreOp};
 
 /// Default heartbeat period: an engine is declared lost after missing two, so a dead node is
 /// noticed within about 2.5 s, while a busy machine has plenty of slack.
@@ -123,13 +123,12 @@ impl Comm for Wire {
         // Dropping the sender ends the writer, which closes the socket.
         self.engines.remove(&conn);
     }
-    fn record_job(&mut self, info: &JobInfo, spec: &JobSpec, options: &JobOptions) {
+    fn record_job(&mut self, info: &JobInfo, spec: JobSpec, options: &JobOptions) {
         if let Some(store) = &self.store {
             store.send(StoreOp::Job {
                 info: info.clone(),
-                options: options.clone(),
-                summary: store::spec_text(spec),
-                request: store::request_blob(spec, options),
+                spec: Box::new(spec),
+                options: Box::new(options.clone()),
             });
         }
     }
@@ -160,40 +159,16 @@ impl Comm for Wire {
             });
             return;
         };
-        let job = match &read {
-            Read::Job(job) => Some(*job),
-            _ => None,
-        };
         store.send(StoreOp::Read {
             read,
-            answer: Box::new(move |answer| {
-                let reply = |body| ControllerToClient::Reply { id, body };
-                match answer {
-                    Answer::History(records) => send(reply(Reply::History(records))),
-                    Answer::Job(Some(found)) => {
-                        let (info, results) = *found;
-                        let job = info.job;
-                        send(reply(Reply::Job(info)));
-                        if !results.is_empty() {
-                            send(ControllerToClient::Results { job, results });
-                        }
-                    }
-                    Answer::Job(None) => send(reply(Reply::Error(format!(
-                        "job {} is not in the task store (purged?)",
-                        job.map_or(0, |j| j.0)
-                    )))),
-                    Answer::Request(Some(found)) => {
-                        let (spec, options) = *found;
-                        send(reply(Reply::Request {
-                            spec,
-                            options: Box::new(options),
-                        }));
-                    }
-                    Answer::Request(None) => send(reply(Reply::Error(
-                        "that job is not in the task store (purged?)".into(),
-                    ))),
-                    Answer::Purged(n) => send(reply(Reply::Count(n))),
-                    Answer::Error(e) => send(reply(Reply::Error(e))),
+            answer: Box::new(move |(body, results)| {
+                let job = match &body {
+                    Reply::Job(info) => Some(info.job),
+                    _ => None,
+                };
+                send(ControllerToClient::Reply { id, body });
+                if let Some(job) = job.filter(|_| !results.is_empty()) {
+                    send(ControllerToClient::Results { job, results });
                 }
             }),
         });

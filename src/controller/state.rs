@@ -55,8 +55,9 @@ pub trait Comm {
     fn to_engine(&mut self, conn: ConnId, msg: ControllerToEngine);
     /// Drops a connection (an engine declared lost).
     fn close(&mut self, conn: ConnId);
-    /// Records a submitted job in the task store.
-    fn record_job(&mut self, info: &JobInfo, spec: &JobSpec, options: &JobOptions);
+    /// Records a submitted job in the task store (which summarises and encodes the spec on
+    /// its own thread).
+    fn record_job(&mut self, info: &JobInfo, spec: JobSpec, options: &JobOptions);
     /// Records finished tasks in the task store.
     fn record_results(&mut self, job: JobId, results: &[TaskResult]);
     /// Records that a job's last task is in: its status and first error.
@@ -349,7 +350,7 @@ impl State {
                 }
             }
             ClientRequest::Submit { spec, options } => {
-                match self.submit(comm, conn, &spec, *options, now) {
+                match self.submit(comm, conn, spec, *options, now) {
                     Ok(info) => {
                         reply(comm, Reply::Job(info));
                         self.after_change(comm, now);
@@ -412,16 +413,13 @@ impl State {
                     reply(comm, Reply::Error(e));
                     return;
                 }
-                // Finished jobs held here go too, so what is purged is gone everywhere.
-                if let Ok(forget) = self.matching_finished(&filter) {
-                    for job in forget {
-                        if let Some(j) = self.jobs.remove(&job) {
-                            self.finished_slots -= j.info.slots;
-                            self.finished_bytes -= j.bytes;
-                        }
-                        self.finished.retain(|f| *f != job);
-                    }
+                // The finished results held here are a cache of the store's: dropped whole, so
+                // nothing purged is still answered from memory (the rest is read back).
+                for job in std::mem::take(&mut self.finished) {
+                    self.jobs.remove(&job);
                 }
+                self.finished_slots = 0;
+                self.finished_bytes = 0;
                 comm.read_store(conn, id, Read::Purge { filter });
             }
             ClientRequest::Shutdown => {
@@ -566,15 +564,15 @@ impl State {
         &mut self,
         comm: &mut impl Comm,
         conn: ConnId,
-        spec: &JobSpec,
+        spec: JobSpec,
         options: JobOptions,
         now: Instant,
     ) -> Result<JobInfo, String> {
-        self.check_options(spec, &options)?;
+        self.check_options(&spec, &options)?;
         let job = JobId(self.next_job);
         // Per target: the work and how many result slots it fills.
         let (kind, targets, mut per_target, mapper, feed): (JobKind, _, Vec<(Work, u64)>, _, _) =
-            match spec {
+            match &spec {
                 JobSpec::Direct { targets, work } => {
                     let kind =
                         match work {
@@ -981,40 +979,6 @@ impl State {
         ));
         self.finish_only(comm, failed);
         Ok(())
-    }
-
-    /// The finished jobs held in memory that a `db_query` dict selects (only the keys the
-    /// controller knows without the store are judged here; the store judges the rest).
-    fn matching_finished(&self, filter: &str) -> Result<Vec<JobId>, String> {
-        let query: serde_json::Value = serde_json::from_str(if filter.trim().is_empty() {
-            "{}"
-        } else {
-            filter
-        })
-        .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        for id in &self.finished {
-            let Some(job) = self.jobs.get(id) else {
-                continue;
-            };
-            let known = [
-                ("job", serde_json::json!(id.0)),
-                ("submitted", serde_json::json!(job.info.submitted)),
-                ("status", serde_json::json!(job.status)),
-                ("label", serde_json::json!(job.options.label)),
-            ];
-            let fits = query.as_object().is_some_and(|q| {
-                q.iter()
-                    .all(|(k, test)| match known.iter().find(|(n, _)| n == k) {
-                        None => true,
-                        Some((_, v)) => matches_test(v, test),
-                    })
-            });
-            if fits {
-                out.push(*id);
-            }
-        }
-        Ok(out)
     }
 
     /// Records how a job ended and queues its dependents to be looked at.
@@ -1760,32 +1724,6 @@ impl State {
     }
 }
 
-/// Whether `v` passes a `db_query` test (a value, or `{operator: value}`), for the few keys
-/// the controller judges itself.
-fn matches_test(v: &serde_json::Value, test: &serde_json::Value) -> bool {
-    use serde_json::Value as J;
-    let num = |x: &J| x.as_f64();
-    let cmp = |a: &J, b: &J| match (num(a), num(b)) {
-        (Some(x), Some(y)) => x.partial_cmp(&y),
-        _ => a.as_str().zip(b.as_str()).map(|(x, y)| x.cmp(y)),
-    };
-    match test {
-        J::Object(ops) => ops.iter().all(|(op, arg)| match op.as_str() {
-            "$lt" => cmp(v, arg) == Some(std::cmp::Ordering::Less),
-            "$lte" => matches!(cmp(v, arg), Some(o) if o.is_le()),
-            "$gt" => cmp(v, arg) == Some(std::cmp::Ordering::Greater),
-            "$gte" => matches!(cmp(v, arg), Some(o) if o.is_ge()),
-            "$eq" => v == arg,
-            "$ne" => v != arg,
-            "$in" => arg.as_array().is_some_and(|a| a.contains(v)),
-            "$nin" => arg.as_array().map_or(true, |a| !a.contains(v)),
-            "$exists" => arg.as_bool() == Some(!v.is_null()),
-            _ => false,
-        }),
-        other => v == other,
-    }
-}
-
 /// The errors the controller makes for tasks that did not (or not fully) run.
 const CONTROLLER_ERRORS: [&str; 4] = [
     "EngineLost",
@@ -1866,7 +1804,7 @@ mod tests {
         fn read_store(&mut self, conn: ConnId, id: u64, read: Read) {
             self.reads.push((conn, id, format!("{read:?}")));
         }
-        fn record_job(&mut self, _: &JobInfo, _: &JobSpec, _: &JobOptions) {
+        fn record_job(&mut self, _: &JobInfo, _: JobSpec, _: &JobOptions) {
             self.recorded_jobs += 1;
         }
         fn record_results(&mut self, _: JobId, r: &[TaskResult]) {

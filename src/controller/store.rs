@@ -19,7 +19,7 @@ use serde_json::{json, Value as Json};
 
 use crate::proto::{
     EngineId, Func, JobId, JobInfo, JobKind, JobOptions, JobRecord, JobSpec, Mapper, Micros,
-    Outcome, TaskId, TaskResult, Work,
+    Outcome, Reply, TaskId, TaskResult, Work,
 };
 
 /// A question for the store, answered through [`StoreOp::Read`]'s callback.
@@ -35,24 +35,17 @@ pub enum Read {
     Purge { filter: String },
 }
 
-/// The store's answer to a [`Read`].
-#[derive(Debug)]
-pub enum Answer {
-    History(Vec<JobRecord>),
-    Job(Option<Box<(JobInfo, Vec<TaskResult>)>>),
-    Request(Option<Box<(JobSpec, JobOptions)>>),
-    Purged(u64),
-    Error(String),
-}
+/// The store's answer to a [`Read`]: the reply for the client, and for [`Read::Job`] the
+/// job's results to send after it.
+pub type Answer = (Reply, Vec<TaskResult>);
 
 /// One operation for the store's thread.
 pub enum StoreOp {
+    /// A submitted job: summarised, and kept whole for `resubmit` unless it is large, here.
     Job {
         info: JobInfo,
-        options: JobOptions,
-        summary: String,
-        /// The request as submitted (MessagePack), kept for `resubmit` unless it is large.
-        request: Option<Vec<u8>>,
+        spec: Box<JobSpec>,
+        options: Box<JobOptions>,
     },
     Results {
         job: JobId,
@@ -176,7 +169,8 @@ fn serve(mut conn: Connection, rx: &mpsc::Receiver<StoreOp>) {
                     // Everything sent before the question is written first.
                     flush(&mut conn, std::mem::take(&mut writes));
                     answer(self::read(&conn, read).unwrap_or_else(|e| {
-                        Answer::Error(format!("the task store could not be read: {e}"))
+                        let why = format!("the task store could not be read: {e}");
+                        (Reply::Error(why), Vec::new())
                     }));
                 }
                 op => writes.push(op),
@@ -241,10 +235,11 @@ fn write_batch(conn: &mut Connection, batch: Vec<StoreOp>) -> rusqlite::Result<(
             match op {
                 StoreOp::Job {
                     info,
+                    spec,
                     options,
-                    summary,
-                    request,
                 } => {
+                    let summary = spec_text(&spec);
+                    let request = request_blob(&spec, &options);
                     job_stmt.execute(params![
                         info.job.0 as i64,
                         info.submitted as i64,
@@ -311,7 +306,13 @@ fn write_batch(conn: &mut Connection, batch: Vec<StoreOp>) -> rusqlite::Result<(
     tx.commit()
 }
 
-/// The keys a query may name, and the SQL each stands for (over `jobs`).
+/// The most times one of a job's tasks was handed out.
+const ATTEMPTS: &str = "(SELECT max(attempts) FROM tasks t WHERE t.job = jobs.job)";
+/// The engines that ran a job's tasks (4294967295 is `EngineId::NONE`: tasks that never ran).
+const ENGINES: &str = "(SELECT group_concat(DISTINCT engine) FROM tasks t WHERE t.job = jobs.job AND t.engine != 4294967295)";
+
+/// The keys a query may name, and the SQL each stands for (over `jobs`). `engine` is tested
+/// against the job's tasks instead (see [`where_clause`]).
 const KEYS: [(&str, &str); 14] = [
     ("job", "job"),
     ("submitted", "submitted"),
@@ -324,14 +325,8 @@ const KEYS: [(&str, &str); 14] = [
     ("items", "items"),
     ("retries", "retries"),
     ("timeout", "timeout"),
-    (
-        "engine",
-        "(SELECT group_concat(DISTINCT engine) FROM tasks t WHERE t.job = jobs.job AND t.engine != 4294967295)",
-    ),
-    (
-        "attempts",
-        "(SELECT max(attempts) FROM tasks t WHERE t.job = jobs.job)",
-    ),
+    ("engine", ENGINES),
+    ("attempts", ATTEMPTS),
     ("spec", "spec"),
 ];
 
@@ -456,17 +451,19 @@ pub fn where_clause(filter: &str) -> Result<(String, Vec<rusqlite::types::Value>
     Ok((conds.join(" AND "), args))
 }
 
+fn error(why: String) -> Answer {
+    (Reply::Error(why), Vec::new())
+}
+
 fn read(conn: &Connection, read: Read) -> rusqlite::Result<Answer> {
     Ok(match read {
         Read::History { filter, limit } => {
             let (cond, args) = match where_clause(&filter) {
                 Ok(x) => x,
-                Err(e) => return Ok(Answer::Error(e)),
+                Err(e) => return Ok(error(e)),
             };
             let sql = format!(
-                "SELECT job, submitted, completed, submitter, kind, label, status, error, items, retries, timeout, after, follow, spec,
-                   (SELECT max(attempts) FROM tasks t WHERE t.job = jobs.job),
-                   (SELECT group_concat(DISTINCT engine) FROM tasks t WHERE t.job = jobs.job AND t.engine != 4294967295)
+                "SELECT job, submitted, completed, submitter, kind, label, status, error, items, retries, timeout, after, follow, spec, {ATTEMPTS}, {ENGINES}
                  FROM jobs WHERE {cond} ORDER BY job DESC LIMIT {limit}"
             );
             let mut stmt = conn.prepare(&sql)?;
@@ -500,7 +497,10 @@ fn read(conn: &Connection, read: Read) -> rusqlite::Result<Answer> {
                         .collect(),
                 })
             })?;
-            Answer::History(rows.collect::<rusqlite::Result<_>>()?)
+            (
+                Reply::History(rows.collect::<rusqlite::Result<_>>()?),
+                Vec::new(),
+            )
         }
         Read::Job(job) => {
             let head = conn
@@ -518,7 +518,9 @@ fn read(conn: &Connection, read: Read) -> rusqlite::Result<Answer> {
                 )
                 .optional()?;
             let Some((submitted, kind, slots, _status)) = head else {
-                return Ok(Answer::Job(None));
+                return Ok(error(format!(
+                    "job {job} is not in the task store (purged?)"
+                )));
             };
             let kind = kind_from(&kind);
             let mut stmt = conn.prepare(
@@ -559,7 +561,7 @@ fn read(conn: &Connection, read: Read) -> rusqlite::Result<Answer> {
                 tasks,
                 slots,
             };
-            Answer::Job(Some(Box::new((info, results))))
+            (Reply::Job(info), results)
         }
         Read::Request(job) => {
             let blob: Option<Option<Vec<u8>>> = conn
@@ -570,21 +572,27 @@ fn read(conn: &Connection, read: Read) -> rusqlite::Result<Answer> {
                 )
                 .optional()?;
             match blob {
-                None => Answer::Request(None),
-                Some(None) => Answer::Error(format!(
+                None => error(format!("job {job} is not in the task store (purged?)")),
+                Some(None) => error(format!(
                     "job {job} was larger than {} MiB, so the store kept only its summary; submit it again from where it came",
                     KEEP_REQUEST_BYTES >> 20
                 )),
                 Some(Some(b)) => match rmp_serde::from_slice(&b) {
-                    Ok(req) => Answer::Request(Some(Box::new(req))),
-                    Err(e) => Answer::Error(format!("job {job}'s request could not be read back: {e}")),
+                    Ok((spec, options)) => (
+                        Reply::Request {
+                            spec,
+                            options: Box::new(options),
+                        },
+                        Vec::new(),
+                    ),
+                    Err(e) => error(format!("job {job}'s request could not be read back: {e}")),
                 },
             }
         }
         Read::Purge { filter } => {
             let (cond, args) = match where_clause(&filter) {
                 Ok(x) => x,
-                Err(e) => return Ok(Answer::Error(e)),
+                Err(e) => return Ok(error(e)),
             };
             let tx = conn.unchecked_transaction()?;
             tx.execute(
@@ -604,7 +612,7 @@ fn read(conn: &Connection, read: Read) -> rusqlite::Result<Answer> {
             )?;
             let n = tx.execute("DELETE FROM jobs WHERE job IN (SELECT job FROM purged)", [])?;
             tx.commit()?;
-            Answer::Purged(n as u64)
+            (Reply::Count(n as u64), Vec::new())
         }
     })
 }
