@@ -612,11 +612,7 @@ async fn dispatch(cli: &Cli) -> Result<ExitCode> {
             let client = connect(g).await?;
             let ar = client.resubmit(JobId(args.job)).await?;
             if args.noblock {
-                let job = ar.job_id();
-                std::fs::write(last_job_path(g)?, job.to_string())
-                    .context("cannot remember the job id")?;
-                output::submitted(g.output, job, &ar.engines());
-                return Ok(ExitCode::SUCCESS);
+                return submitted(g, &ar);
             }
             finish(g, &ar, None, false).await
         }
@@ -1009,10 +1005,7 @@ async fn map(g: &Global, args: &MapArgs) -> Result<ExitCode> {
         }
     };
     if args.noblock {
-        let job = ar.job_id();
-        std::fs::write(last_job_path(g)?, job.to_string()).context("cannot remember the job id")?;
-        output::submitted(g.output, job, &ar.engines());
-        return Ok(ExitCode::SUCCESS);
+        return submitted(g, &ar);
     }
     finish(g, &ar, None, args.progress).await
 }
@@ -1033,12 +1026,17 @@ async fn px(g: &Global, args: &PxArgs) -> Result<ExitCode> {
         view.execute(&code).await?
     };
     if args.noblock {
-        let job = ar.job_id();
-        std::fs::write(last_job_path(g)?, job.to_string()).context("cannot remember the job id")?;
-        output::submitted(g.output, job, &ar.engines());
-        return Ok(ExitCode::SUCCESS);
+        return submitted(g, &ar);
     }
     finish(g, &ar, None, false).await
+}
+
+/// A job submitted with `--noblock`: remembered for `starling result`, and its id printed.
+fn submitted(g: &Global, ar: &AsyncResult) -> Result<ExitCode> {
+    let job = ar.job_id();
+    std::fs::write(last_job_path(g)?, job.to_string()).context("cannot remember the job id")?;
+    output::submitted(g.output, job, &ar.engines());
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn result(g: &Global, args: &ResultArgs) -> Result<ExitCode> {

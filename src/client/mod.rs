@@ -83,6 +83,8 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     pending: Mutex<Pending>,
     jobs: Mutex<HashMap<JobId, Weak<JobState>>>,
+    /// Who submits, for the task store: `user@host`, found once.
+    submitter: String,
 }
 
 /// A connection to one cluster's controller. Cheap to clone.
@@ -134,6 +136,7 @@ impl Client {
             next_id: AtomicU64::new(1),
             pending: Mutex::new(Pending::default()),
             jobs: Mutex::new(HashMap::new()),
+            submitter: submitter(),
         });
         let weak = Arc::downgrade(&shared);
         let on_write_error = weak.clone();
@@ -287,7 +290,7 @@ impl Client {
         mut options: JobOptions,
     ) -> Result<AsyncResult, ClientError> {
         if options.submitter.is_empty() {
-            options.submitter = submitter();
+            options.submitter.clone_from(&self.shared.submitter);
         }
         self.submit_or_subscribe(ClientRequest::Submit {
             spec,

@@ -473,8 +473,8 @@ impl State {
         Ok(())
     }
 
-    /// How `dep` stands now.
-    fn judge(&self, dep: &Dependency) -> Readiness {
+    /// How `dep` stands now; with `place`, where its jobs ran (for `follow`).
+    fn judge(&self, dep: &Dependency, place: bool) -> Readiness {
         let mut met: Vec<&Ended> = Vec::new();
         let mut unmet = None;
         let mut pending = false;
@@ -512,10 +512,10 @@ impl State {
             match (unmet, pending) {
                 (Some(why), _) => Readiness::Impossible(why),
                 (None, true) => Readiness::Waiting,
-                (None, false) => Readiness::Ready(Some(where_met())),
+                (None, false) => Readiness::Ready(place.then(where_met)),
             }
         } else if !met.is_empty() || dep.jobs.is_empty() {
-            Readiness::Ready(Some(where_met()))
+            Readiness::Ready(place.then(where_met))
         } else if pending {
             Readiness::Waiting
         } else {
@@ -528,11 +528,11 @@ impl State {
         let after = options
             .after
             .as_ref()
-            .map_or(Readiness::Ready(None), |d| self.judge(d));
+            .map_or(Readiness::Ready(None), |d| self.judge(d, false));
         let follow = options
             .follow
             .as_ref()
-            .map_or(Readiness::Ready(None), |d| self.judge(d));
+            .map_or(Readiness::Ready(None), |d| self.judge(d, true));
         match (after, follow) {
             (Readiness::Impossible(why), _) | (_, Readiness::Impossible(why)) => {
                 Readiness::Impossible(why)
