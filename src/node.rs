@@ -114,3 +114,22 @@ pub async fn kill_all(root: &Path, wait: Duration) {
         tokio::time::sleep(EXIT_POLL).await;
     }
 }
+
+/// Stops one process of the node marked with `root` (nothing, if `pid` is not one of them):
+/// SIGTERM, then SIGKILL if it is still there after `grace`. Returns once it is gone.
+pub async fn stop_one(root: &Path, pid: u32, grace: Duration) {
+    let ours = || our_processes(root).contains(&pid);
+    if !ours() {
+        return;
+    }
+    signal_all(&[pid], nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while ours() && Instant::now() < deadline {
+        tokio::time::sleep(EXIT_POLL).await;
+    }
+    let deadline = Instant::now() + grace;
+    while ours() && Instant::now() < deadline {
+        signal_all(&[pid], nix::sys::signal::Signal::SIGKILL);
+        tokio::time::sleep(EXIT_POLL).await;
+    }
+}

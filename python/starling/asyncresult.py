@@ -123,9 +123,12 @@ class AsyncResult(Future):
         values, errors = [], []
         for slot in self._native.slots():
             if slot is None:
+                job = self.job_id
                 raise RemoteError(
                     "Disconnected",
-                    "the connection to the controller was lost before this job finished",
+                    f"the connection to the controller was lost before job {job} finished; "
+                    "the job is in the cluster's task store: once the controller is back "
+                    f"(`starling restart` starts it again), rc.get_result({job}) waits for it",
                 )
             ok, payload, engine = slot
             if ok:

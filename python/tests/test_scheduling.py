@@ -153,3 +153,42 @@ def test_the_dag_example_runs_every_task_after_its_parents(cluster):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "50 tasks" in p.stdout
     assert "every task started after all its parents had finished" in p.stdout
+
+
+def slow_square(x):
+    import time
+
+    time.sleep(0.01)
+    return x * x
+
+
+def test_a_map_survives_its_controller_killed_and_restarted():
+    from starling import Client, Cluster
+
+    cluster = Cluster(n=2, name="phoenix-py", shutdown_atexit=False)
+    cluster.start()
+    try:
+        rc = cluster.connect_client()
+        ar = rc.load_balanced_view().map_async(slow_square, range(600), chunksize=1)
+        deadline = time.monotonic() + 30
+        while ar.progress < 100:
+            assert time.monotonic() < deadline, "the map did not get going"
+            time.sleep(0.01)
+        status = subprocess.run(
+            ["starling", "status", "phoenix-py", "--output", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.kill(json.loads(status.stdout)["controller_pid"], signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=rf"rc\.get_result\({ar.job_id}\)"):
+            ar.get(timeout=30)
+        rc.close()
+
+        subprocess.run(["starling", "restart", "phoenix-py"], check=True, capture_output=True)
+        again = Client(cluster="phoenix-py")
+        assert again.ids == [0, 1]
+        assert again.get_result(ar.job_id).get(timeout=60) == [x * x for x in range(600)]
+        again.close()
+    finally:
+        cluster.stop()

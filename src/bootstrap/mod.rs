@@ -427,6 +427,14 @@ async fn boot_in(
     let uploaded = have_sha != shared.daemon_sha;
     let mut install = String::from("umask 077");
     let mut input: Vec<&[u8]> = Vec::new();
+    if master.is_some() {
+        // A new cluster starts a new task store (a controller started on an old one would
+        // take up its jobs): one left by an earlier cluster of this name is kept beside it.
+        let _ = write!(
+            install,
+            " && if [ -e {qdir}/tasks.db ]; then t=$(date +%s); for f in tasks.db tasks.db-wal tasks.db-shm; do              [ ! -e {qdir}/$f ] || mv -f {qdir}/$f {qdir}/tasks-$t.db${{f#tasks.db}}; done; fi"
+        );
+    }
     if uploaded {
         let _ = write!(
             install,
@@ -647,26 +655,48 @@ pub fn teardown_script(cluster: &str, node: &str) -> String {
     )
 }
 
+/// The shell command that prints a node's engine count, from its config.
+fn engine_count_command(q: &str) -> String {
+    format!("sed -n 's/^ *\"engines\": *\\([0-9]*\\).*/\\1/p' {q}/config/engine.json")
+}
+
 /// The script that restarts a node's processes from the config it already has (`start`
-/// after `stop`). It prints the node's engine count last.
+/// after `stop`). A restarted controller takes up its task store where it stopped. It prints
+/// the node's engine count last.
 pub fn restart_script(cluster: &str, node: &str, controller: bool) -> String {
     let q = remote_dir(cluster, node);
     let mut script = format!("cd \"$HOME\" && {q}/bin/starlingd stop --root {q} >/dev/null && ");
     if controller {
-        // A restarted controller numbers jobs from 1 again: it keeps the record of the earlier
-        // run beside its own instead of writing over it.
-        let _ = write!(
-            script,
-            "{{ [ ! -f {q}/tasks.db ] || mv -f {q}/tasks.db {q}/tasks-$(date +%s).db; }} && {} && ",
-            start_command(&q, "controller")
-        );
+        let _ = write!(script, "{} && ", start_command(&q, "controller"));
     }
     let _ = write!(
         script,
-        "{} >/dev/null && sed -n 's/^ *\"engines\": *\\([0-9]*\\).*/\\1/p' {q}/config/engine.json",
-        start_command(&q, "engine")
+        "{} >/dev/null && {}",
+        start_command(&q, "engine"),
+        engine_count_command(&q)
     );
     script
+}
+
+/// The script that restarts the controller on the master (`restart`), leaving its engines
+/// running: the controller whose pid file names it (checked against its command line, so a
+/// reused pid is never hit) gets SIGTERM, then SIGKILL after 5 s; a new one starts from the
+/// same config and task store. It prints `listening ADDR`, then the new pid.
+pub fn restart_controller_script(cluster: &str) -> String {
+    let q = remote_dir(cluster, "master");
+    format!(
+        "cd \"$HOME\" && pid=$(cat {q}/controller.pid 2>/dev/null); \
+         if [ -n \"$pid\" ] && tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF \"controller --config {q}/config/controller.json\"; then \
+         kill $pid; n=0; while kill -0 $pid 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; kill -9 $pid 2>/dev/null; \
+         n=0; while kill -0 $pid 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; fi; \
+         {} && cat {q}/controller.pid",
+        start_command(&q, "controller")
+    )
+}
+
+/// The script that prints a node's engine count.
+pub fn engine_count_script(cluster: &str, node: &str) -> String {
+    engine_count_command(&remote_dir(cluster, node))
 }
 
 #[cfg(test)]
@@ -686,6 +716,16 @@ mod tests {
         assert!(r.contains("starlingd controller --config \"$HOME/.starling/node/science/master\"/config/controller.json"));
         assert!(r.contains("starlingd engine --config"));
         assert!(!restart_script("science", "node001", false).contains("controller"));
+        assert!(
+            !r.contains("tasks.db"),
+            "a restarted controller keeps its task store: {r}"
+        );
+        let c = restart_controller_script("science");
+        assert!(c.contains("controller --config \"$HOME/.starling/node/science/master\"/config/controller.json"), "{c}");
+        assert!(
+            !c.contains("starlingd stop"),
+            "the engines keep running: {c}"
+        );
     }
 
     #[test]

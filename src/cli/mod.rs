@@ -119,6 +119,9 @@ pub enum Command {
     Up(UpArgs),
     /// Take a cluster down: processes, and on EC2 its instances, security group and key pair.
     Down(NameArgs),
+    /// Start the cluster's controller again (killed, hung or running): same address, same task
+    /// store; unfinished jobs go on and engines reconnect by themselves.
+    Restart(NameArgs),
     /// The ids of the registered engines.
     Ids,
     /// Run code on engines, like %px: Python by default, shell with --sh.
@@ -548,6 +551,13 @@ async fn dispatch(cli: &Cli) -> Result<ExitCode> {
         }
         Command::Up(args) => up(g, args).await,
         Command::Down(args) => down(g, args).await,
+        Command::Restart(args) => {
+            let name = cluster_name(g, args.name.as_ref())?;
+            let progress = crate::bootstrap::Progress::new();
+            let r = provider::restart(&name, &hints(g), &progress).await?;
+            output::restarted(g.output, &r);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ids => {
             let client = connect(g).await?;
             let ids = client.ids().await?;

@@ -123,6 +123,24 @@ pub fn terminated(f: Format, t: &Terminated) {
     }
 }
 
+pub fn restarted(f: Format, r: &crate::provider::Resumed) {
+    let pid = r
+        .controller_pid
+        .map_or_else(String::new, |p| format!(" (pid {p})"));
+    message(
+        f,
+        &format!(
+            "controller of cluster '{}' restarted{pid}: {} {} back in {:.2} s; unfinished jobs go on",
+            r.cluster,
+            count(r.engines.len(), "engine"),
+            format_ids(&r.engines),
+            r.elapsed.as_secs_f64()
+        ),
+        &json!({"cluster": r.cluster, "controller_pid": r.controller_pid, "engines": r.engines,
+                "elapsed_s": r.elapsed.as_secs_f64()}),
+    );
+}
+
 /// A one-line result of a command, or its JSON.
 pub fn message(f: Format, text: &str, doc: &Json) {
     match f {

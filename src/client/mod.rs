@@ -58,6 +58,8 @@ pub enum ClientError {
     },
     #[error("lost the connection to the controller: {0}")]
     Disconnected(String),
+    #[error("lost the connection to the controller while waiting for job {job}: {why}\nthe job is in the cluster's task store: once the controller is back (`starling restart` starts it again), `starling result {job}` (in Python `rc.get_result({job})`) waits for it")]
+    LostWhileWaiting { job: JobId, why: String },
     #[error("{0}")]
     Controller(String),
     #[error(transparent)]

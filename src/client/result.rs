@@ -269,7 +269,12 @@ impl AsyncResult {
             match &*rx.borrow_and_update() {
                 Ok(done) if *done >= n => return Ok(()),
                 Ok(_) => {}
-                Err(why) => return Err(ClientError::Disconnected(why.clone())),
+                Err(why) => {
+                    return Err(ClientError::LostWhileWaiting {
+                        job: self.state.info.job,
+                        why: why.clone(),
+                    })
+                }
             }
             if rx.changed().await.is_err() {
                 return Err(ClientError::Disconnected("the client was dropped".into()));

@@ -24,8 +24,8 @@ use crate::proto::auth::Key;
 use crate::proto::conn::{self, Accepted, ServerKeys};
 use crate::proto::tls::ClusterCert;
 use crate::proto::{
-    ClientRequest, ControllerToClient, ControllerToEngine, EngineToController, JobId, JobInfo,
-    JobOptions, JobSpec, ProtoError, Reply, TaskResult,
+    ClientRequest, ControllerToClient, ControllerToEngine, EngineId, EngineToController, JobId,
+    JobInfo, JobOptions, JobSpec, ProtoError, Reply, TaskResult,
 };
 use state::{Comm, ConnId, State};
 use store::{Read, Store, StoreOp};
@@ -176,6 +176,16 @@ impl Comm for Wire {
     fn shutdown(&mut self) {
         self.shutdown_requested = true;
     }
+    fn record_engines(&mut self, ids: &[(String, u32, EngineId)]) {
+        if let Some(store) = &self.store {
+            store.send_durably(StoreOp::Engines(ids.to_vec()));
+        }
+    }
+    fn reserve_jobs(&mut self, upto: u64) {
+        if let Some(store) = &self.store {
+            store.send_durably(StoreOp::ReserveJobs(upto));
+        }
+    }
     fn record_results(&mut self, job: JobId, results: &[TaskResult]) {
         if let Some(store) = &self.store {
             store.send(StoreOp::Results {
@@ -208,12 +218,16 @@ pub async fn run(
         cert_pem: config.cert_pem.clone(),
         key_pem: config.key_pem.clone(),
     })?;
-    let store = match &config.db {
-        Some(path) => Some(Store::open(path).map_err(|source| ControllerError::Store {
-            path: path.clone(),
-            source,
-        })?),
-        None => None,
+    let (store, recovered) = match &config.db {
+        Some(path) => {
+            let (store, recovered) =
+                Store::open(path).map_err(|source| ControllerError::Store {
+                    path: path.clone(),
+                    source,
+                })?;
+            (Some(store), recovered)
+        }
+        None => (None, store::Recovered::default()),
     };
     let keys = Arc::new(ServerKeys {
         client: config.client_key.clone(),
@@ -256,6 +270,8 @@ pub async fn run(
         shutdown_requested: false,
         max_frame: config.max_frame,
     };
+    // A store a controller worked on before: its work goes on where it stopped.
+    state.restore(&mut wire, recovered, Instant::now());
     let mut writers: Vec<Flushed> = Vec::new();
     let mut ticker = tokio::time::interval(heartbeat / 4);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -282,6 +298,11 @@ pub async fn run(
         }
     }
     tracing::info!("controller stopping");
+    if let Some(store) = &wire.store {
+        // Every job is recorded by now (the store finishes its queue before it closes): the
+        // next controller on this store need not skip the rest of the reserved ids.
+        store.send(StoreOp::ReserveJobs(state.next_job().0));
+    }
     // Closing the queues ends each writer once it has sent what was queued (the shutdown
     // orders, the last replies); wait for that, within bounds.
     wire.clients.clear();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::store::Read;
+use super::store::{Read, Recovered};
 use crate::proto::{
     now_micros, Assignment, ClientRequest, ClusterStatus, ControllerToClient, ControllerToEngine,
     Dependency, EngineId, EngineSlot, EngineState, EngineStatus, EngineToController, JobId,
@@ -44,6 +44,10 @@ pub const KEEP_FINISHED_BYTES: usize = 128 << 20;
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 /// The largest adaptive chunk, so a big map starts on every engine quickly and frames stay small.
 const MAX_CHUNK: usize = 5000;
+/// Job ids are reserved in the task store this many at a time, each block on disk before its
+/// first id is given out: a controller that is killed and started again never hands out an id
+/// twice, and skips at most this many.
+const JOB_ID_BLOCK: u64 = 100;
 
 /// One connection, client or engine, as the controller numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -64,6 +68,10 @@ pub trait Comm {
     fn record_ended(&mut self, job: JobId, status: &'static str, error: Option<&str>);
     /// Asks the task store; the answer goes to the client as the reply to request `id`.
     fn read_store(&mut self, conn: ConnId, id: u64, read: Read);
+    /// Records new engine ids of node slots; returns once they are on disk.
+    fn record_engines(&mut self, ids: &[(String, u32, EngineId)]);
+    /// Records that job ids below `upto` may be in use; returns once that is on disk.
+    fn reserve_jobs(&mut self, upto: u64);
     /// Stops the controller once the messages queued so far are sent.
     fn shutdown(&mut self);
 }
@@ -127,6 +135,32 @@ struct Job {
     status: &'static str,
 }
 
+impl Job {
+    /// Takes note of a finished task: where it ran, and the job's first failure.
+    fn took(&mut self, result: &TaskResult) {
+        if first_error(&result.outcome)
+            .map_or(true, |e| !CONTROLLER_ERRORS.contains(&e.ename.as_str()))
+        {
+            self.ran_on.insert(result.engine);
+        }
+        if self.failure.is_none() {
+            if let Some(e) = first_error(&result.outcome) {
+                self.status = match e.ename.as_str() {
+                    "TaskAborted" => "aborted",
+                    "TaskTimeout" => "timeout",
+                    "ImpossibleDependency" => "impossible",
+                    _ => "failed",
+                };
+                self.failure = Some(if e.ename == "ImpossibleDependency" {
+                    e.evalue.as_str().into()
+                } else {
+                    format!("{e}, on engine {}", result.engine).into()
+                });
+            }
+        }
+    }
+}
+
 /// How a job ended, kept for every job (a few bytes each) so dependencies on it can be judged
 /// long after its results are forgotten.
 #[derive(Debug)]
@@ -176,13 +210,16 @@ struct Requeued {
 struct Past {
     lost: u32,
     retried: u32,
+    /// Handed out before a controller restart, without a result: not counted against
+    /// `task_attempts`, since the engines were not at fault.
+    restarted: u32,
     avoid: Vec<EngineId>,
 }
 
 impl Past {
     /// How many times the chunk was handed out, this time included.
     fn attempts(&self) -> u32 {
-        1 + self.lost + self.retried
+        1 + self.lost + self.retried + self.restarted
     }
 }
 
@@ -229,7 +266,8 @@ pub struct State {
     finished_slots: u64,
     finished_bytes: usize,
     waiting: Vec<WaitEngines>,
-    /// Since when no engine has been registered, the last one lost and why.
+    /// Since when no engine has been registered, the engine to blame (the last one lost) and
+    /// why there is none.
     orphaned: Option<(Instant, EngineId, String)>,
     /// The id each node slot was given, so an engine that comes back gets its id again.
     slot_ids: HashMap<(String, u32), EngineId>,
@@ -251,6 +289,8 @@ pub struct State {
     impossible: Vec<(JobId, String)>,
     next_engine: u32,
     next_job: u64,
+    /// Job ids below this are reserved in the task store.
+    reserved_jobs: u64,
     next_task: u64,
 }
 
@@ -284,8 +324,14 @@ impl State {
             impossible: Vec::new(),
             next_engine: 0,
             next_job: 0,
+            reserved_jobs: 0,
             next_task: 0,
         }
+    }
+
+    /// The id the next job gets.
+    pub fn next_job(&self) -> JobId {
+        JobId(self.next_job)
     }
 
     /// The registered engine ids, ascending.
@@ -541,7 +587,10 @@ impl State {
             (Readiness::Ready(_), Readiness::Ready(None)) => Readiness::Ready(None),
             (Readiness::Ready(_), Readiness::Ready(Some(engines))) => {
                 let dep = options.follow.as_ref().expect("follow was judged");
-                if engines.iter().any(|e| self.engines.contains_key(e)) {
+                if engines
+                    .iter()
+                    .any(|e| self.engines.contains_key(e) || self.awaited(*e))
+                {
                     Readiness::Ready(Some(engines))
                 } else if engines.is_empty() {
                     Readiness::Impossible(format!(
@@ -558,6 +607,14 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Whether `id` is an engine the controller knew before it was restarted and has not
+    /// heard from since (every engine lost while it ran is in `lost`): it is expected back.
+    fn awaited(&self, id: EngineId) -> bool {
+        !self.engines.contains_key(&id)
+            && self.slot_ids.values().any(|v| *v == id)
+            && !self.lost.values().any(|l| l.id == Some(id))
     }
 
     fn submit(
@@ -668,6 +725,10 @@ impl State {
             per_target = vec![per_target[0].clone(); chosen.len()];
         }
         self.next_job += 1;
+        if self.next_job > self.reserved_jobs {
+            self.reserved_jobs = self.next_job + JOB_ID_BLOCK;
+            comm.reserve_jobs(self.reserved_jobs);
+        }
         let slots = match (&feed, kind) {
             (Some(f), _) => f.items.len() as u64,
             (None, JobKind::Map) => per_target.iter().map(|(_, n)| n).sum(),
@@ -755,25 +816,199 @@ impl State {
         }
         match readiness {
             Readiness::Ready(allowed) => self.release(comm, job, allowed, now),
-            Readiness::Waiting => {
-                let j = &self.jobs[&job];
-                let deps: BTreeSet<JobId> = j
-                    .options
-                    .after
-                    .iter()
-                    .chain(&j.options.follow)
-                    .flat_map(|d| d.jobs.iter().copied())
-                    .filter(|d| !self.ended.contains_key(d))
-                    .collect();
-                self.jobs.get_mut(&job).expect("just inserted").pending = deps.len();
-                for d in deps {
-                    self.dependents.entry(d).or_default().push(job);
-                }
-            }
+            Readiness::Waiting => self.wait_for_dependencies(job),
             // Failed once the client has its reply (results before it would find no job).
             Readiness::Impossible(why) => self.impossible.push((job, why)),
         }
         Ok(info)
+    }
+
+    /// Files a waiting job under each dependency of it that has not ended yet.
+    fn wait_for_dependencies(&mut self, job: JobId) {
+        let Some(j) = self.jobs.get(&job) else {
+            return;
+        };
+        let deps: BTreeSet<JobId> = j
+            .options
+            .after
+            .iter()
+            .chain(&j.options.follow)
+            .flat_map(|d| d.jobs.iter().copied())
+            .filter(|d| !self.ended.contains_key(d))
+            .collect();
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.pending = deps.len();
+            j.waiting = true;
+        }
+        for d in deps {
+            self.dependents.entry(d).or_default().push(job);
+        }
+    }
+
+    /// Takes up what the controller before this one left in the task store: numbering goes
+    /// on where it stopped, node slots keep their engine ids, finished jobs still count for
+    /// dependencies, and unfinished jobs are finished. A load-balanced map runs again the
+    /// items that have no result yet (gaps first: they were out on engines); its dependencies
+    /// and timeout are judged anew. Direct work without a result fails with
+    /// `ControllerRestarted`: it may have run on its engine, and running it again could do
+    /// twice what was to be done once.
+    pub fn restore(&mut self, comm: &mut impl Comm, recovered: Recovered, now: Instant) {
+        self.next_job = self.next_job.max(recovered.next_job);
+        self.reserved_jobs = self.next_job;
+        self.next_task = self.next_task.max(recovered.next_task);
+        for (node, slot, id) in recovered.slot_ids {
+            self.next_engine = self.next_engine.max(id.0 + 1);
+            self.slot_ids.insert((node, slot), id);
+        }
+        for e in recovered.ended {
+            self.ended.insert(
+                e.job,
+                Ended {
+                    ok: e.ok,
+                    engines: e.engines.into(),
+                    why: e.why.map(Into::into),
+                },
+            );
+        }
+        let known_engines = self.slot_ids.len().max(1);
+        let mut judge = Vec::new();
+        let mut failed = Vec::new();
+        let mut complete = Vec::new();
+        let resumed = recovered.unfinished.len();
+        for u in recovered.unfinished {
+            let missing = missing_slots(&u.done, u.slots);
+            let remaining: u64 = missing.iter().map(|(a, b)| b - a).sum();
+            let (spec, options) = match u.request {
+                Some((spec, options)) => (Some(spec), options),
+                None => (None, JobOptions::default()),
+            };
+            let tasks = if u.kind.per_item() {
+                Vec::new()
+            } else {
+                u.done.iter().map(|r| (r.task, r.engine)).collect()
+            };
+            let mut job = Job {
+                info: JobInfo {
+                    job: u.job,
+                    kind: u.kind,
+                    submitted: u.submitted,
+                    tasks,
+                    slots: u.slots,
+                },
+                bytes: u.done.iter().map(TaskResult::approx_bytes).sum(),
+                done: Vec::new(),
+                remaining,
+                subscribers: Vec::new(),
+                mapper: None,
+                feed: None,
+                item_micros: None,
+                options,
+                waiting: false,
+                pending: 0,
+                held: Vec::new(),
+                allowed: None,
+                deadline: None,
+                ran_on: BTreeSet::new(),
+                failure: None,
+                status: "ok",
+            };
+            for r in &u.done {
+                job.took(r);
+            }
+            job.done = u.done;
+            let kept = spec.is_some();
+            if let Some(JobSpec::Map {
+                mapper,
+                items,
+                chunksize,
+            }) = spec
+            {
+                job.mapper = Some(mapper);
+                job.feed = Some(resumed_feed(items, &missing, chunksize, known_engines));
+            }
+            let id = u.job;
+            let balanced = job.feed.is_some();
+            let waited =
+                !balanced && kept && matches!(self.readiness(&job.options), Readiness::Waiting);
+            self.jobs.insert(id, job);
+            if remaining == 0 {
+                // Every result was in; only its end had not been recorded.
+                complete.push(id);
+            } else if balanced {
+                judge.push(id);
+            } else {
+                let why = if waited {
+                    format!("the controller was restarted while job {id} waited for its dependencies, and direct work is not taken up again: `starling resubmit {id}` submits it anew")
+                } else if kept {
+                    format!("the controller was restarted before this task's result came in; it may have run: run it again if that is safe (`starling resubmit {id}` runs the whole job again)")
+                } else {
+                    format!("the controller was restarted before this task's result came in, and job {id} was too large for the task store to keep, so it cannot be run again from there")
+                };
+                failed.extend(self.fail_slots(id, &missing, "ControllerRestarted", &why));
+            }
+        }
+        for id in judge {
+            let options = std::mem::take(&mut self.jobs.get_mut(&id).expect("restored").options);
+            let readiness = self.readiness(&options);
+            self.jobs.get_mut(&id).expect("restored").options = options;
+            match readiness {
+                Readiness::Ready(allowed) => self.release(comm, id, allowed, now),
+                Readiness::Waiting => self.wait_for_dependencies(id),
+                Readiness::Impossible(why) => self.impossible.push((id, why)),
+            }
+        }
+        for id in complete {
+            self.end_job(comm, id);
+        }
+        self.finish_only(comm, failed);
+        if !self.feeds.is_empty() && self.engines.is_empty() {
+            self.orphaned = Some((
+                now,
+                EngineId::NONE,
+                "the controller was restarted and no engine has come back".into(),
+            ));
+        }
+        if resumed > 0 {
+            tracing::info!(
+                jobs = resumed,
+                "unfinished jobs taken up from the task store"
+            );
+        }
+        self.after_change(comm, now);
+    }
+
+    /// Failed results for the slots `ranges` of a job, which never got one: one task per
+    /// range for a map, one per slot otherwise. They become part of the job's tasks.
+    fn fail_slots(
+        &mut self,
+        job_id: JobId,
+        ranges: &[(u64, u64)],
+        ename: &str,
+        why: &str,
+    ) -> Vec<TaskResult> {
+        let per_item = self
+            .jobs
+            .get(&job_id)
+            .is_some_and(|j| j.info.kind.per_item());
+        let pieces: Vec<(u64, u64)> = ranges
+            .iter()
+            .flat_map(|&(a, b)| {
+                if per_item {
+                    vec![(a, b - a)]
+                } else {
+                    (a..b).map(|i| (i, 1)).collect()
+                }
+            })
+            .collect();
+        let mut out = Vec::with_capacity(pieces.len());
+        for (first, n) in pieces {
+            let task = self.new_task(job_id, first, n);
+            if let Some(j) = self.jobs.get_mut(&job_id).filter(|_| !per_item) {
+                j.info.tasks.push((task, EngineId::NONE));
+            }
+            out.push(self.failed_result(task, EngineId::NONE, ename, why));
+        }
+        out
     }
 
     /// Lets a job run: its held direct tasks go to their engines (or fail, if an engine is
@@ -1240,6 +1475,7 @@ impl State {
         now: Instant,
     ) {
         let mut ids = Vec::with_capacity(slots.len());
+        let mut new_ids = Vec::new();
         for s in slots {
             let key = (node.to_string(), s.slot);
             let id = match self.slot_ids.get(&key) {
@@ -1248,6 +1484,7 @@ impl State {
                     let id = EngineId(self.next_engine);
                     self.next_engine += 1;
                     self.slot_ids.insert(key.clone(), id);
+                    new_ids.push((node.to_string(), s.slot, id));
                     id
                 }
             };
@@ -1289,6 +1526,10 @@ impl State {
         tracing::info!(node, host, engines = %crate::proto::format_ids(&ids), "engines registered");
         if let Some(ec) = self.engine_conns.get_mut(&conn) {
             ec.engines.clone_from(&ids);
+        }
+        if !new_ids.is_empty() {
+            // On disk before the engines hear them: a restarted controller gives them back.
+            comm.record_engines(&new_ids);
         }
         comm.to_engine(
             conn,
@@ -1381,26 +1622,7 @@ impl State {
             }
             if let Some(job) = self.jobs.get_mut(&tref.job) {
                 job.remaining = job.remaining.saturating_sub(tref.slots);
-                if first_error(&result.outcome)
-                    .map_or(true, |e| !CONTROLLER_ERRORS.contains(&e.ename.as_str()))
-                {
-                    job.ran_on.insert(result.engine);
-                }
-                if job.failure.is_none() {
-                    if let Some(e) = first_error(&result.outcome) {
-                        job.status = match e.ename.as_str() {
-                            "TaskAborted" => "aborted",
-                            "TaskTimeout" => "timeout",
-                            "ImpossibleDependency" => "impossible",
-                            _ => "failed",
-                        };
-                        job.failure = Some(if e.ename == "ImpossibleDependency" {
-                            e.evalue.as_str().into()
-                        } else {
-                            format!("{e}, on engine {}", result.engine).into()
-                        });
-                    }
-                }
+                job.took(&result);
                 if matches!(result.outcome, Outcome::Items(_)) && result.completed > result.started
                 {
                     let per_item = (result.completed - result.started) as f64 / tref.slots as f64;
@@ -1431,22 +1653,31 @@ impl State {
             job.bytes += results.iter().map(TaskResult::approx_bytes).sum::<usize>();
             job.done.extend(results);
             if job.remaining == 0 {
-                job.subscribers.clear();
-                if job.mapper.is_some() {
-                    for (econn, ec) in &mut self.engine_conns {
-                        if ec.defs.remove(&job_id) {
-                            comm.to_engine(*econn, ControllerToEngine::Forget(vec![job_id]));
-                        }
-                    }
-                }
-                self.finished.push_back(job_id);
-                self.finished_slots += job.info.slots;
-                self.finished_bytes += job.bytes;
-                comm.record_ended(job_id, job.status, job.failure.as_deref());
-                self.job_ended(job_id);
+                self.end_job(comm, job_id);
             }
         }
         self.forget_old_jobs();
+    }
+
+    /// A job whose last result is in has ended: its subscribers are done, engines forget its
+    /// function, the store and its dependents hear how it went.
+    fn end_job(&mut self, comm: &mut impl Comm, job_id: JobId) {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        job.subscribers.clear();
+        if job.mapper.is_some() {
+            for (econn, ec) in &mut self.engine_conns {
+                if ec.defs.remove(&job_id) {
+                    comm.to_engine(*econn, ControllerToEngine::Forget(vec![job_id]));
+                }
+            }
+        }
+        self.finished.push_back(job_id);
+        self.finished_slots += job.info.slots;
+        self.finished_bytes += job.bytes;
+        comm.record_ended(job_id, job.status, job.failure.as_deref());
+        self.job_ended(job_id);
     }
 
     /// Drops the oldest finished jobs beyond the memory bounds.
@@ -1524,7 +1755,7 @@ impl State {
             // Nobody is left to take the rest of the load-balanced maps: an engine that comes
             // back soon (restarted by its node) takes them; after a while they fail instead
             // of waiting for ever.
-            self.orphaned = Some((now, lost, reason.to_string()));
+            self.orphaned = Some((now, lost, format!("engine {lost} was lost: {reason}")));
         }
         // Work that was to follow jobs onto engines that are all gone now cannot run.
         let stranded: Vec<(JobId, String)> = self
@@ -1560,14 +1791,14 @@ impl State {
             self.orphaned = None;
             return;
         }
-        let Some((since, lost, reason)) = &self.orphaned else {
+        let Some((since, lost, cause)) = &self.orphaned else {
             return;
         };
         if now.saturating_duration_since(*since) < ORPHAN_GRACE {
             return;
         }
         let why = format!(
-            "no engine was left to run it for {} s (engine {lost} was lost: {reason})",
+            "no engine was left to run it for {} s ({cause})",
             ORPHAN_GRACE.as_secs()
         );
         let lost = *lost;
@@ -1725,12 +1956,94 @@ impl State {
 }
 
 /// The errors the controller makes for tasks that did not (or not fully) run.
-const CONTROLLER_ERRORS: [&str; 4] = [
+const CONTROLLER_ERRORS: [&str; 5] = [
+    "ControllerRestarted",
     "EngineLost",
     "ImpossibleDependency",
     "TaskAborted",
     "TaskTimeout",
 ];
+
+/// The result slots of a job of `slots` slots that `done` leaves empty, as ascending
+/// `[start, end)` ranges.
+fn missing_slots(done: &[TaskResult], slots: u64) -> Vec<(u64, u64)> {
+    let mut filled: Vec<(u64, u64)> = done
+        .iter()
+        .map(|r| {
+            let n = match &r.outcome {
+                Outcome::Items(items) => items.len() as u64,
+                _ => 1,
+            };
+            (r.first, r.first + n)
+        })
+        .collect();
+    filled.sort_unstable();
+    let mut missing = Vec::new();
+    let mut at = 0;
+    for (a, b) in filled {
+        if a > at {
+            missing.push((at, a.min(slots)));
+        }
+        at = at.max(b);
+    }
+    if at < slots {
+        missing.push((at, slots));
+    }
+    missing.retain(|(a, b)| a < b);
+    missing
+}
+
+/// The queue of a load-balanced map taken up after a restart, holding the items in the
+/// `missing` slots: the run after the last result is handed out as new items, with adaptive
+/// chunks; the gaps before it (chunks that were out on engines) run again first, in pieces
+/// sized as adaptive chunks would be for `engines` engines.
+fn resumed_feed(
+    mut items: Vec<Value>,
+    missing: &[(u64, u64)],
+    chunksize: Option<u32>,
+    engines: usize,
+) -> Feed {
+    let total = items.len() as u64;
+    let tail_from = match missing.last() {
+        Some(&(a, b)) if b == total => a,
+        _ => total,
+    };
+    let gaps: u64 = missing
+        .iter()
+        .filter(|(a, _)| *a < tail_from)
+        .map(|(a, b)| b - a)
+        .sum();
+    let piece = match chunksize {
+        Some(c) => u64::from(c),
+        None => (total - tail_from + gaps)
+            .div_ceil((GSS_DIVISOR * engines) as u64)
+            .clamp(1, MAX_CHUNK as u64),
+    }
+    .max(1);
+    let mut again = VecDeque::new();
+    for &(a, b) in missing.iter().filter(|(a, _)| *a < tail_from) {
+        let mut start = a;
+        while start < b {
+            let end = (start + piece).min(b);
+            again.push_back(Requeued {
+                first: start,
+                items: items[start as usize..end as usize].to_vec(),
+                past: Past {
+                    restarted: 1,
+                    ..Past::default()
+                },
+            });
+            start = end;
+        }
+    }
+    let tail: VecDeque<Value> = items.drain(tail_from as usize..).collect();
+    Feed {
+        items: tail,
+        next: tail_from,
+        chunksize,
+        again,
+    }
+}
 
 /// A task's first error, if it failed (for a map chunk: its first failed item).
 fn first_error(outcome: &Outcome) -> Option<&RemoteError> {
@@ -1788,6 +2101,8 @@ mod tests {
         closed: Vec<ConnId>,
         recorded_jobs: usize,
         recorded_results: usize,
+        recorded_engines: Vec<(String, u32, EngineId)>,
+        reserved_jobs: u64,
     }
 
     impl Comm for Recorder {
@@ -1809,6 +2124,12 @@ mod tests {
         }
         fn record_results(&mut self, _: JobId, r: &[TaskResult]) {
             self.recorded_results += r.len();
+        }
+        fn record_engines(&mut self, ids: &[(String, u32, EngineId)]) {
+            self.recorded_engines.extend_from_slice(ids);
+        }
+        fn reserve_jobs(&mut self, upto: u64) {
+            self.reserved_jobs = upto;
         }
         fn shutdown(&mut self) {}
     }
@@ -2935,5 +3256,215 @@ mod tests {
                 "the join runs after its last parent, not before"
             );
         }
+    }
+
+    fn register(
+        s: &mut State,
+        c: &mut Recorder,
+        conn: ConnId,
+        node: &str,
+        n: u32,
+    ) -> Vec<EngineId> {
+        s.on_engine_connected(conn, Instant::now());
+        let msg = EngineToController::Register {
+            node: node.into(),
+            host: "127.0.0.1".into(),
+            pid: 900,
+            engines: (0..n)
+                .map(|slot| EngineSlot {
+                    slot,
+                    kernel_pid: 1000,
+                })
+                .collect(),
+        };
+        s.on_engine_message(c, conn, msg, Instant::now());
+        c.to_engines
+            .iter()
+            .rev()
+            .find_map(|(to, m)| match m {
+                ControllerToEngine::Registered { ids, .. } if *to == conn => Some(ids.clone()),
+                _ => None,
+            })
+            .expect("registered")
+    }
+
+    fn items(first: u64, n: usize) -> TaskResult {
+        TaskResult {
+            outcome: Outcome::Items(
+                (0..n)
+                    .map(|i| Ok(Value::from(first as i64 + i as i64)))
+                    .collect(),
+            ),
+            ..ok(TaskId(first), EngineId(0), first)
+        }
+    }
+
+    #[test]
+    fn a_restarted_controller_takes_up_its_store_where_the_last_one_stopped() {
+        use super::super::store::{EndedJob, Unfinished};
+        let now = Instant::now();
+        let map = JobSpec::Map {
+            mapper: Mapper::Python(crate::proto::Func::Expr("f".into())),
+            items: (0..10).map(Value::from).collect(),
+            chunksize: None,
+        };
+        let direct = JobSpec::Direct {
+            targets: Targets::All,
+            work: Work::Execute { code: "1".into() },
+        };
+        let recovered = Recovered {
+            next_job: 3,
+            next_task: 40,
+            slot_ids: vec![
+                ("node0".into(), 0, EngineId(0)),
+                ("node0".into(), 1, EngineId(1)),
+            ],
+            ended: vec![EndedJob {
+                job: JobId(0),
+                ok: true,
+                why: None,
+                engines: vec![EngineId(1)],
+            }],
+            unfinished: vec![
+                // A map with slots 0..3 and 5 done: 3, 4 were out on engines, 6.. not yet.
+                Unfinished {
+                    job: JobId(1),
+                    kind: JobKind::Map,
+                    submitted: 1,
+                    slots: 10,
+                    request: Some((map, JobOptions::default())),
+                    done: vec![items(0, 3), items(5, 1)],
+                },
+                // An execute on two engines with one result in.
+                Unfinished {
+                    job: JobId(2),
+                    kind: JobKind::Execute,
+                    submitted: 2,
+                    slots: 2,
+                    request: Some((direct, JobOptions::default())),
+                    done: vec![ok(TaskId(30), EngineId(0), 0)],
+                },
+            ],
+        };
+        let mut s = State::new("t", Duration::from_secs(1), 2);
+        let mut c = Recorder::default();
+        s.on_client_connected(CLIENT);
+        s.restore(&mut c, recovered, now);
+
+        // Node slots get the ids they had; a new one the next id, on disk before it is told.
+        assert_eq!(
+            register(&mut s, &mut c, ConnId(1), "node0", 2),
+            [EngineId(0), EngineId(1)]
+        );
+        assert!(c.recorded_engines.is_empty(), "{:?}", c.recorded_engines);
+        assert_eq!(
+            register(&mut s, &mut c, ConnId(2), "node1", 1),
+            [EngineId(2)]
+        );
+        assert_eq!(c.recorded_engines, [("node1".to_string(), 0, EngineId(2))]);
+
+        // The map runs exactly the items that had no result, the gap first, once each.
+        let mut slots = Vec::new();
+        loop {
+            let batch = runs(&mut c);
+            if batch.is_empty() || slots.len() > 10 {
+                break;
+            }
+            for (conn, tasks, _) in batch {
+                for a in &tasks {
+                    assert!(a.task.0 >= 40, "task ids go on where they stopped: {a:?}");
+                    slots.extend(a.first..a.first + items_of(a) as u64);
+                    finish_chunk(&mut s, &mut c, conn, a, 10);
+                }
+            }
+        }
+        slots.sort_unstable();
+        assert_eq!(slots, [3, 4, 6, 7, 8, 9]);
+
+        // Both jobs have ended: the map with every slot, the execute with the task whose result
+        // never came failed as ControllerRestarted.
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            5,
+            ClientRequest::Subscribe { job: JobId(1) },
+            now,
+        );
+        let map_results = results_of(&c, JobId(1));
+        let filled: u64 = map_results
+            .iter()
+            .map(|r| match &r.outcome {
+                Outcome::Items(i) => i.len() as u64,
+                _ => 1,
+            })
+            .sum();
+        assert_eq!(filled, 10);
+        assert!(s.jobs[&JobId(1)].remaining == 0 && s.ended[&JobId(1)].ok);
+        let restarted: Vec<&TaskResult> = map_results.iter().filter(|r| r.first == 3).collect();
+        assert_eq!(
+            restarted[0].attempts, 2,
+            "the gap was handed out before the restart too"
+        );
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            6,
+            ClientRequest::Subscribe { job: JobId(2) },
+            now,
+        );
+        let direct_results = results_of(&c, JobId(2));
+        assert_eq!(direct_results.len(), 2);
+        let e = first_error(&direct_results[1].outcome).expect("failed");
+        assert_eq!(e.ename, "ControllerRestarted");
+        assert!(
+            e.evalue.contains("it may have run") && e.evalue.contains("resubmit 2"),
+            "{e}"
+        );
+        assert!(!s.ended[&JobId(2)].ok);
+
+        // New jobs get new ids, reserved on disk first; a dependency on a job finished before
+        // the restart is met, and follow finds where it ran.
+        let follow = JobOptions {
+            follow: Some(Dependency {
+                jobs: vec![JobId(0)],
+                all: true,
+                success: true,
+                failure: false,
+            }),
+            ..JobOptions::default()
+        };
+        let job = submit_with(&mut s, &mut c, 4, follow, now).expect("submitted");
+        assert_eq!(job, JobId(3));
+        assert_eq!(c.reserved_jobs, 4 + JOB_ID_BLOCK);
+        let ran: Vec<EngineId> = runs(&mut c)
+            .iter()
+            .flat_map(|(_, t, _)| t.iter().map(|a| a.engine))
+            .collect();
+        assert!(
+            !ran.is_empty() && ran.iter().all(|e| *e == EngineId(1)),
+            "{ran:?}"
+        );
+    }
+
+    #[test]
+    fn missing_slots_are_the_gaps_between_results() {
+        assert_eq!(missing_slots(&[], 4), [(0, 4)]);
+        assert_eq!(
+            missing_slots(&[items(0, 3), items(5, 1)], 10),
+            [(3, 5), (6, 10)]
+        );
+        assert_eq!(missing_slots(&[items(2, 2), items(0, 2)], 4), []);
+        let feed = resumed_feed(
+            (0..10).map(Value::from).collect(),
+            &[(3, 5), (6, 10)],
+            Some(1),
+            2,
+        );
+        assert_eq!(feed.next, 6);
+        assert_eq!(feed.items.len(), 4);
+        assert_eq!(
+            feed.again.iter().map(|r| r.first).collect::<Vec<_>>(),
+            [3, 4]
+        );
     }
 }

@@ -7,6 +7,12 @@
 //! asks right after a job ended sees it. The file outlives the controller, so a cluster's
 //! history can also be read with `sqlite3` after it is gone.
 //!
+//! A controller that starts on an existing store resumes from it ([`Recovered`]): job and task
+//! ids go on where they stopped, engines get the ids they had, finished jobs still count for
+//! dependencies, and unfinished jobs are handed back to be finished. Job ids are reserved in
+//! blocks that are on disk before any id of the block is handed out, and new engine ids are on
+//! disk before the engines hear them, so a killed controller never gives an id out twice.
+//!
 //! Queries are ipyparallel's `db_query` dicts (MongoDB's operators) over the keys of
 //! [`JobRecord`], turned into SQL with bound parameters by [`where_clause`].
 
@@ -63,6 +69,51 @@ pub enum StoreOp {
         read: Read,
         answer: Box<dyn FnOnce(Answer) + Send>,
     },
+    /// Engine ids given to node slots.
+    Engines(Vec<(String, u32, EngineId)>),
+    /// Job ids below this one may be in use.
+    ReserveJobs(u64),
+    /// Answered once everything sent before it is committed.
+    Sync(mpsc::Sender<()>),
+}
+
+/// What a controller starting on an existing store takes up again.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// The first job id not given out before.
+    pub next_job: u64,
+    /// The first task id not in the store.
+    pub next_task: u64,
+    /// The id each node slot had: `(node, slot, id)`.
+    pub slot_ids: Vec<(String, u32, EngineId)>,
+    /// How every finished job ended, for dependencies on it.
+    pub ended: Vec<EndedJob>,
+    /// Jobs submitted and not finished, oldest first.
+    pub unfinished: Vec<Unfinished>,
+}
+
+/// How a finished job ended.
+#[derive(Debug)]
+pub struct EndedJob {
+    pub job: JobId,
+    pub ok: bool,
+    /// Its first error.
+    pub why: Option<String>,
+    /// Where its tasks ran.
+    pub engines: Vec<EngineId>,
+}
+
+/// A job the store holds as unfinished.
+#[derive(Debug)]
+pub struct Unfinished {
+    pub job: JobId,
+    pub kind: JobKind,
+    pub submitted: Micros,
+    pub slots: u64,
+    /// What was submitted; `None` when it was too large to keep.
+    pub request: Option<(JobSpec, JobOptions)>,
+    /// The results already in.
+    pub done: Vec<TaskResult>,
 }
 
 /// The sending side; dropping it lets the thread finish and close the file.
@@ -75,7 +126,9 @@ pub struct Store {
 pub const KEEP_REQUEST_BYTES: usize = 16 << 20;
 
 /// Bumped when the tables change shape.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+/// Stores of this version are brought up to [`SCHEMA_VERSION`] by adding the tables it lacks.
+const UPGRADABLE_FROM: i64 = 2;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -113,11 +166,22 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_by_job ON tasks(job);
 CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs(submitted);
+CREATE TABLE IF NOT EXISTS engines (
+    node TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    PRIMARY KEY (node, slot)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 ";
 
 impl Store {
-    /// Opens (or creates) the store at `path` and starts its thread.
-    pub fn open(path: &Path) -> Result<Self, rusqlite::Error> {
+    /// Opens (or creates) the store at `path`, reads what a controller resumes from it, and
+    /// starts its thread.
+    pub fn open(path: &Path) -> Result<(Self, Recovered), rusqlite::Error> {
         let conn = Connection::open(path)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let has_tables: bool = conn.query_row(
@@ -125,7 +189,7 @@ impl Store {
             [],
             |r| r.get(0),
         )?;
-        if has_tables && version != SCHEMA_VERSION {
+        if has_tables && version != SCHEMA_VERSION && version != UPGRADABLE_FROM {
             return Err(rusqlite::Error::InvalidParameterName(format!(
                 "{} was written by another version of starling (schema {version}, this one writes {SCHEMA_VERSION}); move it away to start a new one",
                 path.display()
@@ -133,21 +197,33 @@ impl Store {
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        let recovered = recover(&conn)?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("task-store".into())
             .spawn(move || serve(conn, &rx))
             .expect("a thread can be spawned");
-        Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
+        Ok((
+            Self {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            recovered,
+        ))
     }
 
     pub fn send(&self, op: StoreOp) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(op);
         }
+    }
+
+    /// Sends `op` and returns once it, and everything sent before it, is committed.
+    pub fn send_durably(&self, op: StoreOp) {
+        let (tx, rx) = mpsc::channel();
+        self.send(op);
+        self.send(StoreOp::Sync(tx));
+        let _ = rx.recv();
     }
 }
 
@@ -172,6 +248,10 @@ fn serve(mut conn: Connection, rx: &mpsc::Receiver<StoreOp>) {
                         let why = format!("the task store could not be read: {e}");
                         (Reply::Error(why), Vec::new())
                     }));
+                }
+                StoreOp::Sync(done) => {
+                    flush(&mut conn, std::mem::take(&mut writes));
+                    let _ = done.send(());
                 }
                 op => writes.push(op),
             }
@@ -299,7 +379,23 @@ fn write_batch(conn: &mut Connection, batch: Vec<StoreOp>) -> rusqlite::Result<(
                 } => {
                     end_stmt.execute(params![job.0 as i64, status, error, completed as i64])?;
                 }
-                StoreOp::Read { .. } => unreachable!("reads are answered, not batched"),
+                StoreOp::Engines(ids) => {
+                    let mut stmt = tx.prepare_cached(
+                        "INSERT OR REPLACE INTO engines (node, slot, id) VALUES (?1, ?2, ?3)",
+                    )?;
+                    for (node, slot, id) in ids {
+                        stmt.execute(params![node, slot, id.0])?;
+                    }
+                }
+                StoreOp::ReserveJobs(upto) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('reserved_jobs', ?1)",
+                        [upto as i64],
+                    )?;
+                }
+                StoreOp::Read { .. } | StoreOp::Sync(_) => {
+                    unreachable!("reads and syncs are answered, not batched")
+                }
             }
         }
     }
@@ -523,32 +619,7 @@ fn read(conn: &Connection, read: Read) -> rusqlite::Result<Answer> {
                 )));
             };
             let kind = kind_from(&kind);
-            let mut stmt = conn.prepare(
-                "SELECT task, engine, first, outcome, stdout, stderr, attempts, started, completed FROM tasks WHERE job = ?1 ORDER BY first",
-            )?;
-            let results = stmt
-                .query_map([job.0 as i64], |r| {
-                    let blob: Vec<u8> = r.get(3)?;
-                    Ok(TaskResult {
-                        task: TaskId(r.get::<_, i64>(0)? as u64),
-                        engine: EngineId(r.get(1)?),
-                        first: r.get::<_, i64>(2)? as u64,
-                        outcome: rmp_serde::from_slice(&blob).unwrap_or_else(|e| {
-                            Outcome::Err(crate::proto::RemoteError {
-                                ename: "StoreError".into(),
-                                evalue: format!("this result could not be read back: {e}"),
-                                traceback: String::new(),
-                            })
-                        }),
-                        stdout: r.get(4)?,
-                        stderr: r.get(5)?,
-                        execution_count: 0,
-                        attempts: r.get(6)?,
-                        started: r.get::<_, i64>(7)? as u64,
-                        completed: r.get::<_, i64>(8)? as u64,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let results = task_results(conn, job)?;
             let tasks = if kind.per_item() {
                 Vec::new()
             } else {
@@ -614,6 +685,118 @@ fn read(conn: &Connection, read: Read) -> rusqlite::Result<Answer> {
             tx.commit()?;
             (Reply::Count(n as u64), Vec::new())
         }
+    })
+}
+
+/// Every result of `job` in the store, in slot order.
+fn task_results(conn: &Connection, job: JobId) -> rusqlite::Result<Vec<TaskResult>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT task, engine, first, outcome, stdout, stderr, attempts, started, completed FROM tasks WHERE job = ?1 ORDER BY first",
+    )?;
+    let results = stmt.query_map([job.0 as i64], |r| {
+        let blob: Vec<u8> = r.get(3)?;
+        Ok(TaskResult {
+            task: TaskId(r.get::<_, i64>(0)? as u64),
+            engine: EngineId(r.get(1)?),
+            first: r.get::<_, i64>(2)? as u64,
+            outcome: rmp_serde::from_slice(&blob).unwrap_or_else(|e| {
+                Outcome::Err(crate::proto::RemoteError {
+                    ename: "StoreError".into(),
+                    evalue: format!("this result could not be read back: {e}"),
+                    traceback: String::new(),
+                })
+            }),
+            stdout: r.get(4)?,
+            stderr: r.get(5)?,
+            execution_count: 0,
+            attempts: r.get(6)?,
+            started: r.get::<_, i64>(7)? as u64,
+            completed: r.get::<_, i64>(8)? as u64,
+        })
+    })?;
+    results.collect()
+}
+
+/// What a controller starting on this store takes up again (see [`Recovered`]).
+fn recover(conn: &Connection) -> rusqlite::Result<Recovered> {
+    let max = |sql: &str| -> rusqlite::Result<u64> {
+        conn.query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
+            .map(|v| v.map_or(0, |v| v as u64 + 1))
+    };
+    let reserved: u64 = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'reserved_jobs'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map_or(0, |v| v as u64);
+    let next_job = max("SELECT max(job) FROM jobs")?.max(reserved);
+    let next_task = max("SELECT max(task) FROM tasks")?;
+    let slot_ids = conn
+        .prepare("SELECT node, slot, id FROM engines ORDER BY id")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, EngineId(r.get(2)?))))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut engines: std::collections::HashMap<u64, Vec<EngineId>> =
+        std::collections::HashMap::new();
+    {
+        let mut stmt = conn.prepare(
+            "SELECT DISTINCT t.job, t.engine FROM tasks t JOIN jobs j ON j.job = t.job
+             WHERE j.status != 'pending' AND t.engine != 4294967295",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, EngineId(r.get(1)?)))
+        })?;
+        for row in rows {
+            let (job, engine) = row?;
+            engines.entry(job).or_default().push(engine);
+        }
+    }
+    let ended = conn
+        .prepare("SELECT job, status, error FROM jobs WHERE status != 'pending' ORDER BY job")?
+        .query_map([], |r| {
+            let job = r.get::<_, i64>(0)? as u64;
+            let status: String = r.get(1)?;
+            Ok(EndedJob {
+                job: JobId(job),
+                ok: status == "ok",
+                why: r.get(2)?,
+                engines: engines.remove(&job).unwrap_or_default(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut unfinished: Vec<Unfinished> = conn
+        .prepare(
+            "SELECT job, submitted, kind, items, request FROM jobs WHERE status = 'pending' ORDER BY job",
+        )?
+        .query_map([], |r| {
+            let job = JobId(r.get::<_, i64>(0)? as u64);
+            let request: Option<Vec<u8>> = r.get(4)?;
+            Ok(Unfinished {
+                job,
+                submitted: r.get::<_, i64>(1)? as u64,
+                kind: kind_from(&r.get::<_, String>(2)?),
+                slots: r.get::<_, i64>(3)? as u64,
+                request: request.and_then(|b| match rmp_serde::from_slice(&b) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::error!(%job, "the request of unfinished job {job} cannot be read back: {e}");
+                        None
+                    }
+                }),
+                done: Vec::new(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for u in &mut unfinished {
+        u.done = task_results(conn, u.job)?;
+    }
+    Ok(Recovered {
+        next_job,
+        next_task,
+        slot_ids,
+        ended,
+        unfinished,
     })
 }
 

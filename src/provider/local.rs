@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use super::{ClusterSummary, Launched, Provider, ProviderError, Terminated};
+use super::{ClusterSummary, Launched, Provider, ProviderError, Restarted, Terminated};
 use crate::client::connection::{known_clusters, ConnectionInfo, CONNECTION_FORMAT};
 use crate::client::Client;
 use crate::controller::ControllerConfig;
@@ -159,51 +159,37 @@ impl Provider for LocalProvider {
             &serde_json::to_vec_pretty(&controller_config).expect("serializes"),
         )?;
         let controller_log = master.join("logs/controller.log");
-        let mut child = tokio::process::Command::new(&daemon)
-            .arg("controller")
-            .arg("--config")
-            .arg(&cfg_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file(&controller_log)?)
-            .env(MARK_VAR, &node_root)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| ProviderError::Start {
-                what: "controller".into(),
-                why: format!("cannot run {}: {e}", daemon.display()),
-                log: String::new(),
-            })?;
-        let controller_pid = child.id().unwrap_or(0);
         let mut state = LocalState {
             cluster: name.to_string(),
-            controller_pid,
+            controller_pid: 0,
             engine_pids: Vec::new(),
             db: Some(db),
         };
-        home::write_private(
-            &state_path(name),
-            &serde_json::to_vec_pretty(&state).expect("serializes"),
-        )?;
-        let stdout = child.stdout.take().expect("piped");
-        let mut first = String::new();
-        let read = tokio::time::timeout(
-            CONTROLLER_START_TIMEOUT,
-            BufReader::new(stdout).read_line(&mut first),
-        )
+        let started_controller = start_controller(&daemon, &node_root, |pid| {
+            state.controller_pid = pid;
+            home::write_private(
+                &state_path(name),
+                &serde_json::to_vec_pretty(&state).expect("serializes"),
+            )
+        })
         .await;
-        let addr = match (read, first.trim().strip_prefix("listening ")) {
-            (Ok(Ok(_)), Some(addr)) => addr.to_string(),
-            _ => {
+        let addr = match started_controller {
+            Ok(addr) => addr,
+            Err(e) => {
                 let _ = self.terminate(name).await;
-                return Err(ProviderError::Start {
-                    what: "controller".into(),
-                    why: "it did not report its address".into(),
-                    log: tail(&controller_log, 20),
-                });
+                return Err(e);
             }
         };
-        drop(child);
+        // A restarted controller listens where this one does: engines and clients know it there.
+        let controller_config = ControllerConfig {
+            listen: addr.clone(),
+            ..controller_config
+        };
+        home::write_private(
+            &cfg_path,
+            &serde_json::to_vec_pretty(&controller_config).expect("serializes"),
+        )?;
+        let controller_pid = state.controller_pid;
 
         // The engines: one engine process on this machine, hosting them all.
         let engines = spec.engines_per_node.resolve_here();
@@ -307,6 +293,34 @@ impl Provider for LocalProvider {
         }
     }
 
+    async fn restart_controller(&self, cluster: &str) -> Result<Restarted, ProviderError> {
+        home::check_name("cluster", cluster).map_err(ProviderError::Invalid)?;
+        let Some(mut state) = load_state(cluster) else {
+            return Err(ProviderError::NoSuchCluster(cluster.to_string()));
+        };
+        let started = Instant::now();
+        let root = node_root(cluster);
+        let daemon = super::daemon_path()?;
+        let engines = read_engine_count(&root.join("node000/config/engine.json"))?;
+        // SIGTERM: it stops without telling its engines to, and they reconnect.
+        node::stop_one(&root, state.controller_pid, STOP_GRACE).await;
+        start_controller(&daemon, &root, |pid| {
+            state.controller_pid = pid;
+            std::fs::write(root.join("master/starlingd.pid"), format!("{pid}\n"))?;
+            home::write_private(
+                &state_path(cluster),
+                &serde_json::to_vec_pretty(&state).expect("serializes"),
+            )
+        })
+        .await?;
+        Ok(Restarted {
+            cluster: cluster.to_string(),
+            controller_pid: Some(state.controller_pid),
+            engines,
+            started,
+        })
+    }
+
     async fn terminate(&self, cluster: &str) -> Result<Terminated, ProviderError> {
         home::check_name("cluster", cluster).map_err(ProviderError::Invalid)?;
         let Some(state) = load_state(cluster) else {
@@ -390,6 +404,61 @@ impl Provider for LocalProvider {
         }
         Ok(out)
     }
+}
+
+/// Starts the controller of the local cluster whose nodes live in `root` from its config
+/// (`master/config/controller.json`), logging to `master/logs/controller.log`; `started`
+/// records its pid before anything can go wrong. Returns the address it listens on.
+async fn start_controller(
+    daemon: &Path,
+    root: &Path,
+    started: impl FnOnce(u32) -> std::io::Result<()>,
+) -> Result<String, ProviderError> {
+    let master = root.join("master");
+    let log = master.join("logs/controller.log");
+    let mut child = tokio::process::Command::new(daemon)
+        .arg("controller")
+        .arg("--config")
+        .arg(master.join("config/controller.json"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file(&log)?)
+        .env(MARK_VAR, root)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| ProviderError::Start {
+            what: "controller".into(),
+            why: format!("cannot run {}: {e}", daemon.display()),
+            log: String::new(),
+        })?;
+    started(child.id().unwrap_or(0))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut first = String::new();
+    let read = tokio::time::timeout(
+        CONTROLLER_START_TIMEOUT,
+        BufReader::new(stdout).read_line(&mut first),
+    )
+    .await;
+    match (read, first.trim().strip_prefix("listening ")) {
+        (Ok(Ok(_)), Some(addr)) => Ok(addr.to_string()),
+        _ => Err(ProviderError::Start {
+            what: "controller".into(),
+            why: "it did not report its address".into(),
+            log: tail(&log, 20),
+        }),
+    }
+}
+
+/// How many engines a node's engine config asks for.
+fn read_engine_count(path: &Path) -> Result<u32, ProviderError> {
+    let text = std::fs::read_to_string(path)?;
+    let config: EngineConfig = serde_json::from_str(&text).map_err(|e| {
+        ProviderError::Invalid(format!(
+            "{} is not a valid engine config: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(config.engines)
 }
 
 /// Removes the directories starling made for local cluster `name` (its name was checked, so

@@ -51,6 +51,28 @@ pub struct Terminated {
     pub found: bool,
 }
 
+/// A controller started again on its cluster's address and task store.
+#[derive(Debug, Clone)]
+pub struct Restarted {
+    pub cluster: String,
+    /// The new controller's pid (on its machine).
+    pub controller_pid: Option<u32>,
+    /// The engines the cluster's nodes run: what to wait for.
+    pub engines: u32,
+    /// When the restart began.
+    pub started: std::time::Instant,
+}
+
+/// A restarted cluster whose engines are back.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    pub cluster: String,
+    pub controller_pid: Option<u32>,
+    pub engines: Vec<EngineId>,
+    /// From the start of the restart to the last engine back.
+    pub elapsed: Duration,
+}
+
 /// One line of `starling list`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClusterSummary {
@@ -115,6 +137,9 @@ pub trait Provider {
     /// Starts the cluster's nodes, controller and engines; returns once every engine has
     /// registered.
     async fn launch(&self, spec: &ClusterSpec) -> Result<Launched, ProviderError>;
+    /// Stops the cluster's controller, if it runs, and starts it again on the same address
+    /// and task store; its engines keep running and reconnect by themselves.
+    async fn restart_controller(&self, cluster: &str) -> Result<Restarted, ProviderError>;
     /// Stops everything of the cluster and removes what it left; idempotent.
     async fn terminate(&self, cluster: &str) -> Result<Terminated, ProviderError>;
     /// The clusters this provider can see.
@@ -311,6 +336,41 @@ pub async fn down(name: &str, hints: &Hints) -> Result<Terminated, ProviderError
         (None, Some(record)) => ssh::down(record).await,
         (None, None) => Err(ProviderError::NoSuchCluster(name.to_string())),
     }
+}
+
+/// How long a restarted controller waits for its engines to come back: they retry every 2 s
+/// at most, so this leaves room for a loaded machine.
+const RESTART_REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Restarts a cluster's controller (killed, hung, or running) on the same address and task
+/// store, and waits until its engines are back: unfinished work goes on where it stopped.
+pub async fn restart(
+    name: &str,
+    hints: &Hints,
+    progress: &Progress,
+) -> Result<Resumed, ProviderError> {
+    home::check_name("cluster", name).map_err(ProviderError::Invalid)?;
+    let restarted = if local_state_exists(name) {
+        local::LocalProvider::new().restart_controller(name).await?
+    } else {
+        let cluster = open(name, hints).await?;
+        remote::restart_controller(&cluster).await?
+    };
+    let info = crate::client::ConnectionInfo::load(&home::connection_path(name))?;
+    let client = crate::client::Client::connect_with(info).await?;
+    let engines = await_engines(
+        &client,
+        restarted.engines,
+        RESTART_REGISTER_TIMEOUT,
+        progress,
+    )
+    .await?;
+    Ok(Resumed {
+        cluster: restarted.cluster,
+        controller_pid: restarted.controller_pid,
+        engines,
+        elapsed: restarted.started.elapsed(),
+    })
 }
 
 /// Waits until `n` engines have registered (or `timeout` passes), counting them on a terminal

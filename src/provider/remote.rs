@@ -284,6 +284,57 @@ pub async fn put(
     Ok(run_on_each(nodes, login, |_| script.clone(), &[&bytes]).await)
 }
 
+/// Restarts the controller on the master of `cluster` (its engines keep running); counts the
+/// engines its nodes run, to wait for.
+pub async fn restart_controller(
+    cluster: &super::Cluster,
+) -> Result<super::Restarted, ProviderError> {
+    let started = Instant::now();
+    let nodes = cluster.nodes().await?;
+    let login = cluster.login(QUICK_LOGIN);
+    let master = nodes
+        .iter()
+        .find(|n| n.name == "master")
+        .cloned()
+        .ok_or_else(|| {
+            ProviderError::Invalid(format!(
+                "cluster '{}' has no master node to restart the controller on",
+                cluster.name
+            ))
+        })?;
+    let out = run_once(
+        &master,
+        &login,
+        &bootstrap::restart_controller_script(&cluster.name),
+        &[],
+    )
+    .await
+    .map_err(|e| ProviderError::Ssh(format!("restarting the controller on {master}: {e}")))?;
+    let controller_pid = out
+        .trim()
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok());
+    let counts = run_on_each(
+        &nodes,
+        &login,
+        |n| bootstrap::engine_count_script(&cluster.name, &n.name),
+        &[],
+    )
+    .await;
+    let engines = counts
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .filter_map(|out| out.trim().parse::<u32>().ok())
+        .sum();
+    Ok(super::Restarted {
+        cluster: cluster.name.clone(),
+        controller_pid,
+        engines,
+        started,
+    })
+}
+
 /// Registered engines, when this machine holds the cluster's connection file and the
 /// controller answers quickly.
 pub async fn engines_of(cluster: &str) -> Option<usize> {

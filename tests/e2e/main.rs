@@ -850,6 +850,19 @@ fn stop_and_start_bring_the_same_cluster_back() {
     user.run(&["start", name]).ok();
     let ids = user.run(&["ids", "--cluster", name]).ok();
     assert_eq!(ids.stdout.trim(), "[0, 1, 2, 3]");
+    // The controller took up its task store again: the job from before is in its history.
+    let history = user
+        .run(&["history", "--cluster", name, "--output", "json"])
+        .ok()
+        .json();
+    assert!(
+        history
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["job"] == 0 && j["status"] == "ok"),
+        "{history}"
+    );
     // Again: each time the cluster comes back whole and runs work at once.
     for round in 0..2 {
         user.run(&["stop", name]).ok();
@@ -1069,6 +1082,70 @@ fn the_ssh_provider_bootstraps_listed_hosts() {
         .ok()
         .json();
     assert_eq!(map, serde_json::json!([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]));
+
+    // The controller killed mid-map and restarted over SSH: the map completes with every item,
+    // the engines (and their namespaces) are the same ones.
+    user.run(&["px", "--cluster", name, "y = 7"]).ok();
+    let job = user
+        .run(&[
+            "map",
+            "--cluster",
+            name,
+            "--output",
+            "json",
+            "--noblock",
+            "--chunksize",
+            "1",
+            "lambda x: __import__('time').sleep(0.01) or x * 3",
+            "--range",
+            "300",
+        ])
+        .ok()
+        .json()["job"]
+        .as_u64()
+        .unwrap();
+    eventually(Duration::from_secs(30), "the map gets going", || {
+        let s = user.run(&["status", name, "--output", "json"]).ok().json();
+        s["engines"].as_array().map_or(0, |e| {
+            e.iter()
+                .filter_map(|e| e["tasks_done"].as_u64())
+                .sum::<u64>()
+        }) >= 80
+    });
+    let pid_file = node_root(name).join("master/controller.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let restarted = user.run(&["restart", name]).ok().stdout.clone();
+    assert_says(&restarted, &["restarted (pid ", "2 engines [0, 1] back in"]);
+    let out = user
+        .run(&[
+            "result",
+            "--cluster",
+            name,
+            "--output",
+            "json",
+            &job.to_string(),
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        out,
+        serde_json::json!((0..300).map(|x| x * 3).collect::<Vec<u64>>())
+    );
+    let y = user
+        .run(&["px", "--cluster", name, "--output", "json", "y"])
+        .ok()
+        .json();
+    assert!(y.as_array().unwrap().iter().all(|r| r["value"] == 7), "{y}");
+
     let exec = user
         .run(&["exec", name, "echo $SSH_CONNECTION | cut -d' ' -f3"])
         .ok();

@@ -487,3 +487,135 @@ async fn aborted_tasks_queued_behind_a_stubborn_one_never_run_on_its_replacement
         .collect();
     assert_eq!(ran, vec!["ran-0".to_string()], "nothing aborted ran");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_map_is_restarted_and_the_map_completes_with_every_result() {
+    let c = Cluster::up("phoenix", 2);
+    c.starling(&["px", "x = 41"]).ok();
+    let ids = c.starling(&["ids"]).ok().stdout.clone();
+    let store = c.task_store();
+
+    // A restart of a healthy controller: same engines, same namespaces, same store.
+    let r = c.starling(&["restart"]);
+    r.ok();
+    assert!(
+        r.stdout
+            .starts_with("controller of cluster 'phoenix' restarted (pid ")
+            && r.stdout.contains("2 engines [0, 1] back in"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(c.starling(&["ids"]).ok().stdout, ids);
+    assert!(c.starling(&["px", "x + 1"]).ok().stdout.contains("42"));
+
+    // A map of 600 items of ~10 ms, one per task: the controller is killed while it runs, and
+    // while a client waits for it.
+    let job = c
+        .starling(&[
+            "map",
+            "lambda x: __import__('time').sleep(0.01) or x * x",
+            "--range",
+            "600",
+            "--chunksize",
+            "1",
+            "--noblock",
+            "--output",
+            "json",
+        ])
+        .ok()
+        .json()["job"]
+        .as_u64()
+        .expect("a job id");
+    let controller = c.starling(&["status", "--output", "json"]).ok().json()["controller_pid"]
+        .as_u64()
+        .expect("the controller's pid") as u32;
+    let mut waiter = std::process::Command::new(crate::common::STARLING)
+        .args([
+            "result",
+            &job.to_string(),
+            "--progress",
+            "--cluster",
+            "phoenix",
+        ])
+        .env("STARLING_HOME", c.home_path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(waiter.stderr.take().unwrap());
+    let mut line = String::new();
+    // Its first progress line: it is attached, and the map is well under way.
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    assert!(line.starts_with(&format!("job {job}: ")), "{line}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(controller as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut said, &mut rest).unwrap();
+    assert!(!waiter.wait().unwrap().success());
+    assert!(
+        rest.contains(&format!("while waiting for job {job}"))
+            && rest.contains(&format!("`starling result {job}` waits for it")),
+        "{rest}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || !c
+            .processes()
+            .contains(&controller))
+        .await
+    );
+    let down = c.starling(&["ids"]);
+    down.fails();
+    assert!(
+        down.stderr.contains("cannot reach the controller"),
+        "{}",
+        down.stderr
+    );
+
+    let r = c.starling(&["restart"]);
+    r.ok();
+    assert!(
+        r.stdout.contains("2 engines [0, 1] back in"),
+        "{}",
+        r.stdout
+    );
+
+    // Every item once, in order, and the job is recorded as done.
+    let out = c
+        .starling(&[
+            "result",
+            &job.to_string(),
+            "--timeout",
+            "60",
+            "--output",
+            "json",
+        ])
+        .ok()
+        .json();
+    let want: Vec<u64> = (0..600).map(|x| x * x).collect();
+    assert_eq!(out, serde_json::json!(want));
+    let history = c.starling(&["history", "--output", "json"]).ok().json();
+    let row = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["job"] == job)
+        .expect("the map is in the history")
+        .clone();
+    assert_eq!(row["status"], "ok", "{row}");
+    assert_eq!(row["items"], 600, "{row}");
+
+    // Engines kept their namespaces; jobs from before are readable; new ids are new; one store.
+    assert!(c.starling(&["px", "x"]).ok().stdout.contains("41"));
+    assert!(c.starling(&["result", "0"]).ok().stdout.is_empty());
+    let next = c
+        .starling(&["px", "--noblock", "1", "--output", "json"])
+        .ok()
+        .json()["job"]
+        .as_u64()
+        .unwrap();
+    assert!(next > job, "job {next} after job {job}");
+    assert_eq!(c.task_store(), store);
+}
