@@ -1950,7 +1950,9 @@ impl State {
                 .filter(|j| j.waiting)
                 .map(|j| j.remaining)
                 .sum(),
-            jobs: self.next_job,
+            // Counted, not read off the next id: ids skip ahead after a restart.
+            jobs: (self.ended.len() + self.jobs.values().filter(|j| j.remaining > 0).count())
+                as u64,
         }
     }
 }

@@ -741,6 +741,7 @@ pub struct ClusterStatus {
     pub running: u64,
     /// Tasks (items of load-balanced maps) of jobs that wait for their dependencies.
     pub waiting: u64,
+    /// Jobs submitted to the cluster, finished or not.
     pub jobs: u64,
 }
 

@@ -1105,12 +1105,11 @@ fn the_ssh_provider_bootstraps_listed_hosts() {
         .as_u64()
         .unwrap();
     eventually(Duration::from_secs(30), "the map gets going", || {
-        let s = user.run(&["status", name, "--output", "json"]).ok().json();
-        s["engines"].as_array().map_or(0, |e| {
-            e.iter()
-                .filter_map(|e| e["tasks_done"].as_u64())
-                .sum::<u64>()
-        }) >= 80
+        status_engines(&user, name)
+            .iter()
+            .filter_map(|e| e["tasks_done"].as_u64())
+            .sum::<u64>()
+            >= 80
     });
     let pid_file = node_root(name).join("master/controller.pid");
     let pid: i32 = std::fs::read_to_string(&pid_file)

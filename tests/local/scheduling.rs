@@ -557,7 +557,9 @@ async fn a_controller_killed_mid_map_is_restarted_and_the_map_completes_with_eve
     assert!(!waiter.wait().unwrap().success());
     assert!(
         rest.contains(&format!("while waiting for job {job}"))
-            && rest.contains(&format!("`starling result {job}` waits for it")),
+            && rest.contains(&format!(
+                "`starling result {job}` (in Python `rc.get_result({job})`) waits for it"
+            )),
         "{rest}"
     );
     assert!(
