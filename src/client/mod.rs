@@ -144,7 +144,10 @@ impl Client {
         let on_write_error = weak.clone();
         tokio::spawn(async move {
             let mut out_rx = out_rx;
-            if let Err(e) = writer.pump_frames(&mut out_rx).await {
+            if let Err(e) = writer
+                .pump_frames(&mut out_rx, &conn::Backlog::default())
+                .await
+            {
                 if let Some(shared) = on_write_error.upgrade() {
                     shared.on_disconnect(&e.to_string());
                 }

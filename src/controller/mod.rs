@@ -2,14 +2,19 @@
 //!
 //! [`run`] takes an already-bound listener and a shutdown future, so `starlingd controller`,
 //! the tests and embedders all call the same function. Each connection gets a reader task (TLS,
-//! handshake, then frames → events) and a writer task (an unbounded queue → frames). One actor
-//! task owns the [`state::State`] and turns events into `on_*` calls; everything it sends goes
-//! through [`Wire`], the real [`state::Comm`].
+//! handshake, then frames → events) and a writer task (a queue → frames). One actor task owns
+//! the [`state::State`] and turns events into `on_*` calls; everything it sends goes through
+//! [`Wire`], the real [`state::Comm`].
+//!
+//! What a peer can make the controller hold is bounded: at most [`MAX_HANDSHAKES`] connections
+//! wait for their handshake (another one arriving drops the one that has waited longest, so a
+//! flood of idle sockets cannot shut clients out), and a client that does not read what it asked
+//! for is cut off once [`client_backlog`] bytes wait for it.
 
 pub mod state;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::proto::auth::Key;
 use crate::proto::conn::{self, Accepted, ServerKeys};
@@ -66,8 +72,50 @@ type Flushed = tokio::task::JoinHandle<Result<(), ProtoError>>;
 /// to be written before it exits anyway.
 const FLUSH_ON_EXIT: Duration = Duration::from_secs(2);
 
+/// Connections that may wait for their handshake at once. A real peer finishes it in a few
+/// milliseconds; this many is room for a whole cluster's engines reconnecting together.
+pub const MAX_HANDSHAKES: usize = 256;
+/// The first pause after a failed accept (out of file descriptors, say); it doubles up to
+/// [`ACCEPT_PAUSE_MAX`] while accepting keeps failing.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// The most bytes that may wait to be sent to one client: two frames, so one can be queued
+/// while the other is written. A client that lets more pile up is not reading; it is cut off.
+pub fn client_backlog(max_frame: usize) -> usize {
+    2 * max_frame + conn::ENVELOPE_MARGIN
+}
+
+/// A client's queue: frames to its writer, and what waits in it.
+struct Outbox {
+    tx: mpsc::UnboundedSender<bytes::Bytes>,
+    backlog: Arc<conn::Backlog>,
+}
+
+impl Outbox {
+    /// Queues `frames`, unless that would put more than `limit` bytes in waiting: then the
+    /// connection is cut, and this says so (false).
+    fn send(&self, conn: ConnId, frames: Vec<bytes::Bytes>, limit: usize) -> bool {
+        for frame in frames {
+            if self.backlog.queued() + frame.len() > limit {
+                tracing::warn!(
+                    ?conn,
+                    queued = self.backlog.queued(),
+                    "a client does not read what it asked for ({} MiB wait for it); its connection is cut",
+                    (self.backlog.queued() + frame.len()) >> 20
+                );
+                self.backlog.cut();
+                return false;
+            }
+            self.backlog.queue(frame.len());
+            let _ = self.tx.send(frame);
+        }
+        true
+    }
+}
+
 enum Event {
-    ClientUp(ConnId, mpsc::UnboundedSender<bytes::Bytes>, Flushed),
+    ClientUp(ConnId, Outbox, Flushed),
     ClientRequest(ConnId, u64, ClientRequest),
     ClientGone(ConnId),
     EngineUp(ConnId, mpsc::UnboundedSender<bytes::Bytes>, Flushed),
@@ -78,7 +126,7 @@ enum Event {
 /// The real [`Comm`]: queues to connection writers, the task store.
 struct Wire {
     /// Encoded frames to each client's writer: results are fitted to the frame limit here.
-    clients: HashMap<ConnId, mpsc::UnboundedSender<bytes::Bytes>>,
+    clients: HashMap<ConnId, Outbox>,
     /// Encoded frames to each engine process's writer.
     engines: HashMap<ConnId, mpsc::UnboundedSender<bytes::Bytes>>,
     max_frame: usize,
@@ -88,11 +136,13 @@ struct Wire {
 
 impl Comm for Wire {
     fn to_client(&mut self, conn: ConnId, msg: ControllerToClient) {
-        let Some(tx) = self.clients.get(&conn) else {
+        let Some(out) = self.clients.get(&conn) else {
             return;
         };
-        for frame in crate::proto::encode_results(msg, self.max_frame) {
-            let _ = tx.send(frame);
+        let frames = crate::proto::encode_results(msg, self.max_frame);
+        if !out.send(conn, frames, client_backlog(self.max_frame)) {
+            // Its writer and reader stop; the reader's ClientGone tells the state.
+            self.clients.remove(&conn);
         }
     }
     fn to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {
@@ -143,14 +193,19 @@ impl Comm for Wire {
         }
     }
     fn read_store(&mut self, conn: ConnId, id: u64, read: Read) {
-        let Some(tx) = self.clients.get(&conn).cloned() else {
+        let Some(out) = self.clients.get(&conn).map(|o| Outbox {
+            tx: o.tx.clone(),
+            backlog: o.backlog.clone(),
+        }) else {
             return;
         };
         let max_frame = self.max_frame;
         let send = move |msg: ControllerToClient| {
-            for frame in crate::proto::encode_results(msg, max_frame) {
-                let _ = tx.send(frame);
-            }
+            out.send(
+                conn,
+                crate::proto::encode_results(msg, max_frame),
+                client_backlog(max_frame),
+            );
         };
         let Some(store) = &self.store else {
             send(ControllerToClient::Reply {
@@ -239,20 +294,54 @@ pub async fn run(
     let max_frame = config.max_frame;
     let accept_loop = async move {
         let mut next = 0u64;
+        // Connections waiting for their handshake, oldest first, each with its switch.
+        let waiting: Arc<std::sync::Mutex<VecDeque<(ConnId, CancellationToken)>>> = Arc::default();
+        let mut dropped = 0u64;
+        let mut pause = ACCEPT_PAUSE;
         loop {
             let (tcp, peer) = match listener.accept().await {
-                Ok(x) => x,
+                Ok(x) => {
+                    pause = ACCEPT_PAUSE;
+                    x
+                }
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors, say: back off rather than spin.
+                    tracing::warn!("accept failed: {e}; trying again in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
                     continue;
                 }
             };
             next += 1;
             let conn = ConnId(next);
+            let switch = CancellationToken::new();
+            {
+                let mut w = waiting.lock().expect("not poisoned");
+                w.push_back((conn, switch.clone()));
+                if w.len() > MAX_HANDSHAKES {
+                    if let Some((_, oldest)) = w.pop_front() {
+                        oldest.cancel();
+                        dropped += 1;
+                        if dropped.is_power_of_two() {
+                            tracing::warn!(
+                                "{dropped} connection(s) dropped so far: more than {MAX_HANDSHAKES} waited for their handshake at once"
+                            );
+                        }
+                    }
+                }
+            }
             let (acceptor, keys, events) = (acceptor.clone(), keys.clone(), events_tx.clone());
+            let waiting = waiting.clone();
             tokio::spawn(async move {
-                match conn::accept(&acceptor, tcp, &keys, max_frame).await {
+                let accepted = tokio::select! {
+                    r = conn::accept(&acceptor, tcp, &keys, max_frame) => r,
+                    () = switch.cancelled() => return,
+                };
+                waiting
+                    .lock()
+                    .expect("not poisoned")
+                    .retain(|(c, _)| *c != conn);
+                match accepted {
                     Ok(accepted) => serve(conn, accepted, events).await,
                     Err(e) => tracing::warn!(%peer, "connection refused: {e}"),
                 }
@@ -284,7 +373,7 @@ pub async fn run(
             Some(ev) = events.recv() => {
                 let now = Instant::now();
                 match ev {
-                    Event::ClientUp(c, tx, flushed) => { wire.clients.insert(c, tx); writers.retain(|w| !w.is_finished()); writers.push(flushed); state.on_client_connected(c); }
+                    Event::ClientUp(c, out, flushed) => { wire.clients.insert(c, out); writers.retain(|w| !w.is_finished()); writers.push(flushed); state.on_client_connected(c); }
                     Event::ClientRequest(c, id, body) => state.on_client_request(&mut wire, c, id, body, now),
                     Event::ClientGone(c) => { wire.clients.remove(&c); state.on_client_gone(c); }
                     Event::EngineUp(c, tx, flushed) => { wire.engines.insert(c, tx); writers.push(flushed); state.on_engine_connected(c, now); }
@@ -317,18 +406,28 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
         Accepted::Client(c) => {
             let (mut reader, writer) = c.split();
             let (tx, mut rx) = mpsc::unbounded_channel();
+            let backlog = Arc::new(conn::Backlog::default());
             let on_error = events.clone();
+            let pumped = backlog.clone();
             let flushed = tokio::spawn(async move {
-                let sent = writer.pump_frames(&mut rx).await;
+                let sent = writer.pump_frames(&mut rx, &pumped).await;
                 if let Err(e) = &sent {
                     tracing::warn!(?conn, "sending to a client failed: {e}");
                     let _ = on_error.send(Event::ClientGone(conn));
                 }
                 sent
             });
-            let _ = events.send(Event::ClientUp(conn, tx, flushed));
+            let out = Outbox {
+                tx,
+                backlog: backlog.clone(),
+            };
+            let _ = events.send(Event::ClientUp(conn, out, flushed));
             loop {
-                match reader.recv().await {
+                let received = tokio::select! {
+                    r = reader.recv() => r,
+                    () = backlog.cut_off() => break,
+                };
+                match received {
                     Ok(Some(req)) => {
                         let _ = events.send(Event::ClientRequest(conn, req.id, req.body));
                     }
@@ -348,7 +447,7 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
             let (tx, mut rx) = mpsc::unbounded_channel();
             let on_error = events.clone();
             let flushed = tokio::spawn(async move {
-                let sent = writer.pump_frames(&mut rx).await;
+                let sent = writer.pump_frames(&mut rx, &conn::Backlog::default()).await;
                 if let Err(e) = &sent {
                     let _ = on_error.send(Event::EngineGone(
                         conn,

@@ -330,7 +330,7 @@ async fn serve(
     let rx = out_rx.clone();
     let mut pump = tokio::spawn(async move {
         let mut rx = rx.lock().await;
-        writer.pump_frames(&mut rx).await
+        writer.pump_frames(&mut rx, &conn::Backlog::default()).await
     });
     let beat = out_tx.clone();
     let heart = tokio::spawn(async move {

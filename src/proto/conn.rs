@@ -206,20 +206,75 @@ impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
     }
 
     /// Like [`Self::pump`], for frames already encoded (see [`encode`]) — by a sender that
-    /// checked their size against the limit first.
+    /// checked their size against the limit first, and counted them in `backlog`; ends with
+    /// [`ProtoError::Cut`] when the backlog is cut.
     pub async fn pump_frames(
         mut self,
         rx: &mut tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+        backlog: &Backlog,
     ) -> Result<(), ProtoError> {
-        while let Some(frame) = rx.recv().await {
-            self.inner.feed(frame).await?;
-            while let Ok(more) = rx.try_recv() {
-                self.inner.feed(more).await?;
+        let pump = async {
+            while let Some(frame) = rx.recv().await {
+                let mut fed = frame.len();
+                self.inner.feed(frame).await?;
+                while let Ok(more) = rx.try_recv() {
+                    backlog.sent(std::mem::replace(&mut fed, more.len()));
+                    self.inner.feed(more).await?;
+                }
+                backlog.sent(fed);
+                SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
             }
-            SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
+            let _ = SinkExt::<bytes::Bytes>::close(&mut self.inner).await;
+            Ok(())
+        };
+        tokio::select! {
+            r = pump => r,
+            () = backlog.cut.cancelled() => Err(ProtoError::Cut(
+                "the peer did not read what was sent to it".into(),
+            )),
         }
-        let _ = SinkExt::<bytes::Bytes>::close(&mut self.inner).await;
-        Ok(())
+    }
+}
+
+/// What waits in one connection's queue of encoded frames, in bytes, and a switch that ends
+/// the connection: the sender of a peer that does not read (its backlog past a bound) cuts it
+/// instead of buffering for ever.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    queued: std::sync::atomic::AtomicUsize,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl Backlog {
+    /// Bytes queued and not yet handed to the socket.
+    pub fn queued(&self) -> usize {
+        self.queued.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts `n` more bytes queued.
+    pub fn queue(&self, n: usize) {
+        self.queued
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn sent(&self, n: usize) {
+        // Saturating: frames a sender did not count (control messages) are not subtracted
+        // below zero.
+        let _ = self.queued.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |q| Some(q.saturating_sub(n)),
+        );
+    }
+
+    /// Ends the connection: its writer stops, and so does whoever waits on [`Self::cut_off`].
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+
+    /// Completes once the connection is cut.
+    pub async fn cut_off(&self) {
+        self.cut.cancelled().await;
     }
 }
 

@@ -47,6 +47,8 @@ pub enum ProtoError {
     HandshakeTimeout(u64),
     #[error("unexpected message during the handshake")]
     Unexpected,
+    #[error("the connection was cut: {0}")]
+    Cut(String),
 }
 
 /// Microseconds since the Unix epoch: timestamps on the wire and in the task store.

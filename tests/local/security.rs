@@ -144,3 +144,119 @@ async fn garbage_closes_only_its_own_connection() {
     let log = std::fs::read_to_string(c.node_root().join("master/logs/controller.log")).unwrap();
     assert!(log.contains("client connection closed"), "{log}");
 }
+
+/// The controller's resident memory, from /proc.
+fn controller_rss_mib(c: &Cluster) -> u64 {
+    let pid: u32 = std::fs::read_to_string(c.node_root().join("master/starlingd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    kib >> 10
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_neither_shuts_clients_out_nor_grows_the_controller() {
+    let c = Cluster::up("idleflood", 1);
+    let info = ConnectionInfo::load(&c.connection_file()).unwrap();
+    let before = controller_rss_mib(&c);
+    // Twice as many sockets as may wait for a handshake, each silent.
+    let n = 2 * starling::controller::MAX_HANDSHAKES + 100;
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        idle.push(
+            tokio::net::TcpStream::connect(&info.controller)
+                .await
+                .unwrap(),
+        );
+    }
+    // A real client still gets in at once, and its work runs.
+    let client = tokio::time::timeout(Duration::from_secs(5), Client::connect_with(info.clone()))
+        .await
+        .expect("a client gets in while idle sockets wait")
+        .unwrap();
+    let ar = client.all().execute("6 * 7").await.unwrap();
+    assert_eq!(ar.get().await.unwrap(), vec![Value::Json(json!(42))]);
+    // The sockets that waited longest were dropped, not kept.
+    let mut buf = [0u8; 16];
+    let first = tokio::time::timeout(Duration::from_secs(5), idle[0].read(&mut buf))
+        .await
+        .expect("the oldest idle socket is closed");
+    assert!(matches!(first, Ok(0) | Err(_)), "{first:?}");
+    let grown = controller_rss_mib(&c).saturating_sub(before);
+    assert!(
+        grown < 32,
+        "the controller grew by {grown} MiB for {n} idle sockets"
+    );
+    let log = std::fs::read_to_string(c.node_root().join("master/logs/controller.log")).unwrap();
+    assert!(log.contains("waited for their handshake at once"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_off_and_the_controller_does_not_hold_its_backlog() {
+    let c = Cluster::new("noreader");
+    let spec = c.home_path().join("small.yaml");
+    std::fs::write(
+        &spec,
+        "name: noreader\nengines_per_node: 1\nmax_frame_mb: 4\n",
+    )
+    .unwrap();
+    c.starling_raw(&["up", "-f", spec.to_str().unwrap()]).ok();
+    let info = ConnectionInfo::load(&c.connection_file()).unwrap();
+    let good = c.client().await;
+    // A job with a 3 MB result.
+    let big = good.all().execute("b'x' * 3_000_000").await.unwrap();
+    big.get().await.unwrap();
+    let before = controller_rss_mib(&c);
+
+    // A client that asks for that result 60 times (180 MB) and never reads an answer.
+    let mut greedy: conn::Conn<
+        PeerStream,
+        ControllerToClient,
+        starling::proto::ClientToController,
+    > = conn::connect(
+        &info.controller,
+        &info.certificate,
+        Role::Client,
+        &info.client_key,
+        info.max_frame,
+    )
+    .await
+    .unwrap();
+    for id in 0..60 {
+        let ask = starling::proto::ClientToController {
+            id,
+            body: starling::proto::ClientRequest::Subscribe { job: big.job_id() },
+        };
+        if greedy.send(&ask).await.is_err() {
+            break; // cut off already
+        }
+    }
+    let log_path = c.node_root().join("master/logs/controller.log");
+    assert!(
+        crate::common::eventually(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .contains("a client does not read what it asked for")
+        })
+        .await,
+        "the controller cut the client off"
+    );
+    let grown = controller_rss_mib(&c).saturating_sub(before);
+    assert!(
+        grown < 64,
+        "the controller grew by {grown} MiB for a client that never reads"
+    );
+    // Others keep working.
+    let ar = good.all().execute("'unbothered'").await.unwrap();
+    assert_eq!(
+        ar.get().await.unwrap(),
+        vec![Value::Json(json!("unbothered"))]
+    );
+}
