@@ -115,6 +115,17 @@ pub async fn kill_all(root: &Path, wait: Duration) {
     }
 }
 
+/// A process's command line, its arguments joined by spaces; `None` once it is gone.
+pub fn command_line(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .map(String::from_utf8_lossy)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
 /// Stops one process of the node marked with `root` (nothing, if `pid` is not one of them):
 /// SIGTERM, then SIGKILL if it is still there after `grace`. Returns once it is gone.
 pub async fn stop_one(root: &Path, pid: u32, grace: Duration) {

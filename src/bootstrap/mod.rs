@@ -432,7 +432,8 @@ async fn boot_in(
         // take up its jobs): one left by an earlier cluster of this name is kept beside it.
         let _ = write!(
             install,
-            " && if [ -e {qdir}/tasks.db ]; then t=$(date +%s); for f in tasks.db tasks.db-wal tasks.db-shm; do              [ ! -e {qdir}/$f ] || mv -f {qdir}/$f {qdir}/tasks-$t.db${{f#tasks.db}}; done; fi"
+            " && if [ -e {qdir}/tasks.db ]; then t=$(date +%s); for f in tasks.db tasks.db-wal tasks.db-shm; do \
+             [ ! -e {qdir}/$f ] || mv -f {qdir}/$f {qdir}/tasks-$t.db${{f#tasks.db}}; done; fi"
         );
     }
     if uploaded {
@@ -686,11 +687,12 @@ pub fn restart_controller_script(cluster: &str) -> String {
     let q = remote_dir(cluster, "master");
     format!(
         "cd \"$HOME\" && pid=$(cat {q}/controller.pid 2>/dev/null); \
-         if [ -n \"$pid\" ] && tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF \"controller --config {q}/config/controller.json\"; then \
+         if [ -n \"$pid\" ] && tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF \"controller --config $HOME/{dir}/config/controller.json\"; then \
          kill $pid; n=0; while kill -0 $pid 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; kill -9 $pid 2>/dev/null; \
          n=0; while kill -0 $pid 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; fi; \
          {} && cat {q}/controller.pid",
-        start_command(&q, "controller")
+        start_command(&q, "controller"),
+        dir = node_dir(cluster, "master"),
     )
 }
 

@@ -131,6 +131,8 @@ struct Wire {
     engines: HashMap<ConnId, mpsc::UnboundedSender<bytes::Bytes>>,
     max_frame: usize,
     store: Option<Store>,
+    /// The job ids asked of the store so far (see [`Comm::reserve_jobs`]).
+    requested_jobs: u64,
     shutdown_requested: bool,
 }
 
@@ -182,13 +184,20 @@ impl Comm for Wire {
             });
         }
     }
-    fn record_ended(&mut self, job: JobId, status: &'static str, error: Option<&str>) {
+    fn record_ended(
+        &mut self,
+        job: JobId,
+        status: &'static str,
+        error: Option<&str>,
+        ran_on: &[EngineId],
+    ) {
         if let Some(store) = &self.store {
             store.send(StoreOp::Ended {
                 job,
                 status,
                 error: error.map(str::to_string),
                 completed: crate::proto::now_micros(),
+                ran_on: ran_on.to_vec(),
             });
         }
     }
@@ -233,13 +242,24 @@ impl Comm for Wire {
     }
     fn record_engines(&mut self, ids: &[(String, u32, EngineId)]) {
         if let Some(store) = &self.store {
-            store.send_durably(StoreOp::Engines(ids.to_vec()));
+            // Blocks the controller until the store has written what was queued before: rare,
+            // since a node slot gets its id once.
+            store.send(StoreOp::Engines(ids.to_vec()));
+            store.sync();
         }
     }
-    fn reserve_jobs(&mut self, upto: u64) {
-        if let Some(store) = &self.store {
-            store.send_durably(StoreOp::ReserveJobs(upto));
+    fn reserve_jobs(&mut self, upto: u64, needed: u64) -> bool {
+        let Some(store) = &self.store else {
+            return true;
+        };
+        if upto > self.requested_jobs {
+            store.send(StoreOp::ReserveJobs(upto));
+            self.requested_jobs = upto;
         }
+        if store.reserved_jobs() < needed {
+            store.sync();
+        }
+        store.reserved_jobs() >= needed
     }
     fn record_results(&mut self, job: JobId, results: &[TaskResult]) {
         if let Some(store) = &self.store {
@@ -356,6 +376,7 @@ pub async fn run(
         clients: HashMap::new(),
         engines: HashMap::new(),
         store,
+        requested_jobs: 0,
         shutdown_requested: false,
         max_frame: config.max_frame,
     };
@@ -390,7 +411,7 @@ pub async fn run(
     if let Some(store) = &wire.store {
         // Every job is recorded by now (the store finishes its queue before it closes): the
         // next controller on this store need not skip the rest of the reserved ids.
-        store.send(StoreOp::ReserveJobs(state.next_job().0));
+        store.send(StoreOp::Stopped(state.next_job().0));
     }
     // Closing the queues ends each writer once it has sent what was queued (the shutdown
     // orders, the last replies); wait for that, within bounds.

@@ -44,6 +44,9 @@ pub const KEEP_FINISHED_BYTES: usize = 128 << 20;
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 /// The largest adaptive chunk, so a big map starts on every engine quickly and frames stay small.
 const MAX_CHUNK: usize = 5000;
+/// How long after a restart the engines the controller knew before are expected back: until
+/// then, work that is to follow jobs onto them waits for them.
+pub const RESTART_GRACE: Duration = Duration::from_secs(60);
 /// Job ids are reserved in the task store this many at a time, each block on disk before its
 /// first id is given out: a controller that is killed and started again never hands out an id
 /// twice, and skips at most this many.
@@ -64,14 +67,22 @@ pub trait Comm {
     fn record_job(&mut self, info: &JobInfo, spec: JobSpec, options: &JobOptions);
     /// Records finished tasks in the task store.
     fn record_results(&mut self, job: JobId, results: &[TaskResult]);
-    /// Records that a job's last task is in: its status and first error.
-    fn record_ended(&mut self, job: JobId, status: &'static str, error: Option<&str>);
+    /// Records that a job's last task is in: its status, first error, and where it ran.
+    fn record_ended(
+        &mut self,
+        job: JobId,
+        status: &'static str,
+        error: Option<&str>,
+        ran_on: &[EngineId],
+    );
     /// Asks the task store; the answer goes to the client as the reply to request `id`.
     fn read_store(&mut self, conn: ConnId, id: u64, read: Read);
     /// Records new engine ids of node slots; returns once they are on disk.
     fn record_engines(&mut self, ids: &[(String, u32, EngineId)]);
-    /// Records that job ids below `upto` may be in use; returns once that is on disk.
-    fn reserve_jobs(&mut self, upto: u64);
+    /// Asks the task store to reserve job ids below `upto` (without waiting), and makes sure
+    /// that ids below `needed` are reserved on disk, waiting if they are not yet; false if the
+    /// store cannot record that.
+    fn reserve_jobs(&mut self, upto: u64, needed: u64) -> bool;
     /// Stops the controller once the messages queued so far are sent.
     fn shutdown(&mut self);
 }
@@ -136,6 +147,29 @@ struct Job {
 }
 
 impl Job {
+    /// A job of `info` that nothing has happened to yet: every slot to fill, nobody waiting.
+    fn new(info: JobInfo, options: JobOptions) -> Self {
+        Self {
+            remaining: info.slots,
+            info,
+            done: Vec::new(),
+            subscribers: Vec::new(),
+            mapper: None,
+            feed: None,
+            item_micros: None,
+            bytes: 0,
+            options,
+            waiting: false,
+            pending: 0,
+            held: Vec::new(),
+            allowed: None,
+            deadline: None,
+            ran_on: BTreeSet::new(),
+            failure: None,
+            status: "ok",
+        }
+    }
+
     /// Takes note of a finished task: where it ran, and the job's first failure.
     fn took(&mut self, result: &TaskResult) {
         if first_error(&result.outcome)
@@ -153,6 +187,8 @@ impl Job {
                 };
                 self.failure = Some(if e.ename == "ImpossibleDependency" {
                     e.evalue.as_str().into()
+                } else if result.engine == EngineId::NONE {
+                    e.to_string().into()
                 } else {
                     format!("{e}, on engine {}", result.engine).into()
                 });
@@ -291,6 +327,8 @@ pub struct State {
     next_job: u64,
     /// Job ids below this are reserved in the task store.
     reserved_jobs: u64,
+    /// After a restart, until when the engines known before it are expected back.
+    awaiting_until: Option<Instant>,
     next_task: u64,
 }
 
@@ -325,6 +363,7 @@ impl State {
             next_engine: 0,
             next_job: 0,
             reserved_jobs: 0,
+            awaiting_until: None,
             next_task: 0,
         }
     }
@@ -526,6 +565,14 @@ impl State {
         let mut pending = false;
         for j in &dep.jobs {
             match self.ended.get(j) {
+                None if !self.jobs.contains_key(j) => {
+                    // Purged, or lost with a controller that was killed before it recorded it.
+                    if unmet.is_none() {
+                        unmet = Some(format!(
+                            "job {j} is not known to this controller (purged from its task store, or lost when an earlier controller was killed before recording it)"
+                        ));
+                    }
+                }
                 None => pending = true,
                 Some(e) if (e.ok && dep.success) || (!e.ok && dep.failure) => met.push(e),
                 Some(e) => {
@@ -610,9 +657,11 @@ impl State {
     }
 
     /// Whether `id` is an engine the controller knew before it was restarted and has not
-    /// heard from since (every engine lost while it ran is in `lost`): it is expected back.
+    /// heard from since (every engine lost while it ran is in `lost`): it is expected back, for
+    /// [`RESTART_GRACE`] after the restart.
     fn awaited(&self, id: EngineId) -> bool {
-        !self.engines.contains_key(&id)
+        self.awaiting_until.is_some()
+            && !self.engines.contains_key(&id)
             && self.slot_ids.values().any(|v| *v == id)
             && !self.lost.values().any(|l| l.id == Some(id))
     }
@@ -724,11 +773,15 @@ impl State {
         if per_target.len() == 1 && chosen.len() > 1 {
             per_target = vec![per_target[0].clone(); chosen.len()];
         }
-        self.next_job += 1;
-        if self.next_job > self.reserved_jobs {
-            self.reserved_jobs = self.next_job + JOB_ID_BLOCK;
-            comm.reserve_jobs(self.reserved_jobs);
+        // The id must be reserved on disk before anyone hears it; the next block is asked for
+        // while half of this one is left, so that waiting for the disk is rare.
+        if self.next_job + 1 + JOB_ID_BLOCK / 2 > self.reserved_jobs {
+            self.reserved_jobs = self.next_job + 1 + JOB_ID_BLOCK;
         }
+        if !comm.reserve_jobs(self.reserved_jobs, self.next_job + 1) {
+            return Err("the task store cannot record jobs (the controller's log says why); nothing was submitted".into());
+        }
+        self.next_job += 1;
         let slots = match (&feed, kind) {
             (Some(f), _) => f.items.len() as u64,
             (None, JobKind::Map) => per_target.iter().map(|(_, n)| n).sum(),
@@ -784,27 +837,16 @@ impl State {
         self.jobs.insert(
             job,
             Job {
-                done: Vec::new(),
-                remaining: info.slots,
                 subscribers: if empty { Vec::new() } else { vec![conn] },
-                info: info.clone(),
                 mapper,
                 feed: feed.filter(|f| !f.items.is_empty()),
-                item_micros: None,
-                bytes: 0,
                 waiting: !ready,
-                pending: 0,
                 held,
-                allowed: None,
-                deadline: None,
-                ran_on: BTreeSet::new(),
-                failure: None,
-                status: "ok",
-                options,
+                ..Job::new(info.clone(), options)
             },
         );
         if empty {
-            comm.record_ended(job, "ok", None);
+            comm.record_ended(job, "ok", None, &[]);
             self.job_ended(job);
             self.finished.push_back(job);
             self.forget_old_jobs();
@@ -814,13 +856,18 @@ impl State {
             let defs = self.defs_for(econn, &tasks);
             comm.to_engine(econn, ControllerToEngine::Run { defs, tasks });
         }
+        self.settle(comm, job, readiness, now);
+        Ok(info)
+    }
+
+    /// Acts on how a new (or restored) job's dependencies stand: it runs, waits for them, or
+    /// fails — once its submitter has its reply (results before it would find no job).
+    fn settle(&mut self, comm: &mut impl Comm, job: JobId, readiness: Readiness, now: Instant) {
         match readiness {
             Readiness::Ready(allowed) => self.release(comm, job, allowed, now),
             Readiness::Waiting => self.wait_for_dependencies(job),
-            // Failed once the client has its reply (results before it would find no job).
             Readiness::Impossible(why) => self.impossible.push((job, why)),
         }
-        Ok(info)
     }
 
     /// Files a waiting job under each dependency of it that has not ended yet.
@@ -855,7 +902,9 @@ impl State {
     pub fn restore(&mut self, comm: &mut impl Comm, recovered: Recovered, now: Instant) {
         self.next_job = self.next_job.max(recovered.next_job);
         self.reserved_jobs = self.next_job;
+        self.awaiting_until = Some(now + RESTART_GRACE);
         self.next_task = self.next_task.max(recovered.next_task);
+        self.next_engine = self.next_engine.max(recovered.next_engine);
         for (node, slot, id) in recovered.slot_ids {
             self.next_engine = self.next_engine.max(id.0 + 1);
             self.slot_ids.insert((node, slot), id);
@@ -887,30 +936,17 @@ impl State {
             } else {
                 u.done.iter().map(|r| (r.task, r.engine)).collect()
             };
+            let info = JobInfo {
+                job: u.job,
+                kind: u.kind,
+                submitted: u.submitted,
+                tasks,
+                slots: u.slots,
+            };
             let mut job = Job {
-                info: JobInfo {
-                    job: u.job,
-                    kind: u.kind,
-                    submitted: u.submitted,
-                    tasks,
-                    slots: u.slots,
-                },
                 bytes: u.done.iter().map(TaskResult::approx_bytes).sum(),
-                done: Vec::new(),
                 remaining,
-                subscribers: Vec::new(),
-                mapper: None,
-                feed: None,
-                item_micros: None,
-                options,
-                waiting: false,
-                pending: 0,
-                held: Vec::new(),
-                allowed: None,
-                deadline: None,
-                ran_on: BTreeSet::new(),
-                failure: None,
-                status: "ok",
+                ..Job::new(info, options)
             };
             for r in &u.done {
                 job.took(r);
@@ -923,8 +959,12 @@ impl State {
                 chunksize,
             }) = spec
             {
-                job.mapper = Some(mapper);
-                job.feed = Some(resumed_feed(items, &missing, chunksize, known_engines));
+                if items.len() as u64 == u.slots {
+                    job.mapper = Some(mapper);
+                    job.feed = Some(resumed_feed(items, &missing, chunksize, known_engines));
+                } else {
+                    tracing::error!(job = %u.job, "the store's request has {} items for {} slots; not resumed", items.len(), u.slots);
+                }
             }
             let id = u.job;
             let balanced = job.feed.is_some();
@@ -942,7 +982,7 @@ impl State {
                 } else if kept {
                     format!("the controller was restarted before this task's result came in; it may have run: run it again if that is safe (`starling resubmit {id}` runs the whole job again)")
                 } else {
-                    format!("the controller was restarted before this task's result came in, and job {id} was too large for the task store to keep, so it cannot be run again from there")
+                    format!("the controller was restarted before this task's result came in, and the task store did not keep job {id} whole (over 16 MiB, or written by another version), so it cannot be run again from there")
                 };
                 failed.extend(self.fail_slots(id, &missing, "ControllerRestarted", &why));
             }
@@ -951,11 +991,7 @@ impl State {
             let options = std::mem::take(&mut self.jobs.get_mut(&id).expect("restored").options);
             let readiness = self.readiness(&options);
             self.jobs.get_mut(&id).expect("restored").options = options;
-            match readiness {
-                Readiness::Ready(allowed) => self.release(comm, id, allowed, now),
-                Readiness::Waiting => self.wait_for_dependencies(id),
-                Readiness::Impossible(why) => self.impossible.push((id, why)),
-            }
+            self.settle(comm, id, readiness, now);
         }
         for id in complete {
             self.end_job(comm, id);
@@ -1676,7 +1712,8 @@ impl State {
         self.finished.push_back(job_id);
         self.finished_slots += job.info.slots;
         self.finished_bytes += job.bytes;
-        comm.record_ended(job_id, job.status, job.failure.as_deref());
+        let ran_on: Vec<EngineId> = job.ran_on.iter().copied().collect();
+        comm.record_ended(job_id, job.status, job.failure.as_deref(), &ran_on);
         self.job_ended(job_id);
     }
 
@@ -1757,14 +1794,26 @@ impl State {
             // of waiting for ever.
             self.orphaned = Some((now, lost, format!("engine {lost} was lost: {reason}")));
         }
-        // Work that was to follow jobs onto engines that are all gone now cannot run.
-        let stranded: Vec<(JobId, String)> = self
-            .jobs
+        let stranded = self.stranded(reason);
+        self.finish_only(comm, failed);
+        for (job, why) in stranded {
+            self.fail_impossible(comm, job, &why);
+        }
+        self.after_change(comm, now);
+        comm.close(conn);
+    }
+
+    /// Work that was to follow jobs onto engines that are all gone now cannot run: those jobs,
+    /// and why (`reason`: why the engines are gone).
+    fn stranded(&self, reason: &str) -> Vec<(JobId, String)> {
+        self.jobs
             .iter()
             .filter(|(_, j)| j.remaining > 0 && !j.waiting)
             .filter_map(|(id, j)| {
                 let allowed = j.allowed.as_ref()?;
-                let alive = allowed.iter().any(|e| self.engines.contains_key(e));
+                let alive = allowed
+                    .iter()
+                    .any(|e| self.engines.contains_key(e) || self.awaited(*e));
                 (!alive && j.feed.is_some()).then(|| {
                     (
                         *id,
@@ -1775,13 +1824,7 @@ impl State {
                     )
                 })
             })
-            .collect();
-        self.finish_only(comm, failed);
-        for (job, why) in stranded {
-            self.fail_impossible(comm, job, &why);
-        }
-        self.after_change(comm, now);
-        comm.close(conn);
+            .collect()
     }
 
     /// Fails the work of load-balanced maps once no engine has been there to take it for
@@ -1865,6 +1908,19 @@ impl State {
                 self.heartbeat.as_secs_f64()
             );
             self.on_engine_gone(comm, conn, &reason, now);
+        }
+        if self.awaiting_until.is_some_and(|t| now >= t) {
+            self.awaiting_until = None;
+            let why = format!(
+                "they did not come back within {} s of the controller's restart",
+                RESTART_GRACE.as_secs()
+            );
+            for (job, why) in self.stranded(&why) {
+                self.fail_impossible(comm, job, &why);
+            }
+        }
+        if self.engines.is_empty() && !self.feeds.is_empty() && self.orphaned.is_none() {
+            self.orphaned = Some((now, EngineId::NONE, "no engine is registered".into()));
         }
         self.fail_orphaned(comm, now);
         self.time_out(comm, now);
@@ -2006,6 +2062,13 @@ fn resumed_feed(
     engines: usize,
 ) -> Feed {
     let total = items.len() as u64;
+    // Slots past the items there are (a store that disagrees with its request) are left out.
+    let missing: Vec<(u64, u64)> = missing
+        .iter()
+        .map(|&(a, b)| (a.min(total), b.min(total)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    let missing = &missing[..];
     let tail_from = match missing.last() {
         Some(&(a, b)) if b == total => a,
         _ => total,
@@ -2117,7 +2180,7 @@ mod tests {
         fn close(&mut self, conn: ConnId) {
             self.closed.push(conn);
         }
-        fn record_ended(&mut self, _: JobId, _: &'static str, _: Option<&str>) {}
+        fn record_ended(&mut self, _: JobId, _: &'static str, _: Option<&str>, _: &[EngineId]) {}
         fn read_store(&mut self, conn: ConnId, id: u64, read: Read) {
             self.reads.push((conn, id, format!("{read:?}")));
         }
@@ -2130,8 +2193,9 @@ mod tests {
         fn record_engines(&mut self, ids: &[(String, u32, EngineId)]) {
             self.recorded_engines.extend_from_slice(ids);
         }
-        fn reserve_jobs(&mut self, upto: u64) {
+        fn reserve_jobs(&mut self, upto: u64, _: u64) -> bool {
             self.reserved_jobs = upto;
+            true
         }
         fn shutdown(&mut self) {}
     }
@@ -3315,8 +3379,10 @@ mod tests {
             work: Work::Execute { code: "1".into() },
         };
         let recovered = Recovered {
-            next_job: 3,
+            // Ids 3 and 4 were reserved, and perhaps given out, before the kill.
+            next_job: 5,
             next_task: 40,
+            next_engine: 0,
             slot_ids: vec![
                 ("node0".into(), 0, EngineId(0)),
                 ("node0".into(), 1, EngineId(1)),
@@ -3436,8 +3502,8 @@ mod tests {
             ..JobOptions::default()
         };
         let job = submit_with(&mut s, &mut c, 4, follow, now).expect("submitted");
-        assert_eq!(job, JobId(3));
-        assert_eq!(c.reserved_jobs, 4 + JOB_ID_BLOCK);
+        assert_eq!(job, JobId(5));
+        assert_eq!(c.reserved_jobs, 6 + JOB_ID_BLOCK);
         let ran: Vec<EngineId> = runs(&mut c)
             .iter()
             .flat_map(|(_, t, _)| t.iter().map(|a| a.engine))
@@ -3468,5 +3534,69 @@ mod tests {
             feed.again.iter().map(|r| r.first).collect::<Vec<_>>(),
             [3, 4]
         );
+    }
+
+    #[test]
+    fn after_a_restart_unknown_jobs_cannot_be_waited_for_and_engines_that_stay_away_strand_follow()
+    {
+        use super::super::store::EndedJob;
+        let now = Instant::now();
+        let recovered = Recovered {
+            next_job: 5,
+            slot_ids: vec![
+                ("node0".into(), 0, EngineId(0)),
+                ("node9".into(), 0, EngineId(1)),
+            ],
+            ended: vec![EndedJob {
+                job: JobId(0),
+                ok: true,
+                why: None,
+                engines: vec![EngineId(1)],
+            }],
+            ..Recovered::default()
+        };
+        let mut s = State::new("t", Duration::from_secs(1), 2);
+        let mut c = Recorder::default();
+        s.on_client_connected(CLIENT);
+        s.restore(&mut c, recovered, now);
+        register(&mut s, &mut c, ConnId(1), "node0", 1);
+
+        // Job 3 was reserved before the kill but is in no store: waiting for it fails at once.
+        let lost = s.next_job();
+        let spec = map_spec(2, Some(1));
+        let request = ClientRequest::Submit {
+            spec,
+            options: Box::new(after(&[JobId(3)])),
+        };
+        s.on_client_request(&mut c, CLIENT, 9, request, now);
+        let e = results_of(&c, lost)
+            .iter()
+            .find_map(|r| first_error(&r.outcome).cloned())
+            .expect("failed");
+        assert_eq!(e.ename, "ImpossibleDependency");
+        assert!(e.evalue.contains("job 3 is not known"), "{e}");
+
+        // Following job 0 onto engine 1, which does not come back: it waits for the grace,
+        // then fails saying so.
+        let follow = JobOptions {
+            follow: Some(Dependency {
+                jobs: vec![JobId(0)],
+                all: true,
+                success: true,
+                failure: false,
+            }),
+            ..JobOptions::default()
+        };
+        let stuck = submit_with(&mut s, &mut c, 2, follow, now).expect("submitted");
+        s.on_tick(&mut c, now + Duration::from_secs(1));
+        assert!(results_of(&c, stuck).is_empty(), "it waits for engine 1");
+        assert!(runs(&mut c).is_empty(), "nothing runs on engine 0");
+        s.on_tick(&mut c, now + RESTART_GRACE + Duration::from_secs(1));
+        let e = results_of(&c, stuck)
+            .iter()
+            .find_map(|r| first_error(&r.outcome).cloned())
+            .expect("failed");
+        assert_eq!(e.ename, "ImpossibleDependency");
+        assert!(e.evalue.contains("did not come back within 60 s"), "{e}");
     }
 }

@@ -16,8 +16,10 @@
 //! Queries are ipyparallel's `db_query` dicts (MongoDB's operators) over the keys of
 //! [`JobRecord`], turned into SQL with bound parameters by [`where_clause`].
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
@@ -64,6 +66,8 @@ pub enum StoreOp {
         status: &'static str,
         error: Option<String>,
         completed: Micros,
+        /// The engines its tasks ran on (not those where the controller failed them).
+        ran_on: Vec<EngineId>,
     },
     Read {
         read: Read,
@@ -71,9 +75,12 @@ pub enum StoreOp {
     },
     /// Engine ids given to node slots.
     Engines(Vec<(String, u32, EngineId)>),
-    /// Job ids below this one may be in use.
+    /// Job ids below this one may be in use (the reservation only grows).
     ReserveJobs(u64),
-    /// Answered once everything sent before it is committed.
+    /// The controller stops cleanly, its next job id this: every job is recorded, so the next
+    /// controller need not skip the rest of the reservation — unless a write failed.
+    Stopped(u64),
+    /// Answered once everything sent before it is committed (or failed).
     Sync(mpsc::Sender<()>),
 }
 
@@ -84,6 +91,9 @@ pub struct Recovered {
     pub next_job: u64,
     /// The first task id not in the store.
     pub next_task: u64,
+    /// The first engine id not in use: past every engine the store names, for stores written
+    /// before node slots were recorded.
+    pub next_engine: u32,
     /// The id each node slot had: `(node, slot, id)`.
     pub slot_ids: Vec<(String, u32, EngineId)>,
     /// How every finished job ended, for dependencies on it.
@@ -120,6 +130,8 @@ pub struct Unfinished {
 pub struct Store {
     tx: Option<mpsc::Sender<StoreOp>>,
     thread: Option<JoinHandle<()>>,
+    /// Job ids below this are reserved on disk (committed).
+    reserved: Arc<AtomicU64>,
 }
 
 /// Requests larger than this are recorded by their summary only, not kept for `resubmit`.
@@ -148,7 +160,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL,
     error TEXT,
     completed INTEGER,
-    request BLOB
+    request BLOB,
+    ran_on TEXT
 );
 CREATE TABLE IF NOT EXISTS tasks (
     task INTEGER PRIMARY KEY,
@@ -195,18 +208,24 @@ impl Store {
                 path.display()
             )));
         }
+        if has_tables && version == UPGRADABLE_FROM {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN ran_on TEXT")?;
+        }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let recovered = recover(&conn)?;
+        let reserved = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::channel();
+        let committed = reserved.clone();
         let thread = std::thread::Builder::new()
             .name("task-store".into())
-            .spawn(move || serve(conn, &rx))
+            .spawn(move || serve(conn, &rx, &committed))
             .expect("a thread can be spawned");
         Ok((
             Self {
                 tx: Some(tx),
                 thread: Some(thread),
+                reserved,
             },
             recovered,
         ))
@@ -218,12 +237,16 @@ impl Store {
         }
     }
 
-    /// Sends `op` and returns once it, and everything sent before it, is committed.
-    pub fn send_durably(&self, op: StoreOp) {
+    /// Returns once everything sent before is committed (or failed: see the log).
+    pub fn sync(&self) {
         let (tx, rx) = mpsc::channel();
-        self.send(op);
         self.send(StoreOp::Sync(tx));
         let _ = rx.recv();
+    }
+
+    /// Job ids below this are reserved on disk.
+    pub fn reserved_jobs(&self) -> u64 {
+        self.reserved.load(Ordering::Acquire)
     }
 }
 
@@ -236,7 +259,24 @@ impl Drop for Store {
     }
 }
 
-fn serve(mut conn: Connection, rx: &mpsc::Receiver<StoreOp>) {
+fn serve(mut conn: Connection, rx: &mpsc::Receiver<StoreOp>, reserved: &AtomicU64) {
+    // Whether a write failed: then a clean stop does not give back reserved job ids.
+    let mut failed = false;
+    let mut flush = |conn: &mut Connection, writes: Vec<StoreOp>| {
+        if writes.is_empty() {
+            return;
+        }
+        match write_batch(conn, writes, failed) {
+            Ok(Some(upto)) => {
+                reserved.fetch_max(upto, Ordering::AcqRel);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                failed = true;
+                tracing::error!("the task store could not be written: {e}");
+            }
+        }
+    };
     while let Ok(first) = rx.recv() {
         let mut writes = Vec::new();
         for op in std::iter::once(first).chain(rx.try_iter()) {
@@ -257,15 +297,6 @@ fn serve(mut conn: Connection, rx: &mpsc::Receiver<StoreOp>) {
             }
         }
         flush(&mut conn, writes);
-    }
-}
-
-fn flush(conn: &mut Connection, writes: Vec<StoreOp>) {
-    if writes.is_empty() {
-        return;
-    }
-    if let Err(e) = write_batch(conn, writes) {
-        tracing::error!("the task store could not be written: {e}");
     }
 }
 
@@ -293,17 +324,24 @@ fn kind_from(name: &str) -> JobKind {
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: Vec<StoreOp>) -> rusqlite::Result<()> {
+/// Writes `batch` in one transaction; returns the job id reservation it committed, if any.
+/// `failed`: an earlier batch failed, so a clean stop must not give back reserved ids.
+fn write_batch(
+    conn: &mut Connection,
+    batch: Vec<StoreOp>,
+    failed: bool,
+) -> rusqlite::Result<Option<u64>> {
+    let mut reserved = None;
     let tx = conn.transaction()?;
     {
         let mut job_stmt = tx.prepare_cached(
-            "INSERT OR REPLACE INTO jobs VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', NULL, NULL, ?12)",
+            "INSERT OR REPLACE INTO jobs VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', NULL, NULL, ?12, NULL)",
         )?;
         let mut task_stmt = tx.prepare_cached(
             "INSERT OR REPLACE INTO tasks VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )?;
         let mut end_stmt = tx.prepare_cached(
-            "UPDATE jobs SET status = ?2, error = ?3, completed = ?4 WHERE job = ?1",
+            "UPDATE jobs SET status = ?2, error = ?3, completed = ?4, ran_on = ?5 WHERE job = ?1",
         )?;
         let deps = |d: &Option<crate::proto::Dependency>| {
             d.as_ref().map(|d| {
@@ -376,8 +414,16 @@ fn write_batch(conn: &mut Connection, batch: Vec<StoreOp>) -> rusqlite::Result<(
                     status,
                     error,
                     completed,
+                    ran_on,
                 } => {
-                    end_stmt.execute(params![job.0 as i64, status, error, completed as i64])?;
+                    let ran_on: Vec<String> = ran_on.iter().map(ToString::to_string).collect();
+                    end_stmt.execute(params![
+                        job.0 as i64,
+                        status,
+                        error,
+                        completed as i64,
+                        ran_on.join(",")
+                    ])?;
                 }
                 StoreOp::Engines(ids) => {
                     let mut stmt = tx.prepare_cached(
@@ -389,17 +435,27 @@ fn write_batch(conn: &mut Connection, batch: Vec<StoreOp>) -> rusqlite::Result<(
                 }
                 StoreOp::ReserveJobs(upto) => {
                     tx.execute(
-                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('reserved_jobs', ?1)",
+                        "INSERT INTO meta (key, value) VALUES ('reserved_jobs', ?1)
+                         ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
                         [upto as i64],
                     )?;
+                    reserved = Some(reserved.unwrap_or(0).max(upto));
                 }
+                StoreOp::Stopped(next) if !failed => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('reserved_jobs', ?1)",
+                        [next as i64],
+                    )?;
+                }
+                StoreOp::Stopped(_) => {}
                 StoreOp::Read { .. } | StoreOp::Sync(_) => {
                     unreachable!("reads and syncs are answered, not batched")
                 }
             }
         }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(reserved)
 }
 
 /// The most times one of a job's tasks was handed out.
@@ -733,18 +789,30 @@ fn recover(conn: &Connection) -> rusqlite::Result<Recovered> {
         .map_or(0, |v| v as u64);
     let next_job = max("SELECT max(job) FROM jobs")?.max(reserved);
     let next_task = max("SELECT max(task) FROM tasks")?;
-    let slot_ids = conn
+    let slot_ids: Vec<(String, u32, EngineId)> = conn
         .prepare("SELECT node, slot, id FROM engines ORDER BY id")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, EngineId(r.get(2)?))))?
         .collect::<rusqlite::Result<_>>()?;
-    let mut engines: std::collections::HashMap<u64, Vec<EngineId>> =
-        std::collections::HashMap::new();
+    // A store from before node slots were recorded: new ids start past every one it names.
+    let next_engine = if slot_ids.is_empty() {
+        conn.query_row(
+            "SELECT max(engine) FROM tasks WHERE engine != ?1",
+            [EngineId::NONE.0],
+            |r| r.get::<_, Option<u32>>(0),
+        )?
+        .map_or(0, |e| e + 1)
+    } else {
+        0
+    };
+    // Where finished jobs ran: recorded when they ended, or for jobs of older stores, the
+    // engines of their tasks.
+    let mut engines: HashMap<u64, Vec<EngineId>> = HashMap::new();
     {
         let mut stmt = conn.prepare(
             "SELECT DISTINCT t.job, t.engine FROM tasks t JOIN jobs j ON j.job = t.job
-             WHERE j.status != 'pending' AND t.engine != 4294967295",
+             WHERE j.status != 'pending' AND j.ran_on IS NULL AND t.engine != ?1",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map([EngineId::NONE.0], |r| {
             Ok((r.get::<_, i64>(0)? as u64, EngineId(r.get(1)?)))
         })?;
         for row in rows {
@@ -753,15 +821,24 @@ fn recover(conn: &Connection) -> rusqlite::Result<Recovered> {
         }
     }
     let ended = conn
-        .prepare("SELECT job, status, error FROM jobs WHERE status != 'pending' ORDER BY job")?
+        .prepare(
+            "SELECT job, status, error, ran_on FROM jobs WHERE status != 'pending' ORDER BY job",
+        )?
         .query_map([], |r| {
             let job = r.get::<_, i64>(0)? as u64;
             let status: String = r.get(1)?;
+            let ran_on: Option<String> = r.get(3)?;
             Ok(EndedJob {
                 job: JobId(job),
                 ok: status == "ok",
                 why: r.get(2)?,
-                engines: engines.remove(&job).unwrap_or_default(),
+                engines: match ran_on {
+                    Some(list) => list
+                        .split(',')
+                        .filter_map(|e| e.parse().ok().map(EngineId))
+                        .collect(),
+                    None => engines.remove(&job).unwrap_or_default(),
+                },
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
@@ -794,6 +871,7 @@ fn recover(conn: &Connection) -> rusqlite::Result<Recovered> {
     Ok(Recovered {
         next_job,
         next_task,
+        next_engine,
         slot_ids,
         ended,
         unfinished,
@@ -916,5 +994,130 @@ mod tests {
         // Values are bound, never pasted into the SQL.
         let (sql, _) = where_clause(r#"{"label": "x'; DROP TABLE jobs; --"}"#).unwrap();
         assert!(!sql.contains("DROP"), "{sql}");
+    }
+
+    fn result(task: u64, engine: u32, first: u64, n: usize) -> TaskResult {
+        TaskResult {
+            task: TaskId(task),
+            engine: EngineId(engine),
+            first,
+            outcome: Outcome::Items(
+                (0..n)
+                    .map(|i| Ok(crate::proto::Value::from(i as i64)))
+                    .collect(),
+            ),
+            stdout: String::new(),
+            stderr: String::new(),
+            execution_count: 0,
+            attempts: 1,
+            started: 1,
+            completed: 2,
+        }
+    }
+
+    fn job(store: &Store, job: u64, items: usize) {
+        let spec = JobSpec::Map {
+            mapper: Mapper::Python(Func::Expr("f".into())),
+            items: (0..items as i64).map(crate::proto::Value::from).collect(),
+            chunksize: None,
+        };
+        let info = JobInfo {
+            job: JobId(job),
+            kind: JobKind::Map,
+            submitted: 1,
+            tasks: Vec::new(),
+            slots: items as u64,
+        };
+        store.send(StoreOp::Job {
+            info,
+            spec: Box::new(spec),
+            options: Box::default(),
+        });
+    }
+
+    #[test]
+    fn a_reopened_store_gives_back_ids_engines_endings_and_unfinished_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        {
+            let (store, recovered) = Store::open(&path).unwrap();
+            assert_eq!((recovered.next_job, recovered.next_task), (0, 0));
+            store.send(StoreOp::Engines(vec![("node000".into(), 0, EngineId(0))]));
+            store.send(StoreOp::ReserveJobs(100));
+            job(&store, 0, 2);
+            store.send(StoreOp::Results {
+                job: JobId(0),
+                results: vec![result(0, 0, 0, 2)],
+            });
+            store.send(StoreOp::Ended {
+                job: JobId(0),
+                status: "ok",
+                error: None,
+                completed: 3,
+                ran_on: vec![EngineId(0)],
+            });
+            job(&store, 1, 10);
+            store.send(StoreOp::Results {
+                job: JobId(1),
+                results: vec![result(7, 0, 4, 3)],
+            });
+            store.sync();
+            assert_eq!(store.reserved_jobs(), 100, "the reservation is committed");
+            // Killed here: no clean stop.
+        }
+        let (store, recovered) = Store::open(&path).unwrap();
+        assert_eq!(recovered.next_job, 100, "the reserved ids are skipped");
+        assert_eq!(recovered.next_task, 8);
+        assert_eq!(
+            recovered.slot_ids,
+            [("node000".to_string(), 0, EngineId(0))]
+        );
+        assert_eq!(recovered.ended.len(), 1);
+        assert!(recovered.ended[0].ok && recovered.ended[0].engines == [EngineId(0)]);
+        assert_eq!(recovered.unfinished.len(), 1);
+        let u = &recovered.unfinished[0];
+        assert_eq!((u.job, u.slots, u.done.len()), (JobId(1), 10, 1));
+        assert!(matches!(&u.request, Some((JobSpec::Map { items, .. }, _)) if items.len() == 10));
+        // A clean stop gives back what was reserved and not used.
+        store.send(StoreOp::Stopped(100));
+        drop(store);
+        assert_eq!(Store::open(&path).unwrap().1.next_job, 100);
+        let (store, _) = Store::open(&path).unwrap();
+        store.send(StoreOp::ReserveJobs(300));
+        store.send(StoreOp::Stopped(120));
+        drop(store);
+        assert_eq!(Store::open(&path).unwrap().1.next_job, 120);
+    }
+
+    #[test]
+    fn a_store_of_the_previous_schema_is_upgraded_and_its_engine_ids_are_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            // Schema 2: no engines or meta tables, no ran_on column.
+            let old = SCHEMA
+                .replace(",\n    ran_on TEXT", "")
+                .split("CREATE TABLE IF NOT EXISTS engines")
+                .next()
+                .unwrap()
+                .to_string();
+            conn.execute_batch(&old).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                "INSERT INTO jobs VALUES (0, 1, 'me', 'map', NULL, '{}', 1, NULL, NULL, 0, NULL, 'ok', NULL, 2, NULL)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO tasks VALUES (0, 0, 3, 0, 1, '[1]', x'', '', '', 1, 1, 2)",
+                [],
+            )
+            .unwrap();
+        }
+        let (_store, recovered) = Store::open(&path).unwrap();
+        assert_eq!(recovered.next_engine, 4, "engine 3 appears in the history");
+        assert_eq!(recovered.ended[0].engines, [EngineId(3)]);
+        assert_eq!(recovered.next_job, 1);
     }
 }

@@ -185,11 +185,13 @@ impl Provider for LocalProvider {
             listen: addr.clone(),
             ..controller_config
         };
-        home::write_private(
+        if let Err(e) = home::write_private(
             &cfg_path,
             &serde_json::to_vec_pretty(&controller_config).expect("serializes"),
-        )?;
-        let controller_pid = state.controller_pid;
+        ) {
+            let _ = self.terminate(name).await;
+            return Err(e.into());
+        }
 
         // The engines: one engine process on this machine, hosting them all.
         let engines = spec.engines_per_node.resolve_here();
@@ -239,9 +241,7 @@ impl Provider for LocalProvider {
             &state_path(name),
             &serde_json::to_vec_pretty(&state).expect("serializes"),
         )?;
-        for (dir, pid) in [(&master, controller_pid), (&node0, engine.id())] {
-            std::fs::write(dir.join("starlingd.pid"), format!("{pid}\n"))?;
-        }
+        std::fs::write(node0.join("starlingd.pid"), format!("{}\n", engine.id()))?;
 
         let info = ConnectionInfo {
             version: CONNECTION_FORMAT,
@@ -302,17 +302,45 @@ impl Provider for LocalProvider {
         let root = node_root(cluster);
         let daemon = super::daemon_path()?;
         let engines = read_engine_count(&root.join("node000/config/engine.json"))?;
-        // SIGTERM: it stops without telling its engines to, and they reconnect.
-        node::stop_one(&root, state.controller_pid, STOP_GRACE).await;
-        start_controller(&daemon, &root, |pid| {
+        // It listens where engines and clients know it: clusters started before the address
+        // was written into the config listened on port 0.
+        let cfg_path = root.join("master/config/controller.json");
+        let mut config: ControllerConfig = serde_json::from_slice(&std::fs::read(&cfg_path)?)
+            .map_err(|e| {
+                ProviderError::Invalid(format!(
+                    "{} is not a valid controller config: {e}",
+                    cfg_path.display()
+                ))
+            })?;
+        let known = ConnectionInfo::load(&home::connection_path(cluster))?.controller;
+        if config.listen != known {
+            config.listen.clone_from(&known);
+            home::write_private(
+                &cfg_path,
+                &serde_json::to_vec_pretty(&config).expect("serializes"),
+            )?;
+        }
+        // SIGTERM: it stops without telling its engines to, and they reconnect. Only the
+        // controller: a pid reused since by an engine or a task is left alone.
+        let controller_cmd = format!("controller --config {}", cfg_path.display());
+        if node::command_line(state.controller_pid).is_some_and(|c| c.contains(&controller_cmd)) {
+            node::stop_one(&root, state.controller_pid, STOP_GRACE).await;
+        }
+        let addr = start_controller(&daemon, &root, |pid| {
             state.controller_pid = pid;
-            std::fs::write(root.join("master/starlingd.pid"), format!("{pid}\n"))?;
             home::write_private(
                 &state_path(cluster),
                 &serde_json::to_vec_pretty(&state).expect("serializes"),
             )
         })
         .await?;
+        if addr != known {
+            return Err(ProviderError::Start {
+                what: "controller".into(),
+                why: format!("it listens on {addr}, not on {known} where its engines and clients look for it"),
+                log: String::new(),
+            });
+        }
         Ok(Restarted {
             cluster: cluster.to_string(),
             controller_pid: Some(state.controller_pid),
@@ -431,7 +459,9 @@ async fn start_controller(
             why: format!("cannot run {}: {e}", daemon.display()),
             log: String::new(),
         })?;
-    started(child.id().unwrap_or(0))?;
+    let pid = child.id().unwrap_or(0);
+    started(pid)?;
+    std::fs::write(master.join("starlingd.pid"), format!("{pid}\n"))?;
     let stdout = child.stdout.take().expect("piped");
     let mut first = String::new();
     let read = tokio::time::timeout(
