@@ -2936,6 +2936,14 @@ mod tests {
             .collect()
     }
 
+    /// Options that place work where `job` ran, once it succeeded.
+    fn follows(job: JobId) -> JobOptions {
+        JobOptions {
+            follow: Some(Dependency::on(vec![job])),
+            ..JobOptions::default()
+        }
+    }
+
     fn after(jobs: &[JobId]) -> JobOptions {
         JobOptions {
             after: Some(Dependency::on(jobs.to_vec())),
@@ -3492,15 +3500,7 @@ mod tests {
 
         // New jobs get new ids, reserved on disk first; a dependency on a job finished before
         // the restart is met, and follow finds where it ran.
-        let follow = JobOptions {
-            follow: Some(Dependency {
-                jobs: vec![JobId(0)],
-                all: true,
-                success: true,
-                failure: false,
-            }),
-            ..JobOptions::default()
-        };
+        let follow = follows(JobId(0));
         let job = submit_with(&mut s, &mut c, 4, follow, now).expect("submitted");
         assert_eq!(job, JobId(5));
         assert_eq!(c.reserved_jobs, 6 + JOB_ID_BLOCK);
@@ -3578,15 +3578,7 @@ mod tests {
 
         // Following job 0 onto engine 1, which does not come back: it waits for the grace,
         // then fails saying so.
-        let follow = JobOptions {
-            follow: Some(Dependency {
-                jobs: vec![JobId(0)],
-                all: true,
-                success: true,
-                failure: false,
-            }),
-            ..JobOptions::default()
-        };
+        let follow = follows(JobId(0));
         let stuck = submit_with(&mut s, &mut c, 2, follow, now).expect("submitted");
         s.on_tick(&mut c, now + Duration::from_secs(1));
         assert!(results_of(&c, stuck).is_empty(), "it waits for engine 1");

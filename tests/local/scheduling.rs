@@ -584,7 +584,7 @@ async fn a_controller_killed_mid_map_is_restarted_and_the_map_completes_with_eve
         r.stdout
     );
 
-    // Every item once, in order, and the job is recorded as done.
+    // Every item, in order, and the job is recorded as done.
     let out = c
         .starling(&[
             "result",
