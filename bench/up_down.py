@@ -1,11 +1,14 @@
-"""Wall time of `starling up` and `starling down` for EC2 clusters of 1, 4 and 16 nodes, on the
-end-to-end rig (LocalStack + a real sshd in a private network namespace). Run it through the rig:
+"""Wall time of `starling up` and `starling down` for EC2 clusters of 1, 4, 16, 32 and 64 nodes,
+on the end-to-end rig (LocalStack + a real sshd in a private network namespace), with what `up`
+costs this machine: its CPU time, and the bytes it sent the master and each other node. Run it
+through the rig:
 
-    tests/e2e/run.sh python3 bench/up_down.py [runs]
+    tests/e2e/run.sh python3 bench/up_down.py [runs] [largest]
 
-Every node is bootstrapped for real: SSH login, starlingd upload, config, controller and one
-engine per node, registration. What it cannot show is EC2's own boot time (LocalStack's
-instances run at once): the figures are starling's own cost on top of that.
+Every node is bootstrapped for real: SSH login, starlingd (uploaded to the master, handed on by
+it to the others), config, controller and one engine per node, registration. What it cannot
+show is EC2's own boot time (LocalStack's instances run at once): the figures are starling's own
+cost on top of that.
 """
 import json
 import os
@@ -22,6 +25,7 @@ RIG = os.environ.get("STARLING_RIG")
 if not RIG:
     sys.exit("run this through the rig: tests/e2e/run.sh python3 bench/up_down.py")
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+LARGEST = int(sys.argv[2]) if len(sys.argv) > 2 else 64
 
 home = tempfile.mkdtemp(prefix="starling-bench-")
 os.makedirs(os.path.join(home, ".ssh"))
@@ -31,18 +35,25 @@ env = dict(os.environ, HOME=home, STARLING_HOME=os.path.join(home, ".starling"))
 
 
 def starling(*args):
+    """Runs the CLI; its wall time, CPU time (user + system, with its children) and stdout."""
+    before = os.times()
     t = time.perf_counter()
     out = subprocess.run([STARLING, *args], env=env, cwd=home, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     if out.returncode != 0:
         sys.exit(f"starling {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
-    return wall, out.stdout
+    return wall, cpu, out.stdout
 
 
-print(f"starlingd uploaded: {os.path.getsize(os.environ['STARLINGD']) / 1e6:.1f} MB; {os.cpu_count()} cores")
-print(f"{'nodes':>5}  {'run':>3}  {'up s':>6}  {'boot max s':>10}  {'boot median s':>13}  {'down s':>6}")
+print(f"starlingd: {os.path.getsize(os.environ['STARLINGD']) / 1e6:.1f} MB; {os.cpu_count()} cores")
+print(
+    f"{'nodes':>5}  {'run':>3}  {'up s':>6}  {'boot max s':>10}  {'down s':>6}  {'client CPU s':>12}"
+    f"  {'MB to master':>12}  {'KB to each other node':>21}"
+)
 results = {}
-for subnet, nodes in ((10, 1), (11, 4), (12, 16)):
+for subnet, nodes in [(s, n) for s, n in ((10, 1), (11, 4), (12, 16), (13, 32), (14, 64)) if n <= LARGEST]:
     for run in range(RUNS):
         name = f"bench-{nodes}"
         spec = os.path.join(home, f"{name}.yaml")
@@ -52,15 +63,27 @@ for subnet, nodes in ((10, 1), (11, 4), (12, 16)):
         text = text.replace("subnet-000000000057a4100", f"subnet-000000000057a41{subnet:02x}")
         with open(spec, "w") as f:
             f.write(text)
-        up, out = starling("up", "-f", spec, "--name", name, "--output", "json")
+        up, cpu, out = starling("up", "-f", spec, "--name", name, "--output", "json")
         launched = json.loads(out)
         assert len(launched["engines"]) == nodes, launched
         boots = [n["seconds"] for n in launched["nodes"]]
-        down, _ = starling("down", name)
-        results.setdefault(nodes, []).append((up, down))
-        print(f"{nodes:>5}  {run + 1:>3}  {up:>6.2f}  {max(boots):>10.2f}  {statistics.median(boots):>13.2f}  {down:>6.2f}")
+        sent = {n["node"]: n["sent_bytes"] for n in launched["nodes"]}
+        others = [b for node, b in sent.items() if node != "master"]
+        down, _, _ = starling("down", name)
+        results.setdefault(nodes, []).append((up, down, sum(sent.values())))
+        each = f"{statistics.mean(others) / 1e3:.1f}" if others else "-"
+        print(
+            f"{nodes:>5}  {run + 1:>3}  {up:>6.2f}  {max(boots):>10.2f}  {down:>6.2f}  {cpu:>12.2f}"
+            f"  {sent['master'] / 1e6:>12.2f}  {each:>21}"
+        )
 
-one = min(u for u, _ in results[1])
-sixteen = min(u for u, _ in results[16])
-print(f"best up: 1 node {one:.2f} s, 16 nodes {sixteen:.2f} s: 16 nodes cost {sixteen / one:.2f}x one node")
+one = min(u for u, _, _ in results[1])
+one_bytes = min(b for _, _, b in results[1])
+for nodes in sorted(results)[1:]:
+    best = min(u for u, _, _ in results[nodes])
+    sent = min(b for _, _, b in results[nodes])
+    print(
+        f"{nodes} nodes: up {best / one:.2f}x one node's, "
+        f"bytes sent {sent / one_bytes:.2f}x one node's ({sent / 1e6:.2f} MB)"
+    )
 shutil.rmtree(home)

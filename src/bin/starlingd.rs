@@ -40,6 +40,18 @@ enum Role {
         #[command(flatten)]
         daemon: Daemon,
     },
+    /// Serve FILE to the cluster's other nodes (the master hands them starlingd): prints
+    /// `sharing HOST:PORT TOKEN`, then sends FILE to whoever sends TOKEN; exits once nobody has
+    /// asked for a while.
+    Share {
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// Address to listen on, e.g. the node's private address with port 0.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        #[command(flatten)]
+        daemon: Daemon,
+    },
     /// Stop every process of the node whose directory is DIR (SIGTERM, then SIGKILL).
     Stop {
         #[arg(long, value_name = "DIR")]
@@ -162,6 +174,22 @@ async fn run(role: Role, detached: bool) -> Result<(), Failure> {
                 () = stdin_closed() => Ok(()),
             }
         }
+        Role::Share { file, listen, .. } => {
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            starling::bootstrap::share::serve(
+                listener,
+                &file,
+                starling::bootstrap::share::IDLE,
+                |token| {
+                    ready(&format!("sharing {addr} {token}"), detached);
+                },
+            )
+            .await
+            .map_err(Failure::from)
+        }
         Role::Stop { .. } => unreachable!("handled before the runtime starts"),
     }
 }
@@ -222,7 +250,10 @@ fn main() -> ExitCode {
         println!("stopped {n}");
         return ExitCode::SUCCESS;
     }
-    let (Role::Controller { daemon, .. } | Role::Engine { daemon, .. }) = &cli.role else {
+    let (Role::Controller { daemon, .. }
+    | Role::Engine { daemon, .. }
+    | Role::Share { daemon, .. }) = &cli.role
+    else {
         unreachable!("stop returned above");
     };
     let detached = daemon.daemon;

@@ -1,14 +1,17 @@
 //! Bootstrap: turn machines reachable by SSH into a running cluster.
 //!
 //! For every node, concurrently (at most [`PARALLEL`] at once) and each as soon as it answers:
-//! log in (retrying until the login deadline), detect its architecture, home and cores, upload
+//! log in (retrying until the login deadline), detect its architecture, home and cores, install
 //! `starlingd` (skipped when the checksum already matches), run the spec's setup commands, copy
 //! its files, check Python, write the config and secrets (mode 0600), then start the
-//! controller (on the master) and the node's engines. Everything a node holds lives under
+//! controller (on the master) and the node's engines. `starlingd` leaves this machine once:
+//! the master gets it uploaded and hands it to the other nodes ([`share`]), each of which
+//! keeps it only if its checksum is the one computed here. Everything a node holds lives under
 //! `~/.starling/node/<cluster>/<node>/` on it, and every process started there carries that
 //! directory in [`MARK_VAR`](crate::node::MARK_VAR), so `starlingd stop --root` finds them all.
 //! The caller then waits for the engines to register.
 
+pub mod share;
 pub mod ssh;
 
 use std::fmt::Write as _;
@@ -73,8 +76,12 @@ pub struct NodeReport {
     pub node: String,
     pub address: String,
     pub engines: u32,
-    /// Whether `starlingd` had to be uploaded (false: the checksum matched).
+    /// Whether `starlingd` had to be installed (false: the checksum matched).
     pub uploaded: bool,
+    /// Whether it came from the master rather than from this machine.
+    pub fetched: bool,
+    /// Bytes this machine sent the node (`starlingd` when it uploaded it, config, files).
+    pub sent_bytes: u64,
     /// Whether the engines' Python has cloudpickle, which functions sent from Python clients
     /// need (code from the CLI and Rust does not).
     pub cloudpickle: bool,
@@ -194,12 +201,36 @@ impl NodeBar {
 /// The state of the controller, as the nodes waiting to start their engines see it.
 type ControllerState = Option<Result<(), String>>;
 
+/// Where the nodes get `starlingd`, as they see it: `None` while the master is not ready to
+/// hand it out, then the master's share (`Ok(None)`: from this machine), or why the master
+/// failed.
+type SourceState = Option<Result<Option<Source>, String>>;
+
+/// A running `starlingd share` on the master.
+#[derive(Debug, Clone)]
+struct Source {
+    addr: String,
+    token: String,
+}
+
 struct Shared {
     plan: Plan,
     daemon: Vec<u8>,
     daemon_sha: String,
     controller: watch::Sender<ControllerState>,
+    /// Whether the master hands `starlingd` to the other nodes (a fresh cluster of several).
+    master_shares: bool,
+    source: watch::Sender<SourceState>,
     progress: Progress,
+}
+
+/// What one node's bootstrap did.
+struct Booted {
+    engines: u32,
+    uploaded: bool,
+    fetched: bool,
+    cloudpickle: bool,
+    sent_bytes: u64,
 }
 
 /// Bootstraps `nodes` (the master first when `plan.master` is set). Returns every node's
@@ -227,11 +258,15 @@ pub async fn run(
         Some(Ok(()))
     };
     let (tx, _) = watch::channel(initial);
+    let master_shares = plan.master.is_some() && nodes.len() > 1;
+    let (source, _) = watch::channel(if master_shares { None } else { Some(Ok(None)) });
     let shared = Arc::new(Shared {
         plan,
         daemon,
         daemon_sha,
         controller: tx,
+        master_shares,
+        source,
         progress: progress.clone(),
     });
     let has_master = shared.plan.master.is_some();
@@ -244,7 +279,13 @@ pub async fn run(
                 let started = Instant::now();
                 let r = boot(&shared, &node, is_master, &bar).await;
                 match r {
-                    Ok((engines, uploaded, cloudpickle)) => {
+                    Ok(Booted {
+                        engines,
+                        uploaded,
+                        fetched,
+                        cloudpickle,
+                        sent_bytes,
+                    }) => {
                         bar.finish(format!(
                             "{} ready: {engines} engine{} in {:.1} s",
                             node.name,
@@ -256,15 +297,19 @@ pub async fn run(
                             address: node.ssh_host.clone(),
                             engines,
                             uploaded,
+                            fetched,
+                            sent_bytes,
                             cloudpickle,
                             seconds: started.elapsed().as_secs_f64(),
                         })
                     }
                     Err((step, message)) => {
                         if is_master {
-                            shared
-                                .controller
-                                .send_replace(Some(Err(format!("the master failed at {step}"))));
+                            let why = format!("the master failed at {step}");
+                            shared.controller.send_replace(Some(Err(why.clone())));
+                            shared.source.send_if_modified(|s| {
+                                s.is_none().then(|| *s = Some(Err(why))).is_some()
+                            });
                         }
                         bar.finish(format!("{} failed at {step}", node.name));
                         Err(NodeFailure {
@@ -316,7 +361,7 @@ async fn boot(
     node: &NodeTarget,
     is_master: bool,
     bar: &NodeBar,
-) -> Result<(u32, bool, bool), StepError> {
+) -> Result<Booted, StepError> {
     let plan = &shared.plan;
     bar.step("waiting for sshd");
     let remote = Remote::connect(node, &plan.login)
@@ -332,7 +377,7 @@ async fn boot_in(
     remote: &Remote,
     is_master: bool,
     bar: &NodeBar,
-) -> Result<(u32, bool, bool), StepError> {
+) -> Result<Booted, StepError> {
     let plan = &shared.plan;
     let node = &remote.node;
     let spec = &plan.spec;
@@ -422,39 +467,6 @@ async fn boot_in(
         ));
         files.push(("connection.json", m.connection.clone()));
     }
-    // Config and secrets go on stdin, after starlingd when it is uploaded: one round trip,
-    // and nothing secret in a command line.
-    let uploaded = have_sha != shared.daemon_sha;
-    let mut install = String::from("umask 077");
-    let mut input: Vec<&[u8]> = Vec::new();
-    if master.is_some() {
-        // A new cluster starts a new task store (a controller started on an old one would
-        // take up its jobs): one left by an earlier cluster of this name is kept beside it.
-        let _ = write!(
-            install,
-            " && if [ -e {qdir}/tasks.db ]; then t=$(date +%s); for f in tasks.db tasks.db-wal tasks.db-shm; do \
-             [ ! -e {qdir}/$f ] || mv -f {qdir}/$f {qdir}/tasks-$t.db${{f#tasks.db}}; done; fi"
-        );
-    }
-    if uploaded {
-        let _ = write!(
-            install,
-            " && head -c {len} > {qdir}/bin/starlingd.part && chmod 755 {qdir}/bin/starlingd.part && \
-             [ \"$(sha256sum {qdir}/bin/starlingd.part | cut -d' ' -f1)\" = {sha} ] && \
-             mv -f {qdir}/bin/starlingd.part {qdir}/bin/starlingd",
-            len = shared.daemon.len(),
-            sha = shared.daemon_sha
-        );
-        input.push(&shared.daemon);
-    }
-    for (name, bytes) in &files {
-        let _ = write!(
-            install,
-            " && head -c {len} > {qdir}/config/{name}.part && mv -f {qdir}/config/{name}.part {qdir}/config/{name}",
-            len = bytes.len()
-        );
-        input.push(bytes);
-    }
     let py = shell_quote(&spec.python);
     let python_check = format!(
         "{{ command -v {py} >/dev/null 2>&1 || {{ echo 'no {} on the PATH' >&2; exit 97; }}; \
@@ -473,21 +485,135 @@ async fn boot_in(
     // Without setup commands or files, python cannot change before the engines start: check
     // it with the upload.
     let check_early = spec.setup.is_empty() && spec.files.is_empty();
-    if check_early {
-        let _ = write!(install, " && {python_check}");
-    }
-    bar.step(if uploaded {
-        "uploading starlingd"
+
+    let uploaded = have_sha != shared.daemon_sha;
+    // Where the node gets starlingd: from the master once it hands it out, else from here.
+    let source = if uploaded && !is_master {
+        bar.step("waiting for the master's starlingd");
+        let mut rx = shared.source.subscribe();
+        let state = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_or(Some(Err("the master's bootstrap ended".into())), |s| {
+                s.clone()
+            });
+        match state {
+            Some(Ok(source)) => source,
+            Some(Err(why)) => return Err(("waiting for the master's starlingd".into(), why)),
+            None => None,
+        }
     } else {
-        "writing config"
+        None
+    };
+    let shares = is_master && shared.master_shares;
+    // Config and secrets go on stdin, after starlingd when it is uploaded: one round trip,
+    // and nothing secret in a command line.
+    let install_script = |source: Option<&Source>| {
+        let mut install = String::from("umask 077");
+        let mut input: Vec<&[u8]> = Vec::new();
+        if master.is_some() {
+            // A new cluster starts a new task store (a controller started on an old one would
+            // take up its jobs): one left by an earlier cluster of this name is kept beside it.
+            let _ = write!(
+                install,
+                " && if [ -e {qdir}/tasks.db ]; then t=$(date +%s); for f in tasks.db tasks.db-wal tasks.db-shm; do \
+                 [ ! -e {qdir}/$f ] || mv -f {qdir}/$f {qdir}/tasks-$t.db${{f#tasks.db}}; done; fi"
+            );
+        }
+        let part = format!("{qdir}/bin/starlingd.part");
+        match (uploaded, source) {
+            (false, _) => {}
+            (true, Some(src)) => {
+                // Without a Python to fetch with (setup commands may install it), exit 96:
+                // this machine uploads it instead.
+                let fetch = share::fetch_command(
+                    &spec.python,
+                    &src.addr,
+                    &src.token,
+                    &part,
+                    &shared.daemon_sha,
+                );
+                let _ = write!(
+                    install,
+                    " && {{ command -v {py} >/dev/null 2>&1 || exit 96; }} && {fetch} && chmod 755 {part} && \
+                     mv -f {part} {qdir}/bin/starlingd"
+                );
+            }
+            (true, None) => {
+                let _ = write!(
+                    install,
+                    " && head -c {len} > {part} && chmod 755 {part} && \
+                     [ \"$(sha256sum {part} | cut -d' ' -f1)\" = {sha} ] && \
+                     mv -f {part} {qdir}/bin/starlingd",
+                    len = shared.daemon.len(),
+                    sha = shared.daemon_sha
+                );
+                input.push(&shared.daemon[..]);
+            }
+        }
+        for (name, bytes) in &files {
+            let _ = write!(
+                install,
+                " && head -c {len} > {qdir}/config/{name}.part && mv -f {qdir}/config/{name}.part {qdir}/config/{name}",
+                len = bytes.len()
+            );
+            input.push(bytes);
+        }
+        if check_early {
+            let _ = write!(install, " && {python_check}");
+        }
+        if shares {
+            // The master hands starlingd to the other nodes; if it cannot, they get it from
+            // here.
+            let _ = write!(
+                install,
+                " && {{ {MARK_VAR}={qdir} {qdir}/bin/starlingd share --file {qdir}/bin/starlingd \
+                 --listen {}:0 --daemon --log {qdir}/logs/share.log --pid-file {qdir}/share.pid \
+                 || echo starling:no-share; }}",
+                node.private
+            );
+        }
+        (install, input)
+    };
+    bar.step(match (uploaded, &source) {
+        (false, _) => "writing config",
+        (true, Some(_)) => "fetching starlingd from the master",
+        (true, None) => "uploading starlingd",
     });
-    let result = remote.run_with_input(&install, &input).await;
-    if let Err(m) = result {
-        return Err(if m.starts_with("exit status 97") {
-            python_error(m)
-        } else {
-            ("installing starlingd and its config".into(), m)
+    let (install, input) = install_script(source.as_ref());
+    let mut sent_bytes: u64 = input.iter().map(|b| b.len() as u64).sum();
+    let mut fetched = source.is_some();
+    let mut result = remote.run_with_input(&install, &input).await;
+    if fetched && matches!(&result, Err(m) if m.starts_with("exit status 96")) {
+        bar.step("uploading starlingd (no Python to fetch it with yet)");
+        let (install, input) = install_script(None);
+        sent_bytes += input.iter().map(|b| b.len() as u64).sum::<u64>();
+        fetched = false;
+        result = remote.run_with_input(&install, &input).await;
+    }
+    let out = match result {
+        Ok(out) => out,
+        Err(m) if m.starts_with("exit status 97") => return Err(python_error(m)),
+        Err(m) if fetched && m.contains(&format!("exit status {}", share::EXIT_CORRUPT)) => {
+            return Err(("fetching starlingd from the master".into(), m))
+        }
+        Err(m) => return Err(("installing starlingd and its config".into(), m)),
+    };
+    if shares {
+        let offered = out.lines().find_map(|l| {
+            let mut words = l.strip_prefix("sharing ")?.split_whitespace();
+            Some(Source {
+                addr: words.next()?.to_string(),
+                token: words.next()?.to_string(),
+            })
         });
+        if offered.is_none() {
+            tracing::warn!(
+                "the master cannot hand starlingd out ({}); nodes get it from here",
+                out.trim()
+            );
+        }
+        shared.source.send_replace(Some(Ok(offered)));
     }
 
     for (i, cmd) in spec.setup.iter().enumerate() {
@@ -520,6 +646,7 @@ async fn boot_in(
             )
         })?;
         let dest = shell_quote(&f.dest);
+        sent_bytes += bytes.len() as u64;
         remote
             .run_with_input(
                 &format!("cd \"$HOME\" && mkdir -p \"$(dirname {dest})\" && cat > {dest}"),
@@ -558,7 +685,13 @@ async fn boot_in(
             ));
         }
         shared.controller.send_replace(Some(Ok(())));
-        Ok((engines, uploaded, !out.contains(NO_CLOUDPICKLE)))
+        Ok(Booted {
+            engines,
+            uploaded,
+            fetched,
+            cloudpickle: !out.contains(NO_CLOUDPICKLE),
+            sent_bytes,
+        })
     } else {
         if !check_early {
             bar.step("checking python");
@@ -583,7 +716,13 @@ async fn boot_in(
             ))
             .await
             .map_err(at("starting engines"))?;
-        Ok((engines, uploaded, !out.contains(NO_CLOUDPICKLE)))
+        Ok(Booted {
+            engines,
+            uploaded,
+            fetched,
+            cloudpickle: !out.contains(NO_CLOUDPICKLE),
+            sent_bytes,
+        })
     }
 }
 

@@ -376,6 +376,30 @@ fn ec2_cluster_from_the_localstack_template_end_to_end() {
         up.stderr
     );
     assert_eq!(launched["nodes"].as_array().unwrap().len(), 3);
+    // starlingd left this machine once: the master handed it to the other nodes, and this
+    // machine sent each of them only a few KB (their config).
+    let daemon = std::fs::metadata(std::env::var("STARLINGD").unwrap())
+        .unwrap()
+        .len();
+    let sent: Vec<(&str, bool, u64)> = launched["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap(),
+                n["fetched"].as_bool().unwrap(),
+                n["sent_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        sent[0] == ("master", false, sent[0].2) && sent[0].2 > daemon,
+        "{sent:?}"
+    );
+    for (node, fetched, bytes) in &sent[1..] {
+        assert!(*fetched && *bytes < 64 << 10, "{node}: {sent:?}");
+    }
     let conn: Json = serde_json::from_str(
         &std::fs::read_to_string(user.path(&format!(".starling/clusters/{name}/connection.json")))
             .unwrap(),

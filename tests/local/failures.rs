@@ -887,3 +887,80 @@ async fn a_balanced_task_whose_kernel_dies_runs_again_and_fails_only_when_it_alw
     let st = client.status().await.unwrap();
     assert_eq!(st.engines.len(), 2, "both engines are still there");
 }
+
+#[test]
+fn a_node_keeps_the_starlingd_the_master_hands_it_only_if_its_checksum_is_right() {
+    use std::io::BufRead as _;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("starlingd");
+    // 3 MB standing in for the binary (the debug build's is far larger).
+    let bytes: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&shared, &bytes).unwrap();
+    let sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes));
+    let mut server = Command::new(env!("CARGO_BIN_EXE_starlingd"))
+        .args([
+            "share",
+            "--file",
+            shared.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let mut words = line
+        .strip_prefix("sharing ")
+        .expect("its address and token")
+        .split_whitespace();
+    let (addr, token) = (words.next().unwrap(), words.next().unwrap());
+    let fetch = |dest: &std::path::Path, token: &str, sha: &str| {
+        let cmd = starling::bootstrap::share::fetch_command(
+            "python3",
+            addr,
+            token,
+            &starling::engine::shell_quote(dest.to_str().unwrap()),
+            sha,
+        );
+        Command::new("sh").args(["-c", &cmd]).output().unwrap()
+    };
+
+    // The right file arrives whole.
+    let good = dir.path().join("good");
+    let out = fetch(&good, token, &sha);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&good).unwrap(), bytes);
+
+    // What does not match the checksum computed on the user's machine is refused, saying so.
+    let corrupt = fetch(&dir.path().join("bad"), token, &"0".repeat(64));
+    assert_eq!(
+        corrupt.status.code(),
+        Some(i32::from(starling::bootstrap::share::EXIT_CORRUPT))
+    );
+    let said = String::from_utf8_lossy(&corrupt.stderr);
+    assert!(
+        said.contains("has SHA-256") && said.contains(&sha) && said.contains("refused"),
+        "{said}"
+    );
+
+    // Without the token, nothing is sent.
+    let stranger = fetch(&dir.path().join("stranger"), "guess", &sha);
+    assert_eq!(
+        stranger.status.code(),
+        Some(i32::from(starling::bootstrap::share::EXIT_CORRUPT))
+    );
+    assert!(String::from_utf8_lossy(&stranger.stderr).contains("(0 bytes)"));
+    let _ = server.kill();
+    let _ = server.wait();
+}
