@@ -221,7 +221,25 @@ struct Shared {
     /// Whether the master hands `starlingd` to the other nodes (a fresh cluster of several).
     master_shares: bool,
     source: watch::Sender<SourceState>,
+    /// `daemon` gzip-compressed, made once when a node first needs it.
+    packed: tokio::sync::OnceCell<Vec<u8>>,
     progress: Progress,
+}
+
+/// `daemon` gzip-compressed (on a blocking thread: it takes a few hundred milliseconds).
+async fn pack(daemon: &[u8]) -> Vec<u8> {
+    let daemon = daemon.to_vec();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(
+            Vec::with_capacity(daemon.len() / 2),
+            flate2::Compression::fast(),
+        );
+        gz.write_all(&daemon).expect("writing to memory");
+        gz.finish().expect("writing to memory")
+    })
+    .await
+    .expect("compressing does not panic")
 }
 
 /// What one node's bootstrap did.
@@ -267,6 +285,7 @@ pub async fn run(
         controller: tx,
         master_shares,
         source,
+        packed: tokio::sync::OnceCell::new(),
         progress: progress.clone(),
     });
     let has_master = shared.plan.master.is_some();
@@ -389,7 +408,8 @@ async fn boot_in(
         .run(&format!(
             "uname -m; printf '%s\\n' \"$HOME\"; nproc 2>/dev/null || getconf _NPROCESSORS_ONLN; \
              d=\"$HOME\"/{rel}; mkdir -p \"$d/bin\" \"$d/config\" \"$d/logs\" && chmod 700 \"$d\" \"$d/config\" && \
-             {{ sha256sum \"$d/bin/starlingd\" 2>/dev/null || echo none; }}",
+             {{ sha256sum \"$d/bin/starlingd\" 2>/dev/null || echo none; }}; \
+             command -v gzip >/dev/null 2>&1 && echo gzip || echo no-gzip",
             rel = node_dir(&plan.cluster, &node.name)
         ))
         .await
@@ -407,6 +427,7 @@ async fn boot_in(
         .next()
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or("");
+    let gunzip = lines.next().is_some_and(|l| l.trim() == "gzip");
     let ours = std::env::consts::ARCH;
     if machine_arch(&probe.arch) != ours {
         return Err((
@@ -506,9 +527,16 @@ async fn boot_in(
         None
     };
     let shares = is_master && shared.master_shares;
+    // What goes up compressed, when this machine uploads starlingd to a node with gzip.
+    let packed = if uploaded && gunzip {
+        Some(&shared.packed.get_or_init(|| pack(&shared.daemon)).await[..])
+    } else {
+        None
+    };
     // Config and secrets go on stdin, after starlingd when it is uploaded: one round trip,
     // and nothing secret in a command line.
     let install_script = |source: Option<&Source>| {
+        let packed = if source.is_some() { None } else { packed };
         let mut install = String::from("umask 077");
         let mut input: Vec<&[u8]> = Vec::new();
         if master.is_some() {
@@ -540,15 +568,20 @@ async fn boot_in(
                 );
             }
             (true, None) => {
+                // Compressed where the node can unpack it: about a third of the bytes.
+                let (bytes, unpack) = match packed {
+                    Some(p) => (p, " | gzip -dc"),
+                    None => (&shared.daemon[..], ""),
+                };
                 let _ = write!(
                     install,
-                    " && head -c {len} > {part} && chmod 755 {part} && \
+                    " && head -c {len}{unpack} > {part} && chmod 755 {part} && \
                      [ \"$(sha256sum {part} | cut -d' ' -f1)\" = {sha} ] && \
                      mv -f {part} {qdir}/bin/starlingd",
-                    len = shared.daemon.len(),
+                    len = bytes.len(),
                     sha = shared.daemon_sha
                 );
-                input.push(&shared.daemon[..]);
+                input.push(bytes);
             }
         }
         for (name, bytes) in &files {
