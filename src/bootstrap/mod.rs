@@ -289,6 +289,14 @@ pub async fn run(
         progress: progress.clone(),
     });
     let has_master = shared.plan.master.is_some();
+    if has_master {
+        // A new cluster's master almost always needs starlingd: compress it while the nodes
+        // are being logged in to and probed.
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            shared.packed.get_or_init(|| pack(&shared.daemon)).await;
+        });
+    }
     let results: Vec<Result<NodeReport, NodeFailure>> =
         futures::stream::iter(nodes.into_iter().enumerate().map(|(i, node)| {
             let shared = shared.clone();
