@@ -399,8 +399,8 @@ async fn boot(
     result
 }
 
-async fn boot_in(
-    shared: &Shared,
+async fn boot_in<'s>(
+    shared: &'s Shared,
     remote: &Remote,
     is_master: bool,
     bar: &NodeBar,
@@ -536,15 +536,16 @@ async fn boot_in(
     };
     let shares = is_master && shared.master_shares;
     // What goes up compressed, when this machine uploads starlingd to a node with gzip.
-    let packed = if uploaded && gunzip {
-        Some(&shared.packed.get_or_init(|| pack(&shared.daemon)).await[..])
-    } else {
-        None
+    let packed = || async move {
+        if gunzip {
+            Some(&shared.packed.get_or_init(|| pack(&shared.daemon)).await[..])
+        } else {
+            None
+        }
     };
     // Config and secrets go on stdin, after starlingd when it is uploaded: one round trip,
     // and nothing secret in a command line.
-    let install_script = |source: Option<&Source>| {
-        let packed = if source.is_some() { None } else { packed };
+    let install_script = |source: Option<&Source>, packed: Option<&'s [u8]>| {
         let mut install = String::from("umask 077");
         let mut input: Vec<&[u8]> = Vec::new();
         if master.is_some() {
@@ -621,13 +622,26 @@ async fn boot_in(
         (true, Some(_)) => "fetching starlingd from the master",
         (true, None) => "uploading starlingd",
     });
-    let (install, input) = install_script(source.as_ref());
+    let first_packed = if uploaded && source.is_none() {
+        packed().await
+    } else {
+        None
+    };
+    let (install, input) = install_script(source.as_ref(), first_packed);
     let mut sent_bytes: u64 = input.iter().map(|b| b.len() as u64).sum();
     let mut fetched = source.is_some();
     let mut result = remote.run_with_input(&install, &input).await;
-    if fetched && matches!(&result, Err(m) if m.starts_with("exit status 96")) {
-        bar.step("uploading starlingd (no Python to fetch it with yet)");
-        let (install, input) = install_script(None);
+    // No Python to fetch with yet (setup commands may install it), or the master out of reach
+    // (a firewall between listed hosts): this machine uploads it after all.
+    let unreachable = format!("exit status {}", share::EXIT_UNREACHABLE);
+    if fetched
+        && matches!(&result, Err(m) if m.starts_with("exit status 96") || m.starts_with(&unreachable))
+    {
+        if let Err(m) = &result {
+            tracing::warn!(node = %node, "{m}; uploading starlingd from here instead");
+        }
+        bar.step("uploading starlingd (the master's copy is out of reach)");
+        let (install, input) = install_script(None, packed().await);
         sent_bytes += input.iter().map(|b| b.len() as u64).sum::<u64>();
         fetched = false;
         result = remote.run_with_input(&install, &input).await;

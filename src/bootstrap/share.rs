@@ -22,6 +22,9 @@ pub const IDLE: Duration = Duration::from_secs(120);
 const TOKEN_WITHIN: Duration = Duration::from_secs(10);
 /// The exit status of [`fetch_command`] when what arrived is not the file asked for.
 pub const EXIT_CORRUPT: u8 = 98;
+/// The exit status of [`fetch_command`] when the master cannot be reached (a firewall between
+/// listed hosts, say): the caller uploads the file instead.
+pub const EXIT_UNREACHABLE: u8 = 95;
 
 /// Serves `file` on `listener` until nobody has asked for it for `idle`. `ready` hears the
 /// token to give the nodes, once the file is read.
@@ -94,7 +97,12 @@ pub fn fetch_command(python: &str, addr: &str, token: &str, dest: &str, sha: &st
 const FETCH_PY: &str = r#"import hashlib, socket, sys
 host, port, token, dest, sha = sys.argv[1:6]
 try:
-    s = socket.create_connection((host, int(port)), timeout=60)
+    s = socket.create_connection((host, int(port)), timeout=10)
+except OSError as e:
+    sys.stderr.write("cannot reach the master at %s:%s to fetch starlingd: %s\n" % (host, port, e))
+    sys.exit(95)
+try:
+    s.settimeout(60)
     s.sendall(token.encode() + b"\n")
     h, n = hashlib.sha256(), 0
     with open(dest, "wb") as f:
@@ -125,5 +133,6 @@ mod tests {
             "{c}"
         );
         assert!(FETCH_PY.contains(&format!("sys.exit({EXIT_CORRUPT})")));
+        assert!(FETCH_PY.contains(&format!("sys.exit({EXIT_UNREACHABLE})")));
     }
 }

@@ -963,4 +963,23 @@ fn a_node_keeps_the_starlingd_the_master_hands_it_only_if_its_checksum_is_right(
     assert!(String::from_utf8_lossy(&stranger.stderr).contains("(0 bytes)"));
     let _ = server.kill();
     let _ = server.wait();
+
+    // A master out of reach is told apart, so that the file is uploaded from here instead.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cmd = starling::bootstrap::share::fetch_command(
+        "python3",
+        &closed.to_string(),
+        "t",
+        &starling::engine::shell_quote(dir.path().join("none").to_str().unwrap()),
+        &sha,
+    );
+    let out = Command::new("sh").args(["-c", &cmd]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(starling::bootstrap::share::EXIT_UNREACHABLE))
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the master"));
 }
