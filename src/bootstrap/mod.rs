@@ -242,6 +242,18 @@ async fn pack(daemon: &[u8]) -> Vec<u8> {
     .expect("compressing does not panic")
 }
 
+/// Waits until the master's bootstrap has said what `state` tells (or failed, or ended).
+async fn from_master<T: Clone>(
+    state: &watch::Sender<Option<Result<T, String>>>,
+) -> Result<T, String> {
+    let mut rx = state.subscribe();
+    let said = rx.wait_for(Option::is_some).await.map(|s| s.clone());
+    match said {
+        Ok(Some(r)) => r,
+        _ => Err("the master's bootstrap ended".into()),
+    }
+}
+
 /// What one node's bootstrap did.
 struct Booted {
     engines: u32,
@@ -519,17 +531,9 @@ async fn boot_in<'s>(
     // Where the node gets starlingd: from the master once it hands it out, else from here.
     let source = if uploaded && !is_master {
         bar.step("waiting for the master's starlingd");
-        let mut rx = shared.source.subscribe();
-        let state = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_or(Some(Err("the master's bootstrap ended".into())), |s| {
-                s.clone()
-            });
-        match state {
-            Some(Ok(source)) => source,
-            Some(Err(why)) => return Err(("waiting for the master's starlingd".into(), why)),
-            None => None,
+        match from_master(&shared.source).await {
+            Ok(source) => source,
+            Err(why) => return Err(("waiting for the master's starlingd".into(), why)),
         }
     } else {
         None
@@ -753,14 +757,7 @@ async fn boot_in<'s>(
             remote.run(&pre).await.map_err(python_error)?;
         }
         bar.step("waiting for the controller");
-        let mut rx = shared.controller.subscribe();
-        let state = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_or(Some(Err("the master's bootstrap ended".into())), |s| {
-                s.clone()
-            });
-        if let Some(Err(why)) = state {
+        if let Err(why) = from_master(&shared.controller).await {
             return Err(("waiting for the controller".into(), why));
         }
         bar.step("starting engines");
