@@ -572,6 +572,7 @@ async fn boot_in<'s>(
                     &src.addr,
                     &src.token,
                     &part,
+                    shared.daemon.len(),
                     &shared.daemon_sha,
                 );
                 let _ = write!(

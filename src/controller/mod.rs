@@ -9,7 +9,8 @@
 //! What a peer can make the controller hold is bounded: at most [`MAX_HANDSHAKES`] connections
 //! wait for their handshake (another one arriving drops the one that has waited longest, so a
 //! flood of idle sockets cannot shut clients out), and a client that does not read what it asked
-//! for is cut off once [`client_backlog`] bytes wait for it.
+//! for is cut off when more than [`client_backlog`] bytes still wait for it as its next message
+//! comes.
 
 pub mod state;
 pub mod store;
@@ -80,8 +81,10 @@ pub const MAX_HANDSHAKES: usize = 256;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
-/// The most bytes that may wait to be sent to one client: two frames, so one can be queued
-/// while the other is written. A client that lets more pile up is not reading; it is cut off.
+/// The most bytes that may wait to be sent to one client when another message for it comes:
+/// two frames, so one can be queued while the other is written. A client that lets more pile
+/// up is not reading; it is cut off. (One message may be larger — a finished job's results, in
+/// as many frames as they take — and is queued whole.)
 pub fn client_backlog(max_frame: usize) -> usize {
     2 * max_frame + conn::ENVELOPE_MARGIN
 }
@@ -93,20 +96,20 @@ struct Outbox {
 }
 
 impl Outbox {
-    /// Queues `frames`, unless that would put more than `limit` bytes in waiting: then the
-    /// connection is cut, and this says so (false).
+    /// Queues the frames of one message, unless more than `limit` bytes still wait from
+    /// earlier ones: then the connection is cut, and this says so (false).
     fn send(&self, conn: ConnId, frames: Vec<bytes::Bytes>, limit: usize) -> bool {
+        let waiting = self.backlog.queued();
+        if waiting > limit {
+            tracing::warn!(
+                ?conn,
+                "a client does not read what it asked for ({} MiB wait for it); its connection is cut",
+                waiting >> 20
+            );
+            self.backlog.cut();
+            return false;
+        }
         for frame in frames {
-            if self.backlog.queued() + frame.len() > limit {
-                tracing::warn!(
-                    ?conn,
-                    queued = self.backlog.queued(),
-                    "a client does not read what it asked for ({} MiB wait for it); its connection is cut",
-                    (self.backlog.queued() + frame.len()) >> 20
-                );
-                self.backlog.cut();
-                return false;
-            }
             self.backlog.queue(frame.len());
             let _ = self.tx.send(frame);
         }

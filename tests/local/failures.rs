@@ -927,6 +927,7 @@ fn a_node_keeps_the_starlingd_the_master_hands_it_only_if_its_checksum_is_right(
             addr,
             token,
             &starling::engine::shell_quote(dest.to_str().unwrap()),
+            bytes.len(),
             sha,
         );
         Command::new("sh").args(["-c", &cmd]).output().unwrap()
@@ -953,14 +954,20 @@ fn a_node_keeps_the_starlingd_the_master_hands_it_only_if_its_checksum_is_right(
         said.contains("has SHA-256") && said.contains(&sha) && said.contains("refused"),
         "{said}"
     );
+    assert!(!dir.path().join("bad").exists(), "nothing refused is left");
 
-    // Without the token, nothing is sent.
+    // Without the token, nothing is sent: a transfer cut short, which the caller answers by
+    // uploading the file itself.
     let stranger = fetch(&dir.path().join("stranger"), "guess", &sha);
     assert_eq!(
         stranger.status.code(),
-        Some(i32::from(starling::bootstrap::share::EXIT_CORRUPT))
+        Some(i32::from(starling::bootstrap::share::EXIT_UNREACHABLE))
     );
-    assert!(String::from_utf8_lossy(&stranger.stderr).contains("(0 bytes)"));
+    let said = String::from_utf8_lossy(&stranger.stderr);
+    assert!(
+        said.contains(&format!("sent 0 of the {} bytes", bytes.len())),
+        "{said}"
+    );
     let _ = server.kill();
     let _ = server.wait();
 
@@ -974,6 +981,7 @@ fn a_node_keeps_the_starlingd_the_master_hands_it_only_if_its_checksum_is_right(
         &closed.to_string(),
         "t",
         &starling::engine::shell_quote(dir.path().join("none").to_str().unwrap()),
+        bytes.len(),
         &sha,
     );
     let out = Command::new("sh").args(["-c", &cmd]).output().unwrap();
@@ -981,5 +989,5 @@ fn a_node_keeps_the_starlingd_the_master_hands_it_only_if_its_checksum_is_right(
         out.status.code(),
         Some(i32::from(starling::bootstrap::share::EXIT_UNREACHABLE))
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the master"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot fetch starlingd from the master"));
 }

@@ -210,6 +210,18 @@ async fn a_client_that_never_reads_is_cut_off_and_the_controller_does_not_hold_i
     c.starling_raw(&["up", "-f", spec.to_str().unwrap()]).ok();
     let info = ConnectionInfo::load(&c.connection_file()).unwrap();
     let good = c.client().await;
+    // A client that reads gets a finished job's results whole, however many frames they take
+    // (12 MB here, three times the 4 MB frame).
+    let items: Vec<Value> = (0..12).map(Value::from).collect();
+    let map = good
+        .load_balanced()
+        .chunksize(1)
+        .map("lambda i: b'x' * 1_000_000", items)
+        .await
+        .unwrap();
+    assert_eq!(map.get().await.unwrap().len(), 12);
+    let again = good.result(map.job_id()).await.unwrap();
+    assert_eq!(again.get().await.unwrap().len(), 12);
     // A job with a 3 MB result.
     let big = good.all().execute("b'x' * 3_000_000").await.unwrap();
     big.get().await.unwrap();
