@@ -722,7 +722,7 @@ async fn boot_in<'s>(
     } else {
         format!("cd \"$HOME\" && {python_check}")
     };
-    if master.is_some() {
+    let out = if master.is_some() {
         bar.step("starting controller and engines");
         let out = remote
             .run(&format!(
@@ -745,13 +745,7 @@ async fn boot_in<'s>(
             ));
         }
         shared.controller.send_replace(Some(Ok(())));
-        Ok(Booted {
-            engines,
-            uploaded,
-            fetched,
-            cloudpickle: !out.contains(NO_CLOUDPICKLE),
-            sent_bytes,
-        })
+        out
     } else {
         if !check_early {
             bar.step("checking python");
@@ -762,21 +756,21 @@ async fn boot_in<'s>(
             return Err(("waiting for the controller".into(), why));
         }
         bar.step("starting engines");
-        let out = remote
+        remote
             .run(&format!(
                 "cd \"$HOME\" && {} && {cloudpickle_probe}",
                 start("engine")
             ))
             .await
-            .map_err(at("starting engines"))?;
-        Ok(Booted {
-            engines,
-            uploaded,
-            fetched,
-            cloudpickle: !out.contains(NO_CLOUDPICKLE),
-            sent_bytes,
-        })
-    }
+            .map_err(at("starting engines"))?
+    };
+    Ok(Booted {
+        engines,
+        uploaded,
+        fetched,
+        cloudpickle: !out.contains(NO_CLOUDPICKLE),
+        sent_bytes,
+    })
 }
 
 /// What a node's start command prints when its Python lacks cloudpickle.

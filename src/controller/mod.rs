@@ -90,6 +90,7 @@ pub fn client_backlog(max_frame: usize) -> usize {
 }
 
 /// A client's queue: frames to its writer, and what waits in it.
+#[derive(Clone)]
 struct Outbox {
     tx: mpsc::UnboundedSender<bytes::Bytes>,
     backlog: Arc<conn::Backlog>,
@@ -205,10 +206,7 @@ impl Comm for Wire {
         }
     }
     fn read_store(&mut self, conn: ConnId, id: u64, read: Read) {
-        let Some(out) = self.clients.get(&conn).map(|o| Outbox {
-            tx: o.tx.clone(),
-            backlog: o.backlog.clone(),
-        }) else {
+        let Some(out) = self.clients.get(&conn).cloned() else {
             return;
         };
         let max_frame = self.max_frame;

@@ -988,22 +988,13 @@ impl State {
             }
         }
         for id in judge {
-            let options = std::mem::take(&mut self.jobs.get_mut(&id).expect("restored").options);
-            let readiness = self.readiness(&options);
-            self.jobs.get_mut(&id).expect("restored").options = options;
+            let readiness = self.readiness(&self.jobs[&id].options);
             self.settle(comm, id, readiness, now);
         }
         for id in complete {
             self.end_job(comm, id);
         }
         self.finish_only(comm, failed);
-        if !self.feeds.is_empty() && self.engines.is_empty() {
-            self.orphaned = Some((
-                now,
-                EngineId::NONE,
-                "the controller was restarted and no engine has come back".into(),
-            ));
-        }
         if resumed > 0 {
             tracing::info!(
                 jobs = resumed,
@@ -2052,7 +2043,7 @@ fn missing_slots(done: &[TaskResult], slots: u64) -> Vec<(u64, u64)> {
 }
 
 /// The queue of a load-balanced map taken up after a restart, holding the items in the
-/// `missing` slots: the run after the last result is handed out as new items, with adaptive
+/// `missing` slots (of `missing_slots` for as many slots as there are items): the run after the last result is handed out as new items, with adaptive
 /// chunks; the gaps before it (chunks that were out on engines) run again first, in pieces
 /// sized as adaptive chunks would be for `engines` engines.
 fn resumed_feed(
@@ -2062,13 +2053,6 @@ fn resumed_feed(
     engines: usize,
 ) -> Feed {
     let total = items.len() as u64;
-    // Slots past the items there are (a store that disagrees with its request) are left out.
-    let missing: Vec<(u64, u64)> = missing
-        .iter()
-        .map(|&(a, b)| (a.min(total), b.min(total)))
-        .filter(|(a, b)| a < b)
-        .collect();
-    let missing = &missing[..];
     let tail_from = match missing.last() {
         Some(&(a, b)) if b == total => a,
         _ => total,

@@ -72,6 +72,26 @@ fn load_state(cluster: &str) -> Option<LocalState> {
     serde_json::from_str(&text).ok()
 }
 
+fn save_state(state: &LocalState) -> std::io::Result<()> {
+    home::write_private(
+        &state_path(&state.cluster),
+        &serde_json::to_vec_pretty(state).expect("serializes"),
+    )
+}
+
+/// A node's config file (`what` names it in the error).
+fn read_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> Result<T, ProviderError> {
+    serde_json::from_slice(&std::fs::read(path)?).map_err(|e| {
+        ProviderError::Invalid(format!(
+            "{} is not a valid {what} config: {e}",
+            path.display()
+        ))
+    })
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -167,10 +187,7 @@ impl Provider for LocalProvider {
         };
         let started_controller = start_controller(&daemon, &node_root, |pid| {
             state.controller_pid = pid;
-            home::write_private(
-                &state_path(name),
-                &serde_json::to_vec_pretty(&state).expect("serializes"),
-            )
+            save_state(&state)
         })
         .await;
         let addr = match started_controller {
@@ -237,10 +254,7 @@ impl Provider for LocalProvider {
             }
         };
         state.engine_pids.push(engine.id());
-        home::write_private(
-            &state_path(name),
-            &serde_json::to_vec_pretty(&state).expect("serializes"),
-        )?;
+        save_state(&state)?;
         std::fs::write(node0.join("starlingd.pid"), format!("{}\n", engine.id()))?;
 
         let info = ConnectionInfo {
@@ -301,17 +315,13 @@ impl Provider for LocalProvider {
         let started = Instant::now();
         let root = node_root(cluster);
         let daemon = super::daemon_path()?;
-        let engines = read_engine_count(&root.join("node000/config/engine.json"))?;
+        let engines =
+            read_config::<EngineConfig>(&root.join("node000/config/engine.json"), "engine")?
+                .engines;
         // It listens where engines and clients know it: clusters started before the address
         // was written into the config listened on port 0.
         let cfg_path = root.join("master/config/controller.json");
-        let mut config: ControllerConfig = serde_json::from_slice(&std::fs::read(&cfg_path)?)
-            .map_err(|e| {
-                ProviderError::Invalid(format!(
-                    "{} is not a valid controller config: {e}",
-                    cfg_path.display()
-                ))
-            })?;
+        let mut config: ControllerConfig = read_config(&cfg_path, "controller")?;
         let known = ConnectionInfo::load(&home::connection_path(cluster))?.controller;
         if config.listen != known {
             config.listen.clone_from(&known);
@@ -328,10 +338,7 @@ impl Provider for LocalProvider {
         }
         let addr = start_controller(&daemon, &root, |pid| {
             state.controller_pid = pid;
-            home::write_private(
-                &state_path(cluster),
-                &serde_json::to_vec_pretty(&state).expect("serializes"),
-            )
+            save_state(&state)
         })
         .await?;
         if addr != known {
@@ -477,18 +484,6 @@ async fn start_controller(
             log: tail(&log, 20),
         }),
     }
-}
-
-/// How many engines a node's engine config asks for.
-fn read_engine_count(path: &Path) -> Result<u32, ProviderError> {
-    let text = std::fs::read_to_string(path)?;
-    let config: EngineConfig = serde_json::from_str(&text).map_err(|e| {
-        ProviderError::Invalid(format!(
-            "{} is not a valid engine config: {e}",
-            path.display()
-        ))
-    })?;
-    Ok(config.engines)
 }
 
 /// Removes the directories starling made for local cluster `name` (its name was checked, so
