@@ -53,9 +53,25 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
     }
 }
 
+/// Wakes the thread that waits in [`block_on`].
+struct ThreadWaker(std::thread::Thread);
+
+impl std::task::Wake for ThreadWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
 /// Runs `fut` to completion with the GIL released, checking for signals every
 /// [`SIGNAL_CHECK`]; a `KeyboardInterrupt` leaves whatever `fut` was doing to carry on
 /// (a submitted job keeps running on the cluster).
+///
+/// The future is polled on this thread, inside the runtime's context, and the thread parks
+/// between polls with the signal check as its timeout: no timer is set in the runtime for each
+/// call, so waiting costs no wake-up of the runtime's threads beyond the reply's own.
 fn block_on<T, F>(py: Python<'_>, fut: F) -> PyResult<T>
 where
     F: Future<Output = T> + Send,
@@ -65,11 +81,25 @@ where
     let mut fut = std::pin::pin!(fut);
     loop {
         let step = py.detach(|| {
-            rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, fut.as_mut()).await })
+            let _context = rt.enter();
+            let waker =
+                std::task::Waker::from(std::sync::Arc::new(ThreadWaker(std::thread::current())));
+            let mut cx = std::task::Context::from_waker(&waker);
+            let deadline = std::time::Instant::now() + SIGNAL_CHECK;
+            loop {
+                if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                    return Some(v);
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                std::thread::park_timeout(left);
+            }
         });
         match step {
-            Ok(v) => return Ok(v),
-            Err(_) => py.check_signals()?,
+            Some(v) => return Ok(v),
+            None => py.check_signals()?,
         }
     }
 }

@@ -39,6 +39,9 @@ class AsyncResult(Future):
         ordered: bool = True,
         reshape=None,
     ):
+        # Set before Future.__init__, whose `self._waiters = []` goes through the property.
+        self._settled = False
+        self._watching = False
         super().__init__()
         self._client = client
         self._native = native
@@ -48,10 +51,38 @@ class AsyncResult(Future):
         # What get() makes of the list of values, if not that list (or its one value when
         # `single`): a gather concatenates the engines' parts.
         self._reshape = reshape
-        self._settled = False
         self._lock = threading.Lock()
         client._track(self)
-        native.on_done(self._settle)
+
+    # ---- the Future -----------------------------------------------------------------------
+    #
+    # A Future is told of its end by a background thread only when someone listens for it:
+    # a done callback (asyncio.wrap_future adds one), or a waiter that
+    # concurrent.futures.wait / as_completed put in `_waiters`. Blocking calls settle the
+    # Future themselves, so a plain `get()` costs no thread and no fight for the GIL.
+
+    def _watch(self):
+        if not self._watching and not self._settled:
+            self._watching = True
+            self._native.on_done(self._settle)
+
+    @property
+    def _waiters(self):
+        self._watch()
+        return self._waiter_list
+
+    @_waiters.setter
+    def _waiters(self, waiters):
+        self._waiter_list = waiters
+
+    def add_done_callback(self, fn):
+        self._watch()
+        super().add_done_callback(fn)
+
+    def done(self) -> bool:
+        if not self._settled and self._native.ready():
+            self._settle()
+        return super().done()
 
     # ---- identity -----------------------------------------------------------------------
 

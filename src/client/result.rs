@@ -38,6 +38,9 @@ pub(crate) struct JobState {
     filled: Mutex<Filled>,
     /// Number of filled slots; `Err` once the connection is gone.
     done: watch::Sender<Result<usize, String>>,
+    /// Whether every slot is filled or the connection is gone: what a wait for the whole job
+    /// listens to, so that it is not woken by every result before the last.
+    ended: watch::Sender<bool>,
 }
 
 impl JobState {
@@ -50,6 +53,7 @@ impl JobState {
             info,
             filled: Mutex::new(filled),
             done: watch::channel(Ok(0)).0,
+            ended: watch::channel(false).0,
         }
     }
 
@@ -91,11 +95,14 @@ impl JobState {
         let n = f.order.len();
         drop(f);
         let _ = self.done.send_replace(Ok(n));
+        if n >= self.total() {
+            self.ended.send_replace(true);
+        }
     }
 
     pub(crate) fn broken(&self, why: &str) {
         let total = self.total();
-        self.done.send_if_modified(|d| {
+        let broke = self.done.send_if_modified(|d| {
             if matches!(d, Ok(n) if *n == total) {
                 false
             } else {
@@ -103,6 +110,9 @@ impl JobState {
                 true
             }
         });
+        if broke {
+            self.ended.send_replace(true);
+        }
     }
 }
 
@@ -264,7 +274,10 @@ impl AsyncResult {
 
     /// Waits until at least `n` slots are filled.
     async fn wait_for(&self, n: usize) -> Result<(), ClientError> {
+        // Both are subscribed before the first look, so no change after it is missed.
+        let whole = n >= self.state.total();
         let mut rx = self.state.done.subscribe();
+        let mut ended = self.state.ended.subscribe();
         loop {
             match &*rx.borrow_and_update() {
                 Ok(done) if *done >= n => return Ok(()),
@@ -276,7 +289,12 @@ impl AsyncResult {
                     })
                 }
             }
-            if rx.changed().await.is_err() {
+            let changed = if whole {
+                ended.changed().await
+            } else {
+                rx.changed().await
+            };
+            if changed.is_err() {
                 return Err(ClientError::Disconnected("the client was dropped".into()));
             }
         }

@@ -1,7 +1,8 @@
 //! The task store: every job and every result, in SQLite, like ipyparallel's task database.
 //!
-//! One thread owns the database. Writes go down a channel to it and whatever has queued up is
-//! committed in one transaction, so they never block the controller. Reads (`history`,
+//! One thread owns the database. Writes go down a channel to it and what comes within
+//! [`GROUP_COMMIT`] of each other is committed in one transaction, so they never block the
+//! controller. Reads (`history`,
 //! results of jobs no longer held in memory, the request of a job to resubmit, `purge`) go
 //! down the same channel and are answered after every write sent before them: a client that
 //! asks right after a job ended sees it. The file outlives the controller, so a cluster's
@@ -137,6 +138,33 @@ pub struct Store {
 /// Requests larger than this are recorded by their summary only, not kept for `resubmit`.
 pub const KEEP_REQUEST_BYTES: usize = 16 << 20;
 
+/// A task's value larger than this is recorded by its `repr` only: a 100 MB pull reaches the
+/// client that waits for it, and the store does not write it to disk again.
+pub const KEEP_RESULT_BYTES: usize = 16 << 20;
+
+/// What the store keeps of an outcome: all of it, except a single value above
+/// [`KEEP_RESULT_BYTES`], which becomes an opaque value saying so. (A map's items are kept
+/// whole: a restarted controller resumes the map from them.)
+fn kept_outcome(outcome: &Outcome) -> std::borrow::Cow<'_, Outcome> {
+    use std::borrow::Cow;
+    match outcome {
+        Outcome::Ok { value, display } if value.approx_bytes() > KEEP_RESULT_BYTES => {
+            Cow::Owned(Outcome::Ok {
+                value: crate::proto::Value::Opaque {
+                    repr: format!(
+                        "{} [the task store kept only this repr: the value was {} MiB, above its {} MiB for one result]",
+                        value.to_python_repr(),
+                        value.approx_bytes() >> 20,
+                        KEEP_RESULT_BYTES >> 20
+                    ),
+                },
+                display: display.clone(),
+            })
+        }
+        _ => Cow::Borrowed(outcome),
+    }
+}
+
 /// Bumped when the tables change shape.
 const SCHEMA_VERSION: i64 = 3;
 /// Stores of this version are brought up to [`SCHEMA_VERSION`] by adding the tables it lacks.
@@ -259,6 +287,12 @@ impl Drop for Store {
     }
 }
 
+/// How long a record waits for others to share its transaction. A busy controller then
+/// writes (and wakes this thread) once per window instead of once per job and result; a read
+/// or a sync that comes first is answered at once, and one that comes during the window
+/// waits for it at most.
+const GROUP_COMMIT: std::time::Duration = std::time::Duration::from_millis(2);
+
 fn serve(mut conn: Connection, rx: &mpsc::Receiver<StoreOp>, reserved: &AtomicU64) {
     // Whether a write failed: then a clean stop does not give back reserved job ids.
     let mut failed = false;
@@ -278,6 +312,14 @@ fn serve(mut conn: Connection, rx: &mpsc::Receiver<StoreOp>, reserved: &AtomicU6
         }
     };
     while let Ok(first) = rx.recv() {
+        if matches!(
+            first,
+            StoreOp::Job { .. } | StoreOp::Results { .. } | StoreOp::Ended { .. }
+        ) {
+            // Group commit: what else comes meanwhile goes in the same transaction, and the
+            // senders do not wake a thread that sleeps.
+            std::thread::sleep(GROUP_COMMIT);
+        }
         let mut writes = Vec::new();
         for op in std::iter::once(first).chain(rx.try_iter()) {
             match op {
@@ -392,7 +434,8 @@ fn write_batch(
                                 )
                             }
                         };
-                        let outcome = rmp_serde::to_vec(&r.outcome).unwrap_or_default();
+                        let outcome =
+                            rmp_serde::to_vec(&kept_outcome(&r.outcome)).unwrap_or_default();
                         task_stmt.execute(params![
                             r.task.0 as i64,
                             job.0 as i64,
@@ -1087,6 +1130,61 @@ mod tests {
         store.send(StoreOp::Stopped(120));
         drop(store);
         assert_eq!(Store::open(&path).unwrap().1.next_job, 120);
+    }
+
+    #[test]
+    fn a_result_too_large_to_keep_is_recorded_by_its_repr_and_a_small_one_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("tasks.db")).unwrap();
+        store.send(StoreOp::ReserveJobs(100));
+        job(&store, 0, 2);
+        let value = |n: usize| crate::proto::Value::Pickle {
+            repr: format!("array of {n} bytes"),
+            bytes: vec![1u8; 64].into(),
+            buffers: vec![vec![7u8; n].into()],
+            json: None,
+        };
+        let direct = |task: u64, v| TaskResult {
+            outcome: Outcome::Ok {
+                value: v,
+                display: None,
+            },
+            ..result(task, 0, task, 0)
+        };
+        let big = KEEP_RESULT_BYTES + 1;
+        store.send(StoreOp::Results {
+            job: JobId(0),
+            results: vec![direct(0, value(big)), direct(1, value(10))],
+        });
+        store.send(StoreOp::Ended {
+            job: JobId(0),
+            status: "ok",
+            error: None,
+            completed: 3,
+            ran_on: vec![EngineId(0)],
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        store.send(StoreOp::Read {
+            read: Read::Job(JobId(0)),
+            answer: Box::new(move |a| tx.send(a).unwrap()),
+        });
+        let (_, results) = rx.recv().unwrap();
+        assert_eq!(results.len(), 2);
+        match &results[0].outcome {
+            Outcome::Ok {
+                value: crate::proto::Value::Opaque { repr },
+                ..
+            } => assert!(
+                repr.starts_with(&format!("array of {big} bytes"))
+                    && repr.contains("kept only this repr"),
+                "{repr}"
+            ),
+            other => panic!("the large value is kept: {other:?}"),
+        }
+        assert!(
+            matches!(&results[1].outcome, Outcome::Ok { value: v, .. } if *v == value(10)),
+            "the small value is kept whole"
+        );
     }
 
     #[test]

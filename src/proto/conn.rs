@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, FramedParts, FramedWrite, LengthDelimitedCodec};
 
@@ -40,11 +40,25 @@ fn codec(max_frame: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
-/// Encodes a message as one frame's payload.
+/// Encodes a message as one frame's payload, in a buffer of exactly its size: a first pass
+/// only counts (a 100 MB value is one slice to count), so a large message is copied once
+/// rather than again at every doubling of a growing buffer.
 pub fn encode<T: Serialize>(msg: &T) -> bytes::Bytes {
-    rmp_serde::to_vec(msg)
-        .expect("protocol messages always serialize")
-        .into()
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    rmp_serde::encode::write(&mut count, msg).expect("protocol messages always serialize");
+    let mut out = Vec::with_capacity(count.0);
+    rmp_serde::encode::write(&mut out, msg).expect("protocol messages always serialize");
+    out.into()
 }
 
 /// Decodes one frame's payload.
@@ -177,9 +191,35 @@ pub struct Writer<S, Tx> {
     _t: PhantomData<fn(Tx)>,
 }
 
+/// Frames from this size on are written from their own buffer (after what was fed before
+/// them) instead of being copied into the writer's: a 100 MB push is not copied once more.
+const WRITE_DIRECT: usize = 64 * 1024;
+
 impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
     pub async fn feed(&mut self, msg: &Tx) -> Result<(), ProtoError> {
-        self.inner.feed(encode(msg)).await?;
+        self.feed_frame(encode(msg)).await
+    }
+
+    /// Queues one encoded frame; a large one is written at once (see [`WRITE_DIRECT`]).
+    async fn feed_frame(&mut self, frame: bytes::Bytes) -> Result<(), ProtoError> {
+        if frame.len() < WRITE_DIRECT {
+            self.inner.feed(frame).await?;
+            return Ok(());
+        }
+        // The limit the codec would have enforced.
+        let len = u32::try_from(frame.len())
+            .ok()
+            .filter(|&n| n as usize <= self.inner.encoder().max_frame_length())
+            .ok_or_else(|| {
+                ProtoError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "frame size too big",
+                ))
+            })?;
+        SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
+        let io = self.inner.get_mut();
+        io.write_all(&len.to_be_bytes()).await?;
+        io.write_all(&frame).await?;
         Ok(())
     }
 
@@ -216,10 +256,10 @@ impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
         let pump = async {
             while let Some(frame) = rx.recv().await {
                 let mut fed = frame.len();
-                self.inner.feed(frame).await?;
+                self.feed_frame(frame).await?;
                 while let Ok(more) = rx.try_recv() {
                     backlog.sent(std::mem::replace(&mut fed, more.len()));
-                    self.inner.feed(more).await?;
+                    self.feed_frame(more).await?;
                 }
                 backlog.sent(fed);
                 SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
