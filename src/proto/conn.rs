@@ -66,6 +66,98 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtoError> {
     rmp_serde::from_slice(bytes).map_err(|e| ProtoError::Malformed(e.to_string()))
 }
 
+thread_local! {
+    /// The frame [`decode_frame`] is decoding on this thread.
+    static DECODING: std::cell::RefCell<Option<bytes::Bytes>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Byte strings from this size on share the buffer of the frame they are decoded from (see
+/// [`shared_bytes`]). Smaller ones are copied out, so that a small value kept for long (a
+/// result the controller holds) does not keep a large frame alive.
+const SHARE_FROM: usize = 64 * 1024;
+
+/// Decodes a received frame: like [`decode`], but the large byte strings of fields marked
+/// with [`shared_bytes`] or [`shared_buffers`] are slices of `frame`, not copies of it.
+pub fn decode_frame<T: DeserializeOwned>(frame: &bytes::Bytes) -> Result<T, ProtoError> {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            DECODING.with(|d| d.borrow_mut().take());
+        }
+    }
+    DECODING.with(|d| *d.borrow_mut() = Some(frame.clone()));
+    let _clear = Clear;
+    decode(frame)
+}
+
+/// A byte string decoded by [`SharedVisitor`].
+struct SharedBytes(bytes::Bytes);
+
+impl<'de> serde::Deserialize<'de> for SharedBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_bytes(SharedVisitor).map(SharedBytes)
+    }
+}
+
+struct SharedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SharedVisitor {
+    type Value = bytes::Bytes;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a byte string")
+    }
+
+    fn visit_borrowed_bytes<E>(self, b: &'de [u8]) -> Result<Self::Value, E> {
+        if b.len() >= SHARE_FROM {
+            let shared = DECODING.with(|d| {
+                let frame = d.borrow();
+                let frame = frame.as_ref()?;
+                let (start, at) = (frame.as_ptr() as usize, b.as_ptr() as usize);
+                (at >= start && at + b.len() <= start + frame.len()).then(|| frame.slice_ref(b))
+            });
+            if let Some(shared) = shared {
+                return Ok(shared);
+            }
+        }
+        Ok(bytes::Bytes::copy_from_slice(b))
+    }
+
+    fn visit_bytes<E>(self, b: &[u8]) -> Result<Self::Value, E> {
+        Ok(bytes::Bytes::copy_from_slice(b))
+    }
+
+    fn visit_byte_buf<E>(self, b: Vec<u8>) -> Result<Self::Value, E> {
+        Ok(b.into())
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(bytes::Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(b) = seq.next_element::<u8>()? {
+            v.push(b);
+        }
+        Ok(v.into())
+    }
+}
+
+/// `#[serde(deserialize_with = ...)]` for a `Bytes` field that may be large: decoded by
+/// [`decode_frame`], it shares the frame's buffer.
+pub fn shared_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
+    <SharedBytes as serde::Deserialize>::deserialize(d).map(|b| b.0)
+}
+
+/// [`shared_bytes`] for a `Vec<Bytes>` field.
+pub fn shared_buffers<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<bytes::Bytes>, D::Error> {
+    <Vec<SharedBytes> as serde::Deserialize>::deserialize(d)
+        .map(|v| v.into_iter().map(|b| b.0).collect())
+}
+
 fn read_error(e: std::io::Error) -> ProtoError {
     use std::io::ErrorKind;
     if e.kind() == ErrorKind::InvalidData {
@@ -104,7 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, Rx: DeserializeOwned, Tx: Serialize> Con
         match self.framed.next().await {
             None => Ok(None),
             Some(Err(e)) => Err(read_error(e)),
-            Some(Ok(bytes)) => decode(&bytes).map(Some),
+            Some(Ok(bytes)) => decode_frame(&bytes.freeze()).map(Some),
         }
     }
 
@@ -179,7 +271,7 @@ impl<S: AsyncRead + AsyncWrite, Rx: DeserializeOwned> Reader<S, Rx> {
         match self.inner.next().await {
             None => Ok(None),
             Some(Err(e)) => Err(read_error(e)),
-            Some(Ok(bytes)) => decode(&bytes).map(Some),
+            Some(Ok(bytes)) => decode_frame(&bytes.freeze()).map(Some),
         }
     }
 }
@@ -420,6 +512,43 @@ pub async fn connect<Rx: DeserializeOwned, Tx: Serialize>(
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn large_byte_strings_share_the_frame_and_small_ones_are_copied() {
+        use crate::proto::Value;
+        let big = bytes::Bytes::from(vec![7u8; SHARE_FROM + 1]);
+        let value = Value::Pickle {
+            repr: "array".into(),
+            bytes: vec![1u8; 40].into(),
+            buffers: vec![big.clone()],
+            json: None,
+        };
+        let frame = encode(&vec![value.clone()]);
+        let decoded: Vec<Value> = decode_frame(&frame).unwrap();
+        assert_eq!(
+            decoded,
+            std::slice::from_ref(&value),
+            "the same value comes out"
+        );
+        let within = |b: &bytes::Bytes| {
+            let (start, at) = (frame.as_ptr() as usize, b.as_ptr() as usize);
+            at >= start && at + b.len() <= start + frame.len()
+        };
+        let Value::Pickle { bytes, buffers, .. } = &decoded[0] else {
+            unreachable!()
+        };
+        assert!(
+            within(&buffers[0]),
+            "the large buffer is a slice of the frame"
+        );
+        assert!(!within(bytes), "the small pickle is a copy");
+        // Decoded without a frame to share, it is a copy, and still the same value.
+        let copied: Vec<Value> = decode(&frame).unwrap();
+        let Value::Pickle { buffers, .. } = &copied[0] else {
+            unreachable!()
+        };
+        assert!(!within(&buffers[0]) && buffers[0] == big);
+    }
 
     #[tokio::test]
     async fn messages_round_trip_through_frames() {

@@ -264,7 +264,9 @@ pub enum Func {
     /// defined interactively (in `__main__`) resolves its global names in the engine's
     /// namespace.
     Pickle {
+        #[serde(deserialize_with = "conn::shared_bytes")]
         bytes: bytes::Bytes,
+        #[serde(deserialize_with = "conn::shared_buffers")]
         buffers: Vec<bytes::Bytes>,
         python: String,
     },

@@ -18,7 +18,9 @@ pub enum Value {
     /// band (a NumPy array's data travels as one, never copied into the pickle), and its `repr`.
     Pickle {
         repr: String,
+        #[serde(deserialize_with = "super::conn::shared_bytes")]
         bytes: Bytes,
+        #[serde(deserialize_with = "super::conn::shared_buffers")]
         buffers: Vec<Bytes>,
         /// The value as JSON with its tuples as lists, when that makes it JSON (`(1, 'a')`): what
         /// `--output json` shows for it. Never sent back to a kernel, where it would lose its
