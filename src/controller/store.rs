@@ -1078,6 +1078,17 @@ mod tests {
         });
     }
 
+    /// Job `job` ended well on engine 0.
+    fn ended(store: &Store, job: u64) {
+        store.send(StoreOp::Ended {
+            job: JobId(job),
+            status: "ok",
+            error: None,
+            completed: 3,
+            ran_on: vec![EngineId(0)],
+        });
+    }
+
     #[test]
     fn a_reopened_store_gives_back_ids_engines_endings_and_unfinished_work() {
         let dir = tempfile::tempdir().unwrap();
@@ -1092,13 +1103,7 @@ mod tests {
                 job: JobId(0),
                 results: vec![result(0, 0, 0, 2)],
             });
-            store.send(StoreOp::Ended {
-                job: JobId(0),
-                status: "ok",
-                error: None,
-                completed: 3,
-                ran_on: vec![EngineId(0)],
-            });
+            ended(&store, 0);
             job(&store, 1, 10);
             store.send(StoreOp::Results {
                 job: JobId(1),
@@ -1156,13 +1161,7 @@ mod tests {
             job: JobId(0),
             results: vec![direct(0, value(big)), direct(1, value(10))],
         });
-        store.send(StoreOp::Ended {
-            job: JobId(0),
-            status: "ok",
-            error: None,
-            completed: 3,
-            ran_on: vec![EngineId(0)],
-        });
+        ended(&store, 0);
         let (tx, rx) = std::sync::mpsc::channel();
         store.send(StoreOp::Read {
             read: Read::Job(JobId(0)),
