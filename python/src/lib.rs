@@ -590,6 +590,11 @@ impl NativeResult {
         self.ar.ready()
     }
 
+    /// Whether waiting is over: done, or the connection was lost before.
+    fn ended(&self) -> bool {
+        self.ar.ended()
+    }
+
     /// `(done, total)` slots.
     fn progress(&self) -> (usize, usize) {
         self.ar.progress()

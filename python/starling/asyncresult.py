@@ -80,9 +80,14 @@ class AsyncResult(Future):
         super().add_done_callback(fn)
 
     def done(self) -> bool:
-        if not self._settled and self._native.ready():
+        if not self._settled and self._native.ended():
             self._settle()
         return super().done()
+
+    def cancel(self) -> bool:
+        """A job on the cluster is not cancelled as a Future is: ``abort()`` drops its tasks
+        that have not started. Like a running Future, this returns False."""
+        return False
 
     # ---- identity -----------------------------------------------------------------------
 
@@ -140,7 +145,7 @@ class AsyncResult(Future):
 
     def _settle(self):
         with self._lock:
-            if self._settled:
+            if self._settled or super().done():
                 return
             self._settled = True
         try:

@@ -303,6 +303,14 @@ def test_async_result_is_a_future(rc):
     assert ar.result() == [9, 9]
     assert seen.wait(10)
     assert ar.done() and ar.successful()
+    assert not ar.cancel() and ar.result() == [9, 9], "a finished job stays finished"
+    # Unwatched until asked: done() alone settles a finished job.
+    quiet = rc[:].apply_async(square, 4)
+    deadline = time.monotonic() + 30
+    while not quiet.done():
+        assert time.monotonic() < deadline, "done() never turned true"
+        time.sleep(0.01)
+    assert quiet.result() == [16, 16]
 
     async def main():
         return await asyncio.wrap_future(rc.load_balanced_view().apply_async(square, 5))

@@ -181,6 +181,11 @@ def test_a_map_survives_its_controller_killed_and_restarted():
             check=True,
         )
         os.kill(json.loads(status.stdout)["controller_pid"], signal.SIGKILL)
+        # The lost connection ends the job's wait, as a Future: done() turns true.
+        while not ar.done():
+            assert time.monotonic() < deadline + 30, "done() stayed false after the controller died"
+            time.sleep(0.01)
+        assert not ar.cancel(), "a job is aborted, not cancelled"
         with pytest.raises(RuntimeError, match=rf"rc\.get_result\({ar.job_id}\)"):
             ar.get(timeout=30)
         rc.close()

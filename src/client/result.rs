@@ -216,6 +216,12 @@ impl AsyncResult {
         done == total
     }
 
+    /// Whether waiting is over: everything has finished, or the connection was lost first
+    /// (then [`Self::wait`] says so).
+    pub fn ended(&self) -> bool {
+        *self.state.ended.borrow() || self.state.total() == 0
+    }
+
     /// Waits until the job is done or `timeout` passes; returns whether it is done.
     pub async fn wait(&self, timeout: Option<Duration>) -> Result<bool, ClientError> {
         let until_done = self.wait_for(self.state.total());

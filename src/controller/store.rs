@@ -138,28 +138,31 @@ pub struct Store {
 /// Requests larger than this are recorded by their summary only, not kept for `resubmit`.
 pub const KEEP_REQUEST_BYTES: usize = 16 << 20;
 
-/// A task's value larger than this is recorded by its `repr` only: a 100 MB pull reaches the
-/// client that waits for it, and the store does not write it to disk again.
+/// A task's pickled value larger than this is not kept in the store: a 100 MB pull reaches the
+/// clients that wait for it, and the store does not write it to disk again.
 pub const KEEP_RESULT_BYTES: usize = 16 << 20;
 
-/// What the store keeps of an outcome: all of it, except a single value above
-/// [`KEEP_RESULT_BYTES`], which becomes an opaque value saying so. (A map's items are kept
-/// whole: a restarted controller resumes the map from them.)
+/// What the store keeps of an outcome: all of it, except a single pickled value above
+/// [`KEEP_RESULT_BYTES`], which becomes an error that says so — what a client attaching later
+/// (`starling result`, `rc.get_result`) is told. (A map's items are kept whole: a restarted
+/// controller resumes the map from them.)
 fn kept_outcome(outcome: &Outcome) -> std::borrow::Cow<'_, Outcome> {
     use std::borrow::Cow;
     match outcome {
-        Outcome::Ok { value, display } if value.approx_bytes() > KEEP_RESULT_BYTES => {
-            Cow::Owned(Outcome::Ok {
-                value: crate::proto::Value::Opaque {
-                    repr: format!(
-                        "{} [the task store kept only this repr: the value was {} MiB, above its {} MiB for one result]",
-                        value.to_python_repr(),
-                        value.approx_bytes() >> 20,
-                        KEEP_RESULT_BYTES >> 20
-                    ),
-                },
-                display: display.clone(),
-            })
+        Outcome::Ok {
+            value: value @ crate::proto::Value::Pickle { repr, .. },
+            ..
+        } if value.approx_bytes() > KEEP_RESULT_BYTES => {
+            let shown: String = repr.chars().take(200).collect();
+            Cow::Owned(Outcome::Err(crate::proto::RemoteError {
+                ename: "ResultNotKept".into(),
+                evalue: format!(
+                    "the value ({shown}) was {} MiB, above the {} MiB the task store keeps of one result; it went only to the clients that waited for the job: run the job again to get it",
+                    value.approx_bytes() >> 20,
+                    KEEP_RESULT_BYTES >> 20
+                ),
+                traceback: String::new(),
+            }))
         }
         _ => Cow::Borrowed(outcome),
     }
@@ -1138,7 +1141,7 @@ mod tests {
     }
 
     #[test]
-    fn a_result_too_large_to_keep_is_recorded_by_its_repr_and_a_small_one_whole() {
+    fn a_result_too_large_to_keep_reads_back_as_an_error_naming_it_and_a_small_one_whole() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(&dir.path().join("tasks.db")).unwrap();
         store.send(StoreOp::ReserveJobs(100));
@@ -1170,13 +1173,11 @@ mod tests {
         let (_, results) = rx.recv().unwrap();
         assert_eq!(results.len(), 2);
         match &results[0].outcome {
-            Outcome::Ok {
-                value: crate::proto::Value::Opaque { repr },
-                ..
-            } => assert!(
-                repr.starts_with(&format!("array of {big} bytes"))
-                    && repr.contains("kept only this repr"),
-                "{repr}"
+            Outcome::Err(e) => assert!(
+                e.ename == "ResultNotKept"
+                    && e.evalue.contains(&format!("(array of {big} bytes)"))
+                    && e.evalue.contains("run the job again"),
+                "{e:?}"
             ),
             other => panic!("the large value is kept: {other:?}"),
         }

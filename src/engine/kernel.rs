@@ -315,9 +315,9 @@ fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// How much a request or reply pipe holds. Linux's default, 64 KiB, makes a 100 MB push 1,600
-/// writes, each waking the reader; 1 MiB (what an unprivileged process may ask for) makes it
-/// 100.
-const DATA_PIPE_BYTES: i32 = 1 << 20;
+/// writes, each waking the reader; 256 KiB makes it 400, and a node's 64 kernels stay well
+/// inside what Linux lets one user hold in pipes (`pipe-user-pages-soft`, 64 MiB by default).
+const DATA_PIPE_BYTES: i32 = 256 << 10;
 
 /// A pipe for frames: [`cloexec_pipe`], as large as Linux allows (best effort: a smaller one
 /// only costs more wake-ups).

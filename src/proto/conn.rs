@@ -71,10 +71,13 @@ thread_local! {
     static DECODING: std::cell::RefCell<Option<bytes::Bytes>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Byte strings from this size on share the buffer of the frame they are decoded from (see
-/// [`shared_bytes`]). Smaller ones are copied out, so that a small value kept for long (a
-/// result the controller holds) does not keep a large frame alive.
+/// Byte strings from this size on, and at least a quarter of their frame ([`SHARE_PART`]),
+/// share the buffer of the frame they are decoded from (see [`shared_bytes`]). Others are
+/// copied out, so that a value kept for long (a result the controller holds) keeps at most
+/// about four times its size alive, never a large frame it merely came with.
 const SHARE_FROM: usize = 64 * 1024;
+/// See [`SHARE_FROM`]: the results of a pull from four engines, in one frame, still share it.
+const SHARE_PART: usize = 4;
 
 /// Decodes a received frame: like [`decode`], but the large byte strings of fields marked
 /// with [`shared_bytes`] or [`shared_buffers`] are slices of `frame`, not copies of it.
@@ -112,7 +115,7 @@ impl<'de> serde::de::Visitor<'de> for SharedVisitor {
         if b.len() >= SHARE_FROM {
             let shared = DECODING.with(|d| {
                 let frame = d.borrow();
-                let frame = frame.as_ref()?;
+                let frame = frame.as_ref().filter(|f| b.len() * SHARE_PART >= f.len())?;
                 let (start, at) = (frame.as_ptr() as usize, b.as_ptr() as usize);
                 (at >= start && at + b.len() <= start + frame.len()).then(|| frame.slice_ref(b))
             });
@@ -308,10 +311,12 @@ impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
                     "frame size too big",
                 ))
             })?;
+        // The length goes out with what was fed before, the frame from its own buffer.
+        self.inner
+            .write_buffer_mut()
+            .extend_from_slice(&len.to_be_bytes());
         SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
-        let io = self.inner.get_mut();
-        io.write_all(&len.to_be_bytes()).await?;
-        io.write_all(&frame).await?;
+        self.inner.get_mut().write_all(&frame).await?;
         Ok(())
     }
 
@@ -548,6 +553,30 @@ mod tests {
             unreachable!()
         };
         assert!(!within(&buffers[0]) && buffers[0] == big);
+        // A large string that is a small part of its frame is copied: kept, it does not keep
+        // the rest of the frame alive.
+        let other = Value::Pickle {
+            repr: "other".into(),
+            bytes: vec![2u8; 40].into(),
+            buffers: vec![vec![3u8; SHARE_PART * SHARE_FROM].into()],
+            json: None,
+        };
+        let frame = encode(&vec![value.clone(), other]);
+        let decoded: Vec<Value> = decode_frame(&frame).unwrap();
+        let within = |b: &bytes::Bytes| {
+            let (start, at) = (frame.as_ptr() as usize, b.as_ptr() as usize);
+            at >= start && at + b.len() <= start + frame.len()
+        };
+        let (Value::Pickle { buffers: small, .. }, Value::Pickle { buffers: large, .. }) =
+            (&decoded[0], &decoded[1])
+        else {
+            unreachable!()
+        };
+        assert!(
+            !within(&small[0]) && small[0] == big,
+            "a fifth of its frame: copied"
+        );
+        assert!(within(&large[0]), "most of its frame: shared");
     }
 
     #[tokio::test]
