@@ -2,10 +2,9 @@
 //!
 //! One thread owns the database. Writes go down a channel to it and what comes within
 //! [`GROUP_COMMIT`] of each other is committed in one transaction, so they never block the
-//! controller. Reads (`history`,
-//! results of jobs no longer held in memory, the request of a job to resubmit, `purge`) go
-//! down the same channel and are answered after every write sent before them: a client that
-//! asks right after a job ended sees it. The file outlives the controller, so a cluster's
+//! controller. Reads (`history`, results of jobs no longer held in memory, the request of a
+//! job to resubmit, `purge`) go down the same channel and are answered after every write sent
+//! before them: a client that asks right after a job ended sees it. The file outlives the controller, so a cluster's
 //! history can also be read with `sqlite3` after it is gone.
 //!
 //! A controller that starts on an existing store resumes from it ([`Recovered`]): job and task

@@ -74,7 +74,8 @@ thread_local! {
 /// Byte strings from this size on, and at least a quarter of their frame ([`SHARE_PART`]),
 /// share the buffer of the frame they are decoded from (see [`shared_bytes`]). Others are
 /// copied out, so that a value kept for long (a result the controller holds) keeps at most
-/// about four times its size alive, never a large frame it merely came with.
+/// about four times its size alive (a frame has its allocation to itself: [`take_frame`]),
+/// never a large frame it merely came with.
 const SHARE_FROM: usize = 64 * 1024;
 /// See [`SHARE_FROM`]: the results of a pull from four engines, in one frame, still share it.
 const SHARE_PART: usize = 4;
@@ -91,6 +92,21 @@ pub fn decode_frame<T: DeserializeOwned>(frame: &bytes::Bytes) -> Result<T, Prot
     DECODING.with(|d| *d.borrow_mut() = Some(frame.clone()));
     let _clear = Clear;
     decode(frame)
+}
+
+/// A frame just read from `framed`, ready for [`decode_frame`]. A large frame keeps the read
+/// buffer's allocation to itself: what follows it is moved to a new buffer, so a value sliced
+/// from a later frame never keeps the large frame's allocation alive, and a value sliced from
+/// this one keeps alive about as much as the frame.
+fn take_frame<T>(
+    framed: &mut Framed<T, LengthDelimitedCodec>,
+    frame: bytes::BytesMut,
+) -> bytes::Bytes {
+    if frame.len() >= SHARE_FROM {
+        let rest = framed.read_buffer_mut();
+        *rest = bytes::BytesMut::from(&rest[..]);
+    }
+    frame.freeze()
 }
 
 /// A byte string decoded by [`SharedVisitor`].
@@ -199,7 +215,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, Rx: DeserializeOwned, Tx: Serialize> Con
         match self.framed.next().await {
             None => Ok(None),
             Some(Err(e)) => Err(read_error(e)),
-            Some(Ok(bytes)) => decode_frame(&bytes.freeze()).map(Some),
+            Some(Ok(bytes)) => decode_frame(&take_frame(&mut self.framed, bytes)).map(Some),
         }
     }
 
@@ -274,7 +290,7 @@ impl<S: AsyncRead + AsyncWrite, Rx: DeserializeOwned> Reader<S, Rx> {
         match self.inner.next().await {
             None => Ok(None),
             Some(Err(e)) => Err(read_error(e)),
-            Some(Ok(bytes)) => decode_frame(&bytes.freeze()).map(Some),
+            Some(Ok(bytes)) => decode_frame(&take_frame(&mut self.inner, bytes)).map(Some),
         }
     }
 }
@@ -629,5 +645,60 @@ mod tests {
             .expect("the buffered frame is read without new bytes on the wire");
         assert_eq!(second.unwrap(), Some(msg(2)));
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn large_frames_written_from_their_own_buffer_arrive_whole_and_in_order() {
+        use super::super::{ClientRequest, ClientToController, JobSpec, Targets, Value, Work};
+        let push = |id, n: usize| ClientToController {
+            id,
+            body: ClientRequest::Submit {
+                spec: JobSpec::Direct {
+                    targets: Targets::All,
+                    work: Work::Push {
+                        values: vec![(
+                            "a".into(),
+                            Value::Pickle {
+                                repr: format!("{n} bytes"),
+                                bytes: vec![1u8; 40].into(),
+                                buffers: vec![vec![(id % 251) as u8; n].into()],
+                                json: None,
+                            },
+                        )],
+                    },
+                },
+                options: Box::default(),
+            },
+        };
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (_, writer) = Conn::<_, (), ClientToController>::new(a, 4 << 20).split();
+        let (mut reader, _) = Conn::<_, ClientToController, ()>::new(b, 4 << 20).split();
+        // Small and large frames queued together: the large ones skip the writer's buffer.
+        let sizes = [10, 3 << 20, 100, WRITE_DIRECT, 70_000, 5];
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (id, n) in sizes.iter().enumerate() {
+            tx.send(encode(&push(id as u64, *n))).unwrap();
+        }
+        drop(tx);
+        let pump =
+            tokio::spawn(async move { writer.pump_frames(&mut rx, &Backlog::default()).await });
+        for (id, n) in sizes.iter().enumerate() {
+            let got = reader.recv().await.unwrap();
+            assert_eq!(got, Some(push(id as u64, *n)), "frame {id} ({n} bytes)");
+        }
+        assert_eq!(reader.recv().await.unwrap(), None, "then the writer closed");
+        pump.await.unwrap().unwrap();
+
+        // A frame above the limit is refused, not sent.
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (_, writer) = Conn::<_, (), ClientToController>::new(a, 1 << 20).split();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(encode(&push(0, 2 << 20))).unwrap();
+        let err = writer
+            .pump_frames(&mut rx, &Backlog::default())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("frame size too big"), "{err}");
+        drop(b);
     }
 }
