@@ -367,14 +367,16 @@ impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
         backlog: &Backlog,
     ) -> Result<(), ProtoError> {
         let pump = async {
+            // A frame leaves the backlog when the writer takes it: the one being written is
+            // not waiting any more (a large one is written from its own buffer, and may take
+            // as long as the peer takes to read it).
             while let Some(frame) = rx.recv().await {
-                let mut fed = frame.len();
+                backlog.sent(frame.len());
                 self.feed_frame(frame).await?;
                 while let Ok(more) = rx.try_recv() {
-                    backlog.sent(std::mem::replace(&mut fed, more.len()));
+                    backlog.sent(more.len());
                     self.feed_frame(more).await?;
                 }
-                backlog.sent(fed);
                 SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
             }
             let _ = SinkExt::<bytes::Bytes>::close(&mut self.inner).await;
@@ -399,7 +401,7 @@ pub struct Backlog {
 }
 
 impl Backlog {
-    /// Bytes queued and not yet handed to the socket.
+    /// Bytes queued and not yet taken by the connection's writer.
     pub fn queued(&self) -> usize {
         self.queued.load(std::sync::atomic::Ordering::Relaxed)
     }
