@@ -138,20 +138,30 @@ struct Wire {
     /// The job ids asked of the store so far (see [`Comm::reserve_jobs`]).
     requested_jobs: u64,
     shutdown_requested: bool,
+    /// While a client's request is handled: what it sends to engines, sent after the answer.
+    held: Option<Vec<(ConnId, ControllerToEngine)>>,
 }
 
-impl Comm for Wire {
-    fn to_client(&mut self, conn: ConnId, msg: ControllerToClient) {
-        let Some(out) = self.clients.get(&conn) else {
-            return;
-        };
-        let frames = crate::proto::encode_results(msg, self.max_frame);
-        if !out.send(conn, frames, client_backlog(self.max_frame)) {
-            // Its writer and reader stop; the reader's ClientGone tells the state.
-            self.clients.remove(&conn);
+impl Wire {
+    /// Handles one client request: its answer is queued before the work it starts on engines,
+    /// so the submitter learns the job id while the engines run it, not after them (they share
+    /// the CPUs with it).
+    fn client_request(
+        &mut self,
+        state: &mut State,
+        conn: ConnId,
+        id: u64,
+        body: ClientRequest,
+        now: Instant,
+    ) {
+        self.held = Some(Vec::new());
+        state.on_client_request(self, conn, id, body, now);
+        for (econn, msg) in self.held.take().unwrap_or_default() {
+            self.send_to_engine(econn, msg);
         }
     }
-    fn to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {
+
+    fn send_to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {
         let Some(tx) = self.engines.get(&conn) else {
             return;
         };
@@ -173,6 +183,25 @@ impl Comm for Wire {
             _ => {
                 let _ = tx.send(frame);
             }
+        }
+    }
+}
+
+impl Comm for Wire {
+    fn to_client(&mut self, conn: ConnId, msg: ControllerToClient) {
+        let Some(out) = self.clients.get(&conn) else {
+            return;
+        };
+        let frames = crate::proto::encode_results(msg, self.max_frame);
+        if !out.send(conn, frames, client_backlog(self.max_frame)) {
+            // Its writer and reader stop; the reader's ClientGone tells the state.
+            self.clients.remove(&conn);
+        }
+    }
+    fn to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {
+        match &mut self.held {
+            Some(held) => held.push((conn, msg)),
+            None => self.send_to_engine(conn, msg),
         }
     }
     fn close(&mut self, conn: ConnId) {
@@ -380,6 +409,7 @@ pub async fn run(
         requested_jobs: 0,
         shutdown_requested: false,
         max_frame: config.max_frame,
+        held: None,
     };
     // A store a controller worked on before: its work goes on where it stopped.
     state.restore(&mut wire, recovered, Instant::now());
@@ -396,7 +426,7 @@ pub async fn run(
                 let now = Instant::now();
                 match ev {
                     Event::ClientUp(c, out, flushed) => { wire.clients.insert(c, out); writers.retain(|w| !w.is_finished()); writers.push(flushed); state.on_client_connected(c); }
-                    Event::ClientRequest(c, id, body) => state.on_client_request(&mut wire, c, id, body, now),
+                    Event::ClientRequest(c, id, body) => wire.client_request(&mut state, c, id, body, now),
                     Event::ClientGone(c) => { wire.clients.remove(&c); state.on_client_gone(c); }
                     Event::EngineUp(c, tx, flushed) => { wire.engines.insert(c, tx); writers.push(flushed); state.on_engine_connected(c, now); }
                     Event::EngineMessage(c, m) => state.on_engine_message(&mut wire, c, m, now),
