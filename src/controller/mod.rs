@@ -82,8 +82,8 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// The most bytes that may wait to be sent to one client when another message for it comes:
-/// two frames, so one can be queued while the other is written. A client that lets more pile
-/// up is not reading; it is cut off. (One message may be larger — a finished job's results, in
+/// two frames queued behind the one being written (which no longer counts). A client that lets
+/// more pile up is not reading; it is cut off. (One message may be larger — a finished job's results, in
 /// as many frames as they take — and is queued whole.)
 pub fn client_backlog(max_frame: usize) -> usize {
     2 * max_frame + conn::ENVELOPE_MARGIN
@@ -205,6 +205,16 @@ impl Comm for Wire {
         }
     }
     fn close(&mut self, conn: ConnId) {
+        // What is held for it goes first, as if it had been sent at once.
+        if let Some(held) = &mut self.held {
+            let (mine, others) = std::mem::take(held)
+                .into_iter()
+                .partition(|(c, _)| *c == conn);
+            *held = others;
+            for (_, msg) in mine {
+                self.send_to_engine(conn, msg);
+            }
+        }
         // Dropping the sender ends the writer, which closes the socket.
         self.engines.remove(&conn);
     }

@@ -104,7 +104,11 @@ fn take_frame<T>(
 ) -> bytes::Bytes {
     if frame.len() >= SHARE_FROM {
         let rest = framed.read_buffer_mut();
-        *rest = bytes::BytesMut::from(&rest[..]);
+        // At least the codec's usual start, so that small frames after it are read many at a
+        // time again.
+        let mut fresh = bytes::BytesMut::with_capacity(rest.len().max(8 << 10));
+        fresh.extend_from_slice(rest);
+        *rest = fresh;
     }
     frame.freeze()
 }
