@@ -82,9 +82,10 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// The most bytes that may wait to be sent to one client when another message for it comes:
-/// two frames queued behind the one being written (which no longer counts). A client that lets
-/// more pile up is not reading; it is cut off. (One message may be larger — a finished job's results, in
-/// as many frames as they take — and is queued whole.)
+/// two frames queued behind the one being written (which does not count). A client that lets
+/// more pile up is not reading; it is cut off. (One message may be larger — a finished job's
+/// results, in as many frames as they take — and is queued whole; what comes while it drains
+/// may wait behind it.)
 pub fn client_backlog(max_frame: usize) -> usize {
     2 * max_frame + conn::ENVELOPE_MARGIN
 }
@@ -94,14 +95,20 @@ pub fn client_backlog(max_frame: usize) -> usize {
 struct Outbox {
     tx: mpsc::UnboundedSender<bytes::Bytes>,
     backlog: Arc<conn::Backlog>,
+    /// The size of the last message queued whole above the limit, while it may still be
+    /// draining: what comes meanwhile may wait behind it.
+    oversized: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Outbox {
     /// Queues the frames of one message, unless more than `limit` bytes still wait from
-    /// earlier ones: then the connection is cut, and this says so (false).
+    /// earlier ones (beyond a message larger than the limit that is still draining): then the
+    /// connection is cut, and this says so (false).
     fn send(&self, conn: ConnId, frames: Vec<bytes::Bytes>, limit: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
         let waiting = self.backlog.queued();
-        if waiting > limit {
+        let oversized = self.oversized.load(Relaxed);
+        if waiting > limit + oversized {
             tracing::warn!(
                 ?conn,
                 "a client does not read what it asked for ({} MiB wait for it); its connection is cut",
@@ -110,6 +117,11 @@ impl Outbox {
             self.backlog.cut();
             return false;
         }
+        let size: usize = frames.iter().map(bytes::Bytes::len).sum();
+        // Once the queue is back under the limit, the large message has drained.
+        let still = if waiting <= limit { 0 } else { oversized };
+        self.oversized
+            .store(if size > limit { size } else { still }, Relaxed);
         for frame in frames {
             self.backlog.queue(frame.len());
             let _ = self.tx.send(frame);
@@ -482,6 +494,7 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
             let out = Outbox {
                 tx,
                 backlog: backlog.clone(),
+                oversized: Arc::default(),
             };
             let _ = events.send(Event::ClientUp(conn, out, flushed));
             loop {
@@ -532,5 +545,37 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
             };
             let _ = events.send(Event::EngineGone(conn, why));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_comes_behind_a_message_larger_than_the_limit_may_wait_but_not_for_ever() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let out = Outbox {
+            tx,
+            backlog: Arc::default(),
+            oversized: Arc::default(),
+        };
+        let (conn, limit) = (ConnId(1), 100);
+        let frame = |n| bytes::Bytes::from(vec![0u8; n]);
+        let whole = vec![frame(60), frame(60), frame(60)];
+        assert!(
+            out.send(conn, whole, limit),
+            "a finished job's results go whole"
+        );
+        assert!(
+            out.send(conn, vec![frame(10)], limit),
+            "an answer waits behind them"
+        );
+        // Nobody reads: what piles up beyond the large message is bounded by the limit.
+        assert!(out.send(conn, vec![frame(91)], limit));
+        assert!(
+            !out.send(conn, vec![frame(1)], limit),
+            "then the client is cut off"
+        );
     }
 }
