@@ -217,15 +217,9 @@ impl Comm for Wire {
         }
     }
     fn close(&mut self, conn: ConnId) {
-        // What is held for it goes first, as if it had been sent at once.
-        if let Some(held) = &mut self.held {
-            let (mine, others) = std::mem::take(held)
-                .into_iter()
-                .partition(|(c, _)| *c == conn);
-            *held = others;
-            for (_, msg) in mine {
-                self.send_to_engine(conn, msg);
-            }
+        // What is held goes first, as if it had been sent at once.
+        for (econn, msg) in self.held.as_mut().map(std::mem::take).unwrap_or_default() {
+            self.send_to_engine(econn, msg);
         }
         // Dropping the sender ends the writer, which closes the socket.
         self.engines.remove(&conn);

@@ -319,8 +319,8 @@ fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 /// inside what Linux lets one user hold in pipes (`pipe-user-pages-soft`, 64 MiB by default).
 const DATA_PIPE_BYTES: i32 = 256 << 10;
 
-/// A pipe for frames: [`cloexec_pipe`], as large as Linux allows (best effort: a smaller one
-/// only costs more wake-ups).
+/// A pipe for frames: [`cloexec_pipe`] of [`DATA_PIPE_BYTES`] (best effort: a smaller one only
+/// costs more wake-ups).
 fn data_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = cloexec_pipe()?;
     #[cfg(target_os = "linux")]

@@ -40,25 +40,11 @@ fn codec(max_frame: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
-/// Encodes a message as one frame's payload, in a buffer of exactly its size: a first pass
-/// only counts (a 100 MB value is one slice to count), so a large message is copied once
-/// rather than again at every doubling of a growing buffer.
+/// Encodes a message as one frame's payload.
 pub fn encode<T: Serialize>(msg: &T) -> bytes::Bytes {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0 += b.len();
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    rmp_serde::encode::write(&mut count, msg).expect("protocol messages always serialize");
-    let mut out = Vec::with_capacity(count.0);
-    rmp_serde::encode::write(&mut out, msg).expect("protocol messages always serialize");
-    out.into()
+    rmp_serde::to_vec(msg)
+        .expect("protocol messages always serialize")
+        .into()
 }
 
 /// Decodes one frame's payload.
@@ -88,6 +74,10 @@ pub fn decode_frame<T: DeserializeOwned>(frame: &bytes::Bytes) -> Result<T, Prot
         fn drop(&mut self) {
             DECODING.with(|d| d.borrow_mut().take());
         }
+    }
+    if frame.len() < SHARE_FROM {
+        // Nothing in it is large enough to share.
+        return decode(frame);
     }
     DECODING.with(|d| *d.borrow_mut() = Some(frame.clone()));
     let _clear = Clear;
