@@ -733,13 +733,14 @@ fn engine_to_py(engine: EngineId) -> Option<u32> {
 /// Starts a cluster as `starling up` does; returns `(name, connection_file, engine_ids,
 /// seconds)`.
 #[pyfunction]
-#[pyo3(signature = (spec=None, n=None, name=None, python=None))]
+#[pyo3(signature = (spec=None, n=None, name=None, python=None, mpi=false))]
 fn up(
     py: Python<'_>,
     spec: Option<PathBuf>,
     n: Option<u32>,
     name: Option<String>,
     python: Option<String>,
+    mpi: bool,
 ) -> PyResult<(String, PathBuf, Vec<u32>, f64)> {
     let spec = starling::spec::for_up(&starling::spec::UpOptions {
         file: spec.as_deref(),
@@ -747,6 +748,7 @@ fn up(
         name: name.as_deref(),
         engines: n.map(starling::spec::Count::N),
         python: python.as_deref(),
+        mpi,
     })
     .map_err(|e| PyValueError::new_err(e.to_string()))?;
     let cluster = spec.name.clone();

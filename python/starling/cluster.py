@@ -30,6 +30,8 @@ class Cluster:
     ``Cluster(n=4)`` is a local cluster of 4 engines whose kernels run this interpreter;
     ``Cluster(spec="cluster.yaml")`` starts what the spec says (EC2, SSH hosts, local).
     ``with Cluster(n=4) as rc:`` starts it, hands back a connected Client, and stops it after.
+    ``Cluster(n=4, mpi=True)`` starts the kernels with ``mpiexec``, as the ranks of one MPI
+    world (engine id N is rank N; needs Open MPI and mpi4py).
     A cluster started here is stopped when the interpreter exits, unless
     ``shutdown_atexit=False``."""
 
@@ -40,9 +42,11 @@ class Cluster:
         spec=None,
         name: str | None = None,
         python: str | None = None,
+        mpi: bool = False,
         shutdown_atexit: bool = True,
     ):
         self.n = n
+        self.mpi = mpi
         self.spec = os.fspath(spec) if spec is not None else None
         self.name = name
         # A local cluster's kernels run this very interpreter: same Python, same packages.
@@ -62,7 +66,9 @@ class Cluster:
         """Starts the cluster; returns once every engine has registered."""
         _packaged_daemon()
         try:
-            name, path, engines, elapsed = _starling.up(self.spec, self.n, self.name, self.python)
+            name, path, engines, elapsed = _starling.up(
+                self.spec, self.n, self.name, self.python, self.mpi
+            )
         except Exception:
             # `up` takes down what it started when it fails; a failure after that (or in this
             # binding) must not leave a cluster behind either.

@@ -488,6 +488,7 @@ async fn boot_in<'s>(
         log: Some(PathBuf::from(format!("{dir}/logs/kernels.log"))),
         max_frame: plan.join.max_frame,
         reconnect_s: spec.reconnect_s,
+        mpi: None,
     };
     let mut files = vec![(
         "engine.json",

@@ -274,6 +274,10 @@ pub struct UpArgs {
     /// The cluster's name (default: the spec's, or "local").
     #[arg(long)]
     pub name: Option<String>,
+    /// Start the engines' kernels with `mpiexec`, as the ranks of one MPI world (engine id N
+    /// is rank N); needs Open MPI and mpi4py (the spec's `mpi: true`).
+    #[arg(long)]
+    pub mpi: bool,
 }
 
 #[derive(Debug, Args)]
@@ -766,6 +770,7 @@ async fn up(g: &Global, args: &UpArgs) -> Result<ExitCode> {
         name: args.name.as_deref().or(g.cluster.as_deref()),
         engines: args.engines,
         python: None,
+        mpi: args.mpi,
     })?;
     let progress = crate::bootstrap::Progress::new();
     let launched = tokio::select! {

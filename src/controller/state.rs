@@ -98,6 +98,8 @@ struct Engine {
     pid: u32,
     /// The pid of the engine process that hosts it.
     process_pid: u32,
+    /// Its kernel's MPI rank, on an MPI cluster.
+    rank: Option<u32>,
     tasks_done: u64,
     /// Assigned and not finished, in order, with their item counts; the front one is running.
     assigned: VecDeque<(TaskId, u64)>,
@@ -1508,8 +1510,18 @@ impl State {
             let id = match self.slot_ids.get(&key) {
                 Some(id) => *id,
                 None => {
-                    let id = EngineId(self.next_engine);
-                    self.next_engine += 1;
+                    // An MPI kernel's engine is its rank, unless another slot holds that id.
+                    let id = match s.rank.map(EngineId) {
+                        Some(rank) if !self.slot_ids.values().any(|v| *v == rank) => {
+                            self.next_engine = self.next_engine.max(rank.0 + 1);
+                            rank
+                        }
+                        _ => {
+                            let id = EngineId(self.next_engine);
+                            self.next_engine += 1;
+                            id
+                        }
+                    };
                     self.slot_ids.insert(key.clone(), id);
                     new_ids.push((node.to_string(), s.slot, id));
                     id
@@ -1544,6 +1556,7 @@ impl State {
                     slot: s.slot,
                     pid: s.kernel_pid,
                     process_pid,
+                    rank: s.rank,
                     tasks_done: 0,
                     assigned: VecDeque::new(),
                     outstanding: 0,
@@ -1963,6 +1976,7 @@ impl State {
                     queued: e.assigned.len() as u64,
                     returns,
                     last_lost,
+                    rank: e.rank,
                 }
             })
             .collect();
@@ -2201,6 +2215,7 @@ mod tests {
                     .map(|slot| EngineSlot {
                         slot,
                         kernel_pid: 1000,
+                        rank: None,
                     })
                     .collect(),
             };
@@ -2377,10 +2392,12 @@ mod tests {
                 EngineSlot {
                     slot: 0,
                     kernel_pid: 1,
+                    rank: None,
                 },
                 EngineSlot {
                     slot: 1,
                     kernel_pid: 2,
+                    rank: None,
                 },
             ],
         };
@@ -2798,6 +2815,7 @@ mod tests {
             engines: vec![EngineSlot {
                 slot: 1,
                 kernel_pid: 5,
+                rank: None,
             }],
         };
         s.on_engine_message(&mut c, ConnId(9), reg, now);
@@ -3332,6 +3350,7 @@ mod tests {
                 .map(|slot| EngineSlot {
                     slot,
                     kernel_pid: 1000,
+                    rank: None,
                 })
                 .collect(),
         };

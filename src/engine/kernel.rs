@@ -78,6 +78,8 @@ pub enum KernelError {
     Died(String),
     #[error("kernel I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error("no MPI rank attached to this engine within {0} s; the world's log on the master (logs/mpi.log in its node directory) says why")]
+    NoRank(u64),
     #[error("the kernel broke its protocol: {0}")]
     Garbled(String),
 }
@@ -238,11 +240,78 @@ pub struct Batch {
     pub ids: Vec<u64>,
 }
 
+/// The kernel's process: a child of this engine, or an MPI rank that attached to it (see
+/// [`super::mpi`]).
+enum Process {
+    Child(Child),
+    Rank {
+        pid: u32,
+        /// The rank's pidfd: readable once it has ended.
+        ended: tokio::io::unix::AsyncFd<OwnedFd>,
+    },
+}
+
+/// How an attached MPI kernel ended, as far as its engine can tell: with its world.
+pub const RANK_ENDED: &str = "ended with its MPI world (one rank cannot be replaced alone, so every rank of the world ends and starts again)";
+
+impl Process {
+    /// Completes when the process has ended; how it ended, in words.
+    async fn ended(&mut self) -> String {
+        match self {
+            Process::Child(c) => c
+                .wait()
+                .await
+                .map_or_else(|e| format!("ended ({e})"), describe_exit),
+            Process::Rank { ended, .. } => {
+                let _ = ended.readable().await;
+                RANK_ENDED.to_string()
+            }
+        }
+    }
+
+    fn start_kill(&mut self) {
+        match self {
+            Process::Child(c) => {
+                let _ = c.start_kill();
+            }
+            Process::Rank { pid, .. } => {
+                if let Ok(pid) = i32::try_from(*pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A pidfd for `pid`: readable once the process has ended, whoever its parent is.
+fn pidfd(pid: u32) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    use std::os::fd::FromRawFd as _;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::other("pid out of range"))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd (or -1), which we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
+    // SAFETY: a fresh fd from pidfd_open, owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the AsyncFd owns the fd, which stays open and the same until it is dropped.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
 pub struct PythonKernel {
-    child: Child,
+    process: Process,
     to_kernel: pipe::Sender,
     from_kernel: FramedRead<pipe::Receiver, FrameCodec>,
     pub pid: u32,
+    /// Its MPI rank, when it is an MPI rank that attached.
+    pub rank: Option<u32>,
     /// Where the ids of tasks to drop go (see the module docs); shared with whoever
     /// interrupts this kernel while it runs.
     pub control: Arc<Control>,
@@ -401,32 +470,122 @@ impl PythonKernel {
         let codec = FrameCodec {
             max: max_frame.saturating_mul(REPLY_LIMIT_FRAMES),
         };
-        let mut kernel = Self {
-            child,
+        let kernel = Self {
+            process: Process::Child(child),
             to_kernel: pipe::Sender::from_owned_fd(req_w)?,
             from_kernel: FramedRead::new(pipe::Receiver::from_owned_fd(rep_r)?, codec),
             pid,
+            rank: None,
             control: Arc::new(Control { pid, fd: ctl_w }),
         };
-        let ready = tokio::time::timeout(KERNEL_START_TIMEOUT, kernel.from_kernel.next()).await;
+        kernel.ready().await
+    }
+
+    /// Takes the MPI rank that attaches to `listener` next, within `wait`, and waits until it
+    /// is ready (see [`super::mpi`]). A connection from another user is refused and the wait
+    /// goes on.
+    pub async fn attach(
+        listener: &tokio::net::UnixListener,
+        wait: Duration,
+        max_frame: usize,
+    ) -> Result<Self, KernelError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let stream = match tokio::time::timeout_at(deadline, listener.accept()).await {
+                Err(_) => return Err(KernelError::NoRank(wait.as_secs())),
+                Ok(accepted) => accepted?.0,
+            };
+            match Self::adopt(stream, max_frame).await {
+                Ok(kernel) => return kernel.ready().await,
+                Err(why) => tracing::warn!("refused a process that attached as a kernel: {why}"),
+            }
+        }
+    }
+
+    /// Hands an attached rank its pipes and the kernel program.
+    async fn adopt(mut stream: tokio::net::UnixStream, max_frame: usize) -> Result<Self, String> {
+        use tokio::io::AsyncReadExt as _;
+        let cred = stream.peer_cred().map_err(|e| e.to_string())?;
+        if cred.uid() != nix::unistd::getuid().as_raw() {
+            return Err(format!(
+                "it runs as uid {}, not as this engine's user",
+                cred.uid()
+            ));
+        }
+        let pid = cred
+            .pid()
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or("its pid is unknown")?;
+        let mut said = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut said))
+            .await
+            .map_err(|_| "it did not say which rank it is".to_string())?
+            .map_err(|e| e.to_string())?;
+        let rank = u32::from_le_bytes(said);
+        let ended = pidfd(pid).map_err(|e| format!("cannot watch its process: {e}"))?;
+        let io = |e: std::io::Error| e.to_string();
+        let (req_r, req_w) = data_pipe().map_err(io)?;
+        let (rep_r, rep_w) = data_pipe().map_err(io)?;
+        let (ctl_r, ctl_w) = cloexec_pipe().map_err(io)?;
+        nix::fcntl::fcntl(
+            ctl_w.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| e.to_string())?;
+        // The pipes go over the socket with a byte to carry them, then the program until EOF.
+        let stream = stream.into_std().map_err(io)?;
+        stream.set_nonblocking(false).map_err(io)?;
+        let fds = [req_r.as_raw_fd(), rep_w.as_raw_fd(), ctl_r.as_raw_fd()];
+        nix::sys::socket::sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[std::io::IoSlice::new(b"k")],
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| format!("cannot hand it its pipes: {e}"))?;
+        drop((req_r, rep_w, ctl_r));
+        let mut stream = stream;
+        std::io::Write::write_all(&mut stream, KERNEL_SOURCE.as_bytes()).map_err(io)?;
+        drop(stream);
+        let codec = FrameCodec {
+            max: max_frame.saturating_mul(REPLY_LIMIT_FRAMES),
+        };
+        Ok(Self {
+            process: Process::Rank { pid, ended },
+            to_kernel: pipe::Sender::from_owned_fd(req_w).map_err(io)?,
+            from_kernel: FramedRead::new(pipe::Receiver::from_owned_fd(rep_r).map_err(io)?, codec),
+            pid,
+            rank: Some(rank),
+            control: Arc::new(Control { pid, fd: ctl_w }),
+        })
+    }
+
+    /// Waits for the kernel's first frame, which says it is ready.
+    async fn ready(mut self) -> Result<Self, KernelError> {
+        let ready = tokio::time::timeout(KERNEL_START_TIMEOUT, self.from_kernel.next()).await;
         match ready {
             Err(_) => Err(KernelError::StartTimeout(KERNEL_START_TIMEOUT.as_secs())),
-            Ok(Some(Ok(f))) if f.header.get("ready").is_some() => Ok(kernel),
+            Ok(Some(Ok(f))) if f.header.get("ready").is_some() => Ok(self),
             Ok(Some(Ok(f))) => Err(KernelError::Garbled(format!(
                 "its first frame was not `ready`: {}",
                 f.header
             ))),
-            Ok(None) => Err(KernelError::Died(kernel.exit_reason().await)),
+            Ok(None) => Err(KernelError::Died(self.exit_reason().await)),
             Ok(Some(Err(e))) => Err(e),
         }
     }
 
     /// How the kernel process ended, in words.
     async fn exit_reason(&mut self) -> String {
-        match tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await {
-            Ok(Ok(status)) => describe_exit(status),
-            _ => "closed its reply pipe".to_string(),
-        }
+        tokio::time::timeout(Duration::from_secs(5), self.process.ended())
+            .await
+            .unwrap_or_else(|_| "closed its reply pipe".to_string())
+    }
+
+    /// Completes when the kernel process has ended; how, in words. Cancel-safe.
+    pub async fn ended(&mut self) -> String {
+        self.process.ended().await
     }
 
     async fn write(&mut self, frame: &KernelFrame) -> std::io::Result<()> {
@@ -438,8 +597,8 @@ impl PythonKernel {
 
     /// Kills the kernel: it broke the protocol.
     async fn kill(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+        self.process.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.process.ended()).await;
     }
 
     /// Runs a batch of kernel tasks. Replies are handed to `ready` in order as they arrive —
@@ -464,7 +623,7 @@ impl PythonKernel {
             let frame = tokio::select! {
                 biased;
                 f = self.from_kernel.next() => f,
-                status = self.child.wait() => {
+                why = self.process.ended() => {
                     // The kernel is gone, though something it forked may still hold the pipe
                     // open: take what it wrote before it died, then report it.
                     while let Ok(Some(Ok(f))) = tokio::time::timeout(DRAIN_AFTER_EXIT, self.from_kernel.next()).await {
@@ -479,7 +638,7 @@ impl PythonKernel {
                             Err(_) => break,
                         }
                     }
-                    died = Some(status.map_or_else(|e| format!("ended ({e})"), describe_exit));
+                    died = Some(why);
                     break;
                 }
             };

@@ -11,6 +11,7 @@
 //! stop, it exits and its kernels with it.
 
 pub mod kernel;
+pub mod mpi;
 pub mod supervisor;
 
 use std::collections::{HashMap, HashSet};
@@ -79,6 +80,9 @@ pub struct EngineConfig {
     /// How long an engine that lost its controller keeps trying to reach it again (s).
     #[serde(default = "default_reconnect")]
     pub reconnect_s: u64,
+    /// On an MPI cluster: the kernels are MPI ranks that attach to their engines.
+    #[serde(default)]
+    pub mpi: Option<mpi::NodeMpi>,
 }
 
 /// Why an engine process stopped.
@@ -173,14 +177,12 @@ pub async fn report_cannot_start(config: &EngineConfig, slots: &[u32], reason: &
 /// them back their ids. Work handed out before the loss is dropped here, since the controller
 /// has given up on it.
 pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineError> {
-    let spawn_all = futures::future::join_all(slots.iter().map(|_| {
-        PythonKernel::spawn(
-            &config.python,
-            &config.workdir,
-            config.log.as_deref(),
-            config.max_frame,
-        )
-    }));
+    let sources = slots
+        .iter()
+        .map(|slot| KernelSource::new(&config, *slot))
+        .collect::<Result<Vec<_>, _>>()?;
+    let spawn_all =
+        futures::future::join_all(sources.iter().map(|source| source.start(&config, true)));
     let (kernels, conn) = tokio::join!(spawn_all, connect(&config, CONNECT_DEADLINE));
     let kernels = match kernels.into_iter().collect::<Result<Vec<_>, _>>() {
         Ok(k) => k,
@@ -202,14 +204,17 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
 
     let mut slot_txs: Vec<mpsc::UnboundedSender<SlotMsg>> = Vec::new();
     let mut slot_tasks = Vec::new();
-    // Each slot's kernel pid, kept current when a kernel is replaced: what registering again
-    // reports.
+    // Each slot's kernel pid (and MPI rank), kept current when a kernel is replaced: what
+    // registering again reports.
     let kernel_pids = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut shares = Vec::new();
-    for (index, kernel) in kernels.into_iter().enumerate() {
+    for (index, (kernel, source)) in kernels.into_iter().zip(sources).enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         slot_txs.push(tx);
-        kernel_pids.lock().expect("not poisoned").push(kernel.pid);
+        kernel_pids
+            .lock()
+            .expect("not poisoned")
+            .push((kernel.pid, kernel.rank));
         let shared = Arc::new(SlotShared::default());
         shared.set_kernel(Some(&kernel));
         shares.push(shared.clone());
@@ -219,6 +224,7 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
             kernel_pids: kernel_pids.clone(),
             id: EngineId(0),
             kernel: Some(kernel),
+            source,
             known: HashSet::new(),
             forget: Vec::new(),
             config: config.clone(),
@@ -286,7 +292,7 @@ async fn serve(
     config: &EngineConfig,
     mut conn: Conn,
     slots: &[u32],
-    kernel_pids: &std::sync::Mutex<Vec<u32>>,
+    kernel_pids: &KernelPids,
     slot_txs: &[mpsc::UnboundedSender<SlotMsg>],
     shares: &[Arc<SlotShared>],
     epoch: u64,
@@ -300,9 +306,10 @@ async fn serve(
         engines: slots
             .iter()
             .zip(kernel_pids.lock().expect("not poisoned").iter())
-            .map(|(slot, pid)| EngineSlot {
+            .map(|(slot, (pid, rank))| EngineSlot {
                 slot: *slot,
                 kernel_pid: *pid,
+                rank: *rank,
             })
             .collect(),
     };
@@ -525,11 +532,75 @@ impl SlotShared {
 }
 
 /// One engine: its id, its kernel, the way out.
+/// Each slot's kernel pid and, on an MPI cluster, its rank.
+type KernelPids = std::sync::Mutex<Vec<(u32, Option<u32>)>>;
+
+/// Where a slot's kernels come from: started by the engine, or, on an MPI cluster, the rank
+/// of the world that attaches to the slot's socket.
+enum KernelSource {
+    Spawn,
+    Attach { listener: tokio::net::UnixListener },
+}
+
+impl KernelSource {
+    /// Binds the slot's socket on an MPI cluster (replacing what a previous engine process
+    /// left there).
+    fn new(config: &EngineConfig, slot: u32) -> Result<Self, EngineError> {
+        let Some(m) = &config.mpi else {
+            return Ok(Self::Spawn);
+        };
+        let path = m.socket(slot);
+        let cannot = |e: std::io::Error| {
+            EngineError::CannotStart(format!(
+                "cannot listen for its MPI kernel at {}: {e}",
+                path.display()
+            ))
+        };
+        crate::home::create_private_dir(&m.run_dir).map_err(cannot)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(cannot(e)),
+        }
+        let listener = tokio::net::UnixListener::bind(&path).map_err(cannot)?;
+        Ok(Self::Attach { listener })
+    }
+
+    /// A kernel: a new one, or the next rank of the world (`first`: the engine's first).
+    async fn start(
+        &self,
+        config: &EngineConfig,
+        first: bool,
+    ) -> Result<PythonKernel, kernel::KernelError> {
+        match self {
+            Self::Spawn => {
+                PythonKernel::spawn(
+                    &config.python,
+                    &config.workdir,
+                    config.log.as_deref(),
+                    config.max_frame,
+                )
+                .await
+            }
+            Self::Attach { listener } => {
+                let wait = if first {
+                    mpi::FIRST_ATTACH_TIMEOUT
+                } else {
+                    mpi::ATTACH_TIMEOUT
+                };
+                PythonKernel::attach(listener, wait, config.max_frame).await
+            }
+        }
+    }
+}
+
 struct Slot {
     /// Shared with the connection side, for cancelling.
     shared: Arc<SlotShared>,
     id: EngineId,
     kernel: Option<PythonKernel>,
+    /// Where its kernels come from.
+    source: KernelSource,
     /// Map jobs whose function the current kernel has compiled.
     known: HashSet<JobId>,
     /// Finished jobs the kernel is to drop with its next request.
@@ -538,7 +609,7 @@ struct Slot {
     out: mpsc::UnboundedSender<bytes::Bytes>,
     /// Which of its process's engines it is, and every engine's kernel pid.
     index: usize,
-    kernel_pids: Arc<std::sync::Mutex<Vec<u32>>>,
+    kernel_pids: Arc<KernelPids>,
     /// The current connection: results of work from an earlier one are dropped.
     epoch: Arc<AtomicU64>,
     /// The connection the work in hand came on.
@@ -580,7 +651,27 @@ impl Slot {
     /// Runs what arrives; the first message is always `Registered`, which initialises the
     /// kernel with its engine id.
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SlotMsg>) {
-        while let Some(first) = rx.recv().await {
+        loop {
+            // An MPI kernel ends with its world, also while idle: the slot takes the new
+            // world's rank at once, so work sent after the restart finds it there.
+            let next = match (&self.source, &mut self.kernel) {
+                (KernelSource::Attach { .. }, Some(kernel)) => tokio::select! {
+                    msg = rx.recv() => Ok(msg),
+                    why = kernel.ended() => Err(why),
+                },
+                _ => Ok(rx.recv().await),
+            };
+            let first = match next {
+                Ok(Some(first)) => first,
+                Ok(None) => break,
+                Err(why) => {
+                    let reason = format!("the kernel of engine {} {why}", self.id);
+                    if let Err(e) = self.replace_kernel(&reason).await {
+                        tracing::error!(engine = %self.id, "{e}");
+                    }
+                    continue;
+                }
+            };
             let mut tasks = Vec::new();
             for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                 match msg {
@@ -747,17 +838,10 @@ impl Slot {
     async fn replace_kernel(&mut self, reason: &str) -> Result<(), String> {
         self.kernel = None;
         self.shared.set_kernel(None);
-        match PythonKernel::spawn(
-            &self.config.python,
-            &self.config.workdir,
-            self.config.log.as_deref(),
-            self.config.max_frame,
-        )
-        .await
-        {
+        match self.source.start(&self.config, false).await {
             Ok(k) => {
                 let pid = k.pid;
-                self.kernel_pids.lock().expect("not poisoned")[self.index] = pid;
+                self.kernel_pids.lock().expect("not poisoned")[self.index] = (pid, k.rank);
                 self.shared.set_kernel(Some(&k));
                 self.kernel = Some(k);
                 self.init_kernel().await;

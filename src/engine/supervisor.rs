@@ -99,6 +99,14 @@ pub async fn supervise(
     let mut children = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
         .map_err(|e| EngineError::CannotStart(format!("cannot watch child processes: {e}")))?;
 
+    // On an MPI cluster's master: the world of every node's kernels (see `super::mpi`),
+    // started again whenever it ends.
+    let world_file = config.mpi.as_ref().and_then(|m| m.world.clone());
+    let mut world = World {
+        pid: None,
+        due: world_file.as_ref().map(|_| Instant::now()),
+        ends: VecDeque::new(),
+    };
     let mut running: HashMap<Pid, Worker> = HashMap::new();
     let mut pending: Vec<(Instant, Worker)> = Vec::new();
     for slot in slots {
@@ -133,11 +141,29 @@ pub async fn supervise(
                 }
             }
         }
+        if let (Some(path), Some(at)) = (&world_file, world.due) {
+            if at <= now {
+                world.due = None;
+                match super::mpi::launch(path) {
+                    Ok(pid) => {
+                        tracing::info!(%pid, "MPI world started");
+                        world.pid = Some(pid);
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            "cannot start the MPI world: {e}; trying again in {} s",
+                            START_RETRY.as_secs()
+                        );
+                        world.due = Some(now + START_RETRY);
+                    }
+                }
+            }
+        }
         if running.is_empty() && pending.is_empty() {
             tracing::info!("every engine of this node has stopped");
             break;
         }
-        let next = pending.iter().map(|(at, _)| *at).min();
+        let next = pending.iter().map(|(at, _)| *at).chain(world.due).min();
         tokio::select! {
             () = &mut shutdown => {
                 tracing::info!("stopping the engines");
@@ -146,6 +172,10 @@ pub async fn supervise(
             () = async { tokio::time::sleep_until(next.expect("checked")).await }, if next.is_some() => {}
             _ = children.recv() => {
                 for (pid, status) in reap() {
+                    if world.pid == Some(pid) {
+                        world.ended(status);
+                        continue;
+                    }
                     let Some(mut w) = running.remove(&pid) else {
                         continue; // an orphan a task left behind, now reaped
                     };
@@ -175,7 +205,8 @@ pub async fn supervise(
             }
         }
     }
-    for pid in running.keys() {
+    // mpiexec first: it ends the ranks on every node.
+    for pid in world.pid.iter().chain(running.keys()) {
         let _ = nix::sys::signal::kill(*pid, Signal::SIGTERM);
     }
     let deadline = Instant::now() + STOP_GRACE;
@@ -202,6 +233,36 @@ pub async fn supervise(
         reap();
     }
     Ok(())
+}
+
+/// The `mpiexec` of an MPI cluster's world, on its master.
+struct World {
+    pid: Option<Pid>,
+    /// When to start it (again).
+    due: Option<Instant>,
+    /// When it ended recently: what its backoff counts.
+    ends: VecDeque<Instant>,
+}
+
+impl World {
+    /// The world ended (a rank died, and Open MPI ended the others): it starts again at once,
+    /// and with backoff when it keeps ending.
+    fn ended(&mut self, status: WaitStatus) {
+        self.pid = None;
+        let now = Instant::now();
+        self.ends.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+        let delay = match self.ends.len() {
+            0 | 1 => Duration::ZERO,
+            n => Duration::from_millis(250 << n.min(7)).min(BACKOFF_MAX),
+        };
+        self.ends.push_back(now);
+        tracing::warn!(
+            ?status,
+            "the MPI world ended (its log: mpi.log); starting it again in {:.1} s",
+            delay.as_secs_f64()
+        );
+        self.due = Some(now + delay);
+    }
 }
 
 /// Collects the exit of every child that has ended.

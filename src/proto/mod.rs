@@ -778,6 +778,9 @@ pub struct EngineStatus {
     /// reconnected after a network blip or a stall), and the last reason.
     pub returns: u32,
     pub last_lost: Option<String>,
+    /// Its kernel's MPI rank, on an MPI cluster (where it equals the id).
+    #[serde(default)]
+    pub rank: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -831,6 +834,9 @@ pub enum EngineToController {
 pub struct EngineSlot {
     pub slot: u32,
     pub kernel_pid: u32,
+    /// On an MPI cluster, the kernel's rank: the engine's id is then this rank.
+    #[serde(default)]
+    pub rank: Option<u32>,
 }
 
 /// Controller → engine process.

@@ -212,6 +212,12 @@ impl Provider for LocalProvider {
 
         // The engines: one engine process on this machine, hosting them all.
         let engines = spec.engines_per_node.resolve_here();
+        let workdir = std::env::current_dir()?;
+        let mpi = if spec.mpi {
+            Some(local_world(spec, &node_root, &node0, engines, &workdir)?)
+        } else {
+            None
+        };
         let engine_config = EngineConfig {
             cluster: name.to_string(),
             controller: addr.clone(),
@@ -221,10 +227,11 @@ impl Provider for LocalProvider {
             host: "127.0.0.1".into(),
             engines,
             python: spec.python.clone(),
-            workdir: std::env::current_dir()?,
+            workdir,
             log: Some(node0.join("logs/kernels.log")),
             max_frame: spec.max_frame(),
             reconnect_s: spec.reconnect_s,
+            mpi,
         };
         let ecfg_path = node0.join("config/engine.json");
         home::write_private(
@@ -292,9 +299,10 @@ impl Provider for LocalProvider {
             }),
             Err(e) => {
                 let log = format!(
-                    "{}{}{}",
+                    "{}{}{}{}",
                     tail(&engine_log, 20),
                     tail(&node0.join("logs/kernels.log"), 20),
+                    tail(&node0.join("logs/mpi.log"), 20),
                     tail(&controller_log, 10)
                 );
                 let _ = self.terminate(name).await;
@@ -444,6 +452,50 @@ impl Provider for LocalProvider {
 /// Starts the controller of the local cluster whose nodes live in `root` from its config
 /// (`master/config/controller.json`), logging to `master/logs/controller.log`; `started`
 /// records its pid before anything can go wrong. Returns the address it listens on.
+/// An MPI world of `engines` ranks on this machine (`up --local --mpi`): checks that Open MPI
+/// and mpi4py are there before anything starts, writes the world file the node's supervisor
+/// starts, and returns what the engines need to know.
+fn local_world(
+    spec: &ClusterSpec,
+    node_root: &Path,
+    node: &Path,
+    engines: u32,
+    workdir: &Path,
+) -> Result<crate::engine::mpi::NodeMpi, ProviderError> {
+    use crate::engine::mpi::{socket_path, NodeMpi, Rank, World};
+    crate::engine::mpi::check_here(&spec.python).map_err(ProviderError::Invalid)?;
+    let run_dir = node.join("run");
+    let world_file = node.join("config/mpi-world.json");
+    let world = World {
+        mpiexec: "mpiexec".into(),
+        hostfile: node.join("hostfile"),
+        rsh_agent: None,
+        // One machine: Open MPI's own connections stay on loopback.
+        mca: vec![
+            ("oob_tcp_if_include".into(), "lo".into()),
+            ("btl_tcp_if_include".into(), "lo".into()),
+        ],
+        ranks: (0..engines)
+            .map(|slot| Rank {
+                host: "localhost".into(),
+                python: spec.python.clone(),
+                workdir: workdir.to_path_buf(),
+                socket: socket_path(&run_dir, slot),
+                node_root: node_root.to_path_buf(),
+            })
+            .collect(),
+        log: node.join("logs/mpi.log"),
+    };
+    home::write_private(
+        &world_file,
+        &serde_json::to_vec_pretty(&world).expect("serializes"),
+    )?;
+    Ok(NodeMpi {
+        run_dir,
+        world: Some(world_file),
+    })
+}
+
 async fn start_controller(
     daemon: &Path,
     root: &Path,

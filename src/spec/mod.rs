@@ -159,6 +159,8 @@ pub struct SpecFile {
     pub register_timeout_s: Option<u64>,
     pub reconnect_s: Option<u64>,
     pub task_attempts: Option<u32>,
+    /// The engines' kernels are the ranks of one MPI world, started by `mpiexec`.
+    pub mpi: Option<bool>,
     /// The port the controller listens on (on the master; a local cluster picks a free one).
     pub controller_port: Option<u16>,
     /// Shell commands run on every node, in order, before the engines start.
@@ -194,6 +196,9 @@ pub struct ClusterSpec {
     /// How many times a load-balanced task is handed out, at most, when engines running it
     /// are lost.
     pub task_attempts: u32,
+    /// The engines' kernels are the ranks of one MPI world (`mpiexec` over the cluster's
+    /// nodes); engine id N is rank N.
+    pub mpi: bool,
     pub controller_port: u16,
     pub setup: Vec<String>,
     pub files: Vec<FileCopy>,
@@ -236,6 +241,8 @@ pub struct UpOptions<'a> {
     pub engines: Option<Count>,
     /// The kernels' Python interpreter.
     pub python: Option<&'a str>,
+    /// Engines as the ranks of one MPI world (`--mpi`).
+    pub mpi: bool,
 }
 
 /// The spec `up` starts: the file (or the local template) with the caller's overrides.
@@ -268,6 +275,9 @@ pub fn for_up(o: &UpOptions) -> Result<ClusterSpec, SpecError> {
     }
     if let Some(python) = o.python {
         spec.python = python.to_string();
+    }
+    if o.mpi {
+        spec.mpi = true;
     }
     Ok(spec)
 }
@@ -337,6 +347,7 @@ pub fn parse(origin: &str, text: &str) -> Result<ClusterSpec, SpecError> {
             .unwrap_or(60),
         reconnect_s: file.reconnect_s.or(defaults.reconnect_s).unwrap_or(600),
         task_attempts: file.task_attempts.or(defaults.task_attempts).unwrap_or(2),
+        mpi: file.mpi.or(defaults.mpi).unwrap_or(false),
         controller_port: file
             .controller_port
             .or(defaults.controller_port)
