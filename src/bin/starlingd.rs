@@ -52,6 +52,19 @@ enum Role {
         #[command(flatten)]
         daemon: Daemon,
     },
+    /// Run a plain MPI program over an MPI cluster's nodes (what `starling mpirun` runs on the
+    /// master): `mpiexec` with the cluster's hostfile and SSH key, in the foreground.
+    Mpirun {
+        /// The cluster's MPI world file (the master's `config/mpi-world.json`).
+        #[arg(long, value_name = "FILE")]
+        world: PathBuf,
+        /// Ranks to start (default: one per engine slot of the cluster).
+        #[arg(short = 'n', long = "np", value_name = "N")]
+        n: Option<u32>,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Stop every process of the node whose directory is DIR (SIGTERM, then SIGKILL).
     Stop {
         #[arg(long, value_name = "DIR")]
@@ -190,7 +203,9 @@ async fn run(role: Role, detached: bool) -> Result<(), Failure> {
             .await
             .map_err(Failure::from)
         }
-        Role::Stop { .. } => unreachable!("handled before the runtime starts"),
+        Role::Stop { .. } | Role::Mpirun { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
 
@@ -245,6 +260,11 @@ fn detach(daemon: &Daemon) -> Result<(), ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Role::Mpirun { world, n, command } = &cli.role {
+        let err = starling::engine::mpi::mpirun(world, *n, command);
+        eprintln!("starlingd: {err}");
+        return ExitCode::FAILURE;
+    }
     if let Role::Stop { root, grace } = &cli.role {
         let n = starling::node::stop(root, Duration::from_secs(*grace));
         println!("stopped {n}");
@@ -254,7 +274,7 @@ fn main() -> ExitCode {
     | Role::Engine { daemon, .. }
     | Role::Share { daemon, .. }) = &cli.role
     else {
-        unreachable!("stop returned above");
+        unreachable!("stop and mpirun returned above");
     };
     let detached = daemon.daemon;
     if detached {

@@ -9,8 +9,11 @@
 //! keeps it only if its checksum is the one computed here. Everything a node holds lives under
 //! `~/.starling/node/<cluster>/<node>/` on it, and every process started there carries that
 //! directory in [`MARK_VAR`](crate::node::MARK_VAR), so `starlingd stop --root` finds them all.
-//! The caller then waits for the engines to register.
+//! On an MPI cluster ([`mpi`]) each node also gets the cluster's SSH key authorized, and once
+//! every node is up the master gets the world its supervisor starts. The caller then waits for
+//! the engines to register.
 
+pub mod mpi;
 pub mod share;
 pub mod ssh;
 
@@ -224,6 +227,8 @@ struct Shared {
     /// `daemon` gzip-compressed, made once when a node first needs it.
     packed: tokio::sync::OnceCell<Vec<u8>>,
     progress: Progress,
+    /// On an MPI cluster: the cluster's SSH key (private, public).
+    mpi_key: Option<(Vec<u8>, String)>,
 }
 
 /// `daemon` gzip-compressed (on a blocking thread: it takes a few hundred milliseconds).
@@ -257,6 +262,8 @@ async fn from_master<T: Clone>(
 /// What one node's bootstrap did.
 struct Booted {
     engines: u32,
+    /// The login user's home on the node.
+    home: String,
     uploaded: bool,
     fetched: bool,
     cloudpickle: bool,
@@ -282,6 +289,29 @@ pub async fn run(
         }
     };
     let daemon_sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &daemon));
+    let mpi_key = if plan.spec.mpi {
+        if plan.master.is_none() {
+            return Err(vec![NodeFailure {
+                node: "this machine".into(),
+                address: "local".into(),
+                step: "adding nodes to an MPI cluster".into(),
+                message: "the nodes of an MPI cluster are one MPI world, fixed when it starts; `add-node` cannot join them to it yet: take the cluster down and start it with more nodes".into(),
+            }]);
+        }
+        match mpi::make_key(&plan.cluster) {
+            Ok(key) => Some(key),
+            Err(message) => {
+                return Err(vec![NodeFailure {
+                    node: "this machine".into(),
+                    address: "local".into(),
+                    step: "making the cluster's SSH key".into(),
+                    message,
+                }])
+            }
+        }
+    } else {
+        None
+    };
     let initial = if plan.master.is_some() {
         None
     } else {
@@ -299,7 +329,9 @@ pub async fn run(
         source,
         packed: tokio::sync::OnceCell::new(),
         progress: progress.clone(),
+        mpi_key,
     });
+    let order: Vec<NodeTarget> = nodes.clone();
     let has_master = shared.plan.master.is_some();
     if has_master {
         // A new cluster's master almost always needs starlingd: compress it while the nodes
@@ -309,7 +341,7 @@ pub async fn run(
             shared.packed.get_or_init(|| pack(&shared.daemon)).await;
         });
     }
-    let results: Vec<Result<NodeReport, NodeFailure>> =
+    let results: Vec<Result<(String, NodeReport), NodeFailure>> =
         futures::stream::iter(nodes.into_iter().enumerate().map(|(i, node)| {
             let shared = shared.clone();
             async move {
@@ -320,6 +352,7 @@ pub async fn run(
                 match r {
                     Ok(Booted {
                         engines,
+                        home,
                         uploaded,
                         fetched,
                         cloudpickle,
@@ -331,16 +364,19 @@ pub async fn run(
                             if engines == 1 { "" } else { "s" },
                             started.elapsed().as_secs_f64()
                         ));
-                        Ok(NodeReport {
-                            node: node.name.clone(),
-                            address: node.ssh_host.clone(),
-                            engines,
-                            uploaded,
-                            fetched,
-                            sent_bytes,
-                            cloudpickle,
-                            seconds: started.elapsed().as_secs_f64(),
-                        })
+                        Ok((
+                            home,
+                            NodeReport {
+                                node: node.name.clone(),
+                                address: node.ssh_host.clone(),
+                                engines,
+                                uploaded,
+                                fetched,
+                                sent_bytes,
+                                cloudpickle,
+                                seconds: started.elapsed().as_secs_f64(),
+                            },
+                        ))
                     }
                     Err((step, message)) => {
                         if is_master {
@@ -365,13 +401,70 @@ pub async fn run(
         .collect()
         .await;
     let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
-    if failed.is_empty() {
-        let mut reports: Vec<NodeReport> = ok.into_iter().map(Result::unwrap).collect();
-        reports.sort_by(|a, b| a.node.cmp(&b.node));
-        Ok(reports)
-    } else {
-        Err(failed.into_iter().map(|r| r.unwrap_err()).collect())
+    if !failed.is_empty() {
+        return Err(failed.into_iter().map(|r| r.unwrap_err()).collect());
     }
+    let booted: Vec<(String, NodeReport)> = ok.into_iter().map(Result::unwrap).collect();
+    if shared.mpi_key.is_some() {
+        start_world(&shared.plan, &order, &booted).await?;
+    }
+    let mut reports: Vec<NodeReport> = booted.into_iter().map(|(_, r)| r).collect();
+    reports.sort_by(|a, b| a.node.cmp(&b.node));
+    Ok(reports)
+}
+
+/// Writes the MPI world of the booted nodes (in the order given, the master first) on the
+/// master, whose supervisor then starts it.
+async fn start_world(
+    plan: &Plan,
+    order: &[NodeTarget],
+    booted: &[(String, NodeReport)],
+) -> Result<(), Vec<NodeFailure>> {
+    let nodes: Vec<mpi::WorldNode> = order
+        .iter()
+        .filter_map(|t| {
+            let (home, report) = booted.iter().find(|(_, r)| r.node == t.name)?;
+            Some(mpi::WorldNode {
+                name: t.name.clone(),
+                private: t.private.clone(),
+                home: home.clone(),
+                engines: report.engines,
+            })
+        })
+        .collect();
+    let spec = &plan.spec;
+    let mca: Vec<(String, String)> = spec
+        .mpi_mca
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let world = mpi::world(
+        &plan.cluster,
+        &spec.python,
+        order[0].port,
+        &order[0].user,
+        &mca,
+        &nodes,
+    );
+    let failure = |message: String| {
+        vec![NodeFailure {
+            node: order[0].name.clone(),
+            address: order[0].ssh_host.clone(),
+            step: "starting the MPI world".into(),
+            message,
+        }]
+    };
+    let remote = Remote::connect(&order[0], &plan.login)
+        .await
+        .map_err(failure)?;
+    let written = remote
+        .run_with_input(
+            &mpi::write_world_script(&plan.cluster),
+            &[&serde_json::to_vec_pretty(&world).expect("serializes")],
+        )
+        .await;
+    remote.close().await;
+    written.map(|_| ()).map_err(failure)
 }
 
 type StepError = (String, String);
@@ -488,12 +581,18 @@ async fn boot_in<'s>(
         log: Some(PathBuf::from(format!("{dir}/logs/kernels.log"))),
         max_frame: plan.join.max_frame,
         reconnect_s: spec.reconnect_s,
-        mpi: None,
+        mpi: spec.mpi.then(|| crate::engine::mpi::NodeMpi {
+            run_dir: PathBuf::from(format!("{dir}/run")),
+            world: is_master.then(|| PathBuf::from(format!("{dir}/config/mpi-world.json"))),
+        }),
     };
     let mut files = vec![(
         "engine.json",
         serde_json::to_vec_pretty(&engine).expect("serializes"),
     )];
+    if let (true, Some((private, _))) = (is_master, &shared.mpi_key) {
+        files.push((mpi::KEY_FILE, private.clone()));
+    }
     let master = if is_master {
         plan.master.as_ref()
     } else {
@@ -717,6 +816,19 @@ async fn boot_in<'s>(
             .map_err(|m| (step, m))?;
     }
 
+    if let Some((_, public)) = &shared.mpi_key {
+        bar.step("checking MPI");
+        remote
+            .run(&mpi::check_script(&spec.python, &plan.cluster, public))
+            .await
+            .map_err(|m| {
+                (
+                    "checking MPI".to_string(),
+                    mpi::check_error(&spec.python, &m),
+                )
+            })?;
+    }
+
     let start = |role: &str| start_command(&qdir, role);
     let pre = if check_early {
         "cd \"$HOME\"".to_string()
@@ -767,6 +879,7 @@ async fn boot_in<'s>(
     };
     Ok(Booted {
         engines,
+        home: probe.home.clone(),
         uploaded,
         fetched,
         cloudpickle: !out.contains(NO_CLOUDPICKLE),
@@ -837,9 +950,10 @@ pub fn stop_script(cluster: &str, node: &str) -> String {
 /// `remove-node`). Harmless where nothing of the cluster is.
 pub fn teardown_script(cluster: &str, node: &str) -> String {
     format!(
-        "{}; rm -rf {}; rmdir \"$HOME/.starling/node/{cluster}\" 2>/dev/null; true",
+        "{}; rm -rf {}; rmdir \"$HOME/.starling/node/{cluster}\" 2>/dev/null; {}; true",
         stop_script(cluster, node),
-        remote_dir(cluster, node)
+        remote_dir(cluster, node),
+        mpi::unauthorize_script(cluster)
     )
 }
 

@@ -156,6 +156,9 @@ pub enum Command {
     Ssh(SshArgs),
     /// Run a shell command on every node at once; output prefixed by node.
     Exec(ExecArgs),
+    /// Run an MPI program over an MPI cluster's nodes, from its master and its hostfile:
+    /// `mpirun NAME -n 6 -- python3 hello.py`.
+    Mpirun(MpirunArgs),
     /// Copy a local file to every node (or those named with --node).
     Put(PutArgs),
     /// Copy a file from a node (the master by default) to this machine.
@@ -191,6 +194,19 @@ pub struct SshArgs {
     pub node: Option<String>,
     /// A command to run instead of a login shell (after `--`).
     #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MpirunArgs {
+    /// The cluster (default: --cluster, STARLING_CLUSTER, or the only one there is).
+    pub name: Option<String>,
+    /// Ranks to start (default: one per engine slot of every node).
+    #[arg(short = 'n', long = "np", value_name = "N")]
+    pub n: Option<u32>,
+    /// The program and its arguments (after `--`), run in the login user's home (a local
+    /// cluster: here). `starling put` gets a program to every node.
+    #[arg(last = true, required = true)]
     pub command: Vec<String>,
 }
 
@@ -702,6 +718,7 @@ async fn dispatch(cli: &Cli) -> Result<ExitCode> {
         }
         Command::Ssh(args) => nodes::ssh(g, args).await,
         Command::Exec(args) => nodes::exec(g, args).await,
+        Command::Mpirun(args) => nodes::mpirun(g, args).await,
         Command::Put(args) => nodes::put(g, args).await,
         Command::Get(args) => nodes::get(g, args).await,
         Command::AddNode(args) => nodes::add_node(g, args).await,

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use super::{
-    hints, output, AddNodeArgs, ClusterArg, ExecArgs, GetArgs, Global, PutArgs, RemoveNodeArgs,
-    SshArgs,
+    hints, output, AddNodeArgs, ClusterArg, ExecArgs, GetArgs, Global, MpirunArgs, PutArgs,
+    RemoveNodeArgs, SshArgs,
 };
 use crate::bootstrap::{NodeTarget, Progress};
 use crate::client::connection::ConnectionInfo;
@@ -56,6 +56,15 @@ pub async fn ssh(g: &Global, args: &SshArgs) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
     let wanted = args.node.clone().unwrap_or_else(|| "master".into());
     let node = pick(cluster.nodes().await?, &[wanted])?.remove(0);
+    let err = ssh_command(&cluster, &node, args.command.is_empty())?
+        .args(&args.command)
+        .exec();
+    bail!("cannot run ssh: {err}")
+}
+
+/// `ssh` to `node` as the cluster's user, with a terminal when `tty`; the caller adds the
+/// remote command.
+fn ssh_command(cluster: &Cluster, node: &NodeTarget, tty: bool) -> Result<std::process::Command> {
     let login = cluster.login(remote::QUICK_LOGIN);
     let mut cmd = std::process::Command::new("ssh");
     cmd.arg("-p")
@@ -70,15 +79,57 @@ pub async fn ssh(g: &Global, args: &SshArgs) -> Result<ExitCode> {
     if let Some(k) = &login.key_file {
         cmd.arg("-i").arg(k).arg("-o").arg("IdentitiesOnly=yes");
     }
-    if args.command.is_empty() {
+    if tty {
         cmd.arg("-t");
     }
     cmd.arg(format!("{}@{}", node.user, node.ssh_host));
-    cmd.args(&args.command);
     if let Some(parent) = login.known_hosts.parent() {
         home::create_private_dir(parent)?;
     }
-    let err = cmd.exec();
+    Ok(cmd)
+}
+
+/// `starling mpirun`: a plain MPI program over an MPI cluster's nodes, run by `starlingd
+/// mpirun` where the cluster's world file is — on this machine for a local cluster, on the
+/// master over SSH otherwise — with its output streamed and its exit status returned.
+pub async fn mpirun(g: &Global, args: &MpirunArgs) -> Result<ExitCode> {
+    let name = super::cluster_name(g, args.name.as_ref())?;
+    let mut rest: Vec<String> = Vec::new();
+    if let Some(n) = args.n {
+        rest.extend(["-n".into(), n.to_string()]);
+    }
+    rest.push("--".into());
+    rest.extend(args.command.iter().cloned());
+    let not_mpi = || {
+        anyhow::anyhow!(
+            "cluster '{name}' was not started as an MPI cluster, so it has no hostfile; start one with `starling up --mpi` or `mpi: true` in its spec"
+        )
+    };
+    let local = home::nodes_dir(&home::home(), &name).join("node000");
+    if local.is_dir() {
+        let world = local.join("config/mpi-world.json");
+        if !world.is_file() {
+            return Err(not_mpi());
+        }
+        let err = std::process::Command::new(provider::daemon_path()?)
+            .arg("mpirun")
+            .arg("--world")
+            .arg(&world)
+            .args(&rest)
+            .exec();
+        bail!("cannot run starlingd: {err}");
+    }
+    let cluster = open(g, &name).await?;
+    let master = pick(cluster.nodes().await?, &["master".into()])?.remove(0);
+    let dir = format!("\"$HOME\"/{}", crate::bootstrap::node_dir(&name, "master"));
+    let quoted: Vec<String> = rest.iter().map(|a| crate::engine::shell_quote(a)).collect();
+    let script = format!(
+        "cd \"$HOME\" && if [ ! -f {dir}/config/mpi-world.json ]; then echo {} >&2; exit 2; fi; \
+         exec {dir}/bin/starlingd mpirun --world {dir}/config/mpi-world.json {}",
+        crate::engine::shell_quote(&not_mpi().to_string()),
+        quoted.join(" ")
+    );
+    let err = ssh_command(&cluster, &master, false)?.arg(script).exec();
     bail!("cannot run ssh: {err}")
 }
 

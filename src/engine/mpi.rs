@@ -171,19 +171,10 @@ impl World {
         text
     }
 
-    /// `mpiexec`'s arguments: one application context per rank, so rank N is exactly the
-    /// N-th entry (its host, socket and working directory), whatever Open MPI's mapping
-    /// policy.
-    pub fn mpiexec_args(&self, as_root: bool) -> Vec<String> {
-        let mut args: Vec<String> = vec![
-            "--hostfile".into(),
-            self.hostfile.display().to_string(),
-            // Engines per node is the user's choice, as on any cluster, and the kernels share
-            // their node's cores with the engines: no binding, no refusal to oversubscribe.
-            "--oversubscribe".into(),
-            "--bind-to".into(),
-            "none".into(),
-        ];
+    /// Options every `mpiexec` of the cluster takes: its hostfile, root, how to reach the
+    /// other nodes, the spec's MCA parameters.
+    fn common_args(&self, as_root: bool) -> Vec<String> {
+        let mut args: Vec<String> = vec!["--hostfile".into(), self.hostfile.display().to_string()];
         if as_root {
             // Open MPI refuses root without this; root is who runs CI and many cloud images.
             args.push("--allow-run-as-root".into());
@@ -194,7 +185,28 @@ impl World {
         for (k, v) in &self.mca {
             args.extend(["--mca".into(), k.clone(), v.clone()]);
         }
-        args.extend(["-x".into(), ATTACH_VAR.into()]);
+        args
+    }
+
+    /// `mpiexec`'s arguments for a plain MPI program over the cluster (`starling mpirun`):
+    /// `n` ranks (default: every slot of the hostfile), filled node by node.
+    pub fn mpirun_args(&self, as_root: bool, n: Option<u32>, command: &[String]) -> Vec<String> {
+        let mut args = self.common_args(as_root);
+        if let Some(n) = n {
+            args.extend(["-n".into(), n.to_string()]);
+        }
+        args.extend(command.iter().cloned());
+        args
+    }
+
+    /// `mpiexec`'s arguments: one application context per rank, so rank N is exactly the
+    /// N-th entry (its host, socket and working directory), whatever Open MPI's mapping
+    /// policy.
+    pub fn mpiexec_args(&self, as_root: bool) -> Vec<String> {
+        let mut args = self.common_args(as_root);
+        // Engines per node is the user's choice, as on any cluster, and the kernels share their
+        // node's cores with the engines: no binding, no refusal to oversubscribe.
+        args.extend(["--oversubscribe", "--bind-to", "none", "-x", ATTACH_VAR].map(String::from));
         let wait = ATTACH_TIMEOUT.as_secs().to_string();
         for (i, r) in self.ranks.iter().enumerate() {
             if i > 0 {
@@ -252,6 +264,30 @@ pub fn launch(path: &Path) -> Result<nix::unistd::Pid, String> {
         .map_err(|e| format!("cannot run `{}`: {e}; install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin)", world.mpiexec))?;
     let pid = i32::try_from(child.id()).map_err(|_| "pid out of range".to_string())?;
     Ok(nix::unistd::Pid::from_raw(pid))
+}
+
+/// Runs `command` as an MPI program over the world's hostfile (`starlingd mpirun`): replaces
+/// this process with `mpiexec`, so its output, exit status and signals are the program's.
+/// Returns only when `mpiexec` cannot be run.
+pub fn mpirun(world_path: &Path, n: Option<u32>, command: &[String]) -> String {
+    use std::os::unix::process::CommandExt as _;
+    let world = match World::load(world_path) {
+        Ok(w) => w,
+        Err(e) => return e,
+    };
+    if let Err(e) = crate::home::write_private(&world.hostfile, world.hostfile_text().as_bytes()) {
+        return format!(
+            "cannot write the hostfile {}: {e}",
+            world.hostfile.display()
+        );
+    }
+    let err = std::process::Command::new(&world.mpiexec)
+        .args(world.mpirun_args(nix::unistd::geteuid().is_root(), n, command))
+        .exec();
+    format!(
+        "cannot run `{}`: {err}; install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin)",
+        world.mpiexec
+    )
 }
 
 /// Whether this machine can start MPI kernels with `python`: `mpiexec` on the PATH, and

@@ -31,6 +31,8 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Restarts of one engine within this window count towards its backoff.
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often the master looks whether its cluster's MPI world has been written.
+const WORLD_POLL: Duration = Duration::from_millis(200);
 /// Pause before trying again to start an engine process that could not be started.
 const START_RETRY: Duration = Duration::from_secs(5);
 
@@ -142,7 +144,10 @@ pub async fn supervise(
             }
         }
         if let (Some(path), Some(at)) = (&world_file, world.due) {
-            if at <= now {
+            if at <= now && !path.exists() {
+                // A remote cluster's bootstrap writes the world once every node is set up.
+                world.due = Some(now + WORLD_POLL);
+            } else if at <= now {
                 world.due = None;
                 match super::mpi::launch(path) {
                     Ok(pid) => {

@@ -471,10 +471,12 @@ fn local_world(
         hostfile: node.join("hostfile"),
         rsh_agent: None,
         // One machine: Open MPI's own connections stay on loopback.
-        mca: vec![
-            ("oob_tcp_if_include".into(), "lo".into()),
-            ("btl_tcp_if_include".into(), "lo".into()),
-        ],
+        mca: [("oob_tcp_if_include", "lo"), ("btl_tcp_if_include", "lo")]
+            .into_iter()
+            .filter(|(k, _)| !spec.mpi_mca.contains_key(*k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain(spec.mpi_mca.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .collect(),
         ranks: (0..engines)
             .map(|slot| Rank {
                 host: "localhost".into(),

@@ -161,6 +161,8 @@ pub struct SpecFile {
     pub task_attempts: Option<u32>,
     /// The engines' kernels are the ranks of one MPI world, started by `mpiexec`.
     pub mpi: Option<bool>,
+    /// Open MPI's MCA parameters for the world and `starling mpirun` (`--mca NAME VALUE`).
+    pub mpi_mca: Option<BTreeMap<String, String>>,
     /// The port the controller listens on (on the master; a local cluster picks a free one).
     pub controller_port: Option<u16>,
     /// Shell commands run on every node, in order, before the engines start.
@@ -199,6 +201,8 @@ pub struct ClusterSpec {
     /// The engines' kernels are the ranks of one MPI world (`mpiexec` over the cluster's
     /// nodes); engine id N is rank N.
     pub mpi: bool,
+    /// Open MPI's MCA parameters for the world and `starling mpirun`.
+    pub mpi_mca: BTreeMap<String, String>,
     pub controller_port: u16,
     pub setup: Vec<String>,
     pub files: Vec<FileCopy>,
@@ -348,6 +352,7 @@ pub fn parse(origin: &str, text: &str) -> Result<ClusterSpec, SpecError> {
         reconnect_s: file.reconnect_s.or(defaults.reconnect_s).unwrap_or(600),
         task_attempts: file.task_attempts.or(defaults.task_attempts).unwrap_or(2),
         mpi: file.mpi.or(defaults.mpi).unwrap_or(false),
+        mpi_mca: file.mpi_mca.clone().unwrap_or_default(),
         controller_port: file
             .controller_port
             .or(defaults.controller_port)
@@ -579,6 +584,34 @@ impl ClusterSpec {
                     &format!("{n} is more engines than one node may host ({MAX_ENGINES_PER_NODE}); use more nodes, or \"auto\" for one per core"),
                 ));
             }
+        }
+        for (name, value) in &self.mpi_mca {
+            let word = |t: &str| {
+                !t.is_empty()
+                    && t.chars().all(|c| {
+                        c.is_ascii_alphanumeric()
+                            || matches!(c, '_' | ',' | '.' | '/' | ':' | '-' | '^')
+                    })
+            };
+            if !word(name) || name.contains(['/', ':', ',']) {
+                return Err(field_error(
+                    origin,
+                    "mpi_mca",
+                    &format!(
+                        "'{name}' is not an MCA parameter name; write e.g. btl_tcp_if_include"
+                    ),
+                ));
+            }
+            if !word(value) {
+                return Err(field_error(origin, "mpi_mca", &format!("the value of {name}, '{value}', must be one word of letters, digits and _ , . / : - ^ (e.g. eth0, self,tcp or 10.0.0.0/16)")));
+            }
+        }
+        if !self.mpi_mca.is_empty() && !self.mpi {
+            return Err(field_error(
+                origin,
+                "mpi_mca",
+                "is only used with `mpi: true`; add that, or remove mpi_mca",
+            ));
         }
         if !(1..=100).contains(&self.task_attempts) {
             return Err(field_error(

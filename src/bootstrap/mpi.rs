@@ -1,0 +1,196 @@
+//! What bootstrap adds for an MPI cluster (`mpi: true`) on SSH hosts and EC2: the cluster's
+//! own SSH key (its private half on the master only, its public half authorized on every node,
+//! so Open MPI's launcher on the master reaches them), a check that each node has Open MPI and
+//! mpi4py, and — once every node is set up — the world file on the master, whose supervisor
+//! then starts the ranks (see [`crate::engine::mpi`]).
+
+use std::path::PathBuf;
+
+use crate::engine::mpi::{socket_path, Rank, World};
+
+use super::{node_dir, shell_quote};
+
+/// The config file (in the master's `config/`) holding the cluster's private SSH key.
+pub const KEY_FILE: &str = "mpi_key";
+
+/// Exit statuses of [`check_script`]: what is missing.
+const EXIT_NO_OPEN_MPI: i32 = 94;
+const EXIT_NO_MPI4PY: i32 = 93;
+
+/// The cluster's own SSH key pair, made with `ssh-keygen` here: (private key file, public
+/// key line ending in the cluster's marker).
+pub fn make_key(cluster: &str) -> Result<(Vec<u8>, String), String> {
+    let dir = std::env::temp_dir().join(format!("starling-key-{}-{cluster}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    crate::home::create_private_dir(&dir)
+        .map_err(|e| format!("cannot make a folder for the cluster's key: {e}"))?;
+    let made = keygen(cluster, &dir.join("key"));
+    let _ = std::fs::remove_dir_all(&dir);
+    made
+}
+
+fn keygen(cluster: &str, path: &std::path::Path) -> Result<(Vec<u8>, String), String> {
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C"])
+        .arg(marker(cluster))
+        .arg("-f")
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ssh-keygen (OpenSSH's client tools): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ssh-keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let private = std::fs::read(path).map_err(|e| e.to_string())?;
+    let public = std::fs::read_to_string(path.with_extension("pub")).map_err(|e| e.to_string())?;
+    Ok((private, public.trim().to_string()))
+}
+
+/// The comment that marks the cluster's key in `authorized_keys`, so `down` removes it.
+fn marker(cluster: &str) -> String {
+    format!("starling-mpi:{cluster}")
+}
+
+/// Checks that the node has Open MPI and the engines' Python has mpi4py, then authorizes the
+/// cluster's key for the login user (once).
+pub fn check_script(python: &str, cluster: &str, public_key: &str) -> String {
+    let py = shell_quote(python);
+    format!(
+        "{{ command -v orted >/dev/null 2>&1 && command -v mpiexec >/dev/null 2>&1 || exit {EXIT_NO_OPEN_MPI}; }} && \
+         {{ {py} -c 'import mpi4py' >/dev/null 2>&1 || exit {EXIT_NO_MPI4PY}; }} && \
+         mkdir -p \"$HOME/.ssh\" && chmod 700 \"$HOME/.ssh\" && touch \"$HOME/.ssh/authorized_keys\" && \
+         {{ grep -qF {m} \"$HOME/.ssh/authorized_keys\" || printf '%s\\n' {k} >> \"$HOME/.ssh/authorized_keys\"; }}",
+        m = shell_quote(&format!(" {}", marker(cluster))),
+        k = shell_quote(public_key),
+    )
+}
+
+/// What a failed [`check_script`] means, and what to do.
+pub fn check_error(python: &str, message: &str) -> String {
+    if message.starts_with(&format!("exit status {EXIT_NO_OPEN_MPI}")) {
+        "Open MPI is not installed on this node (no mpiexec and orted on the PATH); add `sudo apt-get install -y openmpi-bin` to the spec's setup (templates/ec2-mpi.yaml has it)".into()
+    } else if message.starts_with(&format!("exit status {EXIT_NO_MPI4PY}")) {
+        format!("the engines' Python (`{python}`) cannot import mpi4py; add `{python} -m pip install mpi4py` (or `sudo apt-get install -y python3-mpi4py`) to the spec's setup")
+    } else {
+        message.to_string()
+    }
+}
+
+/// Removes the cluster's key from `authorized_keys` (`down`, `remove-node`).
+pub fn unauthorize_script(cluster: &str) -> String {
+    format!(
+        "f=\"$HOME/.ssh/authorized_keys\"; if [ -f \"$f\" ] && grep -qF {m} \"$f\"; then \
+         grep -vF {m} \"$f\" > \"$f.starling\"; cat \"$f.starling\" > \"$f\"; rm -f \"$f.starling\"; fi",
+        m = shell_quote(&format!(" {}", marker(cluster)))
+    )
+}
+
+/// One node of the world, as bootstrap found it.
+#[derive(Debug, Clone)]
+pub struct WorldNode {
+    pub name: String,
+    /// The address the other nodes reach it at.
+    pub private: String,
+    pub home: String,
+    pub engines: u32,
+}
+
+/// The world of `nodes` (the master first): their engines' kernels as ranks in node order,
+/// reached from the master with the cluster's key.
+pub fn world(
+    cluster: &str,
+    python: &str,
+    ssh_port: u16,
+    ssh_user: &str,
+    mca: &[(String, String)],
+    nodes: &[WorldNode],
+) -> World {
+    let master = &nodes[0];
+    let mdir = format!("{}/{}", master.home, node_dir(cluster, &master.name));
+    let ranks = nodes
+        .iter()
+        .flat_map(|n| {
+            let dir = PathBuf::from(format!("{}/{}", n.home, node_dir(cluster, &n.name)));
+            (0..n.engines).map(move |slot| Rank {
+                host: n.private.clone(),
+                python: python.to_string(),
+                workdir: PathBuf::from(&n.home),
+                socket: socket_path(&dir.join("run"), slot),
+                node_root: dir.clone(),
+            })
+        })
+        .collect();
+    World {
+        mpiexec: "mpiexec".into(),
+        hostfile: PathBuf::from(format!("{mdir}/hostfile")),
+        rsh_agent: Some(format!(
+            "ssh -i {mdir}/config/{KEY_FILE} -o BatchMode=yes -o StrictHostKeyChecking=accept-new \
+             -o UserKnownHostsFile={mdir}/known_hosts -p {ssh_port} -l {ssh_user}"
+        )),
+        mca: mca.to_vec(),
+        ranks,
+        log: PathBuf::from(format!("{mdir}/logs/mpi.log")),
+    }
+}
+
+/// The shell command that writes the world file on the master, from stdin.
+pub fn write_world_script(cluster: &str) -> String {
+    let dir = format!("\"$HOME/{}\"", node_dir(cluster, "master"));
+    format!(
+        "umask 077 && cat > {dir}/config/mpi-world.json.part && mv -f {dir}/config/mpi-world.json.part {dir}/config/mpi-world.json"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_world_numbers_ranks_by_node_then_slot_and_reaches_nodes_with_the_cluster_key() {
+        let node = |name: &str, ip: &str, engines| WorldNode {
+            name: name.into(),
+            private: ip.into(),
+            home: "/home/u".into(),
+            engines,
+        };
+        let w = world(
+            "sci",
+            "python3",
+            22,
+            "ubuntu",
+            &[("btl".into(), "self,tcp".into())],
+            &[
+                node("master", "10.0.0.4", 2),
+                node("node001", "10.0.0.5", 1),
+            ],
+        );
+        assert_eq!(w.hostfile_text(), "10.0.0.4 slots=2\n10.0.0.5 slots=1\n");
+        let sockets: Vec<String> = w
+            .ranks
+            .iter()
+            .map(|r| r.socket.display().to_string())
+            .collect();
+        assert_eq!(
+            sockets,
+            [
+                "/home/u/.starling/node/sci/master/run/kernel-0.sock",
+                "/home/u/.starling/node/sci/master/run/kernel-1.sock",
+                "/home/u/.starling/node/sci/node001/run/kernel-0.sock"
+            ]
+        );
+        let agent = w.rsh_agent.unwrap();
+        assert!(agent.contains("-i /home/u/.starling/node/sci/master/config/mpi_key"));
+        assert!(agent.contains("-l ubuntu") && agent.contains("-p 22"));
+    }
+
+    #[test]
+    fn a_missing_open_mpi_or_mpi4py_says_what_to_install() {
+        assert!(
+            check_error("python3", "exit status 94: ").contains("apt-get install -y openmpi-bin")
+        );
+        assert!(check_error("python3", "exit status 93: ").contains("pip install mpi4py"));
+    }
+}
