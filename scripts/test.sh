@@ -10,9 +10,12 @@ need_apt=()
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v bash >/dev/null || need_apt+=(bash)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# MPI engines and `starling mpirun` (tests/local/mpi.rs, the end-to-end MPI cluster).
+command -v mpiexec >/dev/null || need_apt+=(openmpi-bin)
+command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing: ${need_apt[*]}"
-    apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
@@ -20,14 +23,16 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --features starling/e2e --locked -- -D warnings
-echo "== cargo test"
+echo "== Python: build the package (maturin) into .venv-python"
+# Installs maturin, cloudpickle, pytest, IPython, nbclient, mpi4py, ... into .venv-python
+# itself; the Rust tests of MPI engines use that venv's Python (it has mpi4py and NumPy).
 # Every build here is `--workspace`: the dependencies' features are then the same in each (the
 # Python crate's included), so aws-sdk-ec2 and its stack are compiled once, not once per build.
+scripts/python.sh build
+echo "== cargo test"
 # A hung test fails here, loudly and in time, instead of running into CI's limit.
 timeout 1800 cargo test --locked --workspace
-echo "== Python: build the package (maturin) into .venv-python, ruff, pytest"
-# Installs maturin, cloudpickle, pytest, IPython, nbclient, ... into .venv-python itself.
-scripts/python.sh build
+echo "== Python: ruff, pytest"
 .venv-python/bin/ruff check python
 .venv-python/bin/ruff format --check python
 timeout 1200 scripts/python.sh test

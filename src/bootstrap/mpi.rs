@@ -128,7 +128,7 @@ pub fn world(
         hostfile: PathBuf::from(format!("{mdir}/hostfile")),
         rsh_agent: Some(format!(
             "ssh -i {mdir}/config/{KEY_FILE} -o BatchMode=yes -o StrictHostKeyChecking=accept-new \
-             -o UserKnownHostsFile={mdir}/known_hosts -p {ssh_port} -l {ssh_user}"
+             -o UserKnownHostsFile={mdir}/known_hosts -o LogLevel=ERROR -p {ssh_port} -l {ssh_user}"
         )),
         mca: mca.to_vec(),
         ranks,

@@ -372,6 +372,27 @@ pub fn status(f: Format, s: &ClusterStatus) {
                 s.queued,
                 count(s.jobs as usize, "job"),
             );
+            let ranks: Vec<(u32, u32)> = s
+                .engines
+                .iter()
+                .filter_map(|e| e.rank.map(|r| (e.id.0, r)))
+                .collect();
+            if !ranks.is_empty() {
+                if ranks.iter().all(|(id, rank)| id == rank) {
+                    outln!(
+                        "MPI: the kernels are one world of {} ranks; engine N is rank N",
+                        ranks.len()
+                    );
+                } else {
+                    let pairs: Vec<String> =
+                        ranks.iter().map(|(id, r)| format!("{id}:{r}")).collect();
+                    outln!(
+                        "MPI: the kernels are one world of {} ranks (engine:rank {})",
+                        ranks.len(),
+                        pairs.join(" ")
+                    );
+                }
+            }
             outln!(
                 "{:>4}  {:<15}  {:<8}  {:>8}  {:>8}  {:<5}  {:>6}  {:>6}  {:>4}",
                 "id",
@@ -428,7 +449,7 @@ pub fn status(f: Format, s: &ClusterStatus) {
                     "id": e.id, "host": e.host, "node": e.node, "pid": e.pid,
                     "process_pid": e.process_pid,
                     "state": e.state.to_string(), "tasks_done": e.tasks_done, "queued": e.queued,
-                    "returns": e.returns, "last_lost": e.last_lost,
+                    "returns": e.returns, "last_lost": e.last_lost, "rank": e.rank,
                 })).collect::<Vec<_>>(),
                 "lost": s.lost.iter().map(|l| json!({
                     "id": l.id, "host": l.host, "node": l.node, "reason": l.reason,

@@ -3,7 +3,8 @@
 //! A kernel started by its engine would not be an MPI process, and a child of an MPI process is
 //! not a rank; so on an MPI cluster the kernels are started the other way round. The master's
 //! supervisor runs one `mpiexec` over the cluster's nodes (the [`World`] file lists every rank:
-//! its host, Python, working directory and socket), and each rank runs [`ATTACH`]: it
+//! its host, Python, working directory and socket), and each rank runs [`ATTACH`] (which every
+//! node's supervisor writes into its `run` directory first): it
 //! initialises MPI, connects to its engine's Unix socket (`run/kernel-SLOT.sock` in its node's
 //! directory, mode 0700), says which rank it is, and receives the kernel's three private pipes
 //! (SCM_RIGHTS) and the kernel program. From there it is an ordinary kernel — the same program,
@@ -88,15 +89,17 @@ pub struct World {
     pub log: PathBuf,
 }
 
-/// The environment variable that carries [`ATTACH`] to every rank (`mpiexec -x`), so that
-/// `ps` shows a short command line.
-const ATTACH_VAR: &str = "STARLING_MPI_ATTACH";
+/// The file, in a node's `run` directory, that holds [`ATTACH`] (what each rank runs).
+const ATTACH_FILE: &str = "attach.py";
 
-/// A rank's program: it runs [`ATTACH`] from the environment, which it removes first.
-const RANK_BOOTSTRAP: &str =
-    "import os; exec(compile(os.environ.pop('STARLING_MPI_ATTACH'), '<starling-attach>', 'exec'))";
+/// Writes [`ATTACH`] into a node's `run` directory (mode 0700), where its ranks run it: the
+/// node's supervisor does, before any rank can start.
+pub fn write_attach(run_dir: &Path) -> std::io::Result<()> {
+    crate::home::create_private_dir(run_dir)?;
+    crate::home::write_private(&run_dir.join(ATTACH_FILE), ATTACH.as_bytes())
+}
 
-/// What a rank runs (`python -c RANK_BOOTSTRAP SOCKET RANK TIMEOUT`): it becomes an MPI process,
+/// What a rank runs (`python RUN_DIR/attach.py SOCKET RANK TIMEOUT`): it becomes an MPI process,
 /// attaches to its engine, then runs the kernel program it was sent. Whatever way the kernel
 /// ends, the process ends without finalising MPI, so its world ends with it.
 pub const ATTACH: &str = r#"
@@ -206,7 +209,7 @@ impl World {
         let mut args = self.common_args(as_root);
         // Engines per node is the user's choice, as on any cluster, and the kernels share their
         // node's cores with the engines: no binding, no refusal to oversubscribe.
-        args.extend(["--oversubscribe", "--bind-to", "none", "-x", ATTACH_VAR].map(String::from));
+        args.extend(["--oversubscribe", "--bind-to", "none"].map(String::from));
         let wait = ATTACH_TIMEOUT.as_secs().to_string();
         for (i, r) in self.ranks.iter().enumerate() {
             if i > 0 {
@@ -223,8 +226,7 @@ impl World {
                 "env".into(),
                 format!("{}={}", crate::node::MARK_VAR, r.node_root.display()),
                 r.python.clone(),
-                "-c".into(),
-                RANK_BOOTSTRAP.into(),
+                r.socket.with_file_name(ATTACH_FILE).display().to_string(),
                 r.socket.display().to_string(),
                 i.to_string(),
                 wait.clone(),
@@ -256,7 +258,6 @@ pub fn launch(path: &Path) -> Result<nix::unistd::Pid, String> {
     let as_root = nix::unistd::geteuid().is_root();
     let child = std::process::Command::new(&world.mpiexec)
         .args(world.mpiexec_args(as_root))
-        .env(ATTACH_VAR, ATTACH)
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(err)
@@ -366,6 +367,10 @@ mod tests {
             ]
         );
         let ranks: Vec<&String> = contexts.iter().map(|c| &c[c.len() - 2]).collect();
+        assert_eq!(
+            contexts[2][contexts[2].len() - 4],
+            "/n/10.0.0.2/run/attach.py"
+        );
         assert_eq!(ranks, ["0", "1", "2"]);
         let agent = args.iter().position(|a| a == "plm_rsh_agent").unwrap();
         assert_eq!(args[agent + 1], "ssh -i /k");

@@ -101,6 +101,16 @@ pub async fn supervise(
     let mut children = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
         .map_err(|e| EngineError::CannotStart(format!("cannot watch child processes: {e}")))?;
 
+    if let Some(m) = &config.mpi {
+        if let Err(e) = super::mpi::write_attach(&m.run_dir) {
+            let why = format!(
+                "cannot write what its MPI ranks run into {}: {e}",
+                m.run_dir.display()
+            );
+            report_cannot_start(config, &slots, &why).await;
+            return Err(EngineError::CannotStart(why));
+        }
+    }
     // On an MPI cluster's master: the world of every node's kernels (see `super::mpi`),
     // started again whenever it ends.
     let world_file = config.mpi.as_ref().and_then(|m| m.world.clone());

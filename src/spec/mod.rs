@@ -37,6 +37,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/localstack.yaml"),
     ),
     ("ssh-hosts", include_str!("../../templates/ssh-hosts.yaml")),
+    ("ec2-mpi", include_str!("../../templates/ec2-mpi.yaml")),
 ];
 
 /// The text of a template, or an error naming the templates there are.

@@ -36,7 +36,7 @@ PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
-AuthorizedKeysFile $RIG/authorized_keys
+AuthorizedKeysFile $RIG/authorized_keys .ssh/authorized_keys
 StrictModes no
 PidFile $RIG/sshd.pid
 Subsystem sftp internal-sftp

@@ -1255,3 +1255,123 @@ fn the_python_client_maps_over_an_ec2_cluster_with_a_teammates_connection_file()
     );
     down_leaves_nothing(&user, name);
 }
+
+#[test]
+fn an_mpi_cluster_on_ec2_is_one_world_across_its_nodes() {
+    // The engines' Python: the venv scripts/python.sh builds, which has mpi4py.
+    let python = std::env::var("STARLING_E2E_PYTHON").expect(
+        "STARLING_E2E_PYTHON must name the Python with mpi4py (tests/e2e/run.sh sets it after scripts/python.sh build)",
+    );
+    let name = "e2e-mpi";
+    let user = User::new(name);
+    // Every "node" of the rig is this one machine: Open MPI must not share memory between
+    // them, and reaches the others over loopback (the only interface there is).
+    let spec = user.spec(
+        "mpi.yaml",
+        &format!(
+            "name: {name}\nnodes: 2\nengines_per_node: 2\npython: {python}\nmpi: true\n\
+             mpi_mca:\n  btl: self,tcp\n  btl_tcp_if_include: lo\n  oob_tcp_if_include: lo\n{}",
+            network(8)
+        ),
+    );
+    let up = user
+        .run(&["up", "-f", spec.to_str().unwrap(), "--output", "json"])
+        .ok();
+    assert_eq!(
+        up.json()["engines"],
+        serde_json::json!([0, 1, 2, 3, 4, 5]),
+        "{}",
+        up.stderr
+    );
+    // The cluster's own key is authorized on the nodes (this machine's root, in the rig).
+    let authorized = || {
+        std::fs::read_to_string("/root/.ssh/authorized_keys")
+            .unwrap_or_default()
+            .contains(&format!("starling-mpi:{name}"))
+    };
+    assert!(authorized(), "the cluster's key is in authorized_keys");
+
+    // Engine N is rank N of one world of 6, across the 3 nodes' addresses.
+    let px = user
+        .run(&[
+            "px",
+            "--cluster",
+            name,
+            "--output",
+            "json",
+            "import os\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\n(c.rank, c.size, os.environ['SSH_CONNECTION'].split()[2])",
+        ])
+        .ok()
+        .json();
+    let mut addrs = Vec::new();
+    for r in px.as_array().unwrap() {
+        let v = r["display"].as_str().unwrap();
+        let id = r["engine"].as_u64().unwrap();
+        assert!(
+            v.starts_with(&format!("({id}, 6, '127.0.8.")),
+            "engine {id}: {v}"
+        );
+        addrs.push(v.split('\'').nth(1).unwrap().to_string());
+    }
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs, ["127.0.8.4", "127.0.8.5", "127.0.8.6"]);
+    // A collective across the nodes.
+    let sum = user
+        .run(&["px", "--cluster", name, "c.allreduce(c.rank)"])
+        .ok()
+        .stdout;
+    assert_eq!(sum.matches(": 15\n").count(), 6, "{sum}");
+    let status = status_engines(&user, name);
+    assert!(
+        status.iter().all(|e| e["rank"] == e["id"]),
+        "every engine's rank is its id: {status:?}"
+    );
+
+    // A plain MPI program over the hostfile: 6 ranks on the 3 nodes.
+    let hello = user.path("hello_mpi.py");
+    std::fs::write(
+        &hello,
+        "import os\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\n\
+         print('rank', c.rank, 'of', c.size, 'on', os.environ['SSH_CONNECTION'].split()[2], flush=True)\n",
+    )
+    .unwrap();
+    user.run(&["put", name, hello.to_str().unwrap(), "hello_mpi.py"])
+        .ok();
+    let run = user
+        .run(&["mpirun", name, "--", &python, "hello_mpi.py"])
+        .ok();
+    let mut lines: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("rank"))
+        .collect();
+    lines.sort_unstable();
+    assert_eq!(lines.len(), 6, "{}{}", run.stdout, run.stderr);
+    for (rank, line) in lines.iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("rank {rank} of 6 on 127.0.8.")),
+            "{line}"
+        );
+    }
+    let hosts: std::collections::BTreeSet<&str> = lines
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(hosts.len(), 3, "{lines:?}");
+    // A program that fails: its exit status comes back.
+    let failed = user.run(&[
+        "mpirun",
+        name,
+        "-n",
+        "2",
+        "--",
+        &python,
+        "-c",
+        "raise SystemExit(7)",
+    ]);
+    assert_eq!(failed.code, 7, "{}{}", failed.stdout, failed.stderr);
+
+    down_leaves_nothing(&user, name);
+    assert!(!authorized(), "down removes the cluster's key");
+}

@@ -7,6 +7,7 @@ mod cli_session;
 mod client_lib;
 mod failures;
 mod maps;
+mod mpi;
 mod readme;
 mod scheduling;
 mod security;
