@@ -225,6 +225,7 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
             id: EngineId(0),
             kernel: Some(kernel),
             source,
+            world_since: None,
             known: HashSet::new(),
             forget: Vec::new(),
             config: config.clone(),
@@ -386,10 +387,12 @@ async fn serve(
                         Work::MapChunk { job, .. } => mappers.get(job).cloned(),
                         _ => None,
                     };
-                    per_slot
-                        .entry(a.engine)
-                        .or_default()
-                        .push(Task { a, mapper, epoch });
+                    per_slot.entry(a.engine).or_default().push(Task {
+                        a,
+                        mapper,
+                        epoch,
+                        arrived: std::time::Instant::now(),
+                    });
                 }
                 for (id, tasks) in per_slot {
                     match by_id.get(&id) {
@@ -463,6 +466,8 @@ struct Task {
     mapper: Option<Arc<Mapper>>,
     /// The connection it came on: work from an earlier one is the controller's past.
     epoch: u64,
+    /// When it reached this engine process.
+    arrived: std::time::Instant,
 }
 
 impl Task {
@@ -601,6 +606,9 @@ struct Slot {
     kernel: Option<PythonKernel>,
     /// Where its kernels come from.
     source: KernelSource,
+    /// When its MPI kernel was last replaced by a rank of a new world: Python tasks that
+    /// reached the engine before then were meant for the old world.
+    world_since: Option<std::time::Instant>,
     /// Map jobs whose function the current kernel has compiled.
     known: HashSet<JobId>,
     /// Finished jobs the kernel is to drop with its next request.
@@ -816,6 +824,14 @@ impl Slot {
         }
     }
 
+    /// Why a task sent while this engine's MPI world was restarting did not run.
+    fn world_restart_reason(&self) -> String {
+        format!(
+            "it reached engine {} while its MPI world was ending and starting again (a rank had ended); run it again",
+            self.id
+        )
+    }
+
     /// Tells a fresh kernel which engine it is.
     async fn init_kernel(&mut self) {
         self.known.clear();
@@ -840,6 +856,9 @@ impl Slot {
         self.shared.set_kernel(None);
         match self.source.start(&self.config, false).await {
             Ok(k) => {
+                if k.rank.is_some() {
+                    self.world_since = Some(std::time::Instant::now());
+                }
                 let pid = k.pid;
                 self.kernel_pids.lock().expect("not poisoned")[self.index] = (pid, k.rank);
                 self.shared.set_kernel(Some(&k));
@@ -918,6 +937,21 @@ impl Slot {
 
     async fn run_python(&mut self, tasks: &[Task]) {
         let mut pending = self.not_cancelled(tasks);
+        if let Some(since) = self.world_since {
+            // Sent while the MPI world was ending and starting again: the other ranks' parts
+            // ran on the old world or fail, and a rank of the new world alone would wait in a
+            // collective for partners that never come.
+            let (stale, fresh): (Vec<&Task>, Vec<&Task>) =
+                pending.into_iter().partition(|t| t.arrived < since);
+            pending = fresh;
+            if !stale.is_empty() {
+                let failed = stale
+                    .iter()
+                    .map(|t| self.failure(t, "KernelDied", self.world_restart_reason()))
+                    .collect();
+                self.send(failed);
+            }
+        }
         while !pending.is_empty() {
             let batch = &pending[..];
             if self.kernel.is_none() {
@@ -991,6 +1025,18 @@ impl Slot {
                         .remove(&killer.a.task.0);
                     // What was cancelled meanwhile does not go to the new kernel.
                     pending = self.not_cancelled(batch[done + 1..].iter().copied());
+                    if matches!(self.source, KernelSource::Attach { .. }) {
+                        // The rest was meant for the world that ended (see `run`).
+                        let failed = pending
+                            .iter()
+                            .map(|t| self.failure(t, "KernelDied", self.world_restart_reason()))
+                            .collect();
+                        self.send(failed);
+                        if let Err(e) = self.replace_kernel(&reason).await {
+                            tracing::error!(engine = %self.id, "{e}");
+                        }
+                        return;
+                    }
                     if let Err(e) = self.replace_kernel(&reason).await {
                         let failed = pending
                             .iter()

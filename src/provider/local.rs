@@ -138,6 +138,10 @@ impl Provider for LocalProvider {
             )));
         }
 
+        if spec.mpi {
+            // Before anything starts: a missing mpiexec or mpi4py leaves nothing behind.
+            crate::engine::mpi::check_here(&spec.python).map_err(ProviderError::Invalid)?;
+        }
         let cert =
             ClusterCert::generate(name).map_err(|e| ProviderError::Invalid(e.to_string()))?;
         let (client_key, engine_key) = (Key::generate(), Key::generate());
@@ -213,10 +217,15 @@ impl Provider for LocalProvider {
         // The engines: one engine process on this machine, hosting them all.
         let engines = spec.engines_per_node.resolve_here();
         let workdir = std::env::current_dir()?;
-        let mpi = if spec.mpi {
-            Some(local_world(spec, &node_root, &node0, engines, &workdir)?)
-        } else {
-            None
+        let mpi = match spec
+            .mpi
+            .then(|| local_world(spec, &node_root, &node0, engines, &workdir))
+        {
+            Some(Err(e)) => {
+                let _ = self.terminate(name).await;
+                return Err(e);
+            }
+            made => made.transpose()?,
         };
         let engine_config = EngineConfig {
             cluster: name.to_string(),
@@ -452,9 +461,8 @@ impl Provider for LocalProvider {
 /// Starts the controller of the local cluster whose nodes live in `root` from its config
 /// (`master/config/controller.json`), logging to `master/logs/controller.log`; `started`
 /// records its pid before anything can go wrong. Returns the address it listens on.
-/// An MPI world of `engines` ranks on this machine (`up --local --mpi`): checks that Open MPI
-/// and mpi4py are there before anything starts, writes the world file the node's supervisor
-/// starts, and returns what the engines need to know.
+/// An MPI world of `engines` ranks on this machine (`up --local --mpi`): writes the world file
+/// the node's supervisor starts, and returns what the engines need to know.
 fn local_world(
     spec: &ClusterSpec,
     node_root: &Path,
@@ -463,7 +471,6 @@ fn local_world(
     workdir: &Path,
 ) -> Result<crate::engine::mpi::NodeMpi, ProviderError> {
     use crate::engine::mpi::{socket_path, NodeMpi, Rank, World};
-    crate::engine::mpi::check_here(&spec.python).map_err(ProviderError::Invalid)?;
     let run_dir = node.join("run");
     let world_file = node.join("config/mpi-world.json");
     let world = World {
