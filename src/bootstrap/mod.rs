@@ -295,7 +295,7 @@ pub async fn run(
                 node: "this machine".into(),
                 address: "local".into(),
                 step: "adding nodes to an MPI cluster".into(),
-                message: "the nodes of an MPI cluster are one MPI world, fixed when it starts; `add-node` cannot join them to it yet: take the cluster down and start it with more nodes".into(),
+                message: mpi::FIXED_WORLD.into(),
             }]);
         }
         match mpi::make_key(&plan.cluster) {

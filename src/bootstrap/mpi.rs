@@ -13,6 +13,9 @@ use super::{node_dir, shell_quote};
 /// The config file (in the master's `config/`) holding the cluster's private SSH key.
 pub const KEY_FILE: &str = "mpi_key";
 
+/// Why an MPI cluster's nodes cannot change while it runs.
+pub const FIXED_WORLD: &str = "the nodes of an MPI cluster are one MPI world, fixed when it starts (its ranks, and the engine ids that are those ranks); adding or removing nodes is not supported: take the cluster down and start it with the nodes you want";
+
 /// Exit statuses of [`check_script`]: what is missing.
 const EXIT_NO_OPEN_MPI: i32 = 94;
 const EXIT_NO_MPI4PY: i32 = 93;

@@ -1359,6 +1359,18 @@ fn an_mpi_cluster_on_ec2_is_one_world_across_its_nodes() {
         .map(|l| l.rsplit(' ').next().unwrap())
         .collect();
     assert_eq!(hosts.len(), 3, "{lines:?}");
+    // The world is fixed: nodes are neither added nor removed.
+    let add = user.run(&["add-node", name, "-n", "1"]);
+    assert_says(
+        &add.fails().stderr,
+        &["one MPI world, fixed when it starts"],
+    );
+    let remove = user.run(&["remove-node", name, "node002"]);
+    assert_says(
+        &remove.fails().stderr,
+        &["one MPI world, fixed when it starts"],
+    );
+    assert_eq!(ec2_resources(name).instances.len(), 3);
     // A program that fails: its exit status comes back.
     let failed = user.run(&[
         "mpirun",

@@ -362,6 +362,11 @@ pub async fn add_nodes(
     progress: &Progress,
 ) -> Result<Vec<NodeReport>, ProviderError> {
     let e = ec2_spec(spec)?;
+    if spec.mpi {
+        return Err(ProviderError::Invalid(
+            crate::bootstrap::mpi::FIXED_WORLD.into(),
+        ));
+    }
     let name = spec.name.as_str();
     let instances = api.instances(Some(name)).await?;
     let master = instances
@@ -422,6 +427,11 @@ pub async fn remove_node(
     if node == "master" {
         return Err(ProviderError::Invalid(
             "the master holds the controller; `starling down` takes the whole cluster down".into(),
+        ));
+    }
+    if record.is_some_and(|r| r.spec.mpi) {
+        return Err(ProviderError::Invalid(
+            crate::bootstrap::mpi::FIXED_WORLD.into(),
         ));
     }
     let instances = api.instances(Some(cluster)).await?;
