@@ -9,7 +9,8 @@
 //! - [`proto`]: every message between client, controller and engine; frames, TLS, the
 //!   authentication handshake.
 //! - [`controller`]: engine registry, heartbeats, scheduling, the SQLite task store.
-//! - [`engine`]: the engine process and its `python3` and shell kernels.
+//! - [`engine`]: the engine process and its `python3` and shell kernels (on an MPI cluster,
+//!   the ranks `mpiexec` starts, attached to their engines).
 //! - [`client`]: the Rust client library — `Client`, `DirectView`, `AsyncResult`.
 //! - [`cli`]: the `starling` command line; formatting only.
 //! - [`home`]: where starling keeps its files on a machine.

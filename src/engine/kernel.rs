@@ -400,6 +400,20 @@ fn data_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
+/// A kernel's three pipes, (read end, write end) each: requests, replies, and control (its
+/// write end non-blocking, see [`Control::cancel`]).
+fn kernel_pipes() -> std::io::Result<[(OwnedFd, OwnedFd); 3]> {
+    let requests = data_pipe()?;
+    let replies = data_pipe()?;
+    let control = cloexec_pipe()?;
+    nix::fcntl::fcntl(
+        control.1.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(std::io::Error::from)?;
+    Ok([requests, replies, control])
+}
+
 impl PythonKernel {
     /// Starts a kernel and waits until it is ready. `max_frame` is the cluster's frame limit.
     pub async fn spawn(
@@ -408,14 +422,7 @@ impl PythonKernel {
         engine_log: Option<&Path>,
         max_frame: usize,
     ) -> Result<Self, KernelError> {
-        let (req_r, req_w) = data_pipe()?;
-        let (rep_r, rep_w) = data_pipe()?;
-        let (ctl_r, ctl_w) = cloexec_pipe()?;
-        nix::fcntl::fcntl(
-            ctl_w.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .map_err(std::io::Error::from)?;
+        let [(req_r, req_w), (rep_r, rep_w), (ctl_r, ctl_w)] = kernel_pipes()?;
         let (child_in, child_out, child_ctl) =
             (req_r.as_raw_fd(), rep_w.as_raw_fd(), ctl_r.as_raw_fd());
         let mut cmd = Command::new(python);
@@ -524,14 +531,7 @@ impl PythonKernel {
         let rank = u32::from_le_bytes(said);
         let ended = pidfd(pid).map_err(|e| format!("cannot watch its process: {e}"))?;
         let io = |e: std::io::Error| e.to_string();
-        let (req_r, req_w) = data_pipe().map_err(io)?;
-        let (rep_r, rep_w) = data_pipe().map_err(io)?;
-        let (ctl_r, ctl_w) = cloexec_pipe().map_err(io)?;
-        nix::fcntl::fcntl(
-            ctl_w.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .map_err(|e| e.to_string())?;
+        let [(req_r, req_w), (rep_r, rep_w), (ctl_r, ctl_w)] = kernel_pipes().map_err(io)?;
         // The pipes go over the socket with a byte to carry them, then the program until EOF.
         let stream = stream.into_std().map_err(io)?;
         stream.set_nonblocking(false).map_err(io)?;

@@ -1332,8 +1332,10 @@ fn an_mpi_cluster_on_ec2_is_one_world_across_its_nodes() {
     let hello = user.path("hello_mpi.py");
     std::fs::write(
         &hello,
+        // Rank 0 prints what every rank says (lines printed at once may interleave).
         "import os\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\n\
-         print('rank', c.rank, 'of', c.size, 'on', os.environ['SSH_CONNECTION'].split()[2], flush=True)\n",
+         said = c.gather(f\"rank {c.rank} of {c.size} on {os.environ['SSH_CONNECTION'].split()[2]}\")\n\
+         if c.rank == 0:\n    print('\\n'.join(said), flush=True)\n",
     )
     .unwrap();
     user.run(&["put", name, hello.to_str().unwrap(), "hello_mpi.py"])

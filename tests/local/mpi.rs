@@ -133,7 +133,10 @@ async fn every_engine_is_the_rank_of_its_id_in_one_world() {
     let hello = c.home_path().join("hello.py");
     std::fs::write(
         &hello,
-        "from mpi4py import MPI\nc = MPI.COMM_WORLD\nprint('rank', c.rank, 'of', c.size, flush=True)\n",
+        // Rank 0 prints what every rank says: lines printed by several ranks at once may
+        // interleave on mpiexec's output.
+        "from mpi4py import MPI\nc = MPI.COMM_WORLD\nsaid = c.gather(f'rank {c.rank} of {c.size}')\n\
+         if c.rank == 0:\n    print('\\n'.join(said), flush=True)\n",
     )
     .unwrap();
     let run = c.starling_raw(&[
