@@ -23,7 +23,8 @@ const EXIT_NO_MPI4PY: i32 = 93;
 /// The cluster's own SSH key pair, made with `ssh-keygen` here: (private key file, public
 /// key line ending in the cluster's marker).
 pub fn make_key(cluster: &str) -> Result<(Vec<u8>, String), String> {
-    let dir = std::env::temp_dir().join(format!("starling-key-{}-{cluster}", std::process::id()));
+    // Under this user's own starling home, not a shared /tmp: nobody else can put a key there.
+    let dir = crate::home::home().join(format!("keygen-{}-{cluster}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     crate::home::create_private_dir(&dir)
         .map_err(|e| format!("cannot make a folder for the cluster's key: {e}"))?;
@@ -58,15 +59,24 @@ fn marker(cluster: &str) -> String {
 }
 
 /// Checks that the node has Open MPI and the engines' Python has mpi4py, then authorizes the
-/// cluster's key for the login user (once).
+/// cluster's key for the login user.
 pub fn check_script(python: &str, cluster: &str, public_key: &str) -> String {
     let py = shell_quote(python);
     format!(
         "{{ command -v orted >/dev/null 2>&1 && command -v mpiexec >/dev/null 2>&1 || exit {EXIT_NO_OPEN_MPI}; }} && \
-         {{ {py} -c 'import mpi4py' >/dev/null 2>&1 || exit {EXIT_NO_MPI4PY}; }} && \
-         mkdir -p \"$HOME/.ssh\" && chmod 700 \"$HOME/.ssh\" && touch \"$HOME/.ssh/authorized_keys\" && \
-         {{ grep -qF {m} \"$HOME/.ssh/authorized_keys\" || printf '%s\\n' {k} >> \"$HOME/.ssh/authorized_keys\"; }}",
-        m = shell_quote(&format!(" {}", marker(cluster))),
+         {{ {py} -c 'import mpi4py' >/dev/null 2>&1 || exit {EXIT_NO_MPI4PY}; }} && {}",
+        authorize_script(cluster, public_key)
+    )
+}
+
+/// Puts the cluster's key in the login user's `authorized_keys`, on a line of its own: an older
+/// key of a cluster of this name goes first.
+fn authorize_script(cluster: &str, public_key: &str) -> String {
+    format!(
+        "mkdir -p \"$HOME/.ssh\" && chmod 700 \"$HOME/.ssh\" && touch \"$HOME/.ssh/authorized_keys\" && \
+         {{ {}; }} && f=\"$HOME/.ssh/authorized_keys\" && \
+         {{ [ -z \"$(tail -c 1 \"$f\")\" ] || echo >> \"$f\"; }} && printf '%s\\n' {k} >> \"$f\"",
+        unauthorize_script(cluster),
         k = shell_quote(public_key),
     )
 }
@@ -82,12 +92,15 @@ pub fn check_error(python: &str, message: &str) -> String {
     }
 }
 
-/// Removes the cluster's key from `authorized_keys` (`down`, `remove-node`).
+/// Removes the cluster's key from `authorized_keys` (`down`, `remove-node`): the lines that end
+/// in its marker exactly. The file is rewritten only when `grep` read it whole.
 pub fn unauthorize_script(cluster: &str) -> String {
+    // Cluster names are lowercase letters, digits and `-`: nothing a regex treats specially.
+    let pattern = shell_quote(&format!(" {}$", marker(cluster)));
     format!(
-        "f=\"$HOME/.ssh/authorized_keys\"; if [ -f \"$f\" ] && grep -qF {m} \"$f\"; then \
-         grep -vF {m} \"$f\" > \"$f.starling\"; cat \"$f.starling\" > \"$f\"; rm -f \"$f.starling\"; fi",
-        m = shell_quote(&format!(" {}", marker(cluster)))
+        "f=\"$HOME/.ssh/authorized_keys\"; if [ -f \"$f\" ] && grep -q {pattern} \"$f\"; then \
+         grep -v {pattern} \"$f\" > \"$f.starling\"; if [ $? -le 1 ]; then cat \"$f.starling\" > \"$f\"; fi; \
+         rm -f \"$f.starling\"; fi; true"
     )
 }
 
@@ -187,6 +200,48 @@ mod tests {
         let agent = w.rsh_agent.unwrap();
         assert!(agent.contains("-i /home/u/.starling/node/sci/master/config/mpi_key"));
         assert!(agent.contains("-l ubuntu") && agent.contains("-p 22"));
+    }
+
+    #[test]
+    fn keys_are_authorized_on_their_own_line_and_removed_by_exact_name() {
+        let home = tempfile::tempdir().unwrap();
+        let keys = home.path().join(".ssh/authorized_keys");
+        let sh = |script: String| {
+            let out = std::process::Command::new("bash")
+                .args(["-c", &script])
+                .env("HOME", home.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        std::fs::create_dir_all(keys.parent().unwrap()).unwrap();
+        // The user's own key, without a final newline.
+        std::fs::write(&keys, "ssh-ed25519 AAAmine me@laptop").unwrap();
+        sh(authorize_script(
+            "mpi-2",
+            "ssh-ed25519 AAAtwo starling-mpi:mpi-2",
+        ));
+        sh(authorize_script(
+            "mpi",
+            "ssh-ed25519 AAAold starling-mpi:mpi",
+        ));
+        sh(authorize_script(
+            "mpi",
+            "ssh-ed25519 AAAnew starling-mpi:mpi",
+        ));
+        assert_eq!(
+            std::fs::read_to_string(&keys).unwrap(),
+            "ssh-ed25519 AAAmine me@laptop\nssh-ed25519 AAAtwo starling-mpi:mpi-2\nssh-ed25519 AAAnew starling-mpi:mpi\n"
+        );
+        sh(unauthorize_script("mpi"));
+        assert_eq!(
+            std::fs::read_to_string(&keys).unwrap(),
+            "ssh-ed25519 AAAmine me@laptop\nssh-ed25519 AAAtwo starling-mpi:mpi-2\n"
+        );
     }
 
     #[test]

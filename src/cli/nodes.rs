@@ -129,7 +129,9 @@ pub async fn mpirun(g: &Global, args: &MpirunArgs) -> Result<ExitCode> {
         crate::engine::shell_quote(&not_mpi().to_string()),
         quoted.join(" ")
     );
-    let err = ssh_command(&cluster, &master, false)?.arg(script).exec();
+    // With a terminal, Ctrl-C reaches mpiexec on the master, not only ssh here.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let err = ssh_command(&cluster, &master, tty)?.arg(script).exec();
     bail!("cannot run ssh: {err}")
 }
 
@@ -172,7 +174,7 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
     }
     let cluster = open(g, &args.name).await?;
     let api = ec2_api(&cluster, "add-node")?;
-    let spec = match &args.file {
+    let mut spec = match &args.file {
         Some(path) => {
             let mut s = crate::spec::load(path)?;
             s.name.clone_from(&cluster.name);
@@ -180,6 +182,8 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
         }
         None => cluster.spec("add-node")?.clone(),
     };
+    // A cluster started as an MPI cluster stays one, whatever spec `-f` gives.
+    spec.mpi |= cluster.record.as_ref().is_some_and(|r| r.spec.mpi);
     let info = ConnectionInfo::load(&home::connection_path(&cluster.name))
         .context("add-node waits for the new engines through the connection file; `starling connect NAME` fetches it")?;
     let client = Client::connect_with(info).await?;

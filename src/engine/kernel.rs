@@ -355,7 +355,10 @@ impl Control {
 pub const LOG_LIMIT: u64 = 16 << 20;
 
 /// Appends what `from` yields to the log at `path`, keeping it under [`LOG_LIMIT`].
-async fn copy_to_log(mut from: impl tokio::io::AsyncRead + Unpin, path: std::path::PathBuf) {
+pub(crate) async fn copy_to_log(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    path: std::path::PathBuf,
+) {
     use tokio::io::AsyncReadExt as _;
     let mut buf = vec![0u8; 64 * 1024];
     loop {

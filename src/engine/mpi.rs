@@ -4,10 +4,10 @@
 //! not a rank; so on an MPI cluster the kernels are started the other way round. The master's
 //! supervisor runs one `mpiexec` over the cluster's nodes (the [`World`] file lists every rank:
 //! its host, Python, working directory and socket), and each rank runs [`ATTACH`] (which every
-//! node's supervisor writes into its `run` directory first): it
-//! initialises MPI, connects to its engine's Unix socket (`run/kernel-SLOT.sock` in its node's
-//! directory, mode 0700), says which rank it is, and receives the kernel's three private pipes
-//! (SCM_RIGHTS) and the kernel program. From there it is an ordinary kernel — the same program,
+//! node's supervisor writes into its `run` directory first): it connects to its engine's Unix
+//! socket (`run/kernel-SLOT.sock` in its node's directory, a 0700 folder; the engine checks the
+//! peer is its own user), says which rank it is, receives the kernel's three private pipes
+//! (SCM_RIGHTS) and the kernel program, and initialises MPI. From there it is an ordinary kernel — the same program,
 //! protocol and pipes as on any other cluster — that happens to be rank N of `COMM_WORLD`, and
 //! its engine registers as engine N. Ranks are numbered in the world file's order: the nodes in
 //! order, each node's engines in slot order.
@@ -99,18 +99,17 @@ pub fn write_attach(run_dir: &Path) -> std::io::Result<()> {
     crate::home::write_private(&run_dir.join(ATTACH_FILE), ATTACH.as_bytes())
 }
 
-/// What a rank runs (`python RUN_DIR/attach.py SOCKET RANK TIMEOUT`): it becomes an MPI process,
-/// attaches to its engine, then runs the kernel program it was sent. Whatever way the kernel
-/// ends, the process ends without finalising MPI, so its world ends with it.
+/// What a rank runs (`python RUN_DIR/attach.py SOCKET RANK TIMEOUT`): it attaches to its engine
+/// and puts the pipes it gets on fds 3–5, then initialises MPI (so the pipes cannot take fds
+/// Open MPI holds) and runs the kernel program it was sent. Whatever way the kernel ends, the
+/// process ends without finalising MPI, so its world ends with it.
 pub const ATTACH: &str = r#"
 import os, socket, struct, sys, time
-try:
-    from mpi4py import MPI
-except ImportError as e:
-    sys.exit(f"starling: this MPI kernel cannot import mpi4py ({e}); install it for {sys.executable}: python3 -m pip install mpi4py")
 path, rank, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-if MPI.COMM_WORLD.Get_rank() != rank:
-    sys.exit(f"starling: rank {MPI.COMM_WORLD.Get_rank()} was started for rank {rank}; the world is out of order")
+# The pipes go to fds 3, 4 and 5 before MPI starts, so they cannot land on fds it holds.
+said = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMIX_RANK") or os.environ.get("PMI_RANK")
+if said is not None and int(said) != rank:
+    sys.exit(f"starling: rank {said} was started for rank {rank}; the world is out of order")
 deadline = time.monotonic() + wait
 while True:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -141,6 +140,13 @@ for fd, to in zip(high, (3, 4, 5)):
     os.dup2(fd, to)
     os.close(fd)
 del s, fds, high
+# Now an MPI process: from here on, however this process ends, its world ends with it.
+try:
+    from mpi4py import MPI
+except ImportError as e:
+    sys.exit(f"starling: this MPI kernel cannot import mpi4py ({e}); install it for {sys.executable}: python3 -m pip install mpi4py")
+if MPI.COMM_WORLD.Get_rank() != rank:
+    sys.exit(f"starling: rank {MPI.COMM_WORLD.Get_rank()} was started for rank {rank}; the world is out of order")
 try:
     exec(compile(b"".join(chunks).decode(), "<starling-kernel>", "exec"))
 finally:
@@ -237,8 +243,9 @@ impl World {
 }
 
 /// Starts the world described in the file at `path`: writes its hostfile, then runs
-/// `mpiexec` with its output in the world's log. The caller reaps it (the supervisor reaps
-/// every child).
+/// `mpiexec` with its output going to the world's log, kept under
+/// [`LOG_LIMIT`](super::kernel::LOG_LIMIT). The caller reaps it (the supervisor reaps every
+/// child). Call it inside the runtime: the log is copied by tasks of it.
 pub fn launch(path: &Path) -> Result<nix::unistd::Pid, String> {
     let world = World::load(path)?;
     crate::home::write_private(&world.hostfile, world.hostfile_text().as_bytes()).map_err(|e| {
@@ -247,22 +254,28 @@ pub fn launch(path: &Path) -> Result<nix::unistd::Pid, String> {
             world.hostfile.display()
         )
     })?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&world.log)
-        .map_err(|e| format!("cannot open the MPI log {}: {e}", world.log.display()))?;
-    let err = log
-        .try_clone()
-        .map_err(|e| format!("cannot open the MPI log {}: {e}", world.log.display()))?;
     let as_root = nix::unistd::geteuid().is_root();
-    let child = std::process::Command::new(&world.mpiexec)
+    let mut child = std::process::Command::new(&world.mpiexec)
         .args(world.mpiexec_args(as_root))
         .stdin(std::process::Stdio::null())
-        .stdout(log)
-        .stderr(err)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run `{}`: {e}; install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin)", world.mpiexec))?;
+    if let Some(out) = child
+        .stdout
+        .take()
+        .and_then(|o| tokio::process::ChildStdout::from_std(o).ok())
+    {
+        tokio::spawn(super::kernel::copy_to_log(out, world.log.clone()));
+    }
+    if let Some(err) = child
+        .stderr
+        .take()
+        .and_then(|e| tokio::process::ChildStderr::from_std(e).ok())
+    {
+        tokio::spawn(super::kernel::copy_to_log(err, world.log.clone()));
+    }
     let pid = i32::try_from(child.id()).map_err(|_| "pid out of range".to_string())?;
     Ok(nix::unistd::Pid::from_raw(pid))
 }

@@ -225,13 +225,17 @@ pub async fn supervise(
         let _ = nix::sys::signal::kill(*pid, Signal::SIGTERM);
     }
     let deadline = Instant::now() + STOP_GRACE;
-    while !running.is_empty() && Instant::now() < deadline {
+    // mpiexec gets the grace too: it stops the ranks and Open MPI's daemons on the other nodes.
+    while (!running.is_empty() || world.pid.is_some()) && Instant::now() < deadline {
         tokio::select! {
             _ = children.recv() => {}
             () = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
         for (pid, _) in reap() {
             running.remove(&pid);
+            if world.pid == Some(pid) {
+                world.pid = None;
+            }
         }
     }
     // What is left — a stuck engine, processes tasks left behind — is killed.
