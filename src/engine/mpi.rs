@@ -7,13 +7,14 @@
 //! node's supervisor writes into its `run` directory first): it connects to its engine's Unix
 //! socket (`run/kernel-SLOT.sock` in its node's directory, a 0700 folder; the engine checks the
 //! peer is its own user), says which rank it is, receives the kernel's three private pipes
-//! (SCM_RIGHTS) and the kernel program, and initialises MPI. From there it is an ordinary kernel — the same program,
-//! protocol and pipes as on any other cluster — that happens to be rank N of `COMM_WORLD`, and
-//! its engine registers as engine N. Ranks are numbered in the world file's order: the nodes in
+//! (SCM_RIGHTS) and the kernel program, and initialises MPI. From there it is an ordinary
+//! kernel — the same program, protocol and pipes as on any other cluster — that happens to be
+//! rank N of `COMM_WORLD`, and its engine registers as engine N. Ranks are numbered in the world file's order: the nodes in
 //! order, each node's engines in slot order.
 //!
-//! One rank cannot be replaced alone: when any kernel ends, Open MPI ends the whole world (the
-//! ranks initialise MPI first, so a rank that exits — even with status 0 — aborts the job), every
+//! One rank cannot be replaced alone: when any kernel ends, Open MPI ends the whole world (every
+//! rank initialises MPI before its kernel runs, so a rank that exits — even with status 0 —
+//! aborts the job), every
 //! engine reports its kernel gone, and the supervisor starts the world again; each engine takes
 //! the new rank that attaches to its socket.
 
@@ -36,8 +37,8 @@ pub const FIRST_ATTACH_TIMEOUT: std::time::Duration = std::time::Duration::from_
 pub struct NodeMpi {
     /// Where the engines' sockets are (mode 0700).
     pub run_dir: PathBuf,
-    /// On the node that starts the world (the master): the [`World`] file. The supervisor
-    /// reads it at each start of the world, so a changed cluster (`add-node`) is picked up.
+    /// On the node that starts the world (the master): the [`World`] file, which the
+    /// supervisor reads at each start of the world.
     #[serde(default)]
     pub world: Option<PathBuf>,
 }
