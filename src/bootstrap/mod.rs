@@ -433,17 +433,12 @@ async fn start_world(
         })
         .collect();
     let spec = &plan.spec;
-    let mca: Vec<(String, String)> = spec
-        .mpi_mca
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     let world = mpi::world(
         &plan.cluster,
         &spec.python,
         order[0].port,
         &order[0].user,
-        &mca,
+        &spec.mpi_mca,
         &nodes,
     );
     let failure = |message: String| {

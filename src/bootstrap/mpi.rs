@@ -4,6 +4,7 @@
 //! mpi4py, and — once every node is set up — the world file on the master, whose supervisor
 //! then starts the ranks (see [`crate::engine::mpi`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::engine::mpi::{socket_path, Rank, World};
@@ -121,7 +122,7 @@ pub fn world(
     python: &str,
     ssh_port: u16,
     ssh_user: &str,
-    mca: &[(String, String)],
+    mca: &BTreeMap<String, String>,
     nodes: &[WorldNode],
 ) -> World {
     let master = &nodes[0];
@@ -146,7 +147,7 @@ pub fn world(
             "ssh -i {mdir}/config/{KEY_FILE} -o BatchMode=yes -o StrictHostKeyChecking=accept-new \
              -o UserKnownHostsFile={mdir}/known_hosts -o LogLevel=ERROR -p {ssh_port} -l {ssh_user}"
         )),
-        mca: mca.to_vec(),
+        mca: mca.clone(),
         ranks,
         log: PathBuf::from(format!("{mdir}/logs/mpi.log")),
     }
@@ -177,13 +178,13 @@ mod tests {
             "python3",
             22,
             "ubuntu",
-            &[("btl".into(), "self,tcp".into())],
+            &BTreeMap::from([("btl".into(), "self,tcp".into())]),
             &[
-                node("master", "10.0.0.4", 2),
-                node("node001", "10.0.0.5", 1),
+                node("master", "127.0.1.4", 2),
+                node("node001", "127.0.1.5", 1),
             ],
         );
-        assert_eq!(w.hostfile_text(), "10.0.0.4 slots=2\n10.0.0.5 slots=1\n");
+        assert_eq!(w.hostfile_text(), "127.0.1.4 slots=2\n127.0.1.5 slots=1\n");
         let sockets: Vec<String> = w
             .ranks
             .iter()

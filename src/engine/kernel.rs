@@ -252,7 +252,7 @@ enum Process {
 }
 
 /// How an attached MPI kernel ended, as far as its engine can tell: with its world.
-pub const RANK_ENDED: &str = "ended with its MPI world (one rank cannot be replaced alone, so every rank of the world ends and starts again)";
+const RANK_ENDED: &str = "ended with its MPI world (one rank cannot be replaced alone, so every rank of the world ends and starts again)";
 
 impl Process {
     /// Completes when the process has ended; how it ended, in words.

@@ -382,6 +382,8 @@ async fn serve(
                     mappers.insert(job, Arc::new(mapper));
                 }
                 let mut per_slot: HashMap<EngineId, Vec<Task>> = HashMap::new();
+                // One clock read per frame: when its tasks reached this engine process.
+                let arrived = std::time::Instant::now();
                 for a in tasks {
                     let mapper = match &a.work {
                         Work::MapChunk { job, .. } => mappers.get(job).cloned(),
@@ -391,7 +393,7 @@ async fn serve(
                         a,
                         mapper,
                         epoch,
-                        arrived: std::time::Instant::now(),
+                        arrived,
                     });
                 }
                 for (id, tasks) in per_slot {
@@ -536,7 +538,6 @@ impl SlotShared {
     }
 }
 
-/// One engine: its id, its kernel, the way out.
 /// Each slot's kernel pid and, on an MPI cluster, its rank.
 type KernelPids = std::sync::Mutex<Vec<(u32, Option<u32>)>>;
 
@@ -599,6 +600,7 @@ impl KernelSource {
     }
 }
 
+/// One engine: its id, its kernel, the way out.
 struct Slot {
     /// Shared with the connection side, for cancelling.
     shared: Arc<SlotShared>,

@@ -18,6 +18,7 @@
 //! engine reports its kernel gone, and the supervisor starts the world again; each engine takes
 //! the new rank that attaches to its socket.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -83,7 +84,7 @@ pub struct World {
     pub rsh_agent: Option<String>,
     /// MCA parameters, `--mca NAME VALUE`: a local cluster keeps Open MPI on loopback.
     #[serde(default)]
-    pub mca: Vec<(String, String)>,
+    pub mca: BTreeMap<String, String>,
     /// Every rank, in rank order.
     pub ranks: Vec<Rank>,
     /// Where `mpiexec` writes: its own messages, and what ranks print outside tasks.
@@ -163,6 +164,12 @@ impl World {
             .map_err(|e| format!("cannot read the MPI world {}: {e}", path.display()))?;
         serde_json::from_str(&text)
             .map_err(|e| format!("the MPI world {} is not valid: {e}", path.display()))
+    }
+
+    /// Writes the hostfile `mpiexec` reads.
+    fn write_hostfile(&self) -> Result<(), String> {
+        crate::home::write_private(&self.hostfile, self.hostfile_text().as_bytes())
+            .map_err(|e| format!("cannot write the hostfile {}: {e}", self.hostfile.display()))
     }
 
     /// The hostfile's text: each host once, with its slots, in rank order.
@@ -249,12 +256,7 @@ impl World {
 /// child). Call it inside the runtime: the log is copied by tasks of it.
 pub fn launch(path: &Path) -> Result<nix::unistd::Pid, String> {
     let world = World::load(path)?;
-    crate::home::write_private(&world.hostfile, world.hostfile_text().as_bytes()).map_err(|e| {
-        format!(
-            "cannot write the hostfile {}: {e}",
-            world.hostfile.display()
-        )
-    })?;
+    world.write_hostfile()?;
     let as_root = nix::unistd::geteuid().is_root();
     let mut child = std::process::Command::new(&world.mpiexec)
         .args(world.mpiexec_args(as_root))
@@ -290,11 +292,8 @@ pub fn mpirun(world_path: &Path, n: Option<u32>, command: &[String]) -> String {
         Ok(w) => w,
         Err(e) => return e,
     };
-    if let Err(e) = crate::home::write_private(&world.hostfile, world.hostfile_text().as_bytes()) {
-        return format!(
-            "cannot write the hostfile {}: {e}",
-            world.hostfile.display()
-        );
+    if let Err(e) = world.write_hostfile() {
+        return e;
     }
     let err = std::process::Command::new(&world.mpiexec)
         .args(world.mpirun_args(nix::unistd::geteuid().is_root(), n, command))
@@ -344,11 +343,11 @@ mod tests {
             mpiexec: "mpiexec".into(),
             hostfile: "/n/hostfile".into(),
             rsh_agent: Some("ssh -i /k".into()),
-            mca: vec![("btl_tcp_if_include".into(), "lo".into())],
+            mca: BTreeMap::from([("btl_tcp_if_include".into(), "lo".into())]),
             ranks: vec![
-                rank("10.0.0.1", 0),
-                rank("10.0.0.1", 1),
-                rank("10.0.0.2", 0),
+                rank("127.0.1.1", 0),
+                rank("127.0.1.1", 1),
+                rank("127.0.1.2", 0),
             ],
             log: "/n/mpi.log".into(),
         }
@@ -358,7 +357,7 @@ mod tests {
     fn the_hostfile_lists_each_node_once_with_its_slots_in_rank_order() {
         assert_eq!(
             world().hostfile_text(),
-            "10.0.0.1 slots=2\n10.0.0.2 slots=1\n"
+            "127.0.1.1 slots=2\n127.0.1.2 slots=1\n"
         );
     }
 
@@ -375,19 +374,19 @@ mod tests {
         assert_eq!(
             sockets,
             [
-                "/n/10.0.0.1/run/kernel-0.sock",
-                "/n/10.0.0.1/run/kernel-1.sock",
-                "/n/10.0.0.2/run/kernel-0.sock"
+                "/n/127.0.1.1/run/kernel-0.sock",
+                "/n/127.0.1.1/run/kernel-1.sock",
+                "/n/127.0.1.2/run/kernel-0.sock"
             ]
         );
         let ranks: Vec<&String> = contexts.iter().map(|c| &c[c.len() - 2]).collect();
         assert_eq!(
             contexts[2][contexts[2].len() - 4],
-            "/n/10.0.0.2/run/attach.py"
+            "/n/127.0.1.2/run/attach.py"
         );
         assert_eq!(ranks, ["0", "1", "2"]);
         let agent = args.iter().position(|a| a == "plm_rsh_agent").unwrap();
         assert_eq!(args[agent + 1], "ssh -i /k");
-        assert!(contexts[2].contains(&"STARLING_NODE_ROOT=/n/10.0.0.2".to_string()));
+        assert!(contexts[2].contains(&"STARLING_NODE_ROOT=/n/127.0.1.2".to_string()));
     }
 }

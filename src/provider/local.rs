@@ -217,15 +217,16 @@ impl Provider for LocalProvider {
         // The engines: one engine process on this machine, hosting them all.
         let engines = spec.engines_per_node.resolve_here();
         let workdir = std::env::current_dir()?;
-        let mpi = match spec
-            .mpi
-            .then(|| local_world(spec, &node_root, &node0, engines, &workdir))
-        {
-            Some(Err(e)) => {
-                let _ = self.terminate(name).await;
-                return Err(e);
+        let mpi = if spec.mpi {
+            match local_world(spec, &node_root, &node0, engines, &workdir) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    let _ = self.terminate(name).await;
+                    return Err(e);
+                }
             }
-            made => made.transpose()?,
+        } else {
+            None
         };
         let engine_config = EngineConfig {
             cluster: name.to_string(),
@@ -477,12 +478,11 @@ fn local_world(
         mpiexec: "mpiexec".into(),
         hostfile: node.join("hostfile"),
         rsh_agent: None,
-        // One machine: Open MPI's own connections stay on loopback.
+        // One machine: Open MPI's own connections stay on loopback, unless the spec says else.
         mca: [("oob_tcp_if_include", "lo"), ("btl_tcp_if_include", "lo")]
             .into_iter()
-            .filter(|(k, _)| !spec.mpi_mca.contains_key(*k))
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .chain(spec.mpi_mca.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .chain(spec.mpi_mca.clone())
             .collect(),
         ranks: (0..engines)
             .map(|slot| Rank {
