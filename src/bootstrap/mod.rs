@@ -10,8 +10,9 @@
 //! `~/.starling/node/<cluster>/<node>/` on it, and every process started there carries that
 //! directory in [`MARK_VAR`](crate::node::MARK_VAR), so `starlingd stop --root` finds them all.
 //! On an MPI cluster ([`mpi`]) each node also gets the cluster's SSH key authorized, and once
-//! every node is up the master gets the world its supervisor starts. The caller then waits for
-//! the engines to register.
+//! every node is up the master's world file gets their engines' ranks (the whole world for a new
+//! cluster, appended for nodes that join one); the master's supervisor then starts the world
+//! (again). The caller then waits for the engines to register.
 
 pub mod mpi;
 pub mod share;
@@ -49,6 +50,17 @@ pub struct Join {
     pub cert_pem: String,
     pub engine_key: crate::proto::auth::Key,
     pub max_frame: usize,
+    /// On an MPI cluster: what its nodes need to join the world.
+    pub mpi: Option<MpiJoin>,
+}
+
+/// What the nodes of an MPI cluster need to join its world.
+#[derive(Debug, Clone)]
+pub struct MpiJoin {
+    /// The cluster's public key line ([`mpi::make_key`]), authorized on every node.
+    pub public_key: String,
+    /// The master: its world file takes the nodes' ranks.
+    pub master: NodeTarget,
 }
 
 /// What to start on the master, besides its engines.
@@ -58,6 +70,8 @@ pub struct MasterRole {
     pub controller: ControllerConfig,
     /// The connection file, kept on the master for `starling connect`.
     pub connection: Vec<u8>,
+    /// On an MPI cluster: the private half of the cluster's SSH key, kept on the master only.
+    pub mpi_key: Option<Vec<u8>>,
 }
 
 /// What bootstrap needs to know besides the nodes.
@@ -227,8 +241,6 @@ struct Shared {
     /// `daemon` gzip-compressed, made once when a node first needs it.
     packed: tokio::sync::OnceCell<Vec<u8>>,
     progress: Progress,
-    /// On an MPI cluster: the cluster's SSH key (private, public).
-    mpi_key: Option<(Vec<u8>, String)>,
 }
 
 /// `daemon` gzip-compressed (on a blocking thread: it takes a few hundred milliseconds).
@@ -289,29 +301,6 @@ pub async fn run(
         }
     };
     let daemon_sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &daemon));
-    let mpi_key = if plan.spec.mpi {
-        if plan.master.is_none() {
-            return Err(vec![NodeFailure {
-                node: "this machine".into(),
-                address: "local".into(),
-                step: "adding nodes to an MPI cluster".into(),
-                message: mpi::FIXED_WORLD.into(),
-            }]);
-        }
-        match mpi::make_key(&plan.cluster) {
-            Ok(key) => Some(key),
-            Err(message) => {
-                return Err(vec![NodeFailure {
-                    node: "this machine".into(),
-                    address: "local".into(),
-                    step: "making the cluster's SSH key".into(),
-                    message,
-                }])
-            }
-        }
-    } else {
-        None
-    };
     let initial = if plan.master.is_some() {
         None
     } else {
@@ -329,7 +318,6 @@ pub async fn run(
         source,
         packed: tokio::sync::OnceCell::new(),
         progress: progress.clone(),
-        mpi_key,
     });
     let order: Vec<NodeTarget> = nodes.clone();
     let has_master = shared.plan.master.is_some();
@@ -405,18 +393,21 @@ pub async fn run(
         return Err(failed.into_iter().map(|r| r.unwrap_err()).collect());
     }
     let booted: Vec<(String, NodeReport)> = ok.into_iter().map(Result::unwrap).collect();
-    if shared.mpi_key.is_some() {
-        start_world(&shared.plan, &order, &booted).await?;
+    if let Some(m) = &shared.plan.join.mpi {
+        settle_world(&shared.plan, m, has_master, &order, &booted).await?;
     }
     let mut reports: Vec<NodeReport> = booted.into_iter().map(|(_, r)| r).collect();
     reports.sort_by(|a, b| a.node.cmp(&b.node));
     Ok(reports)
 }
 
-/// Writes the MPI world of the booted nodes (in the order given, the master first) on the
-/// master, whose supervisor then starts it.
-async fn start_world(
+/// Gives the booted nodes' engines their ranks in the world file on the master: a new
+/// cluster's whole world (`fresh`; `order` has the master first), or the ranks of nodes that join
+/// a running one after those it has. The master's supervisor then starts the world (again).
+async fn settle_world(
     plan: &Plan,
+    m: &MpiJoin,
+    fresh: bool,
     order: &[NodeTarget],
     booted: &[(String, NodeReport)],
 ) -> Result<(), Vec<NodeFailure>> {
@@ -433,33 +424,41 @@ async fn start_world(
         })
         .collect();
     let spec = &plan.spec;
-    let world = mpi::world(
-        &plan.cluster,
-        &spec.python,
-        order[0].port,
-        &order[0].user,
-        &spec.mpi_mca,
-        &nodes,
-    );
     let failure = |message: String| {
         vec![NodeFailure {
-            node: order[0].name.clone(),
-            address: order[0].ssh_host.clone(),
-            step: "starting the MPI world".into(),
+            node: m.master.name.clone(),
+            address: m.master.ssh_host.clone(),
+            step: "giving the engines their MPI ranks".into(),
             message,
         }]
     };
-    let remote = Remote::connect(&order[0], &plan.login)
+    let remote = Remote::connect(&m.master, &plan.login)
         .await
         .map_err(failure)?;
-    let written = remote
-        .run_with_input(
-            &mpi::write_world_script(&plan.cluster),
-            &[&serde_json::to_vec_pretty(&world).expect("serializes")],
-        )
-        .await;
+    let settled = async {
+        let world = if fresh {
+            mpi::world(
+                &plan.cluster,
+                &spec.python,
+                m.master.port,
+                &m.master.user,
+                &spec.mpi_mca,
+                &nodes,
+            )
+        } else {
+            let mut world = mpi::read_world(&remote, &plan.cluster)
+                .await?
+                .ok_or_else(|| "the master has no MPI world file".to_string())?;
+            world
+                .ranks
+                .extend(mpi::ranks(&plan.cluster, &spec.python, &nodes));
+            world
+        };
+        mpi::write_world(&remote, &plan.cluster, &world).await
+    }
+    .await;
     remote.close().await;
-    written.map(|_| ()).map_err(failure)
+    settled.map_err(failure)
 }
 
 type StepError = (String, String);
@@ -576,7 +575,7 @@ async fn boot_in<'s>(
         log: Some(PathBuf::from(format!("{dir}/logs/kernels.log"))),
         max_frame: plan.join.max_frame,
         reconnect_s: spec.reconnect_s,
-        mpi: spec.mpi.then(|| crate::engine::mpi::NodeMpi {
+        mpi: plan.join.mpi.as_ref().map(|_| crate::engine::mpi::NodeMpi {
             run_dir: PathBuf::from(format!("{dir}/run")),
             world: is_master.then(|| PathBuf::from(format!("{dir}/config/mpi-world.json"))),
         }),
@@ -585,14 +584,18 @@ async fn boot_in<'s>(
         "engine.json",
         serde_json::to_vec_pretty(&engine).expect("serializes"),
     )];
-    if let (true, Some((private, _))) = (is_master, &shared.mpi_key) {
-        files.push((mpi::KEY_FILE, private.clone()));
-    }
     let master = if is_master {
         plan.master.as_ref()
     } else {
         None
     };
+    if let (Some(private), Some(m)) = (
+        master.and_then(|m| m.mpi_key.as_ref()),
+        &plan.join.mpi,
+    ) {
+        files.push((mpi::KEY_FILE, private.clone()));
+        files.push((mpi::PUBLIC_KEY_FILE, m.public_key.clone().into_bytes()));
+    }
     if let Some(m) = master {
         let mut controller = m.controller.clone();
         controller.listen = format!("{}:{}", node.private, spec.controller_port);
@@ -811,10 +814,10 @@ async fn boot_in<'s>(
             .map_err(|m| (step, m))?;
     }
 
-    if let Some((_, public)) = &shared.mpi_key {
+    if let Some(m) = &plan.join.mpi {
         bar.step("checking MPI");
         remote
-            .run(&mpi::check_script(&spec.python, &plan.cluster, public))
+            .run(&mpi::check_script(&spec.python, &plan.cluster, &m.public_key))
             .await
             .map_err(|m| {
                 (

@@ -3,19 +3,26 @@
 //! so Open MPI's launcher on the master reaches them), a check that each node has Open MPI and
 //! mpi4py, and — once every node is set up — the world file on the master, whose supervisor
 //! then starts the ranks (see [`crate::engine::mpi`]).
+//!
+//! `add-node` appends the new nodes' ranks to the world file and `remove-node` takes a node's
+//! out, each followed by SIGHUP to the master's supervisor, which ends the running world and
+//! starts the new one: the ranks of a world are fixed while it runs. Engine ids stay what they
+//! were; after a `remove-node` the ranks after the removed node's move down, so an engine's
+//! rank can then differ from its id (`status` shows both).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::engine::mpi::{socket_path, Rank, World};
 
-use super::{node_dir, shell_quote};
+use super::{node_dir, shell_quote, Login, NodeTarget, Remote};
 
 /// The config file (in the master's `config/`) holding the cluster's private SSH key.
 pub const KEY_FILE: &str = "mpi_key";
-
-/// Why an MPI cluster's nodes cannot change while it runs.
-pub const FIXED_WORLD: &str = "the nodes of an MPI cluster are one MPI world, fixed when it starts (its ranks, and the engine ids that are those ranks); adding or removing nodes is not supported: take the cluster down and start it with the nodes you want";
+/// Its public key line, beside it: nodes that join later get it authorized.
+pub const PUBLIC_KEY_FILE: &str = "mpi_key.pub";
+/// The world file, in the master's `config/`.
+const WORLD_FILE: &str = "mpi-world.json";
 
 /// Exit statuses of [`check_script`]: what is missing.
 const EXIT_NO_OPEN_MPI: i32 = 94;
@@ -127,7 +134,22 @@ pub fn world(
 ) -> World {
     let master = &nodes[0];
     let mdir = format!("{}/{}", master.home, node_dir(cluster, &master.name));
-    let ranks = nodes
+    World {
+        mpiexec: "mpiexec".into(),
+        hostfile: PathBuf::from(format!("{mdir}/hostfile")),
+        rsh_agent: Some(format!(
+            "ssh -i {mdir}/config/{KEY_FILE} -o BatchMode=yes -o StrictHostKeyChecking=accept-new \
+             -o UserKnownHostsFile={mdir}/known_hosts -o LogLevel=ERROR -p {ssh_port} -l {ssh_user}"
+        )),
+        mca: mca.clone(),
+        ranks: ranks(cluster, python, nodes),
+        log: PathBuf::from(format!("{mdir}/logs/mpi.log")),
+    }
+}
+
+/// The ranks of `nodes`' engines, in node order, each node's in slot order.
+pub fn ranks(cluster: &str, python: &str, nodes: &[WorldNode]) -> Vec<Rank> {
+    nodes
         .iter()
         .flat_map(|n| {
             let dir = PathBuf::from(format!("{}/{}", n.home, node_dir(cluster, &n.name)));
@@ -139,40 +161,133 @@ pub fn world(
                 node_root: dir.clone(),
             })
         })
-        .collect();
-    World {
-        mpiexec: "mpiexec".into(),
-        hostfile: PathBuf::from(format!("{mdir}/hostfile")),
-        rsh_agent: Some(format!(
-            "ssh -i {mdir}/config/{KEY_FILE} -o BatchMode=yes -o StrictHostKeyChecking=accept-new \
-             -o UserKnownHostsFile={mdir}/known_hosts -o LogLevel=ERROR -p {ssh_port} -l {ssh_user}"
-        )),
-        mca: mca.clone(),
-        ranks,
-        log: PathBuf::from(format!("{mdir}/logs/mpi.log")),
-    }
+        .collect()
 }
 
-/// The shell command that writes the world file on the master, from stdin.
-pub fn write_world_script(cluster: &str) -> String {
-    let dir = format!("\"$HOME/{}\"", node_dir(cluster, "master"));
+/// Takes the ranks of node `node` out of `world`; how many there were.
+pub fn remove_node(world: &mut World, node: &str) -> usize {
+    let before = world.ranks.len();
+    world
+        .ranks
+        .retain(|r| r.node_root.file_name().and_then(|n| n.to_str()) != Some(node));
+    before - world.ranks.len()
+}
+
+/// The master's directory in a remote shell, quoted.
+fn master_dir(cluster: &str) -> String {
+    format!("\"$HOME/{}\"", node_dir(cluster, "master"))
+}
+
+/// The world file on the master, if the cluster is an MPI cluster.
+pub async fn read_world(remote: &Remote, cluster: &str) -> Result<Option<World>, String> {
+    let f = format!("{}/config/{WORLD_FILE}", master_dir(cluster));
+    let text = remote
+        .run(&format!("if [ -f {f} ]; then cat {f}; fi"))
+        .await?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| format!("the master's MPI world file is unreadable: {e}"))
+}
+
+/// Writes the world file on the master and tells its supervisor (SIGHUP), which ends the world
+/// that runs, if one does, and starts this one.
+pub async fn write_world(remote: &Remote, cluster: &str, world: &World) -> Result<(), String> {
+    remote
+        .run_with_input(
+            &write_world_script(cluster),
+            &[&serde_json::to_vec_pretty(world).expect("serializes")],
+        )
+        .await
+        .map(|_| ())
+}
+
+/// The shell command that writes the world file on the master from stdin, then sends SIGHUP to
+/// the master's supervisor: the process its pid file names, checked against its command line,
+/// so a reused pid is never hit.
+fn write_world_script(cluster: &str) -> String {
+    let dir = master_dir(cluster);
     format!(
-        "umask 077 && cat > {dir}/config/mpi-world.json.part && mv -f {dir}/config/mpi-world.json.part {dir}/config/mpi-world.json"
+        "umask 077 && cat > {dir}/config/{WORLD_FILE}.part && mv -f {dir}/config/{WORLD_FILE}.part {dir}/config/{WORLD_FILE} && \
+         {{ pid=$(cat {dir}/engine.pid 2>/dev/null); \
+         if [ -n \"$pid\" ] && tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF \"engine --config $HOME/{rel}/config/engine.json\"; then kill -HUP \"$pid\"; fi; true; }}",
+        rel = node_dir(cluster, "master"),
     )
+}
+
+/// Takes node `node`'s ranks out of the world on the master (`remove-node`), which starts
+/// again without them. `Ok(false)`: the cluster is not an MPI cluster.
+pub async fn leave_world(
+    master: &NodeTarget,
+    login: &Login,
+    cluster: &str,
+    node: &str,
+) -> Result<bool, String> {
+    let remote = Remote::connect(master, login).await?;
+    let left = async {
+        let Some(mut world) = read_world(&remote, cluster).await? else {
+            return Ok(false);
+        };
+        if remove_node(&mut world, node) > 0 {
+            write_world(&remote, cluster, &world).await?;
+        }
+        Ok(true)
+    }
+    .await;
+    remote.close().await;
+    left
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_world_numbers_ranks_by_node_then_slot_and_reaches_nodes_with_the_cluster_key() {
-        let node = |name: &str, ip: &str, engines| WorldNode {
+    fn node(name: &str, ip: &str, engines: u32) -> WorldNode {
+        WorldNode {
             name: name.into(),
             private: ip.into(),
             home: "/home/u".into(),
             engines,
-        };
+        }
+    }
+
+    #[test]
+    fn nodes_that_join_get_the_next_ranks_and_a_removed_nodes_ranks_leave() {
+        let mut w = world(
+            "sci",
+            "python3",
+            22,
+            "ubuntu",
+            &BTreeMap::new(),
+            &[
+                node("master", "127.0.1.4", 2),
+                node("node001", "127.0.1.5", 1),
+            ],
+        );
+        w.ranks.extend(ranks(
+            "sci",
+            "python3",
+            &[node("node002", "127.0.1.6", 2)],
+        ));
+        assert_eq!(
+            w.hostfile_text(),
+            "127.0.1.4 slots=2\n127.0.1.5 slots=1\n127.0.1.6 slots=2\n"
+        );
+        assert_eq!(
+            w.ranks[3].socket.display().to_string(),
+            "/home/u/.starling/node/sci/node002/run/kernel-0.sock"
+        );
+        assert_eq!(remove_node(&mut w, "node001"), 1);
+        assert_eq!(remove_node(&mut w, "node009"), 0);
+        // node002's engines are now ranks 2 and 3.
+        assert_eq!(w.hostfile_text(), "127.0.1.4 slots=2\n127.0.1.6 slots=2\n");
+        assert!(w.ranks[2].node_root.ends_with("node002"));
+    }
+
+    #[test]
+    fn the_world_numbers_ranks_by_node_then_slot_and_reaches_nodes_with_the_cluster_key() {
         let w = world(
             "sci",
             "python3",

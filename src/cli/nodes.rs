@@ -174,7 +174,7 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
     }
     let cluster = open(g, &args.name).await?;
     let api = ec2_api(&cluster, "add-node")?;
-    let mut spec = match &args.file {
+    let spec = match &args.file {
         Some(path) => {
             let mut s = crate::spec::load(path)?;
             s.name.clone_from(&cluster.name);
@@ -182,8 +182,6 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
         }
         None => cluster.spec("add-node")?.clone(),
     };
-    // A cluster started as an MPI cluster stays one, whatever spec `-f` gives.
-    spec.mpi |= cluster.record.as_ref().is_some_and(|r| r.spec.mpi);
     let info = ConnectionInfo::load(&home::connection_path(&cluster.name))
         .context("add-node waits for the new engines through the connection file; `starling connect NAME` fetches it")?;
     let client = Client::connect_with(info).await?;

@@ -1481,10 +1481,12 @@ impl State {
                 engine,
                 pid,
                 reason,
+                rank,
             } => {
                 tracing::warn!(%engine, pid, reason, "kernel replaced");
                 if let Some(e) = self.engines.get_mut(&engine) {
                     e.pid = pid;
+                    e.rank = rank;
                 }
             }
         }

@@ -861,8 +861,8 @@ impl Slot {
                 if k.rank.is_some() {
                     self.world_since = Some(std::time::Instant::now());
                 }
-                let pid = k.pid;
-                self.kernel_pids.lock().expect("not poisoned")[self.index] = (pid, k.rank);
+                let (pid, rank) = (k.pid, k.rank);
+                self.kernel_pids.lock().expect("not poisoned")[self.index] = (pid, rank);
                 self.shared.set_kernel(Some(&k));
                 self.kernel = Some(k);
                 self.init_kernel().await;
@@ -873,6 +873,7 @@ impl Slot {
                         engine: self.id,
                         pid,
                         reason: reason.to_string(),
+                        rank,
                     }));
                 Ok(())
             }

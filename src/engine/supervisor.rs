@@ -9,6 +9,10 @@
 //!
 //! The supervisor is its processes' subreaper: whatever a task leaves running — a double fork,
 //! `setsid`, a cleared environment — stays its descendant, and is stopped with the node.
+//!
+//! On an MPI cluster's master it also runs the cluster's world (`mpiexec`, see [`super::mpi`]),
+//! started again when it ends; SIGHUP says the world file changed (`add-node`, `remove-node`):
+//! the running world is ended and the new one started, without counting as a failure.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -98,8 +102,11 @@ pub async fn supervise(
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!("cannot become the subreaper of the engines: {e}; processes that tasks leave behind may outlive the node");
     }
-    let mut children = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut children = signal(SignalKind::child())
         .map_err(|e| EngineError::CannotStart(format!("cannot watch child processes: {e}")))?;
+    let mut hangups = signal(SignalKind::hangup())
+        .map_err(|e| EngineError::CannotStart(format!("cannot watch for SIGHUP: {e}")))?;
 
     if let Some(m) = &config.mpi {
         if let Err(e) = super::mpi::write_attach(&m.run_dir) {
@@ -118,6 +125,7 @@ pub async fn supervise(
         pid: None,
         due: world_file.as_ref().map(|_| Instant::now()),
         ends: VecDeque::new(),
+        renewing: false,
     };
     let mut running: HashMap<Pid, Worker> = HashMap::new();
     let mut pending: Vec<(Instant, Worker)> = Vec::new();
@@ -185,6 +193,13 @@ pub async fn supervise(
                 break;
             }
             () = async { tokio::time::sleep_until(next.expect("checked")).await }, if next.is_some() => {}
+            _ = hangups.recv() => {
+                if world_file.is_some() {
+                    world.renew();
+                } else {
+                    tracing::info!("SIGHUP: this node runs no MPI world; nothing to do");
+                }
+            }
             _ = children.recv() => {
                 for (pid, status) in reap() {
                     if world.pid == Some(pid) {
@@ -261,14 +276,36 @@ struct World {
     due: Option<Instant>,
     /// When it ended recently: what its backoff counts.
     ends: VecDeque<Instant>,
+    /// It was told to end, to start again from a changed world file.
+    renewing: bool,
 }
 
 impl World {
+    /// The world file changed: the running world ends, and the new one starts at once.
+    fn renew(&mut self) {
+        match self.pid {
+            Some(pid) => {
+                tracing::info!(%pid, "the MPI world changed; ending the running one to start it");
+                self.renewing = true;
+                let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+            }
+            None => {
+                tracing::info!("the MPI world changed; starting it");
+                self.due = Some(Instant::now());
+            }
+        }
+    }
+
     /// The world ended (a rank died, and Open MPI ended the others): it starts again at once,
     /// and with backoff when it keeps ending.
     fn ended(&mut self, status: WaitStatus) {
         self.pid = None;
         let now = Instant::now();
+        if std::mem::take(&mut self.renewing) {
+            tracing::info!(?status, "the MPI world ended; starting the changed one");
+            self.due = Some(now);
+            return;
+        }
         self.ends.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
         let delay = match self.ends.len() {
             0 | 1 => Duration::ZERO,

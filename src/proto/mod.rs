@@ -778,7 +778,7 @@ pub struct EngineStatus {
     /// reconnected after a network blip or a stall), and the last reason.
     pub returns: u32,
     pub last_lost: Option<String>,
-    /// Its kernel's MPI rank, on an MPI cluster (where it equals the id).
+    /// Its kernel's MPI rank, on an MPI cluster: its id, until a node before it is removed.
     #[serde(default)]
     pub rank: Option<u32>,
 }
@@ -826,6 +826,10 @@ pub enum EngineToController {
         engine: EngineId,
         pid: u32,
         reason: String,
+        /// On an MPI cluster, the new kernel's rank: a world started again without a removed
+        /// node's ranks numbers the later ones anew.
+        #[serde(default)]
+        rank: Option<u32>,
     },
 }
 

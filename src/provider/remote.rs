@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{daemon_path, Launched, ProviderError};
 use crate::bootstrap::{
-    self, Join, Login, MasterRole, NodeReport, NodeTarget, Plan, Progress, Remote,
+    self, Join, Login, MasterRole, MpiJoin, NodeReport, NodeTarget, Plan, Progress, Remote,
 };
 use crate::client::connection::{ConnectionInfo, SshAccess, CONNECTION_FORMAT};
 use crate::client::Client;
@@ -111,6 +111,20 @@ pub async fn start_cluster(
         task_attempts: spec.task_attempts,
         max_frame: spec.max_frame(),
     };
+    // An MPI cluster's own SSH key, for Open MPI's launcher on the master.
+    let mpi_key = if spec.mpi {
+        let key = bootstrap::mpi::make_key(&name).map_err(|message| {
+            ProviderError::Bootstrap(vec![bootstrap::NodeFailure {
+                node: "this machine".into(),
+                address: "local".into(),
+                step: "making the cluster's SSH key".into(),
+                message,
+            }])
+        })?;
+        Some(key)
+    } else {
+        None
+    };
     let plan = Plan {
         cluster: name.clone(),
         spec: spec.clone(),
@@ -121,10 +135,15 @@ pub async fn start_cluster(
             cert_pem: cert.cert_pem.clone(),
             engine_key,
             max_frame: spec.max_frame(),
+            mpi: mpi_key.as_ref().map(|(_, public)| MpiJoin {
+                public_key: public.clone(),
+                master: master.clone(),
+            }),
         },
         master: Some(MasterRole {
             controller,
             connection: serde_json::to_vec_pretty(&info).expect("serializes"),
+            mpi_key: mpi_key.map(|(private, _)| private),
         }),
     };
     progress.say(&format!("bootstrapping {} node(s)", nodes.len()));
@@ -154,7 +173,9 @@ pub async fn start_cluster(
 }
 
 /// Bootstraps more nodes into a running cluster: the engine key and certificate come from the
-/// master's own config, so this works from any machine that can log in.
+/// master's own config, so this works from any machine that can log in. On an MPI cluster
+/// (the master has the cluster's MPI key, whatever `spec` says) the new nodes' engines join
+/// its world.
 pub async fn join_cluster(
     spec: &ClusterSpec,
     master: &NodeTarget,
@@ -162,22 +183,34 @@ pub async fn join_cluster(
     login: &Login,
     progress: &Progress,
 ) -> Result<Vec<NodeReport>, ProviderError> {
-    let cfg = run_once(
+    const MPI_KEY: &str = "\n--- the cluster's MPI key\n";
+    let dir = bootstrap::node_dir(&spec.name, "master");
+    let said = run_once(
         master,
         login,
         &format!(
-            "cat \"$HOME\"/{}/config/controller.json",
-            bootstrap::node_dir(&spec.name, "master")
+            "cat \"$HOME\"/{dir}/config/controller.json && printf %s {} && \
+             {{ cat \"$HOME\"/{dir}/config/{} 2>/dev/null; true; }}",
+            shell_quote(MPI_KEY),
+            bootstrap::mpi::PUBLIC_KEY_FILE
         ),
         &[],
     )
     .await;
-    let cfg = cfg.map_err(|e| {
+    let said = said.map_err(|e| {
         ProviderError::Ssh(format!(
             "cannot read the controller's config on {master}: {e}"
         ))
     })?;
-    let controller: ControllerConfig = serde_json::from_str(&cfg).map_err(|e| {
+    let (cfg, mpi_key) = said.split_once(MPI_KEY).unwrap_or((&said, ""));
+    let mpi_key = mpi_key.trim();
+    if spec.mpi && mpi_key.is_empty() {
+        return Err(ProviderError::Invalid(format!(
+            "the spec says `mpi: true` but cluster '{}' was not started as an MPI cluster (its master has no MPI key); add nodes with a spec without `mpi: true`",
+            spec.name
+        )));
+    }
+    let controller: ControllerConfig = serde_json::from_str(cfg).map_err(|e| {
         ProviderError::Ssh(format!(
             "the controller's config on {master} is unreadable: {e}"
         ))
@@ -192,6 +225,10 @@ pub async fn join_cluster(
             cert_pem: controller.cert_pem.clone(),
             engine_key: controller.engine_key.clone(),
             max_frame: controller.max_frame,
+            mpi: (!mpi_key.is_empty()).then(|| MpiJoin {
+                public_key: mpi_key.to_string(),
+                master: master.clone(),
+            }),
         },
         master: None,
     };

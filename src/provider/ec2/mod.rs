@@ -362,11 +362,6 @@ pub async fn add_nodes(
     progress: &Progress,
 ) -> Result<Vec<NodeReport>, ProviderError> {
     let e = ec2_spec(spec)?;
-    if spec.mpi {
-        return Err(ProviderError::Invalid(
-            crate::bootstrap::mpi::FIXED_WORLD.into(),
-        ));
-    }
     let name = spec.name.as_str();
     let instances = api.instances(Some(name)).await?;
     let master = instances
@@ -429,11 +424,6 @@ pub async fn remove_node(
             "the master holds the controller; `starling down` takes the whole cluster down".into(),
         ));
     }
-    if record.is_some_and(|r| r.spec.mpi) {
-        return Err(ProviderError::Invalid(
-            crate::bootstrap::mpi::FIXED_WORLD.into(),
-        ));
-    }
     let instances = api.instances(Some(cluster)).await?;
     let Some(inst) = instances.iter().find(|i| i.node == node) else {
         let names: Vec<&str> = instances.iter().map(|i| i.node.as_str()).collect();
@@ -444,6 +434,32 @@ pub async fn remove_node(
     };
     let (private, port, user) = reach(record);
     let mut notes = Vec::new();
+    // On an MPI cluster the world starts again without the node's ranks before the node goes
+    // (else it would keep starting ranks there). Without the local record, whether this is an
+    // MPI cluster is the master's to say.
+    if record.is_none_or(|r| r.spec.mpi) {
+        let master = instances
+            .iter()
+            .find(|i| i.node == "master" && i.state == "running");
+        let left = match master {
+            Some(m) => {
+                let t = targets(std::slice::from_ref(m), private, port, &user)?.remove(0);
+                crate::bootstrap::mpi::leave_world(&t, login, cluster, node).await
+            }
+            None => Err("the master is not running".into()),
+        };
+        match left {
+            Ok(_) => {}
+            Err(e) if record.is_some() => {
+                return Err(ProviderError::Ssh(format!(
+                    "cannot take {node}'s ranks out of the cluster's MPI world on the master: {e}; nothing was removed"
+                )))
+            }
+            Err(e) => notes.push(format!(
+                "could not check the master for an MPI world to take {node}'s ranks out of: {e}"
+            )),
+        }
+    }
     if inst.state == "running" {
         let t = targets(std::slice::from_ref(inst), private, port, &user)?;
         for f in remote::stop_nodes(cluster, &t, login).await {
