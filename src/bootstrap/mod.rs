@@ -589,10 +589,7 @@ async fn boot_in<'s>(
     } else {
         None
     };
-    if let (Some(private), Some(m)) = (
-        master.and_then(|m| m.mpi_key.as_ref()),
-        &plan.join.mpi,
-    ) {
+    if let (Some(private), Some(m)) = (master.and_then(|m| m.mpi_key.as_ref()), &plan.join.mpi) {
         files.push((mpi::KEY_FILE, private.clone()));
         files.push((mpi::PUBLIC_KEY_FILE, m.public_key.clone().into_bytes()));
     }
@@ -817,7 +814,11 @@ async fn boot_in<'s>(
     if let Some(m) = &plan.join.mpi {
         bar.step("checking MPI");
         remote
-            .run(&mpi::check_script(&spec.python, &plan.cluster, &m.public_key))
+            .run(&mpi::check_script(
+                &spec.python,
+                &plan.cluster,
+                &m.public_key,
+            ))
             .await
             .map_err(|m| {
                 (
@@ -944,15 +945,29 @@ pub fn stop_script(cluster: &str, node: &str) -> String {
     )
 }
 
+/// Whom a teardown is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaving {
+    /// The whole cluster goes (`down`): the cluster's MPI key leaves `authorized_keys` too.
+    Cluster,
+    /// One node leaves a cluster that stays (`remove-node`): the key stays, since the node's
+    /// home may be the other nodes' too (a shared /home), and its instance goes anyway.
+    Node,
+}
+
 /// The script that stops a node's processes and removes its directory (`down`,
 /// `remove-node`). Harmless where nothing of the cluster is.
-pub fn teardown_script(cluster: &str, node: &str) -> String {
-    format!(
-        "{}; rm -rf {}; rmdir \"$HOME/.starling/node/{cluster}\" 2>/dev/null; {}; true",
+pub fn teardown_script(cluster: &str, node: &str, leaving: Leaving) -> String {
+    let mut script = format!(
+        "{}; rm -rf {}; rmdir \"$HOME/.starling/node/{cluster}\" 2>/dev/null; ",
         stop_script(cluster, node),
         remote_dir(cluster, node),
-        mpi::unauthorize_script(cluster)
-    )
+    );
+    if leaving == Leaving::Cluster {
+        let _ = write!(script, "{}; ", mpi::unauthorize_script(cluster));
+    }
+    script.push_str("true");
+    script
 }
 
 /// The shell command that prints a node's engine count, from its config.
@@ -1010,9 +1025,11 @@ mod tests {
             node_dir("science", "node003"),
             ".starling/node/science/node003"
         );
-        let s = teardown_script("science", "node003");
+        let s = teardown_script("science", "node003", Leaving::Cluster);
         assert!(s.contains("stop --root \"$HOME/.starling/node/science/node003\""));
         assert!(s.contains("rm -rf \"$HOME/.starling/node/science/node003\";"));
+        assert!(s.contains("starling-mpi:science"));
+        assert!(!teardown_script("science", "node003", Leaving::Node).contains("starling-mpi"));
         let r = restart_script("science", "master", true);
         assert!(r.contains("starlingd controller --config \"$HOME/.starling/node/science/master\"/config/controller.json"));
         assert!(r.contains("starlingd engine --config"));

@@ -266,11 +266,8 @@ mod tests {
                 node("node001", "127.0.1.5", 1),
             ],
         );
-        w.ranks.extend(ranks(
-            "sci",
-            "python3",
-            &[node("node002", "127.0.1.6", 2)],
-        ));
+        w.ranks
+            .extend(ranks("sci", "python3", &[node("node002", "127.0.1.6", 2)]));
         assert_eq!(
             w.hostfile_text(),
             "127.0.1.4 slots=2\n127.0.1.5 slots=1\n127.0.1.6 slots=2\n"

@@ -186,6 +186,7 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
         .context("add-node waits for the new engines through the connection file; `starling connect NAME` fetches it")?;
     let client = Client::connect_with(info).await?;
     let before = client.ids().await?.len() as u32;
+    let world = provider::world_kernels(&client).await?;
     let login = cluster.login(Duration::from_secs(spec.ssh.timeout_s));
     let progress = Progress::new();
     let started = std::time::Instant::now();
@@ -194,6 +195,10 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
     let ids = client
         .wait_for_engines(before + new, Duration::from_secs(spec.register_timeout_s))
         .await?;
+    if !world.is_empty() {
+        progress.say("waiting for the MPI world to start again with the new ranks");
+        provider::await_world(&client, &cluster.name, &world, ids.len()).await?;
+    }
     output::added(g.output, &reports, &ids, started.elapsed());
     Ok(ExitCode::SUCCESS)
 }
@@ -202,6 +207,25 @@ pub async fn remove_node(g: &Global, args: &RemoveNodeArgs) -> Result<ExitCode> 
     let cluster = open(g, &args.name).await?;
     let api = ec2_api(&cluster, "remove-node")?;
     let login = cluster.login(remote::QUICK_LOGIN);
+    // On an MPI cluster, the world starts again without the node: wait for it, so that what
+    // is sent next runs there.
+    let client = match ConnectionInfo::load(&home::connection_path(&cluster.name)) {
+        Ok(info) => Client::connect_with(info).await.ok(),
+        Err(_) => None,
+    };
+    let mut world = None;
+    if let Some(c) = &client {
+        let status = c.status().await?;
+        let old = provider::world_kernels(c).await?;
+        let staying = status
+            .engines
+            .iter()
+            .filter(|e| e.node != args.node)
+            .count();
+        if !old.is_empty() {
+            world = Some((c, old, staying));
+        }
+    }
     let notes = ec2::remove_node(
         api,
         &cluster.name,
@@ -212,6 +236,9 @@ pub async fn remove_node(g: &Global, args: &RemoveNodeArgs) -> Result<ExitCode> 
     .await?;
     for n in notes {
         eprintln!("note: {n}");
+    }
+    if let Some((c, old, staying)) = world {
+        provider::await_world(c, &cluster.name, &old, staying).await?;
     }
     output::message(
         g.output,

@@ -198,6 +198,9 @@ impl World {
         }
         if let Some(agent) = &self.rsh_agent {
             args.extend(["--mca".into(), "plm_rsh_agent".into(), agent.clone()]);
+            // The cluster's key is on the master only: every node's daemon is started from
+            // there, not from other nodes (Open MPI's tree spawn, past 64 nodes).
+            args.extend(["--mca".into(), "plm_rsh_no_tree_spawn".into(), "1".into()]);
         }
         for (k, v) in &self.mca {
             args.extend(["--mca".into(), k.clone(), v.clone()]);

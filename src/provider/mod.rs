@@ -373,6 +373,58 @@ pub async fn restart(
     })
 }
 
+/// The kernels of an MPI cluster's engines now (none on any other cluster): what
+/// [`await_world`] waits to see replaced after the cluster's nodes change.
+pub async fn world_kernels(
+    client: &crate::client::Client,
+) -> Result<std::collections::HashSet<u32>, ClientError> {
+    let status = client.status().await?;
+    Ok(status
+        .engines
+        .iter()
+        .filter(|e| e.rank.is_some())
+        .map(|e| e.pid)
+        .collect())
+}
+
+/// Waits until an MPI cluster's world has started again after its nodes changed: `n` engines,
+/// whose kernels are ranks 0..n and none of the kernels in `old` (the world before). Work sent
+/// from then on runs in the new world.
+pub async fn await_world(
+    client: &crate::client::Client,
+    cluster: &str,
+    old: &std::collections::HashSet<u32>,
+    n: usize,
+) -> Result<(), ProviderError> {
+    // Engines wait this long for their new ranks.
+    let timeout = crate::engine::mpi::ATTACH_TIMEOUT;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let status = client.status().await?;
+        let mut ranks: Vec<u32> = status.engines.iter().filter_map(|e| e.rank).collect();
+        ranks.sort_unstable();
+        let renewed = status.engines.iter().all(|e| !old.contains(&e.pid));
+        if renewed && status.engines.len() == n && ranks.iter().copied().eq(0..n as u32) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(ProviderError::Start {
+                what: "changed MPI world".into(),
+                why: format!(
+                    "its {n} ranks did not all reach their engines within {} s ({} engines, ranks {ranks:?})",
+                    timeout.as_secs(),
+                    status.engines.len()
+                ),
+                log: format!(
+                    "; Open MPI's messages are in ~/{}/logs/mpi.log on the master",
+                    crate::bootstrap::node_dir(cluster, "master")
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until `n` engines have registered (or `timeout` passes), counting them on a terminal
 /// meanwhile: `up` of many engines shows how far it got.
 pub async fn await_engines(

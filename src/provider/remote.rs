@@ -290,11 +290,16 @@ pub fn failures(results: Vec<(NodeTarget, Result<String, String>)>) -> Vec<Strin
 
 /// Stops the cluster's processes on `nodes` and removes their node directories. Returns the
 /// nodes where that failed, with why.
-pub async fn stop_nodes(cluster: &str, nodes: &[NodeTarget], login: &Login) -> Vec<String> {
+pub async fn stop_nodes(
+    cluster: &str,
+    nodes: &[NodeTarget],
+    login: &Login,
+    leaving: bootstrap::Leaving,
+) -> Vec<String> {
     let results = run_on_each(
         nodes,
         login,
-        |node| bootstrap::teardown_script(cluster, &node.name),
+        |node| bootstrap::teardown_script(cluster, &node.name, leaving),
         &[],
     )
     .await;

@@ -334,6 +334,48 @@ fn status_engines(user: &User, cluster: &str) -> Vec<Json> {
     engines["engines"].as_array().unwrap().clone()
 }
 
+/// Each engine of an MPI cluster, in id order: (id, rank, world size, the sum of the ranks by
+/// `allreduce`, its node's address), from `px` (importing afresh: a world that started again
+/// has new kernels).
+fn world_of(user: &User, cluster: &str) -> Vec<(u64, u64, u64, u64, String)> {
+    let px = user
+        .run(&[
+            "px",
+            "--cluster",
+            cluster,
+            "--output",
+            "json",
+            "import os\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\n\
+             (c.rank, c.size, c.allreduce(c.rank), os.environ['SSH_CONNECTION'].split()[2])",
+        ])
+        .ok()
+        .json();
+    let mut out: Vec<_> = px
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let v = r["display"].as_str().unwrap();
+            let nums: Vec<u64> = v
+                .trim_start_matches('(')
+                .split(", ")
+                .take(3)
+                .map(|n| n.parse().unwrap())
+                .collect();
+            let host = v.split('\'').nth(1).unwrap().to_string();
+            (
+                r["engine"].as_u64().unwrap(),
+                nums[0],
+                nums[1],
+                nums[2],
+                host,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Each engine's node address (from `status`), by engine id.
 fn engine_hosts(user: &User, cluster: &str) -> Vec<(u64, String, String)> {
     status_engines(user, cluster)
@@ -1371,18 +1413,59 @@ fn an_mpi_cluster_on_ec2_is_one_world_across_its_nodes() {
         .map(|l| l.rsplit(' ').next().unwrap())
         .collect();
     assert_eq!(hosts.len(), 3, "{lines:?}");
-    // The world is fixed: nodes are neither added nor removed.
-    let add = user.run(&["add-node", name, "-n", "1"]);
-    assert_says(
-        &add.fails().stderr,
-        &["one MPI world, fixed when it starts"],
+    // The world grows with the cluster: the new node's engines are the next ranks, and the
+    // world starts again with them before add-node returns.
+    let added = user.run(&["add-node", name, "-n", "1"]).ok();
+    assert_eq!(ec2_resources(name).instances.len(), 4, "{}", added.stderr);
+    let world = world_of(&user, name);
+    assert_eq!(
+        world.iter().map(|w| w.0).collect::<Vec<_>>(),
+        (0..8).collect::<Vec<_>>(),
+        "{world:?}"
     );
-    let remove = user.run(&["remove-node", name, "node002"]);
-    assert_says(
-        &remove.fails().stderr,
-        &["one MPI world, fixed when it starts"],
+    for (id, rank, size, sum, _) in &world {
+        assert_eq!((rank, size, sum), (id, &8, &28), "engine {id}: {world:?}");
+    }
+    let hostfile = "/root/.starling/node/e2e-mpi/master/hostfile";
+    let lines = |text: String| text.lines().map(str::to_string).collect::<Vec<_>>();
+    let hosts4 = lines(std::fs::read_to_string(hostfile).unwrap());
+    assert_eq!(hosts4.len(), 4, "{hosts4:?}");
+    assert!(hosts4.iter().all(|l| l.ends_with(" slots=2")), "{hosts4:?}");
+    assert!(status_engines(&user, name)
+        .iter()
+        .all(|e| e["rank"] == e["id"]));
+
+    // And shrinks: node001's ranks leave; the later engines keep their ids and take the ranks
+    // after the master's.
+    let gone = engine_hosts(&user, name)
+        .into_iter()
+        .find(|(_, node, _)| node == "node001")
+        .unwrap()
+        .2;
+    user.run(&["remove-node", name, "node001"]).ok();
+    assert_eq!(ec2_resources(name).instances.len(), 4 - 1);
+    let world = world_of(&user, name);
+    assert_eq!(
+        world.iter().map(|w| w.0).collect::<Vec<_>>(),
+        [0, 1, 4, 5, 6, 7],
+        "{world:?}"
     );
-    assert_eq!(ec2_resources(name).instances.len(), 3);
+    for (i, (id, rank, size, sum, host)) in world.iter().enumerate() {
+        assert_eq!(
+            (*rank, *size, *sum),
+            (i as u64, 6, 15),
+            "engine {id}: {world:?}"
+        );
+        assert_ne!(host, &gone, "engine {id} is on the removed node");
+    }
+    let hosts3 = lines(std::fs::read_to_string(hostfile).unwrap());
+    assert_eq!(hosts3.len(), 3, "{hosts3:?}");
+    assert!(!hosts3.iter().any(|l| l.starts_with(&format!("{gone} "))));
+    let status = user.run(&["status", name]).ok().stdout;
+    assert_says(
+        &status,
+        &["one world of 6 ranks (engine:rank 0:0 1:1 4:2 5:3 6:4 7:5)"],
+    );
     // A program that fails: its exit status comes back.
     let failed = user.run(&[
         "mpirun",

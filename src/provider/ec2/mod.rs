@@ -16,7 +16,7 @@ pub use api::{Ec2, Instance, Resources};
 
 use super::remote::{self, Record};
 use super::{ClusterSummary, Launched, ProviderError, Terminated};
-use crate::bootstrap::{Login, NodeReport, NodeTarget, Progress};
+use crate::bootstrap::{Leaving, Login, NodeReport, NodeTarget, Progress};
 use crate::client::connection::ConnectionInfo;
 use crate::client::Client;
 use crate::home;
@@ -293,7 +293,7 @@ pub async fn down(
         .cloned()
         .collect();
     if let Ok(nodes) = targets(&running, private, port, &user) {
-        for f in remote::stop_nodes(cluster, &nodes, login).await {
+        for f in remote::stop_nodes(cluster, &nodes, login, Leaving::Cluster).await {
             notes.push(format!(
                 "could not stop starlingd over SSH on {f} (terminating the instance stops it)"
             ));
@@ -462,7 +462,7 @@ pub async fn remove_node(
     }
     if inst.state == "running" {
         let t = targets(std::slice::from_ref(inst), private, port, &user)?;
-        for f in remote::stop_nodes(cluster, &t, login).await {
+        for f in remote::stop_nodes(cluster, &t, login, Leaving::Node).await {
             notes.push(format!("could not stop starlingd over SSH on {f}"));
         }
     }
