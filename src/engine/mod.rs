@@ -183,7 +183,14 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
         .collect::<Result<Vec<_>, _>>()?;
     let spawn_all =
         futures::future::join_all(sources.iter().map(|source| source.start(&config, true)));
-    let (kernels, conn) = tokio::join!(spawn_all, connect(&config, CONNECT_DEADLINE));
+    let (kernels, conn) = if config.mpi.is_some() {
+        // An MPI rank may take minutes to come (the world starts once every node is set up):
+        // a connection made meanwhile would sit silent, and the controller drops silent ones.
+        let kernels = spawn_all.await;
+        (kernels, connect(&config, CONNECT_DEADLINE).await)
+    } else {
+        tokio::join!(spawn_all, connect(&config, CONNECT_DEADLINE))
+    };
     let kernels = match kernels.into_iter().collect::<Result<Vec<_>, _>>() {
         Ok(k) => k,
         Err(e) => {
