@@ -23,6 +23,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use super::{report_cannot_start, EngineConfig, EngineError, EXIT_CANNOT_START, EXIT_GAVE_UP};
@@ -102,7 +103,6 @@ pub async fn supervise(
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!("cannot become the subreaper of the engines: {e}; processes that tasks leave behind may outlive the node");
     }
-    use tokio::signal::unix::{signal, SignalKind};
     let mut children = signal(SignalKind::child())
         .map_err(|e| EngineError::CannotStart(format!("cannot watch child processes: {e}")))?;
     let mut hangups = signal(SignalKind::hangup())

@@ -377,7 +377,7 @@ pub async fn restart(
 /// [`await_world`] waits to see replaced after the cluster's nodes change.
 pub async fn world_kernels(
     client: &crate::client::Client,
-) -> Result<std::collections::HashSet<u32>, ClientError> {
+) -> Result<std::collections::BTreeSet<u32>, ClientError> {
     let status = client.status().await?;
     Ok(status
         .engines
@@ -393,7 +393,7 @@ pub async fn world_kernels(
 pub async fn await_world(
     client: &crate::client::Client,
     cluster: &str,
-    old: &std::collections::HashSet<u32>,
+    old: &std::collections::BTreeSet<u32>,
     n: usize,
 ) -> Result<(), ProviderError> {
     // Engines wait this long for their new ranks.

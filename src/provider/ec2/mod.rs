@@ -437,7 +437,7 @@ pub async fn remove_node(
     // On an MPI cluster the world starts again without the node's ranks before the node goes
     // (else it would keep starting ranks there). Without the local record, whether this is an
     // MPI cluster is the master's to say.
-    if record.is_none_or(|r| r.spec.mpi) {
+    if record.map_or(true, |r| r.spec.mpi) {
         let master = instances
             .iter()
             .find(|i| i.node == "master" && i.state == "running");
