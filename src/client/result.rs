@@ -226,27 +226,26 @@ impl AsyncResult {
     pub async fn wait(&self, timeout: Option<Duration>) -> Result<bool, ClientError> {
         let until_done = self.wait_for(self.state.total());
         match timeout {
-            None => until_done.await.map(|()| true),
-            Some(t) => match tokio::time::timeout(t, until_done).await {
-                Ok(r) => r.map(|()| true),
-                Err(_) => Ok(false),
-            },
+            None => until_done.await,
+            Some(t) => tokio::time::timeout(t, until_done)
+                .await
+                .unwrap_or(Ok(false)),
         }
     }
 
-    /// Waits until at least `n` slots are filled or `timeout` passes; returns whether they
-    /// are. For iterating over results as they arrive.
+    /// Waits until at least `n` slots are filled, the job ends with fewer (`n` is more than
+    /// it has), or `timeout` passes; returns whether they are. For iterating over results as
+    /// they arrive.
     pub async fn wait_count(
         &self,
         n: usize,
         timeout: Option<Duration>,
     ) -> Result<bool, ClientError> {
         match timeout {
-            None => self.wait_for(n).await.map(|()| true),
-            Some(t) => match tokio::time::timeout(t, self.wait_for(n)).await {
-                Ok(r) => r.map(|()| true),
-                Err(_) => Ok(false),
-            },
+            None => self.wait_for(n).await,
+            Some(t) => tokio::time::timeout(t, self.wait_for(n))
+                .await
+                .unwrap_or(Ok(false)),
         }
     }
 
@@ -278,15 +277,20 @@ impl AsyncResult {
             .collect()
     }
 
-    /// Waits until at least `n` slots are filled.
-    async fn wait_for(&self, n: usize) -> Result<(), ClientError> {
+    /// Waits until at least `n` slots are filled (`true`), or the job ended with fewer
+    /// (`false`: `n` is more than it has).
+    async fn wait_for(&self, n: usize) -> Result<bool, ClientError> {
         // Both are subscribed before the first look, so no change after it is missed.
         let whole = n >= self.state.total();
         let mut rx = self.state.done.subscribe();
         let mut ended = self.state.ended.subscribe();
         loop {
+            // `ended` first: the count is final before a job is marked ended, so a job seen
+            // ended is never judged on an older count.
+            let is_ended = *ended.borrow_and_update();
             match &*rx.borrow_and_update() {
-                Ok(done) if *done >= n => return Ok(()),
+                Ok(done) if *done >= n => return Ok(true),
+                Ok(_) if is_ended => return Ok(false),
                 Ok(_) => {}
                 Err(why) => {
                     return Err(ClientError::LostWhileWaiting {
@@ -435,8 +439,12 @@ impl AsyncResult {
                 if let Some(item) = next {
                     return Some((Ok(item), cursor + 1));
                 }
-                if let Err(e) = self.wait_for(have + 1).await {
-                    return Some((Err(e), usize::MAX));
+                match self.wait_for(have + 1).await {
+                    Ok(true) => {}
+                    // Ended with no more to come (it cannot, with a slot missing, unless the
+                    // connection broke, which is an error).
+                    Ok(false) => return None,
+                    Err(e) => return Some((Err(e), usize::MAX)),
                 }
             }
         })
@@ -469,5 +477,50 @@ impl AsyncResult {
             .map(|r| r.completed.saturating_sub(r.started))
             .sum();
         Duration::from_micros(micros)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(task: u64) -> TaskResult {
+        TaskResult {
+            task: TaskId(task),
+            engine: EngineId(task as u32),
+            first: task,
+            outcome: Outcome::Ok {
+                value: Value::from(42),
+                display: None,
+            },
+            stdout: String::new(),
+            stderr: String::new(),
+            execution_count: 1,
+            started: 0,
+            completed: 0,
+            attempts: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn waiting_for_more_results_than_a_finished_job_has_returns_at_once() {
+        let ar = AsyncResult {
+            state: Arc::new(JobState::new(JobInfo {
+                job: JobId(1),
+                kind: JobKind::Execute,
+                submitted: 0,
+                tasks: vec![(TaskId(0), EngineId(0)), (TaskId(1), EngineId(1))],
+                slots: 2,
+            })),
+            ordered: true,
+            client: std::sync::Weak::new(),
+        };
+        ar.state.add(vec![done(0)]);
+        assert!(ar.wait_count(1, None).await.unwrap());
+        // The job ends before the wait for a third result starts: the wait must not hang.
+        ar.state.add(vec![done(1)]);
+        let waited = tokio::time::timeout(Duration::from_secs(5), ar.wait_count(3, None)).await;
+        assert!(!waited.expect("returns, not hangs").unwrap());
+        assert!(ar.wait(None).await.unwrap());
     }
 }
