@@ -5,8 +5,9 @@
 //! `starlingd` (skipped when the checksum already matches), run the spec's setup commands, copy
 //! its files, check Python, write the config and secrets (mode 0600), then start the
 //! controller (on the master) and the node's engines. `starlingd` leaves this machine once:
-//! the master gets it uploaded and hands it to the other nodes ([`share`]), each of which
-//! keeps it only if its checksum is the one computed here. Everything a node holds lives under
+//! the master gets it uploaded and hands it to the other nodes ([`share`]) — also to nodes that
+//! join later (`add-node`), when the master's copy is this very build — each of which keeps it
+//! only if its checksum is the one computed here. Everything a node holds lives under
 //! `~/.starling/node/<cluster>/<node>/` on it, and every process started there carries that
 //! directory in [`MARK_VAR`](crate::node::MARK_VAR), so `starlingd stop --root` finds them all.
 //! On an MPI cluster ([`mpi`]) each node also gets the cluster's SSH key authorized, and once
@@ -50,17 +51,11 @@ pub struct Join {
     pub cert_pem: String,
     pub engine_key: crate::proto::auth::Key,
     pub max_frame: usize,
-    /// On an MPI cluster: what its nodes need to join the world.
-    pub mpi: Option<MpiJoin>,
-}
-
-/// What the nodes of an MPI cluster need to join its world.
-#[derive(Debug, Clone)]
-pub struct MpiJoin {
-    /// The cluster's public key line ([`mpi::make_key`]), authorized on every node.
-    pub public_key: String,
-    /// The master: its world file takes the nodes' ranks.
+    /// The master: it hands `starlingd` to the other nodes, and on an MPI cluster its world
+    /// file takes their ranks.
     pub master: NodeTarget,
+    /// On an MPI cluster: its public key line ([`mpi::make_key`]), authorized on every node.
+    pub mpi_key: Option<String>,
 }
 
 /// What to start on the master, besides its engines.
@@ -235,7 +230,8 @@ struct Shared {
     daemon: Vec<u8>,
     daemon_sha: String,
     controller: watch::Sender<ControllerState>,
-    /// Whether the master hands `starlingd` to the other nodes (a fresh cluster of several).
+    /// Whether the master hands `starlingd` to the other nodes (a fresh cluster of several, or
+    /// nodes joining a running one).
     master_shares: bool,
     source: watch::Sender<SourceState>,
     /// `daemon` gzip-compressed, made once when a node first needs it.
@@ -307,7 +303,13 @@ pub async fn run(
         Some(Ok(()))
     };
     let (tx, _) = watch::channel(initial);
-    let master_shares = plan.master.is_some() && nodes.len() > 1;
+    // The master hands starlingd to the other nodes: a fresh cluster's master once it has it,
+    // and to nodes that join a running cluster its copy, if that is this very build.
+    let master_shares = if plan.master.is_some() {
+        nodes.len() > 1
+    } else {
+        !nodes.is_empty()
+    };
     let (source, _) = watch::channel(if master_shares { None } else { Some(Ok(None)) });
     let shared = Arc::new(Shared {
         plan,
@@ -321,6 +323,13 @@ pub async fn run(
     });
     let order: Vec<NodeTarget> = nodes.clone();
     let has_master = shared.plan.master.is_some();
+    if !has_master && shared.master_shares {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let offered = offer_from_master(&shared).await;
+            shared.source.send_replace(Some(Ok(offered)));
+        });
+    }
     if has_master {
         // A new cluster's master almost always needs starlingd: compress it while the nodes
         // are being logged in to and probed.
@@ -393,12 +402,64 @@ pub async fn run(
         return Err(failed.into_iter().map(|r| r.unwrap_err()).collect());
     }
     let booted: Vec<(String, NodeReport)> = ok.into_iter().map(Result::unwrap).collect();
-    if let Some(m) = &shared.plan.join.mpi {
-        settle_world(&shared.plan, m, has_master, &order, &booted).await?;
+    if shared.plan.join.mpi_key.is_some() {
+        settle_world(&shared.plan, has_master, &order, &booted).await?;
     }
     let mut reports: Vec<NodeReport> = booted.into_iter().map(|(_, r)| r).collect();
     reports.sort_by(|a, b| a.node.cmp(&b.node));
     Ok(reports)
+}
+
+/// For nodes joining a running cluster: the master's `starlingd`, handed out by a `starlingd
+/// share` started there, if it is this very build; `None` (each node gets it from here) if not,
+/// or if the master cannot.
+async fn offer_from_master(shared: &Shared) -> Option<Source> {
+    let plan = &shared.plan;
+    let master = &plan.join.master;
+    let qdir = remote_dir(&plan.cluster, "master");
+    let script = format!(
+        "[ \"$(sha256sum {qdir}/bin/starlingd 2>/dev/null | cut -d' ' -f1)\" = {sha} ] || \
+         {{ echo starling:other-build; exit 0; }}; {}",
+        share_command(&qdir, &master.private),
+        sha = shared.daemon_sha
+    );
+    let said = match Remote::connect(master, &plan.login).await {
+        Ok(remote) => {
+            let said = remote.run(&script).await;
+            remote.close().await;
+            said
+        }
+        Err(e) => Err(e),
+    };
+    let offered = said.as_deref().ok().and_then(offer_in);
+    if offered.is_none() {
+        tracing::warn!(
+            "the master does not hand its starlingd out ({}); the new nodes get it from here",
+            said.unwrap_or_else(|e| e).trim()
+        );
+    }
+    offered
+}
+
+/// The command that starts `starlingd share` of the node's own `starlingd` (in `qdir`, quoted)
+/// on `private`; it prints `sharing ADDR TOKEN`, or `starling:no-share` if it cannot.
+fn share_command(qdir: &str, private: &str) -> String {
+    format!(
+        "{{ {MARK_VAR}={qdir} {qdir}/bin/starlingd share --file {qdir}/bin/starlingd \
+         --listen {private}:0 --daemon --log {qdir}/logs/share.log --pid-file {qdir}/share.pid \
+         || echo starling:no-share; }}"
+    )
+}
+
+/// The share [`share_command`]'s output offers, if it does.
+fn offer_in(out: &str) -> Option<Source> {
+    out.lines().find_map(|l| {
+        let mut words = l.strip_prefix("sharing ")?.split_whitespace();
+        Some(Source {
+            addr: words.next()?.to_string(),
+            token: words.next()?.to_string(),
+        })
+    })
 }
 
 /// Gives the booted nodes' engines their ranks in the world file on the master: a new
@@ -406,7 +467,6 @@ pub async fn run(
 /// a running one after those it has. The master's supervisor then starts the world (again).
 async fn settle_world(
     plan: &Plan,
-    m: &MpiJoin,
     fresh: bool,
     order: &[NodeTarget],
     booted: &[(String, NodeReport)],
@@ -424,15 +484,16 @@ async fn settle_world(
         })
         .collect();
     let spec = &plan.spec;
+    let master = &plan.join.master;
     let failure = |message: String| {
         vec![NodeFailure {
-            node: m.master.name.clone(),
-            address: m.master.ssh_host.clone(),
+            node: master.name.clone(),
+            address: master.ssh_host.clone(),
             step: "giving the engines their MPI ranks".into(),
             message,
         }]
     };
-    let remote = Remote::connect(&m.master, &plan.login)
+    let remote = Remote::connect(master, &plan.login)
         .await
         .map_err(failure)?;
     let settled = async {
@@ -440,8 +501,8 @@ async fn settle_world(
             mpi::world(
                 &plan.cluster,
                 &spec.python,
-                m.master.port,
-                &m.master.user,
+                master.port,
+                &master.user,
                 &spec.mpi_mca,
                 &nodes,
             )
@@ -575,10 +636,14 @@ async fn boot_in<'s>(
         log: Some(PathBuf::from(format!("{dir}/logs/kernels.log"))),
         max_frame: plan.join.max_frame,
         reconnect_s: spec.reconnect_s,
-        mpi: plan.join.mpi.as_ref().map(|_| crate::engine::mpi::NodeMpi {
-            run_dir: PathBuf::from(format!("{dir}/run")),
-            world: is_master.then(|| PathBuf::from(format!("{dir}/config/mpi-world.json"))),
-        }),
+        mpi: plan
+            .join
+            .mpi_key
+            .as_ref()
+            .map(|_| crate::engine::mpi::NodeMpi {
+                run_dir: PathBuf::from(format!("{dir}/run")),
+                world: is_master.then(|| PathBuf::from(format!("{dir}/config/mpi-world.json"))),
+            }),
     };
     let mut files = vec![(
         "engine.json",
@@ -589,9 +654,11 @@ async fn boot_in<'s>(
     } else {
         None
     };
-    if let (Some(private), Some(m)) = (master.and_then(|m| m.mpi_key.as_ref()), &plan.join.mpi) {
+    if let (Some(private), Some(public)) =
+        (master.and_then(|m| m.mpi_key.as_ref()), &plan.join.mpi_key)
+    {
         files.push((mpi::KEY_FILE, private.clone()));
-        files.push((mpi::PUBLIC_KEY_FILE, m.public_key.clone().into_bytes()));
+        files.push((mpi::PUBLIC_KEY_FILE, public.clone().into_bytes()));
     }
     if let Some(m) = master {
         let mut controller = m.controller.clone();
@@ -707,13 +774,7 @@ async fn boot_in<'s>(
         if shares {
             // The master hands starlingd to the other nodes; if it cannot, they get it from
             // here.
-            let _ = write!(
-                install,
-                " && {{ {MARK_VAR}={qdir} {qdir}/bin/starlingd share --file {qdir}/bin/starlingd \
-                 --listen {}:0 --daemon --log {qdir}/logs/share.log --pid-file {qdir}/share.pid \
-                 || echo starling:no-share; }}",
-                node.private
-            );
+            let _ = write!(install, " && {}", share_command(&qdir, &node.private));
         }
         (install, input)
     };
@@ -755,13 +816,7 @@ async fn boot_in<'s>(
         Err(m) => return Err(("installing starlingd and its config".into(), m)),
     };
     if shares {
-        let offered = out.lines().find_map(|l| {
-            let mut words = l.strip_prefix("sharing ")?.split_whitespace();
-            Some(Source {
-                addr: words.next()?.to_string(),
-                token: words.next()?.to_string(),
-            })
-        });
+        let offered = offer_in(&out);
         if offered.is_none() {
             tracing::warn!(
                 "the master cannot hand starlingd out ({}); nodes get it from here",
@@ -811,14 +866,10 @@ async fn boot_in<'s>(
             .map_err(|m| (step, m))?;
     }
 
-    if let Some(m) = &plan.join.mpi {
+    if let Some(public) = &plan.join.mpi_key {
         bar.step("checking MPI");
         remote
-            .run(&mpi::check_script(
-                &spec.python,
-                &plan.cluster,
-                &m.public_key,
-            ))
+            .run(&mpi::check_script(&spec.python, &plan.cluster, public))
             .await
             .map_err(|m| {
                 (

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{daemon_path, Launched, ProviderError};
 use crate::bootstrap::{
-    self, Join, Login, MasterRole, MpiJoin, NodeReport, NodeTarget, Plan, Progress, Remote,
+    self, Join, Login, MasterRole, NodeReport, NodeTarget, Plan, Progress, Remote,
 };
 use crate::client::connection::{ConnectionInfo, SshAccess, CONNECTION_FORMAT};
 use crate::client::Client;
@@ -135,10 +135,8 @@ pub async fn start_cluster(
             cert_pem: cert.cert_pem.clone(),
             engine_key,
             max_frame: spec.max_frame(),
-            mpi: mpi_key.as_ref().map(|(_, public)| MpiJoin {
-                public_key: public.clone(),
-                master: master.clone(),
-            }),
+            master: master.clone(),
+            mpi_key: mpi_key.as_ref().map(|(_, public)| public.clone()),
         },
         master: Some(MasterRole {
             controller,
@@ -225,10 +223,8 @@ pub async fn join_cluster(
             cert_pem: controller.cert_pem.clone(),
             engine_key: controller.engine_key.clone(),
             max_frame: controller.max_frame,
-            mpi: (!mpi_key.is_empty()).then(|| MpiJoin {
-                public_key: mpi_key.to_string(),
-                master: master.clone(),
-            }),
+            master: master.clone(),
+            mpi_key: (!mpi_key.is_empty()).then(|| mpi_key.to_string()),
         },
         master: None,
     };

@@ -551,6 +551,10 @@ fn ec2_cluster_from_the_localstack_template_end_to_end() {
         .json();
     assert_eq!(added["nodes"][0]["node"], "node003");
     assert_eq!(added["engines"].as_array().unwrap().len(), 8);
+    // The new node got starlingd from the master: this machine sent it config only.
+    assert_eq!(added["nodes"][0]["fetched"], true, "{added}");
+    let sent = added["nodes"][0]["sent_bytes"].as_u64().unwrap();
+    assert!(sent < 64 << 10, "{sent} bytes sent to the new node");
     let hosts = engine_hosts(&user, name);
     let new: Vec<u64> = hosts
         .iter()
