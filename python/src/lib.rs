@@ -127,12 +127,12 @@ fn value_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
             let bytes: Bytes = t.get_item(0)?.extract()?;
             let buffers: Vec<Bytes> = t.get_item(1)?.extract()?;
             let repr: String = t.get_item(2)?.extract()?;
-            return Ok(Value::Pickle {
+            return Ok(Value::Pickle(Box::new(starling::proto::Pickled {
                 repr,
                 bytes,
                 buffers,
                 json: None,
-            });
+            })));
         }
     }
     Ok(Value::Json(json_from_py(obj)?))
@@ -201,12 +201,13 @@ fn json_to_py<'py>(py: Python<'py>, v: &Json) -> PyResult<Bound<'py, PyAny>> {
 fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
     match v {
         Value::Json(j) => json_to_py(py, j),
-        Value::Pickle {
-            repr,
-            bytes,
-            buffers,
-            ..
-        } => {
+        Value::Pickle(p) => {
+            let starling::proto::Pickled {
+                repr,
+                bytes,
+                buffers,
+                ..
+            } = &**p;
             // Buffers become bytearrays: a NumPy array unpickled from one is writable.
             let bufs = PyList::empty(py);
             for b in buffers {

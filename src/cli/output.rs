@@ -44,8 +44,9 @@ fn error_json(e: &RemoteError) -> Json {
 fn value_json(v: &Value) -> Json {
     match v {
         // A tuple (a pickle that is JSON once its tuples are lists) shows as a list.
-        Value::Json(j) | Value::Pickle { json: Some(j), .. } => j.clone(),
-        Value::Pickle { repr, .. } | Value::Opaque { repr } => json!({ "repr": repr }),
+        Value::Json(j) => j.clone(),
+        Value::Pickle(p) => p.json.clone().unwrap_or_else(|| json!({ "repr": p.repr })),
+        Value::Opaque { repr } => json!({ "repr": repr }),
     }
 }
 

@@ -2689,12 +2689,12 @@ mod tests {
             let (t, e) = info.tasks[0];
             let mut r = ok(t, e, 0);
             r.outcome = Outcome::Ok {
-                value: Value::Pickle {
+                value: Value::Pickle(Box::new(crate::proto::Pickled {
                     repr: "b'...'".into(),
                     bytes: big.clone(),
                     buffers: Vec::new(),
                     json: None,
-                },
+                })),
                 display: None,
             };
             s.on_engine_message(&mut c, ConnId(0), EngineToController::Done(vec![r]), now);

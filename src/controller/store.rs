@@ -149,10 +149,10 @@ fn kept_outcome(outcome: &Outcome) -> std::borrow::Cow<'_, Outcome> {
     use std::borrow::Cow;
     match outcome {
         Outcome::Ok {
-            value: value @ crate::proto::Value::Pickle { repr, .. },
+            value: value @ crate::proto::Value::Pickle(p),
             ..
         } if value.approx_bytes() > KEEP_RESULT_BYTES => {
-            let shown: String = repr.chars().take(200).collect();
+            let shown: String = p.repr.chars().take(200).collect();
             Cow::Owned(Outcome::Err(crate::proto::RemoteError {
                 ename: "ResultNotKept".into(),
                 evalue: format!(
@@ -1145,11 +1145,13 @@ mod tests {
         let (store, _) = Store::open(&dir.path().join("tasks.db")).unwrap();
         store.send(StoreOp::ReserveJobs(100));
         job(&store, 0, 2);
-        let value = |n: usize| crate::proto::Value::Pickle {
-            repr: format!("array of {n} bytes"),
-            bytes: vec![1u8; 64].into(),
-            buffers: vec![vec![7u8; n].into()],
-            json: None,
+        let value = |n: usize| {
+            crate::proto::Value::Pickle(Box::new(crate::proto::Pickled {
+                repr: format!("array of {n} bytes"),
+                bytes: vec![1u8; 64].into(),
+                buffers: vec![vec![7u8; n].into()],
+                json: None,
+            }))
         };
         let direct = |task: u64, v| TaskResult {
             outcome: Outcome::Ok {

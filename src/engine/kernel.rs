@@ -103,9 +103,9 @@ impl KernelFrame {
     pub fn value(&mut self, value: &Value) -> Json {
         match value {
             Value::Json(v) => serde_json::json!({ "v": v }),
-            Value::Pickle { bytes, buffers, .. } => {
-                let refs: Vec<usize> = std::iter::once(bytes)
-                    .chain(buffers)
+            Value::Pickle(p) => {
+                let refs: Vec<usize> = std::iter::once(&p.bytes)
+                    .chain(&p.buffers)
                     .map(|b| self.add_buffer(b.clone()))
                     .collect();
                 serde_json::json!({ "p": refs })
@@ -130,12 +130,12 @@ impl KernelFrame {
             let bytes = bufs
                 .next()
                 .ok_or_else(|| KernelError::Garbled("a pickle without data".into()))??;
-            Ok(Value::Pickle {
+            Ok(Value::Pickle(Box::new(crate::proto::Pickled {
                 repr: text(v, "r"),
                 bytes,
                 buffers: bufs.collect::<Result<_, _>>()?,
                 json: v.get("j").cloned(),
-            })
+            })))
         } else if let Some(o) = v.get("o").and_then(Json::as_str) {
             Ok(Value::Opaque {
                 repr: o.to_string(),

@@ -534,12 +534,12 @@ mod tests {
     fn large_byte_strings_share_the_frame_and_small_ones_are_copied() {
         use crate::proto::Value;
         let big = bytes::Bytes::from(vec![7u8; SHARE_FROM + 1]);
-        let value = Value::Pickle {
+        let value = Value::Pickle(Box::new(crate::proto::Pickled {
             repr: "array".into(),
             bytes: vec![1u8; 40].into(),
             buffers: vec![big.clone()],
             json: None,
-        };
+        }));
         let frame = encode(&vec![value.clone()]);
         let decoded: Vec<Value> = decode_frame(&frame).unwrap();
         assert_eq!(
@@ -551,9 +551,10 @@ mod tests {
             let (start, at) = (frame.as_ptr() as usize, b.as_ptr() as usize);
             at >= start && at + b.len() <= start + frame.len()
         };
-        let Value::Pickle { bytes, buffers, .. } = &decoded[0] else {
+        let Value::Pickle(p) = &decoded[0] else {
             unreachable!()
         };
+        let (bytes, buffers) = (&p.bytes, &p.buffers);
         assert!(
             within(&buffers[0]),
             "the large buffer is a slice of the frame"
@@ -561,29 +562,29 @@ mod tests {
         assert!(!within(bytes), "the small pickle is a copy");
         // Decoded without a frame to share, it is a copy, and still the same value.
         let copied: Vec<Value> = decode(&frame).unwrap();
-        let Value::Pickle { buffers, .. } = &copied[0] else {
+        let Value::Pickle(p) = &copied[0] else {
             unreachable!()
         };
+        let buffers = &p.buffers;
         assert!(!within(&buffers[0]) && buffers[0] == big);
         // A large string that is a small part of its frame is copied: kept, it does not keep
         // the rest of the frame alive.
-        let other = Value::Pickle {
+        let other = Value::Pickle(Box::new(crate::proto::Pickled {
             repr: "other".into(),
             bytes: vec![2u8; 40].into(),
             buffers: vec![vec![3u8; SHARE_PART * SHARE_FROM].into()],
             json: None,
-        };
+        }));
         let frame = encode(&vec![value.clone(), other]);
         let decoded: Vec<Value> = decode_frame(&frame).unwrap();
         let within = |b: &bytes::Bytes| {
             let (start, at) = (frame.as_ptr() as usize, b.as_ptr() as usize);
             at >= start && at + b.len() <= start + frame.len()
         };
-        let (Value::Pickle { buffers: small, .. }, Value::Pickle { buffers: large, .. }) =
-            (&decoded[0], &decoded[1])
-        else {
+        let (Value::Pickle(small), Value::Pickle(large)) = (&decoded[0], &decoded[1]) else {
             unreachable!()
         };
+        let (small, large) = (&small.buffers, &large.buffers);
         assert!(
             !within(&small[0]) && small[0] == big,
             "a fifth of its frame: copied"
@@ -654,12 +655,12 @@ mod tests {
                     work: Work::Push {
                         values: vec![(
                             "a".into(),
-                            Value::Pickle {
+                            Value::Pickle(Box::new(crate::proto::Pickled {
                                 repr: format!("{n} bytes"),
                                 bytes: vec![1u8; 40].into(),
                                 buffers: vec![vec![(id % 251) as u8; n].into()],
                                 json: None,
-                            },
+                            })),
                         )],
                     },
                 },

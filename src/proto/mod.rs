@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub use value::Value;
+pub use value::{Pickled, Value};
 
 /// Bumped whenever a message changes shape; checked in the handshake.
 pub const PROTOCOL_VERSION: u32 = 4;

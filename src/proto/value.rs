@@ -14,22 +14,27 @@ use serde::{Deserialize, Serialize};
 pub enum Value {
     /// A JSON value; the Python kernel sends it as the matching Python object.
     Json(serde_json::Value),
-    /// A Python object with no JSON form: its pickle (protocol 5), the buffers pickled out of
-    /// band (a NumPy array's data travels as one, never copied into the pickle), and its `repr`.
-    Pickle {
-        repr: String,
-        #[serde(deserialize_with = "super::conn::shared_bytes")]
-        bytes: Bytes,
-        #[serde(deserialize_with = "super::conn::shared_buffers")]
-        buffers: Vec<Bytes>,
-        /// The value as JSON with its tuples as lists, when that makes it JSON (`(1, 'a')`): what
-        /// `--output json` shows for it. Never sent back to a kernel, where it would lose its
-        /// tuples.
-        json: Option<serde_json::Value>,
-    },
+    /// A Python object with no JSON form (boxed: a value is as small as a JSON one, which
+    /// matters with a million items queued).
+    Pickle(Box<Pickled>),
     /// A Python object that could be neither JSON-encoded nor pickled (a module, an open
     /// file): only its `repr` came back.
     Opaque { repr: String },
+}
+
+/// A pickled Python object: its pickle (protocol 5), the buffers pickled out of band (a NumPy
+/// array's data travels as one, never copied into the pickle), and its `repr`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pickled {
+    pub repr: String,
+    #[serde(deserialize_with = "super::conn::shared_bytes")]
+    pub bytes: Bytes,
+    #[serde(deserialize_with = "super::conn::shared_buffers")]
+    pub buffers: Vec<Bytes>,
+    /// The value as JSON with its tuples as lists, when that makes it JSON (`(1, 'a')`): what
+    /// `--output json` shows for it. Never sent back to a kernel, where it would lose its
+    /// tuples.
+    pub json: Option<serde_json::Value>,
 }
 
 impl Value {
@@ -37,7 +42,7 @@ impl Value {
     pub fn as_json(&self) -> Option<&serde_json::Value> {
         match self {
             Value::Json(v) => Some(v),
-            Value::Pickle { .. } | Value::Opaque { .. } => None,
+            Value::Pickle(_) | Value::Opaque { .. } => None,
         }
     }
 
@@ -45,19 +50,20 @@ impl Value {
     /// literal syntax for JSON ones (`None`, `True`, `'text'`).
     pub fn to_python_repr(&self) -> String {
         match self {
-            Value::Pickle { repr, .. } | Value::Opaque { repr } => repr.clone(),
+            Value::Pickle(p) => p.repr.clone(),
+            Value::Opaque { repr } => repr.clone(),
             Value::Json(v) => python_repr(v),
         }
     }
 
     /// A pickled value with no out-of-band buffers.
     pub fn pickle(repr: impl Into<String>, bytes: impl Into<Bytes>) -> Self {
-        Value::Pickle {
+        Value::Pickle(Box::new(Pickled {
             repr: repr.into(),
             bytes: bytes.into(),
             buffers: Vec::new(),
             json: None,
-        }
+        }))
     }
 
     /// The value as one JSON value, for a value nested inside another (a load-balanced apply's
@@ -68,8 +74,8 @@ impl Value {
         let b64 = |b: &Bytes| base64::engine::general_purpose::STANDARD.encode(b);
         match self {
             Value::Json(v) => v.clone(),
-            Value::Pickle { bytes, buffers, .. } => serde_json::json!({
-                "__starling_pickle__": std::iter::once(bytes).chain(buffers).map(b64).collect::<Vec<_>>()
+            Value::Pickle(p) => serde_json::json!({
+                "__starling_pickle__": std::iter::once(&p.bytes).chain(&p.buffers).map(b64).collect::<Vec<_>>()
             }),
             Value::Opaque { repr } => serde_json::json!({ "__starling_opaque__": repr }),
         }
@@ -90,8 +96,8 @@ impl Value {
         }
         match self {
             Value::Json(v) => json(v),
-            Value::Pickle { repr, json: j, .. } => {
-                64 + repr.len() + self.pickled_len() + j.as_ref().map_or(0, json)
+            Value::Pickle(p) => {
+                96 + p.repr.len() + self.pickled_len() + p.json.as_ref().map_or(0, json)
             }
             Value::Opaque { repr } => 24 + repr.len(),
         }
@@ -99,9 +105,7 @@ impl Value {
 
     pub fn pickled_len(&self) -> usize {
         match self {
-            Value::Pickle { bytes, buffers, .. } => {
-                bytes.len() + buffers.iter().map(Bytes::len).sum::<usize>()
-            }
+            Value::Pickle(p) => p.bytes.len() + p.buffers.iter().map(Bytes::len).sum::<usize>(),
             Value::Json(_) | Value::Opaque { .. } => 0,
         }
     }

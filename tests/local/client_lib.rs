@@ -82,7 +82,7 @@ async fn execute_apply_and_async_result_behave_like_ipyparallel() {
         .unwrap();
     let set = ar.get().await.unwrap().remove(0);
     assert!(
-        matches!(&set, Value::Pickle { repr, .. } if repr == "{1, 2, 3}"),
+        matches!(&set, Value::Pickle(p) if p.repr == "{1, 2, 3}"),
         "{set:?}"
     );
     let ar = client
@@ -106,7 +106,7 @@ async fn execute_apply_and_async_result_behave_like_ipyparallel() {
         .await
         .unwrap();
     assert!(
-        matches!(&ar.get().await.unwrap()[0], Value::Pickle { repr, .. } if repr == "<module 'sys' (built-in)>"),
+        matches!(&ar.get().await.unwrap()[0], Value::Pickle(p) if p.repr == "<module 'sys' (built-in)>"),
         "a module pickles by reference (cloudpickle)"
     );
     let ar = client

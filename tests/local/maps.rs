@@ -129,7 +129,7 @@ async fn maps_equal_pythons_own_map_for_many_functions_and_inputs() {
         .await
         .unwrap();
     let tuples = tuples.get().await.unwrap();
-    assert!(matches!(&tuples[1], Value::Pickle { repr, .. } if repr == "(1, -1)"));
+    assert!(matches!(&tuples[1], Value::Pickle(p) if p.repr == "(1, -1)"));
     let back = client
         .load_balanced()
         .map("lambda t: t[0] - t[1]", tuples)
