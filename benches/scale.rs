@@ -195,18 +195,7 @@ async fn engine(addr: String, cert: String, key: Key, slot: u32, answered: Arc<A
                                 }
                                 _ => Outcome::Ok { value: Value::Json(serde_json::Value::Null), display: None },
                             };
-                            TaskResult {
-                                task: a.task,
-                                engine: a.engine,
-                                first: a.first,
-                                outcome,
-                                stdout: String::new(),
-                                stderr: String::new(),
-                                execution_count: 0,
-                                started: now,
-                                completed: now,
-                                attempts: 1,
-                            }
+                            TaskResult::bare(a.task, a.engine, a.first, outcome, now)
                         })
                         .collect();
                     if tx.feed(&EngineToController::Done(results)).await.is_err()

@@ -485,21 +485,12 @@ mod tests {
     use super::*;
 
     fn done(task: u64) -> TaskResult {
-        TaskResult {
-            task: TaskId(task),
-            engine: EngineId(task as u32),
-            first: task,
-            outcome: Outcome::Ok {
-                value: Value::from(42),
-                display: None,
-            },
-            stdout: String::new(),
-            stderr: String::new(),
-            execution_count: 1,
-            started: 0,
-            completed: 0,
-            attempts: 1,
-        }
+        let value = Value::from(42);
+        let outcome = Outcome::Ok {
+            value,
+            display: None,
+        };
+        TaskResult::bare(TaskId(task), EngineId(task as u32), task, outcome, 0)
     }
 
     #[tokio::test]

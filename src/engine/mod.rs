@@ -816,21 +816,11 @@ impl Slot {
             evalue,
             traceback: String::new(),
         };
-        TaskResult {
-            task: t.a.task,
-            engine: self.id,
-            first: t.a.first,
-            outcome: match t.items() {
-                Some(n) => Outcome::Items(vec![Err(error); n]),
-                None => Outcome::Err(error),
-            },
-            stdout: String::new(),
-            stderr: String::new(),
-            execution_count: 0,
-            started: now,
-            completed: now,
-            attempts: 1,
-        }
+        let outcome = match t.items() {
+            Some(n) => Outcome::Items(vec![Err(error); n]),
+            None => Outcome::Err(error),
+        };
+        TaskResult::bare(t.a.task, self.id, t.a.first, outcome, now)
     }
 
     /// Why a task sent while this engine's MPI world was restarting did not run.

@@ -474,6 +474,23 @@ pub enum Outcome {
 }
 
 impl TaskResult {
+    /// A result with no output: what an engine reports for work that did not reach its kernel
+    /// (or that it answers itself), started and completed at `at`.
+    pub fn bare(task: TaskId, engine: EngineId, first: u64, outcome: Outcome, at: Micros) -> Self {
+        TaskResult {
+            task,
+            engine,
+            first,
+            outcome,
+            stdout: String::new(),
+            stderr: String::new(),
+            execution_count: 0,
+            started: at,
+            completed: at,
+            attempts: 1,
+        }
+    }
+
     /// About how many bytes it holds in memory: the struct itself, each item's slot, and what
     /// they point to (with a little for the allocator's own bookkeeping).
     pub fn approx_bytes(&self) -> usize {
