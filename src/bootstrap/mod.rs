@@ -28,7 +28,7 @@ use futures::StreamExt as _;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::watch;
 
-pub use ssh::{Login, NodeTarget, Remote};
+pub use ssh::{CommandError, Login, NodeTarget, Remote};
 
 use crate::controller::ControllerConfig;
 use crate::engine::{shell_quote, EngineConfig};
@@ -429,13 +429,13 @@ async fn offer_from_master(shared: &Shared) -> Option<Source> {
             remote.close().await;
             said
         }
-        Err(e) => Err(e),
+        Err(e) => Err(CommandError::NotRun(e)),
     };
     let offered = said.as_deref().ok().and_then(offer_in);
     if offered.is_none() {
         tracing::warn!(
             "the master does not hand its starlingd out ({}); the new nodes get it from here",
-            said.unwrap_or_else(|e| e).trim()
+            said.unwrap_or_else(|e| e.to_string()).trim()
         );
     }
     offered
@@ -524,8 +524,8 @@ async fn settle_world(
 
 type StepError = (String, String);
 
-fn at(step: &str) -> impl Fn(String) -> StepError + '_ {
-    move |message| (step.to_string(), message)
+fn at<E: std::fmt::Display>(step: &str) -> impl Fn(E) -> StepError + '_ {
+    move |message| (step.to_string(), message.to_string())
 }
 
 /// Facts about a node, from one command.
@@ -672,14 +672,14 @@ async fn boot_in<'s>(
     }
     let py = shell_quote(&spec.python);
     let python_check = format!(
-        "{{ command -v {py} >/dev/null 2>&1 || {{ echo 'no {} on the PATH' >&2; exit 97; }}; \
-         {py} -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' || {{ echo 'it is older than 3.8' >&2; exit 97; }}; }}",
+        "{{ command -v {py} >/dev/null 2>&1 || {{ echo 'no {} on the PATH' >&2; exit {EXIT_NO_PYTHON}; }}; \
+         {py} -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' || {{ echo 'it is older than 3.8' >&2; exit {EXIT_NO_PYTHON}; }}; }}",
         spec.python.replace('\'', "")
     );
     // Not a failure: the CLI and Rust clients work without it. `up` says which nodes lack it.
     let cloudpickle_probe =
         format!("{{ {py} -c 'import cloudpickle' >/dev/null 2>&1 || echo {NO_CLOUDPICKLE}; }}");
-    let python_error = |m: String| {
+    let python_error = |m: CommandError| {
         (
             "checking python".to_string(),
             format!("{m}; install Python 3.8 or newer with a setup command (e.g. `sudo apt-get install -y python3`), or set `python:` in the spec"),
@@ -727,7 +727,8 @@ async fn boot_in<'s>(
         match (uploaded, source) {
             (false, _) => {}
             (true, Some(src)) => {
-                // Without a Python to fetch with (setup commands may install it), exit 96:
+                // Without a Python to fetch with (setup commands may install it), this exit
+                // status:
                 // this machine uploads it instead.
                 let fetch = share::fetch_command(
                     &spec.python,
@@ -739,7 +740,7 @@ async fn boot_in<'s>(
                 );
                 let _ = write!(
                     install,
-                    " && {{ command -v {py} >/dev/null 2>&1 || exit 96; }} && {fetch} && chmod 755 {part} && \
+                    " && {{ command -v {py} >/dev/null 2>&1 || exit {EXIT_NO_PYTHON_TO_FETCH}; }} && {fetch} && chmod 755 {part} && \
                      mv -f {part} {qdir}/bin/starlingd"
                 );
             }
@@ -794,9 +795,8 @@ async fn boot_in<'s>(
     let mut result = remote.run_with_input(&install, &input).await;
     // No Python to fetch with yet (setup commands may install it), or the master out of reach
     // (a firewall between listed hosts): this machine uploads it after all.
-    let unreachable = format!("exit status {}", share::EXIT_UNREACHABLE);
     if fetched
-        && matches!(&result, Err(m) if m.starts_with("exit status 96") || m.starts_with(&unreachable))
+        && matches!(&result, Err(e) if matches!(e.status(), Some(s) if s == EXIT_NO_PYTHON_TO_FETCH || s == i32::from(share::EXIT_UNREACHABLE)))
     {
         if let Err(m) = &result {
             tracing::warn!(node = %node, "{m}; uploading starlingd from here instead");
@@ -809,11 +809,11 @@ async fn boot_in<'s>(
     }
     let out = match result {
         Ok(out) => out,
-        Err(m) if m.starts_with("exit status 97") => return Err(python_error(m)),
-        Err(m) if fetched && m.contains(&format!("exit status {}", share::EXIT_CORRUPT)) => {
-            return Err(("fetching starlingd from the master".into(), m))
+        Err(e) if e.status() == Some(EXIT_NO_PYTHON) => return Err(python_error(e)),
+        Err(e) if fetched && e.status() == Some(i32::from(share::EXIT_CORRUPT)) => {
+            return Err(at("fetching starlingd from the master")(e))
         }
-        Err(m) => return Err(("installing starlingd and its config".into(), m)),
+        Err(e) => return Err(at("installing starlingd and its config")(e)),
     };
     if shares {
         let offered = offer_in(&out);
@@ -843,7 +843,7 @@ async fn boot_in<'s>(
                 shell_quote(cmd)
             ), &[])
             .await
-            .map_err(|m| (step, m))?;
+            .map_err(|e| (step, e.to_string()))?;
     }
 
     for f in &spec.files {
@@ -863,7 +863,7 @@ async fn boot_in<'s>(
                 &[&bytes],
             )
             .await
-            .map_err(|m| (step, m))?;
+            .map_err(|e| (step, e.to_string()))?;
     }
 
     if let Some(public) = &plan.join.mpi_key {
@@ -871,10 +871,10 @@ async fn boot_in<'s>(
         remote
             .run(&mpi::check_script(&spec.python, &plan.cluster, public))
             .await
-            .map_err(|m| {
+            .map_err(|e| {
                 (
                     "checking MPI".to_string(),
-                    mpi::check_error(&spec.python, &m),
+                    mpi::check_error(&spec.python, &e),
                 )
             })?;
     }
@@ -894,11 +894,11 @@ async fn boot_in<'s>(
                 start("engine")
             ))
             .await
-            .map_err(|m| {
-                if m.starts_with("exit status 97") {
-                    python_error(m)
+            .map_err(|e| {
+                if e.status() == Some(EXIT_NO_PYTHON) {
+                    python_error(e)
                 } else {
-                    ("starting the controller and engines".into(), m)
+                    at("starting the controller and engines")(e)
                 }
             })?;
         if !out.starts_with("listening ") {
@@ -936,6 +936,12 @@ async fn boot_in<'s>(
         sent_bytes,
     })
 }
+
+/// The exit status of a node's scripts when its Python is missing or too old.
+const EXIT_NO_PYTHON: i32 = 97;
+/// The exit status of the install script when the node has no Python to fetch `starlingd`
+/// from the master with.
+const EXIT_NO_PYTHON_TO_FETCH: i32 = 96;
 
 /// What a node's start command prints when its Python lacks cloudpickle.
 const NO_CLOUDPICKLE: &str = "starling:no-cloudpickle";

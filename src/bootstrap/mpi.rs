@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use crate::engine::mpi::{socket_path, Rank, World};
 
-use super::{node_dir, shell_quote, Login, NodeTarget, Remote};
+use super::{node_dir, shell_quote, CommandError, Login, NodeTarget, Remote};
 
 /// The config file (in the master's `config/`) holding the cluster's private SSH key.
 pub const KEY_FILE: &str = "mpi_key";
@@ -90,13 +90,13 @@ fn authorize_script(cluster: &str, public_key: &str) -> String {
 }
 
 /// What a failed [`check_script`] means, and what to do.
-pub fn check_error(python: &str, message: &str) -> String {
-    if message.starts_with(&format!("exit status {EXIT_NO_OPEN_MPI}")) {
+pub fn check_error(python: &str, error: &CommandError) -> String {
+    if error.status() == Some(EXIT_NO_OPEN_MPI) {
         "Open MPI is not installed on this node (no mpiexec and orted on the PATH); add `sudo apt-get install -y openmpi-bin` to the spec's setup (templates/ec2-mpi.yaml has it)".into()
-    } else if message.starts_with(&format!("exit status {EXIT_NO_MPI4PY}")) {
+    } else if error.status() == Some(EXIT_NO_MPI4PY) {
         format!("the engines' Python (`{python}`) cannot import mpi4py; add `{python} -m pip install mpi4py` (or `sudo apt-get install -y python3-mpi4py`) to the spec's setup")
     } else {
-        message.to_string()
+        error.to_string()
     }
 }
 
@@ -202,6 +202,7 @@ pub async fn write_world(remote: &Remote, cluster: &str, world: &World) -> Resul
         )
         .await
         .map(|_| ())
+        .map_err(String::from)
 }
 
 /// The shell command that writes the world file on the master from stdin, then sends SIGHUP to
@@ -359,9 +360,13 @@ mod tests {
 
     #[test]
     fn a_missing_open_mpi_or_mpi4py_says_what_to_install() {
-        assert!(
-            check_error("python3", "exit status 94: ").contains("apt-get install -y openmpi-bin")
-        );
-        assert!(check_error("python3", "exit status 93: ").contains("pip install mpi4py"));
+        let failed = |status| CommandError::Failed {
+            status: Some(status),
+            stdout: String::new(),
+            stderr: String::new(),
+        };
+        assert!(check_error("python3", &failed(94)).contains("apt-get install -y openmpi-bin"));
+        assert!(check_error("python3", &failed(93)).contains("pip install mpi4py"));
+        assert_eq!(check_error("python3", &failed(1)), "exit status 1");
     }
 }

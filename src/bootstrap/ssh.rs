@@ -71,6 +71,67 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Why a command on a node did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandError {
+    /// It ran and ended unsuccessfully: its exit status (`None`: killed by a signal) and what
+    /// it wrote.
+    Failed {
+        status: Option<i32>,
+        stdout: String,
+        stderr: String,
+    },
+    /// It did not run to an end: no login, a broken session, or no answer in time.
+    NotRun(String),
+}
+
+impl CommandError {
+    /// The exit status, when the command ran and exited unsuccessfully.
+    pub fn status(&self) -> Option<i32> {
+        match self {
+            CommandError::Failed { status, .. } => *status,
+            CommandError::NotRun(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CommandError {
+    /// `exit status N` (or `killed by a signal`) and the last lines the command wrote; or why
+    /// it did not run.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandError::Failed {
+                status,
+                stdout,
+                stderr,
+            } => {
+                match status {
+                    Some(code) => write!(f, "exit status {code}")?,
+                    None => f.write_str("killed by a signal")?,
+                }
+                let sep = if stdout.is_empty() || stdout.ends_with('\n') {
+                    ""
+                } else {
+                    "\n"
+                };
+                let said = tail(&format!("{stdout}{sep}{stderr}"), 8);
+                if said.is_empty() {
+                    Ok(())
+                } else {
+                    write!(f, ":\n{said}")
+                }
+            }
+            CommandError::NotRun(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<CommandError> for String {
+    fn from(e: CommandError) -> Self {
+        e.to_string()
+    }
+}
+
 impl Remote {
     /// Logs in, retrying until `login.timeout` has passed (sshd may not be up yet, and on a
     /// fresh instance the key may not be installed yet). The error says what ssh said last.
@@ -125,7 +186,7 @@ impl Remote {
 
     /// Runs `script` with `sh -c`; its stdout, or an error with the exit status and the last
     /// lines it wrote. Gives up after [`COMMAND_LIMIT`].
-    pub async fn run(&self, script: &str) -> Result<String, String> {
+    pub async fn run(&self, script: &str) -> Result<String, CommandError> {
         self.run_with_input(script, &[]).await
     }
 
@@ -133,18 +194,27 @@ impl Remote {
     /// `cat > FILE`, or `head -c LEN > FILE` for each of several); gives up after
     /// [`COMMAND_LIMIT`]. Secrets travel this way, never in the command line, which other
     /// users of a node could read.
-    pub async fn run_with_input(&self, script: &str, input: &[&[u8]]) -> Result<String, String> {
+    pub async fn run_with_input(
+        &self,
+        script: &str,
+        input: &[&[u8]],
+    ) -> Result<String, CommandError> {
         match tokio::time::timeout(COMMAND_LIMIT, self.run_unbounded(script, input)).await {
             Ok(r) => r,
-            Err(_) => Err(format!(
+            Err(_) => Err(CommandError::NotRun(format!(
                 "no answer within {} s (the node or its network may be overloaded)",
                 COMMAND_LIMIT.as_secs()
-            )),
+            ))),
         }
     }
 
     /// Runs `script` for as long as it takes (the spec's setup commands).
-    pub async fn run_unbounded(&self, script: &str, input: &[&[u8]]) -> Result<String, String> {
+    pub async fn run_unbounded(
+        &self,
+        script: &str,
+        input: &[&[u8]],
+    ) -> Result<String, CommandError> {
+        let not_run = |why: String| CommandError::NotRun(why);
         let mut cmd = self.session.command("sh");
         cmd.arg("-c")
             .arg(script)
@@ -155,42 +225,30 @@ impl Remote {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().await.map_err(|e| describe(&e))?;
+        let mut child = cmd.spawn().await.map_err(|e| not_run(describe(&e)))?;
         if !input.is_empty() {
             let mut stdin = child.stdin().take().expect("piped");
             for bytes in input {
                 stdin
                     .write_all(bytes)
                     .await
-                    .map_err(|e| format!("sending {} bytes failed: {e}", bytes.len()))?;
+                    .map_err(|e| not_run(format!("sending {} bytes failed: {e}", bytes.len())))?;
             }
-            stdin.shutdown().await.map_err(|e| e.to_string())?;
+            stdin.shutdown().await.map_err(|e| not_run(e.to_string()))?;
             drop(stdin);
         }
-        let out = child.wait_with_output().await.map_err(|e| describe(&e))?;
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| not_run(describe(&e)))?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
             Ok(stdout)
         } else {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let said = tail(&format!("{stdout}{stderr}"), 8);
-            Err(match out.status.code() {
-                Some(code) => format!(
-                    "exit status {code}{}",
-                    if said.is_empty() {
-                        String::new()
-                    } else {
-                        format!(":\n{said}")
-                    }
-                ),
-                None => format!(
-                    "killed by a signal{}",
-                    if said.is_empty() {
-                        String::new()
-                    } else {
-                        format!(":\n{said}")
-                    }
-                ),
+            Err(CommandError::Failed {
+                status: out.status.code(),
+                stdout,
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             })
         }
     }
@@ -198,5 +256,39 @@ impl Remote {
     /// Ends the session (and its ssh master process).
     pub async fn close(self) {
         let _ = self.session.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_command_says_its_status_and_the_last_lines_it_wrote() {
+        let out = (1..=10)
+            .map(|i| format!("line {i}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let failed = CommandError::Failed {
+            status: Some(97),
+            stdout: out,
+            stderr: "no python3 on the PATH\n".into(),
+        };
+        assert_eq!(failed.status(), Some(97));
+        let text = failed.to_string();
+        assert!(text.starts_with("exit status 97:\nline 4\n"), "{text}");
+        assert!(text.ends_with("line 10\nno python3 on the PATH"), "{text}");
+        let killed = CommandError::Failed {
+            status: None,
+            stdout: String::new(),
+            stderr: String::new(),
+        };
+        assert_eq!(
+            (killed.status(), killed.to_string().as_str()),
+            (None, "killed by a signal")
+        );
+        let lost = CommandError::NotRun("no answer within 120 s".into());
+        assert_eq!(lost.status(), None);
+        assert_eq!(String::from(lost), "no answer within 120 s");
     }
 }

@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use super::Format;
-use crate::bootstrap::{NodeReport, NodeTarget};
+use crate::bootstrap::{CommandError, NodeReport, NodeTarget};
 use crate::client::{AsyncResult, ClientError};
 use crate::proto::{
     format_ids, ClusterStatus, EngineId, JobId, Outcome, RemoteError, TaskResult, Value,
@@ -200,7 +200,7 @@ pub fn nodes(f: Format, rows: &NodeRows) {
 }
 
 /// Output of a command run on several nodes, prefixed by node. Returns whether any failed.
-pub fn per_node(f: Format, results: &[(NodeTarget, Result<String, String>)]) -> bool {
+pub fn per_node(f: Format, results: &[(NodeTarget, Result<String, CommandError>)]) -> bool {
     let failed = results.iter().any(|(_, r)| r.is_err());
     match f {
         Format::Text => {
@@ -212,7 +212,7 @@ pub fn per_node(f: Format, results: &[(NodeTarget, Result<String, String>)]) -> 
                         }
                     }
                     Err(e) => {
-                        for line in e.lines() {
+                        for line in e.to_string().lines() {
                             eprintln!("{}: {line}", node.name);
                         }
                     }
@@ -226,7 +226,8 @@ pub fn per_node(f: Format, results: &[(NodeTarget, Result<String, String>)]) -> 
                 .map(|(n, r)| match r {
                     Ok(out) =>
                         json!({"node": n.name, "host": n.ssh_host, "ok": true, "output": out}),
-                    Err(e) => json!({"node": n.name, "host": n.ssh_host, "ok": false, "error": e}),
+                    Err(e) => json!({"node": n.name, "host": n.ssh_host, "ok": false,
+                        "error": e.to_string(), "status": e.status()}),
                 })
                 .collect::<Vec<_>>()),
         ),

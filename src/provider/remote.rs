@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{daemon_path, Launched, ProviderError};
 use crate::bootstrap::{
-    self, Join, Login, MasterRole, NodeReport, NodeTarget, Plan, Progress, Remote,
+    self, CommandError, Join, Login, MasterRole, NodeReport, NodeTarget, Plan, Progress, Remote,
 };
 use crate::client::connection::{ConnectionInfo, SshAccess, CONNECTION_FORMAT};
 use crate::client::Client;
@@ -239,8 +239,10 @@ async fn run_once(
     login: &Login,
     script: &str,
     input: &[&[u8]],
-) -> Result<String, String> {
-    let remote = Remote::connect(node, login).await?;
+) -> Result<String, CommandError> {
+    let remote = Remote::connect(node, login)
+        .await
+        .map_err(CommandError::NotRun)?;
     let r = remote.run_with_input(script, input).await;
     remote.close().await;
     r
@@ -253,9 +255,9 @@ pub async fn run_on_each(
     login: &Login,
     script: impl Fn(&NodeTarget) -> String,
     input: &[&[u8]],
-) -> Vec<(NodeTarget, Result<String, String>)> {
+) -> Vec<(NodeTarget, Result<String, CommandError>)> {
     let script = &script;
-    let mut out: Vec<(NodeTarget, Result<String, String>)> =
+    let mut out: Vec<(NodeTarget, Result<String, CommandError>)> =
         futures::stream::iter(nodes.iter().cloned().map(|node| async move {
             let r = run_once(&node, login, &script(&node), input).await;
             (node, r)
@@ -272,12 +274,12 @@ pub async fn run_everywhere(
     nodes: &[NodeTarget],
     login: &Login,
     script: &str,
-) -> Vec<(NodeTarget, Result<String, String>)> {
+) -> Vec<(NodeTarget, Result<String, CommandError>)> {
     run_on_each(nodes, login, |_| script.to_string(), &[]).await
 }
 
 /// The failures among `results`, as `node (address): why` lines.
-pub fn failures(results: Vec<(NodeTarget, Result<String, String>)>) -> Vec<String> {
+pub fn failures(results: Vec<(NodeTarget, Result<String, CommandError>)>) -> Vec<String> {
     results
         .into_iter()
         .filter_map(|(node, r)| r.err().map(|e| format!("{node}: {e}")))
@@ -308,7 +310,7 @@ pub async fn put(
     login: &Login,
     src: &Path,
     dest: &str,
-) -> Result<Vec<(NodeTarget, Result<String, String>)>, ProviderError> {
+) -> Result<Vec<(NodeTarget, Result<String, CommandError>)>, ProviderError> {
     let bytes = std::fs::read(src)
         .map_err(|e| ProviderError::Invalid(format!("cannot read {}: {e}", src.display())))?;
     let d = shell_quote(dest);
