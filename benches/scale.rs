@@ -316,7 +316,29 @@ fn main() {
         report("lb_default", a.items, s, pid);
         let s = map(&client, Some(1), a.tasks).await;
         report("lb_chunk1", a.tasks, s, pid);
+        // The controller's RSS through the big map, every half second.
+        let series = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sampling = {
+            let series = series.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tick.tick().await;
+                    let rss = memory_mib(pid).0;
+                    series
+                        .lock()
+                        .unwrap()
+                        .push(format!("{:.1}s:{rss:.0}", t.elapsed().as_secs_f64()));
+                }
+            })
+        };
         let s = map(&client, Some(1), a.queued).await;
+        sampling.abort();
+        eprintln!(
+            "controller RSS (MiB) through `queued`: {}",
+            series.lock().unwrap().join(" ")
+        );
         report("queued", a.queued, s, pid);
         assert!(answered.load(Ordering::Relaxed) >= a.items + a.tasks + a.queued);
     });
