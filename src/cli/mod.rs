@@ -34,7 +34,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::client::{connection, AsyncResult, Client, ClientError};
 use crate::home;
 use crate::proto::{Dependency, Func, JobId, JobKind, JobOptions, Mapper, Targets, Value};
-use crate::provider::{self, local::LocalProvider, Provider};
+use crate::provider;
 use crate::spec;
 
 #[derive(Debug, Parser)]
@@ -794,22 +794,10 @@ async fn up(g: &Global, args: &UpArgs) -> Result<ExitCode> {
         r = provider::up(&spec, &progress) => r?,
         _ = tokio::signal::ctrl_c() => {
             let name = &spec.name;
-            let what = match spec.provider {
-                spec::ProviderKind::Local => {
-                    let _ = LocalProvider::new().terminate(name).await;
-                    eprintln!("interrupted: everything `up` had started was stopped again");
-                    return Ok(ExitCode::from(130));
-                }
-                spec::ProviderKind::Ec2 => match provider::ec2::api_for(&spec).await {
-                    Ok(api) => api.resources(name).await.map_or_else(|e| format!("unknown ({e})"), |r| r.describe()),
-                    Err(e) => format!("unknown ({e})"),
-                },
-                spec::ProviderKind::Ssh => format!(
-                    "starlingd may run, and files may be, on {}",
-                    spec.hosts.iter().map(|h| h.host.to_string()).collect::<Vec<_>>().join(", ")
-                ),
-            };
-            eprintln!("interrupted: what exists of cluster '{name}' now: {what}\n`starling down {name}` removes it");
+            match provider::after_interrupted_up(&spec).await {
+                None => eprintln!("interrupted: everything `up` had started was stopped again"),
+                Some(what) => eprintln!("interrupted: what exists of cluster '{name}' now: {what}\n`starling down {name}` removes it"),
+            }
             return Ok(ExitCode::from(130));
         }
     };

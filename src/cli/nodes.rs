@@ -16,7 +16,7 @@ use crate::bootstrap::{NodeTarget, Progress};
 use crate::client::connection::ConnectionInfo;
 use crate::client::Client;
 use crate::home;
-use crate::provider::{self, ec2, remote, Cluster};
+use crate::provider::{self, remote, Cluster};
 
 async fn open(g: &Global, name: &str) -> Result<Cluster> {
     Ok(provider::open(name, &hints(g)).await?)
@@ -41,15 +41,6 @@ fn pick(nodes: Vec<NodeTarget>, wanted: &[String]) -> Result<Vec<NodeTarget>> {
         }
     }
     Ok(out)
-}
-
-fn ec2_api<'a>(cluster: &'a Cluster, command: &str) -> Result<&'a ec2::Ec2> {
-    cluster.api.as_ref().with_context(|| {
-        format!(
-            "`{command}` is for EC2 clusters; '{}' is a {} cluster",
-            cluster.name, cluster.provider
-        )
-    })
 }
 
 pub async fn ssh(g: &Global, args: &SshArgs) -> Result<ExitCode> {
@@ -173,7 +164,6 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
         bail!("-n must be at least 1");
     }
     let cluster = open(g, &args.name).await?;
-    let api = ec2_api(&cluster, "add-node")?;
     let spec = match &args.file {
         Some(path) => {
             let mut s = crate::spec::load(path)?;
@@ -187,10 +177,9 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
     let client = Client::connect_with(info).await?;
     let before = client.ids().await?.len() as u32;
     let world = provider::world_kernels(&client).await?;
-    let login = cluster.login(Duration::from_secs(spec.ssh.timeout_s));
     let progress = Progress::new();
     let started = std::time::Instant::now();
-    let reports = ec2::add_nodes(api, &spec, args.count, &login, &progress).await?;
+    let reports = cluster.add_nodes(&spec, args.count, &progress).await?;
     let new: u32 = reports.iter().map(|r| r.engines).sum();
     let ids = client
         .wait_for_engines(before + new, Duration::from_secs(spec.register_timeout_s))
@@ -205,8 +194,6 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
 
 pub async fn remove_node(g: &Global, args: &RemoveNodeArgs) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
-    let api = ec2_api(&cluster, "remove-node")?;
-    let login = cluster.login(remote::QUICK_LOGIN);
     // On an MPI cluster, the world starts again without the node: wait for it, so that what
     // is sent next runs there.
     let client = match ConnectionInfo::load(&home::connection_path(&cluster.name)) {
@@ -226,14 +213,7 @@ pub async fn remove_node(g: &Global, args: &RemoveNodeArgs) -> Result<ExitCode> 
             world = Some((c, old, staying));
         }
     }
-    let notes = ec2::remove_node(
-        api,
-        &cluster.name,
-        &args.node,
-        &login,
-        cluster.record.as_ref(),
-    )
-    .await?;
+    let notes = cluster.remove_node(&args.node).await?;
     for n in notes {
         eprintln!("note: {n}");
     }
@@ -250,9 +230,7 @@ pub async fn remove_node(g: &Global, args: &RemoveNodeArgs) -> Result<ExitCode> 
 
 pub async fn stop(g: &Global, args: &ClusterArg) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
-    let api = ec2_api(&cluster, "stop")?;
-    let login = cluster.login(remote::QUICK_LOGIN);
-    let (n, notes) = ec2::stop(api, &cluster.name, &login, cluster.record.as_ref()).await?;
+    let (n, notes) = cluster.stop().await?;
     for note in notes {
         eprintln!("note: {note}");
     }
@@ -269,11 +247,9 @@ pub async fn stop(g: &Global, args: &ClusterArg) -> Result<ExitCode> {
 
 pub async fn start(g: &Global, args: &ClusterArg) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
-    let api = ec2_api(&cluster, "start")?;
     let spec = cluster.spec("start")?.clone();
-    let login = cluster.login(Duration::from_secs(spec.ssh.timeout_s));
     let progress = Progress::new();
-    let (nodes, engines) = ec2::start(api, &spec, &login, &progress).await?;
+    let (nodes, engines) = cluster.start(&spec, &progress).await?;
     let info = ConnectionInfo::load(&home::connection_path(&cluster.name))?;
     let client = Client::connect_with(info).await?;
     // Every node comes back with the engines it had.

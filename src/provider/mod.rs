@@ -115,6 +115,13 @@ pub enum ProviderError {
     Client(#[from] ClientError),
     #[error("{0}")]
     Invalid(String),
+    /// An operation this kind of cluster does not have.
+    #[error("`{operation}` is for EC2 clusters; '{cluster}' is {} {provider} cluster", if *.provider == ProviderKind::Local { "a" } else { "an" })]
+    Unsupported {
+        operation: &'static str,
+        cluster: String,
+        provider: ProviderKind,
+    },
     /// An EC2 call failed; the message says what starling was doing and what to do.
     #[error("{0}")]
     Cloud(String),
@@ -178,6 +185,33 @@ pub async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, Pro
     }
 }
 
+/// After an `up` interrupted by Ctrl-C: `None` when everything it had started was stopped
+/// again (a local cluster), else what exists of the cluster now, for `down` to remove.
+pub async fn after_interrupted_up(spec: &ClusterSpec) -> Option<String> {
+    let name = &spec.name;
+    match spec.provider {
+        ProviderKind::Local => {
+            let _ = local::LocalProvider::new().terminate(name).await;
+            None
+        }
+        ProviderKind::Ec2 => Some(match ec2::api_for(spec).await {
+            Ok(api) => api
+                .resources(name)
+                .await
+                .map_or_else(|e| format!("unknown ({e})"), |r| r.describe()),
+            Err(e) => format!("unknown ({e})"),
+        }),
+        ProviderKind::Ssh => Some(format!(
+            "starlingd may run, and files may be, on {}",
+            spec.hosts
+                .iter()
+                .map(|h| h.host.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 /// What a caller knows about a cluster that this machine has no record of (a teammate's):
 /// the region and endpoint to find it in by its tags, and a key to log in with.
 #[derive(Debug, Clone, Default)]
@@ -237,6 +271,54 @@ impl Cluster {
             (None, Some(r)) => Ok(remote::ssh_nodes(&r.spec)),
             (None, None) => Err(ProviderError::NoSuchCluster(self.name.clone())),
         }
+    }
+
+    /// Its EC2 API, for what only EC2 clusters do.
+    fn ec2(&self, operation: &'static str) -> Result<&ec2::Ec2, ProviderError> {
+        self.api.as_ref().ok_or_else(|| ProviderError::Unsupported {
+            operation,
+            cluster: self.name.clone(),
+            provider: self.provider,
+        })
+    }
+
+    /// Launches `count` more nodes from `spec` and bootstraps them into the running cluster
+    /// (EC2).
+    pub async fn add_nodes(
+        &self,
+        spec: &ClusterSpec,
+        count: u32,
+        progress: &Progress,
+    ) -> Result<Vec<NodeReport>, ProviderError> {
+        let api = self.ec2("add-node")?;
+        let login = self.login(Duration::from_secs(spec.ssh.timeout_s));
+        ec2::add_nodes(api, spec, count, &login, progress).await
+    }
+
+    /// Stops one node's processes and terminates its instance (EC2); notes on what could not
+    /// be done on the way.
+    pub async fn remove_node(&self, node: &str) -> Result<Vec<String>, ProviderError> {
+        let api = self.ec2("remove-node")?;
+        let login = self.login(remote::QUICK_LOGIN);
+        ec2::remove_node(api, &self.name, node, &login, self.record.as_ref()).await
+    }
+
+    /// Stops every instance, keeping their disks (EC2): how many, and notes.
+    pub async fn stop(&self) -> Result<(usize, Vec<String>), ProviderError> {
+        let api = self.ec2("stop")?;
+        let login = self.login(remote::QUICK_LOGIN);
+        ec2::stop(api, &self.name, &login, self.record.as_ref()).await
+    }
+
+    /// Starts a stopped cluster again (EC2): its nodes, and how many engines they had.
+    pub async fn start(
+        &self,
+        spec: &ClusterSpec,
+        progress: &Progress,
+    ) -> Result<(Vec<String>, u32), ProviderError> {
+        let api = self.ec2("start")?;
+        let login = self.login(Duration::from_secs(spec.ssh.timeout_s));
+        ec2::start(api, spec, &login, progress).await
     }
 
     /// The spec the cluster was started from (needed to add nodes or start it again).
@@ -487,4 +569,35 @@ pub async fn list(hints: &Hints) -> Result<Vec<ClusterSummary>, ProviderError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operation_a_cluster_does_not_have_says_which_kind_has_it() {
+        let cluster = Cluster {
+            name: "lab".into(),
+            provider: ProviderKind::Ssh,
+            record: None,
+            api: None,
+            hints: Hints::default(),
+        };
+        let Err(err) = cluster.ec2("add-node") else {
+            panic!("an ssh cluster has no EC2 API")
+        };
+        assert!(matches!(
+            err,
+            ProviderError::Unsupported {
+                operation: "add-node",
+                provider: ProviderKind::Ssh,
+                ..
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "`add-node` is for EC2 clusters; 'lab' is an ssh cluster"
+        );
+    }
 }
