@@ -110,8 +110,9 @@ def stream_outputs(ar) -> None:
                 show_task(ar, t)
             return
         done = native.progress()[0]
-        if not native.wait_count(max(done, shown) + 1, None):
-            return
+        # Returns once there is one more, or the job has ended (then `ready()` above prints
+        # what is left on the next turn; a lost connection raises).
+        native.wait_count(max(done, shown) + 1, None)
 
 
 def _raise_failures(ar) -> None:

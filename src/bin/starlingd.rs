@@ -170,8 +170,12 @@ async fn run(role: Role, detached: bool) -> Result<(), Failure> {
             ..
         } => {
             let config: starling::engine::EngineConfig = read_config(&path)?;
+            // SIGHUP (the MPI world changed) is handled from before anyone is told we run:
+            // its default action would end the supervisor.
+            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| format!("cannot watch for SIGHUP: {e}"))?;
             ready(&format!("started {}", std::process::id()), detached);
-            starling::engine::supervisor::supervise(&path, &config, shutdown_signal())
+            starling::engine::supervisor::supervise(&path, &config, hangups, shutdown_signal())
                 .await
                 .map_err(Failure::from)
         }

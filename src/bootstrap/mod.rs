@@ -497,15 +497,16 @@ async fn settle_world(
         .await
         .map_err(failure)?;
     let settled = async {
-        let world = if fresh {
-            mpi::world(
+        if fresh {
+            let world = mpi::world(
                 &plan.cluster,
                 &spec.python,
                 master.port,
                 &master.user,
                 &spec.mpi_mca,
                 &nodes,
-            )
+            );
+            mpi::write_world(&remote, &plan.cluster, &world, mpi::Change::New).await
         } else {
             let mut world = mpi::read_world(&remote, &plan.cluster)
                 .await?
@@ -513,9 +514,13 @@ async fn settle_world(
             world
                 .ranks
                 .extend(mpi::ranks(&plan.cluster, &spec.python, &nodes));
-            world
-        };
-        mpi::write_world(&remote, &plan.cluster, &world).await
+            let addresses: Vec<String> = nodes.iter().map(|n| n.private.clone()).collect();
+            let change = mpi::Change::Of {
+                addresses: &addresses,
+                ssh_port: master.port,
+            };
+            mpi::write_world(&remote, &plan.cluster, &world, change).await
+        }
     }
     .await;
     remote.close().await;

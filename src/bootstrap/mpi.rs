@@ -11,6 +11,7 @@
 //! rank can then differ from its id (`status` shows both).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use crate::engine::mpi::{socket_path, Rank, World};
@@ -164,13 +165,18 @@ pub fn ranks(cluster: &str, python: &str, nodes: &[WorldNode]) -> Vec<Rank> {
         .collect()
 }
 
-/// Takes the ranks of node `node` out of `world`; how many there were.
-pub fn remove_node(world: &mut World, node: &str) -> usize {
-    let before = world.ranks.len();
-    world
-        .ranks
-        .retain(|r| r.node_root.file_name().and_then(|n| n.to_str()) != Some(node));
-    before - world.ranks.len()
+/// Takes the ranks of node `node` out of `world`; the addresses they had (none: the node had
+/// no ranks).
+pub fn remove_node(world: &mut World, node: &str) -> Vec<String> {
+    let mut gone: Vec<String> = Vec::new();
+    world.ranks.retain(|r| {
+        let of_node = r.node_root.file_name().and_then(|n| n.to_str()) == Some(node);
+        if of_node && !gone.contains(&r.host) {
+            gone.push(r.host.clone());
+        }
+        !of_node
+    });
+    gone
 }
 
 /// The master's directory in a remote shell, quoted.
@@ -192,12 +198,30 @@ pub async fn read_world(remote: &Remote, cluster: &str) -> Result<Option<World>,
         .map_err(|e| format!("the master's MPI world file is unreadable: {e}"))
 }
 
-/// Writes the world file on the master and tells its supervisor (SIGHUP), which ends the world
-/// that runs, if one does, and starts this one.
-pub async fn write_world(remote: &Remote, cluster: &str, world: &World) -> Result<(), String> {
+/// How a world file is written.
+pub enum Change<'a> {
+    /// A new cluster's world: its supervisor is waiting for the file.
+    New,
+    /// A running cluster's world changed: the host keys of `addresses` (new to the world, or
+    /// leaving it: EC2 hands addresses out again) are forgotten from the master's
+    /// `known_hosts`, then the supervisor is told (SIGHUP) to end the running world and start
+    /// this one.
+    Of {
+        addresses: &'a [String],
+        ssh_port: u16,
+    },
+}
+
+/// Writes the world file on the master.
+pub async fn write_world(
+    remote: &Remote,
+    cluster: &str,
+    world: &World,
+    change: Change<'_>,
+) -> Result<(), String> {
     remote
         .run_with_input(
-            &write_world_script(cluster),
+            &write_world_script(cluster, &change),
             &[&serde_json::to_vec_pretty(world).expect("serializes")],
         )
         .await
@@ -205,17 +229,38 @@ pub async fn write_world(remote: &Remote, cluster: &str, world: &World) -> Resul
         .map_err(String::from)
 }
 
-/// The shell command that writes the world file on the master from stdin, then sends SIGHUP to
-/// the master's supervisor: the process its pid file names, checked against its command line,
-/// so a reused pid is never hit.
-fn write_world_script(cluster: &str) -> String {
+/// The shell command that writes the world file on the master from stdin; for a changed world,
+/// it then forgets the changed addresses' host keys and sends SIGHUP to the master's
+/// supervisor: the process its pid file names, checked against its command line, so a reused
+/// pid is never hit.
+fn write_world_script(cluster: &str, change: &Change<'_>) -> String {
     let dir = master_dir(cluster);
-    format!(
-        "umask 077 && cat > {dir}/config/{WORLD_FILE}.part && mv -f {dir}/config/{WORLD_FILE}.part {dir}/config/{WORLD_FILE} && \
-         {{ pid=$(cat {dir}/engine.pid 2>/dev/null); \
-         if [ -n \"$pid\" ] && tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF \"engine --config $HOME/{rel}/config/engine.json\"; then kill -HUP \"$pid\"; fi; true; }}",
-        rel = node_dir(cluster, "master"),
-    )
+    let mut script = format!(
+        "umask 077 && cat > {dir}/config/{WORLD_FILE}.part && mv -f {dir}/config/{WORLD_FILE}.part {dir}/config/{WORLD_FILE}"
+    );
+    if let Change::Of {
+        addresses,
+        ssh_port,
+    } = change
+    {
+        let _ = write!(script, " && {{ ");
+        for a in *addresses {
+            for host in [a.clone(), format!("[{a}]:{ssh_port}")] {
+                let _ = write!(
+                    script,
+                    "ssh-keygen -R {} -f {dir}/known_hosts >/dev/null 2>&1; ",
+                    shell_quote(&host)
+                );
+            }
+        }
+        let _ = write!(
+            script,
+            "pid=$(cat {dir}/engine.pid 2>/dev/null); \
+             if [ -n \"$pid\" ] && tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF \"engine --config $HOME/{rel}/config/engine.json\"; then kill -HUP \"$pid\"; fi; true; }}",
+            rel = node_dir(cluster, "master"),
+        );
+    }
+    script
 }
 
 /// Takes node `node`'s ranks out of the world on the master (`remove-node`), which starts
@@ -231,8 +276,13 @@ pub async fn leave_world(
         let Some(mut world) = read_world(&remote, cluster).await? else {
             return Ok(false);
         };
-        if remove_node(&mut world, node) > 0 {
-            write_world(&remote, cluster, &world).await?;
+        let gone = remove_node(&mut world, node);
+        if !gone.is_empty() {
+            let change = Change::Of {
+                addresses: &gone,
+                ssh_port: master.port,
+            };
+            write_world(&remote, cluster, &world, change).await?;
         }
         Ok(true)
     }
@@ -277,8 +327,8 @@ mod tests {
             w.ranks[3].socket.display().to_string(),
             "/home/u/.starling/node/sci/node002/run/kernel-0.sock"
         );
-        assert_eq!(remove_node(&mut w, "node001"), 1);
-        assert_eq!(remove_node(&mut w, "node009"), 0);
+        assert_eq!(remove_node(&mut w, "node001"), ["127.0.1.5"]);
+        assert!(remove_node(&mut w, "node009").is_empty());
         // node002's engines are now ranks 2 and 3.
         assert_eq!(w.hostfile_text(), "127.0.1.4 slots=2\n127.0.1.6 slots=2\n");
         assert!(w.ranks[2].node_root.ends_with("node002"));
@@ -314,6 +364,57 @@ mod tests {
         let agent = w.rsh_agent.unwrap();
         assert!(agent.contains("-i /home/u/.starling/node/sci/master/config/mpi_key"));
         assert!(agent.contains("-l ubuntu") && agent.contains("-p 22"));
+    }
+
+    #[test]
+    fn a_changed_world_is_written_and_the_changed_addresses_host_keys_forgotten() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join(node_dir("sci", "master"));
+        std::fs::create_dir_all(dir.join("config")).unwrap();
+        let key = home.path().join("hostkey");
+        let made = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let public = public
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let known = |hosts: &[&str]| -> String {
+            hosts.iter().fold(String::new(), |mut text, h| {
+                let _ = writeln!(text, "{h} {public}");
+                text
+            })
+        };
+        std::fs::write(
+            dir.join("known_hosts"),
+            known(&["127.0.1.4", "127.0.1.5", "[127.0.1.5]:2222"]),
+        )
+        .unwrap();
+        let change = Change::Of {
+            addresses: &["127.0.1.5".to_string()],
+            ssh_port: 2222,
+        };
+        let mut child = std::process::Command::new("bash")
+            .args(["-c", &write_world_script("sci", &change)])
+            .env("HOME", home.path())
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"{\"world\": 1}").unwrap();
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("config").join(WORLD_FILE)).unwrap(),
+            "{\"world\": 1}"
+        );
+        let left = std::fs::read_to_string(dir.join("known_hosts")).unwrap();
+        assert!(left.starts_with("127.0.1.4 ssh-ed25519 "), "{left}");
+        assert!(!left.contains("127.0.1.5"), "{left}");
     }
 
     #[test]

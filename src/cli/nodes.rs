@@ -164,6 +164,7 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
         bail!("-n must be at least 1");
     }
     let cluster = open(g, &args.name).await?;
+    cluster.supports("add-node")?;
     let spec = match &args.file {
         Some(path) => {
             let mut s = crate::spec::load(path)?;
@@ -194,6 +195,7 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
 
 pub async fn remove_node(g: &Global, args: &RemoveNodeArgs) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
+    cluster.supports("remove-node")?;
     // On an MPI cluster, the world starts again without the node: wait for it, so that what
     // is sent next runs there.
     let client = match ConnectionInfo::load(&home::connection_path(&cluster.name)) {
@@ -209,7 +211,12 @@ pub async fn remove_node(g: &Global, args: &RemoveNodeArgs) -> Result<ExitCode> 
             .iter()
             .filter(|e| e.node != args.node)
             .count();
-        if !old.is_empty() {
+        // A node whose engines never had ranks (its add-node failed) leaves the world as it is.
+        let in_world = status
+            .engines
+            .iter()
+            .any(|e| e.node == args.node && e.rank.is_some());
+        if in_world {
             world = Some((c, old, staying));
         }
     }

@@ -90,9 +90,12 @@ fn start(config_path: &Path, slot: u32) -> std::io::Result<(Pid, ChildStdin)> {
 
 /// Runs the node's engines until they are told to stop (or give up), or `shutdown` completes;
 /// then stops them and everything they left behind.
+/// `hangups` is SIGHUP, which says the MPI world file changed (watched by the caller from
+/// before it said the supervisor runs).
 pub async fn supervise(
     config_path: &Path,
     config: &EngineConfig,
+    mut hangups: tokio::signal::unix::Signal,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), EngineError> {
     let slots: Vec<u32> = (0..config.engines.max(1)).collect();
@@ -105,8 +108,6 @@ pub async fn supervise(
     }
     let mut children = signal(SignalKind::child())
         .map_err(|e| EngineError::CannotStart(format!("cannot watch child processes: {e}")))?;
-    let mut hangups = signal(SignalKind::hangup())
-        .map_err(|e| EngineError::CannotStart(format!("cannot watch for SIGHUP: {e}")))?;
 
     if let Some(m) = &config.mpi {
         if let Err(e) = super::mpi::write_attach(&m.run_dir) {

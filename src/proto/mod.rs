@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use value::{Pickled, Value};
 
 /// Bumped whenever a message changes shape; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Default hard limit on one frame (64 MiB): large enough for a big push or a map chunk, small
 /// enough that a garbage length prefix cannot make a peer allocate gigabytes.
@@ -855,7 +855,8 @@ pub enum EngineToController {
 pub struct EngineSlot {
     pub slot: u32,
     pub kernel_pid: u32,
-    /// On an MPI cluster, the kernel's rank: the engine's id is then this rank.
+    /// On an MPI cluster, the kernel's rank: a new engine's id is this rank when no other
+    /// engine holds that id (after a `remove-node`, ids and ranks can differ).
     #[serde(default)]
     pub rank: Option<u32>,
 }

@@ -273,6 +273,11 @@ impl Cluster {
         }
     }
 
+    /// Whether this cluster can do `operation` (`add-node`, …): `Unsupported` if not.
+    pub fn supports(&self, operation: &'static str) -> Result<(), ProviderError> {
+        self.ec2(operation).map(|_| ())
+    }
+
     /// Its EC2 API, for what only EC2 clusters do.
     fn ec2(&self, operation: &'static str) -> Result<&ec2::Ec2, ProviderError> {
         self.api.as_ref().ok_or_else(|| ProviderError::Unsupported {
@@ -459,23 +464,23 @@ pub async fn restart(
 /// [`await_world`] waits to see replaced after the cluster's nodes change.
 pub async fn world_kernels(
     client: &crate::client::Client,
-) -> Result<std::collections::BTreeSet<u32>, ClientError> {
+) -> Result<std::collections::BTreeSet<(EngineId, u32)>, ClientError> {
     let status = client.status().await?;
     Ok(status
         .engines
         .iter()
         .filter(|e| e.rank.is_some())
-        .map(|e| e.pid)
+        .map(|e| (e.id, e.pid))
         .collect())
 }
 
 /// Waits until an MPI cluster's world has started again after its nodes changed: `n` engines,
-/// whose kernels are ranks 0..n and none of the kernels in `old` (the world before). Work sent
-/// from then on runs in the new world.
+/// whose kernels are ranks 0..n and none of the kernels in `old` (the world before: each
+/// engine's kernel pid). Work sent from then on runs in the new world.
 pub async fn await_world(
     client: &crate::client::Client,
     cluster: &str,
-    old: &std::collections::BTreeSet<u32>,
+    old: &std::collections::BTreeSet<(EngineId, u32)>,
     n: usize,
 ) -> Result<(), ProviderError> {
     // Engines wait this long for their new ranks.
@@ -485,7 +490,7 @@ pub async fn await_world(
         let status = client.status().await?;
         let mut ranks: Vec<u32> = status.engines.iter().filter_map(|e| e.rank).collect();
         ranks.sort_unstable();
-        let renewed = status.engines.iter().all(|e| !old.contains(&e.pid));
+        let renewed = status.engines.iter().all(|e| !old.contains(&(e.id, e.pid)));
         if renewed && status.engines.len() == n && ranks.iter().copied().eq(0..n as u32) {
             return Ok(());
         }
