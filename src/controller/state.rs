@@ -252,6 +252,10 @@ struct Past {
     /// `task_attempts`, since the engines were not at fault.
     restarted: u32,
     avoid: Vec<EngineId>,
+    /// The node its engine was lost with: its other engines are likely going the same way
+    /// (a node that dies takes its engines one connection at a time), so the work goes to
+    /// another node's engine while there is one.
+    lost_node: Option<String>,
 }
 
 impl Past {
@@ -1357,12 +1361,19 @@ impl State {
                 continue;
             };
             let allowed = job.allowed.as_ref();
-            let avoid = feed.again.front().map_or(&[][..], |r| &r.past.avoid[..]);
+            let again = feed.again.front().map(|r| &r.past);
+            let avoid = again.map_or(&[][..], |p| &p.avoid[..]);
+            // Work lost with its engine's node waits for another node while there is one.
+            let shun = again
+                .and_then(|p| p.lost_node.as_deref())
+                .filter(|node| self.engines.values().any(|e| e.node != *node));
             let Some((engine_id, engine)) = self
                 .engines
                 .iter_mut()
                 .filter(|(id, e)| {
-                    allowed.map_or(true, |a| a.contains(id)) && Self::has_room(e, item_micros)
+                    allowed.map_or(true, |a| a.contains(id))
+                        && Self::has_room(e, item_micros)
+                        && shun != Some(e.node.as_str())
                 })
                 .min_by_key(|(id, e)| (avoid.contains(id), e.outstanding, e.assigned.len()))
             else {
@@ -1589,7 +1600,15 @@ impl State {
     /// lost fewer than `task_attempts` times; after it raised on an engine while it has
     /// retries left. Gives the task back when it cannot run again. Its old task id is gone,
     /// so a late result for it is ignored.
-    fn requeue(&mut self, tref: TaskRef, raised_on: Option<EngineId>) -> Result<(), TaskRef> {
+    /// Puts a task back at the front of its map's queue, if it may run again: it raised on
+    /// `raised_on` (and has retries left), or its kernel died or its engine was lost (on node
+    /// `lost_node`; while it has attempts left).
+    fn requeue(
+        &mut self,
+        tref: TaskRef,
+        raised_on: Option<EngineId>,
+        lost_node: Option<&str>,
+    ) -> Result<(), TaskRef> {
         let Some((job, past)) = self
             .jobs
             .get_mut(&tref.job)
@@ -1606,7 +1625,10 @@ impl State {
         }
         let (items, mut past) = tref.balanced.expect("checked");
         match raised_on {
-            None => past.lost += 1,
+            None => {
+                past.lost += 1;
+                past.lost_node = lost_node.map(str::to_string);
+            }
             Some(engine) => {
                 past.retried += 1;
                 past.avoid.push(engine);
@@ -1652,12 +1674,12 @@ impl State {
             // Its kernel died under it: like work on a lost engine, it runs again elsewhere
             // while it has attempts left. A task that raised runs again while it has retries.
             if kernel_died(&result.outcome) {
-                match self.requeue(tref, None) {
+                match self.requeue(tref, None, None) {
                     Ok(()) => continue,
                     Err(t) => tref = t,
                 }
             } else if first_error(&result.outcome).is_some() {
-                match self.requeue(tref, Some(result.engine)) {
+                match self.requeue(tref, Some(result.engine), None) {
                     Ok(()) => continue,
                     Err(t) => tref = t,
                 }
@@ -1780,7 +1802,7 @@ impl State {
                     engine.node, engine.host
                 );
                 let handed = tref.balanced.as_ref().map_or(1, |(_, p)| p.lost + 1);
-                let tref = match self.requeue(tref, None) {
+                let tref = match self.requeue(tref, None, Some(&engine.node)) {
                     Ok(()) => continue,
                     Err(t) => t,
                 };
@@ -2799,6 +2821,62 @@ mod tests {
         );
         assert_eq!(s.jobs[&JobId(0)].remaining, 0);
         assert_eq!(s.status().queued, 0);
+    }
+
+    #[test]
+    fn work_lost_with_an_engine_waits_for_another_node_rather_than_its_nodes_other_engines() {
+        // Engine 0 on node a; engines 1 and 2 on node b, one process each.
+        let now = Instant::now();
+        let mut s = State::new("t", Duration::from_secs(1), 2);
+        let mut c = Recorder::default();
+        for (i, node) in ["a", "b", "b"].iter().enumerate() {
+            let conn = ConnId(i as u64);
+            s.on_engine_connected(conn, now);
+            let msg = EngineToController::Register {
+                node: (*node).to_string(),
+                host: "127.0.0.1".into(),
+                pid: 900 + i as u32,
+                engines: vec![EngineSlot {
+                    slot: i as u32,
+                    kernel_pid: 1000,
+                    rank: None,
+                }],
+            };
+            s.on_engine_message(&mut c, conn, msg, now);
+        }
+        s.on_client_connected(CLIENT);
+        c.to_engines.clear();
+        submit_map(&mut s, &mut c, 1, 100, Some(1), now);
+        let first = runs(&mut c);
+        let of = |conn: u64| -> Vec<Assignment> {
+            first
+                .iter()
+                .filter(|(c, _, _)| *c == ConnId(conn))
+                .flat_map(|(_, t, _)| t.clone())
+                .collect()
+        };
+        let lost: Vec<u64> = of(1).iter().map(|a| a.first).collect();
+        assert!(!lost.is_empty());
+        // Engine 1 goes (its node is dying); its work comes back first in line.
+        s.on_engine_gone(&mut c, ConnId(1), "its connection failed", now);
+        // Engine 2, on the same node, has room first: the lost work goes to node a's engine,
+        // not to it.
+        finish_chunk(&mut s, &mut c, ConnId(2), &of(2)[0], 10);
+        let next: Vec<Assignment> = runs(&mut c).into_iter().flat_map(|(_, t, _)| t).collect();
+        for first in &lost {
+            let a = next
+                .iter()
+                .find(|a| a.first == *first)
+                .expect("handed out again");
+            assert_eq!(a.engine, EngineId(0), "item {first}: {a:?}");
+        }
+        assert!(
+            next.iter().any(|a| a.engine == EngineId(2)),
+            "new work still goes to engine 2"
+        );
+        // With node b's engines all gone too, nothing is held back any more.
+        s.on_engine_gone(&mut c, ConnId(2), "its connection failed", now);
+        assert_eq!(s.status().engines.len(), 1);
     }
 
     #[test]
