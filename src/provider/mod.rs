@@ -201,14 +201,7 @@ pub async fn after_interrupted_up(spec: &ClusterSpec) -> Option<String> {
                 .map_or_else(|e| format!("unknown ({e})"), |r| r.describe()),
             Err(e) => format!("unknown ({e})"),
         }),
-        ProviderKind::Ssh => Some(format!(
-            "starlingd may run, and files may be, on {}",
-            spec.hosts
-                .iter()
-                .map(|h| h.host.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
+        ProviderKind::Ssh => Some(ssh::what_may_exist(spec)),
     }
 }
 

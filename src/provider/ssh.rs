@@ -38,15 +38,20 @@ pub async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, Pro
         .map_err(|e| ProviderError::Partial {
             cluster: name.to_string(),
             error: Box::new(e),
-            exists: format!(
-                "starlingd may run, and files may be, on {}",
-                spec.hosts
-                    .iter()
-                    .map(|h| h.host.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            exists: what_may_exist(spec),
         })
+}
+
+/// What a failed or interrupted `up` may have left on the spec's hosts.
+pub fn what_may_exist(spec: &ClusterSpec) -> String {
+    format!(
+        "starlingd may run, and files may be, on {}",
+        spec.hosts
+            .iter()
+            .map(|h| h.host.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 pub async fn down(record: &Record) -> Result<Terminated, ProviderError> {
