@@ -176,8 +176,9 @@ pub async fn add_node(g: &Global, args: &AddNodeArgs) -> Result<ExitCode> {
     let info = ConnectionInfo::load(&home::connection_path(&cluster.name))
         .context("add-node waits for the new engines through the connection file; `starling connect NAME` fetches it")?;
     let client = Client::connect_with(info).await?;
-    let before = client.ids().await?.len() as u32;
-    let world = provider::world_kernels(&client).await?;
+    let status = client.status().await?;
+    let before = status.engines.len() as u32;
+    let world = provider::world_kernels(&status);
     let progress = Progress::new();
     let started = std::time::Instant::now();
     let reports = cluster.add_nodes(&spec, args.count, &progress).await?;
@@ -205,7 +206,7 @@ pub async fn remove_node(g: &Global, args: &RemoveNodeArgs) -> Result<ExitCode> 
     let mut world = None;
     if let Some(c) = &client {
         let status = c.status().await?;
-        let old = provider::world_kernels(c).await?;
+        let old = provider::world_kernels(&status);
         let staying = status
             .engines
             .iter()

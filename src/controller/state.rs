@@ -2224,18 +2224,34 @@ mod tests {
 
     const CLIENT: ConnId = ConnId(100);
 
+    /// Engine processes on nodes of their own: `engines_per_conn[i]` engines on `node{i}`.
     fn cluster_with(engines_per_conn: &[usize]) -> (State, Recorder, Instant) {
+        let conns: Vec<(String, usize)> = engines_per_conn
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("node{i}"), *n))
+            .collect();
+        cluster_on(&conns)
+    }
+
+    /// Engine processes (connections 0, 1, …), each with its node and number of engines;
+    /// a node's engines take its next slots.
+    fn cluster_on(conns: &[(String, usize)]) -> (State, Recorder, Instant) {
         let now = Instant::now();
         let mut s = State::new("t", Duration::from_secs(1), 2);
         let mut c = Recorder::default();
-        for (i, n) in engines_per_conn.iter().enumerate() {
+        let mut next_slot: HashMap<&str, u32> = HashMap::new();
+        for (i, (node, n)) in conns.iter().enumerate() {
             let conn = ConnId(i as u64);
             s.on_engine_connected(conn, now);
+            let first = next_slot.entry(node).or_default();
+            let slots = *first..*first + *n as u32;
+            *first += *n as u32;
             let msg = EngineToController::Register {
-                node: format!("node{i}"),
+                node: node.clone(),
                 host: "127.0.0.1".into(),
                 pid: 900 + i as u32,
-                engines: (0..*n as u32)
+                engines: slots
                     .map(|slot| EngineSlot {
                         slot,
                         kernel_pid: 1000,
@@ -2826,26 +2842,7 @@ mod tests {
     #[test]
     fn work_lost_with_an_engine_waits_for_another_node_rather_than_its_nodes_other_engines() {
         // Engine 0 on node a; engines 1 and 2 on node b, one process each.
-        let now = Instant::now();
-        let mut s = State::new("t", Duration::from_secs(1), 2);
-        let mut c = Recorder::default();
-        for (i, node) in ["a", "b", "b"].iter().enumerate() {
-            let conn = ConnId(i as u64);
-            s.on_engine_connected(conn, now);
-            let msg = EngineToController::Register {
-                node: (*node).to_string(),
-                host: "127.0.0.1".into(),
-                pid: 900 + i as u32,
-                engines: vec![EngineSlot {
-                    slot: i as u32,
-                    kernel_pid: 1000,
-                    rank: None,
-                }],
-            };
-            s.on_engine_message(&mut c, conn, msg, now);
-        }
-        s.on_client_connected(CLIENT);
-        c.to_engines.clear();
+        let (mut s, mut c, now) = cluster_on(&[("a".into(), 1), ("b".into(), 1), ("b".into(), 1)]);
         submit_map(&mut s, &mut c, 1, 100, Some(1), now);
         let first = runs(&mut c);
         let of = |conn: u64| -> Vec<Assignment> {

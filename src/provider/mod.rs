@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::bootstrap::{Login, NodeFailure, NodeReport, NodeTarget, Progress};
 use crate::client::ClientError;
 use crate::home;
-use crate::proto::EngineId;
+use crate::proto::{ClusterStatus, EngineId};
 use crate::spec::{ClusterSpec, ProviderKind};
 use remote::Record;
 
@@ -455,16 +455,13 @@ pub async fn restart(
 
 /// The kernels of an MPI cluster's engines now (none on any other cluster): what
 /// [`await_world`] waits to see replaced after the cluster's nodes change.
-pub async fn world_kernels(
-    client: &crate::client::Client,
-) -> Result<std::collections::BTreeSet<(EngineId, u32)>, ClientError> {
-    let status = client.status().await?;
-    Ok(status
+pub fn world_kernels(status: &ClusterStatus) -> std::collections::BTreeSet<(EngineId, u32)> {
+    status
         .engines
         .iter()
         .filter(|e| e.rank.is_some())
         .map(|e| (e.id, e.pid))
-        .collect())
+        .collect()
 }
 
 /// Waits until an MPI cluster's world has started again after its nodes changed: `n` engines,

@@ -1337,47 +1337,23 @@ fn an_mpi_cluster_on_ec2_is_one_world_across_its_nodes() {
     };
     assert!(authorized(), "the cluster's key is in authorized_keys");
 
-    // Engine N is rank N of one world of 6, across the 3 nodes' addresses.
-    let px = user
-        .run(&[
-            "px",
-            "--cluster",
-            name,
-            "--output",
-            "json",
-            "import os\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\n(c.rank, c.size, os.environ['SSH_CONNECTION'].split()[2])",
-        ])
-        .ok()
-        .json();
-    let mut addrs = Vec::new();
-    for r in px.as_array().unwrap() {
-        let v = r["display"].as_str().unwrap();
-        let id = r["engine"].as_u64().unwrap();
-        assert!(
-            v.starts_with(&format!("({id}, 6, '127.0.8.")),
-            "engine {id}: {v}"
-        );
-        addrs.push(v.split('\'').nth(1).unwrap().to_string());
-    }
-    addrs.sort();
-    addrs.dedup();
-    assert_eq!(addrs.len(), 3, "three nodes, three addresses: {addrs:?}");
-    // Each engine runs where `status` says its node is.
+    // Engine N is rank N of one world of 6 across the 3 nodes' addresses, and a collective
+    // spans them (the sum of the ranks by `allreduce`).
+    let world = world_of(&user, name);
+    assert_eq!(
+        world.iter().map(|w| w.0).collect::<Vec<_>>(),
+        (0..6).collect::<Vec<_>>(),
+        "{world:?}"
+    );
     let hosts = engine_hosts(&user, name);
-    for r in px.as_array().unwrap() {
-        let id = r["engine"].as_u64().unwrap();
-        let host = &hosts.iter().find(|(e, _, _)| *e == id).unwrap().2;
-        assert!(
-            r["display"].as_str().unwrap().contains(host.as_str()),
-            "engine {id}: {r}"
-        );
+    for (id, rank, size, sum, host) in &world {
+        assert_eq!((rank, size, sum), (id, &6, &15), "engine {id}: {world:?}");
+        assert!(host.starts_with("127.0.8."), "engine {id}: {host}");
+        // Each engine runs where `status` says its node is.
+        assert_eq!(&hosts.iter().find(|(e, _, _)| e == id).unwrap().2, host);
     }
-    // A collective across the nodes.
-    let sum = user
-        .run(&["px", "--cluster", name, "c.allreduce(c.rank)"])
-        .ok()
-        .stdout;
-    assert_eq!(sum.matches(": 15\n").count(), 6, "{sum}");
+    let addrs: std::collections::BTreeSet<&String> = world.iter().map(|w| &w.4).collect();
+    assert_eq!(addrs.len(), 3, "three nodes, three addresses: {addrs:?}");
     let status = status_engines(&user, name);
     assert!(
         status.iter().all(|e| e["rank"] == e["id"]),
