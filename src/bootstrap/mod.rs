@@ -17,7 +17,7 @@
 
 pub mod mpi;
 pub mod share;
-pub mod ssh;
+pub mod transport;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ use futures::StreamExt as _;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::watch;
 
-pub use ssh::{CommandError, Login, NodeTarget, Remote};
+pub use transport::{CommandError, Login, NodeTarget, Remote, Transport};
 
 use crate::controller::ControllerConfig;
 use crate::engine::{shell_quote, EngineConfig};
@@ -41,6 +41,15 @@ pub const PARALLEL: usize = 32;
 /// A node's directory, relative to the login user's home.
 pub fn node_dir(cluster: &str, node: &str) -> String {
     format!(".starling/node/{cluster}/{node}")
+}
+
+/// starling's home on a node, in a shell: `STARLING_HOME` where it is set (a local cluster's
+/// node is this machine, whose starling home it uses), else `~/.starling`.
+pub const HOME_IN_SHELL: &str = "${STARLING_HOME:-$HOME/.starling}";
+
+/// A node's directory in a node's shell, quoted.
+pub fn dir_in_shell(cluster: &str, node: &str) -> String {
+    format!("\"{HOME_IN_SHELL}/node/{cluster}/{node}\"")
 }
 
 /// The secrets and addresses engines need to join a cluster.
@@ -63,8 +72,9 @@ pub struct Join {
 pub struct MasterRole {
     /// The controller's config (its `listen` is set from the master's private address).
     pub controller: ControllerConfig,
-    /// The connection file, kept on the master for `starling connect`.
-    pub connection: Vec<u8>,
+    /// The connection file, kept on the master for `starling connect` (not on a local
+    /// cluster's, which is this machine).
+    pub connection: Option<Vec<u8>>,
     /// On an MPI cluster: the private half of the cluster's SSH key, kept on the master only.
     pub mpi_key: Option<Vec<u8>>,
 }
@@ -74,12 +84,20 @@ pub struct MasterRole {
 pub struct Plan {
     pub cluster: String,
     pub spec: ClusterSpec,
-    pub login: Login,
-    /// The local `starlingd` to upload.
+    pub transport: Transport,
+    /// The local `starlingd` to upload (or, to a local cluster's node, to link to).
     pub daemon: PathBuf,
     pub join: Join,
     /// `Some` when the first node given is the master and starts the controller.
     pub master: Option<MasterRole>,
+}
+
+impl Plan {
+    /// Whether the cluster's kernels are one MPI world: a remote cluster's nodes share its MPI
+    /// key; a local cluster's ranks are all on this machine and need none.
+    fn mpi(&self) -> bool {
+        self.join.mpi_key.is_some() || (self.transport.is_local() && self.spec.mpi)
+    }
 }
 
 /// How one node's bootstrap went.
@@ -98,6 +116,10 @@ pub struct NodeReport {
     /// need (code from the CLI and Rust does not).
     pub cloudpickle: bool,
     pub seconds: f64,
+    /// The address the controller listens on, when it chose its port (the master of a local
+    /// cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
 }
 
 /// A node that failed, at which step, and why.
@@ -163,8 +185,10 @@ impl Progress {
         })
     }
 
-    fn node(&self, name: &str) -> NodeBar {
-        let bar = self.multi.as_ref().map(|m| {
+    /// A node's line: a spinner, then how its bootstrap ended. None for a local cluster's
+    /// node (`shown` false), which is this machine: `up` says all there is to say.
+    fn node(&self, name: &str, shown: bool) -> NodeBar {
+        let bar = self.multi.as_ref().filter(|_| shown).map(|m| {
             let bar = m.add(ProgressBar::new_spinner());
             bar.set_style(
                 ProgressStyle::with_template("  {spinner} {prefix:<8} {elapsed:>4} {msg}")
@@ -179,6 +203,7 @@ impl Progress {
             progress: self.clone(),
             name: name.to_string(),
             started: Instant::now(),
+            shown,
         }
     }
 }
@@ -188,6 +213,7 @@ struct NodeBar {
     progress: Progress,
     name: String,
     started: Instant,
+    shown: bool,
 }
 
 impl NodeBar {
@@ -205,7 +231,8 @@ impl NodeBar {
     fn finish(&self, line: String) {
         match &self.bar {
             Some(b) => b.finish_with_message(line),
-            None => self.progress.say(&format!("  {line}")),
+            None if self.shown => self.progress.say(&format!("  {line}")),
+            None => {}
         }
     }
 }
@@ -267,11 +294,21 @@ async fn from_master<T: Clone>(
     }
 }
 
+/// Where a booted node keeps its things: its directory, and where its kernels work.
+#[derive(Debug)]
+struct Place {
+    dir: String,
+    workdir: String,
+}
+
 /// What one node's bootstrap did.
 struct Booted {
     engines: u32,
-    /// The login user's home on the node.
-    home: String,
+    /// The node's directory, and where its kernels work.
+    dir: String,
+    workdir: String,
+    /// Where the controller listens, when it chose its port.
+    controller: Option<String>,
     uploaded: bool,
     fetched: bool,
     cloudpickle: bool,
@@ -285,7 +322,13 @@ pub async fn run(
     nodes: Vec<NodeTarget>,
     progress: &Progress,
 ) -> Result<Vec<NodeReport>, Vec<NodeFailure>> {
-    let daemon = match std::fs::read(&plan.daemon) {
+    // A local cluster's node runs this machine's starlingd where it is.
+    let read = if plan.transport.is_local() {
+        Ok(Vec::new())
+    } else {
+        std::fs::read(&plan.daemon)
+    };
+    let daemon = match read {
         Ok(d) => d,
         Err(e) => {
             return Err(vec![NodeFailure {
@@ -330,7 +373,7 @@ pub async fn run(
             shared.source.send_replace(Some(Ok(offered)));
         });
     }
-    if has_master {
+    if has_master && !shared.plan.transport.is_local() {
         // A new cluster's master almost always needs starlingd: compress it while the nodes
         // are being logged in to and probed.
         let shared = shared.clone();
@@ -338,18 +381,22 @@ pub async fn run(
             shared.packed.get_or_init(|| pack(&shared.daemon)).await;
         });
     }
-    let results: Vec<Result<(String, NodeReport), NodeFailure>> =
+    let results: Vec<Result<(Place, NodeReport), NodeFailure>> =
         futures::stream::iter(nodes.into_iter().enumerate().map(|(i, node)| {
             let shared = shared.clone();
             async move {
                 let is_master = has_master && i == 0;
-                let bar = shared.progress.node(&node.name);
+                let bar = shared
+                    .progress
+                    .node(&node.name, !shared.plan.transport.is_local());
                 let started = Instant::now();
                 let r = boot(&shared, &node, is_master, &bar).await;
                 match r {
                     Ok(Booted {
                         engines,
-                        home,
+                        dir,
+                        workdir,
+                        controller,
                         uploaded,
                         fetched,
                         cloudpickle,
@@ -362,7 +409,7 @@ pub async fn run(
                             started.elapsed().as_secs_f64()
                         ));
                         Ok((
-                            home,
+                            Place { dir, workdir },
                             NodeReport {
                                 node: node.name.clone(),
                                 address: node.ssh_host.clone(),
@@ -372,6 +419,7 @@ pub async fn run(
                                 sent_bytes,
                                 cloudpickle,
                                 seconds: started.elapsed().as_secs_f64(),
+                                controller,
                             },
                         ))
                     }
@@ -401,8 +449,8 @@ pub async fn run(
     if !failed.is_empty() {
         return Err(failed.into_iter().map(|r| r.unwrap_err()).collect());
     }
-    let booted: Vec<(String, NodeReport)> = ok.into_iter().map(Result::unwrap).collect();
-    if shared.plan.join.mpi_key.is_some() {
+    let booted: Vec<(Place, NodeReport)> = ok.into_iter().map(Result::unwrap).collect();
+    if shared.plan.mpi() {
         settle_world(&shared.plan, has_master, &order, &booted).await?;
     }
     let mut reports: Vec<NodeReport> = booted.into_iter().map(|(_, r)| r).collect();
@@ -416,14 +464,14 @@ pub async fn run(
 async fn offer_from_master(shared: &Shared) -> Option<Source> {
     let plan = &shared.plan;
     let master = &plan.join.master;
-    let qdir = remote_dir(&plan.cluster, "master");
+    let qdir = dir_in_shell(&plan.cluster, "master");
     let script = format!(
         "[ \"$(sha256sum {qdir}/bin/starlingd 2>/dev/null | cut -d' ' -f1)\" = {sha} ] || \
          {{ echo starling:other-build; exit 0; }}; {}",
         share_command(&qdir, &master.private),
         sha = shared.daemon_sha
     );
-    let said = match Remote::connect(master, &plan.login).await {
+    let said = match Remote::open(master, &plan.transport).await {
         Ok(remote) => {
             let said = remote.run(&script).await;
             remote.close().await;
@@ -469,16 +517,17 @@ async fn settle_world(
     plan: &Plan,
     fresh: bool,
     order: &[NodeTarget],
-    booted: &[(String, NodeReport)],
+    booted: &[(Place, NodeReport)],
 ) -> Result<(), Vec<NodeFailure>> {
     let nodes: Vec<mpi::WorldNode> = order
         .iter()
         .filter_map(|t| {
-            let (home, report) = booted.iter().find(|(_, r)| r.node == t.name)?;
+            let (Place { dir, workdir }, report) = booted.iter().find(|(_, r)| r.node == t.name)?;
             Some(mpi::WorldNode {
                 name: t.name.clone(),
                 private: t.private.clone(),
-                home: home.clone(),
+                dir: dir.clone(),
+                workdir: workdir.clone(),
                 engines: report.engines,
             })
         })
@@ -493,27 +542,21 @@ async fn settle_world(
             message,
         }]
     };
-    let remote = Remote::connect(master, &plan.login)
+    let remote = Remote::open(master, &plan.transport)
         .await
         .map_err(failure)?;
     let settled = async {
         if fresh {
-            let world = mpi::world(
-                &plan.cluster,
-                &spec.python,
-                master.port,
-                &master.user,
-                &spec.mpi_mca,
-                &nodes,
-            );
+            // Open MPI reaches a remote cluster's nodes with the cluster's key; a local
+            // cluster's ranks are all here.
+            let ssh = (!plan.transport.is_local()).then_some((master.port, master.user.as_str()));
+            let world = mpi::world(&spec.python, ssh, &spec.mpi_mca, &nodes);
             mpi::write_world(&remote, &plan.cluster, &world, mpi::Change::New).await
         } else {
             let mut world = mpi::read_world(&remote, &plan.cluster)
                 .await?
                 .ok_or_else(|| "the master has no MPI world file".to_string())?;
-            world
-                .ranks
-                .extend(mpi::ranks(&plan.cluster, &spec.python, &nodes));
+            world.ranks.extend(mpi::ranks(&spec.python, &nodes));
             let addresses: Vec<String> = nodes.iter().map(|n| n.private.clone()).collect();
             let change = mpi::Change::Of {
                 addresses: &addresses,
@@ -536,7 +579,11 @@ fn at<E: std::fmt::Display>(step: &str) -> impl Fn(E) -> StepError + '_ {
 /// Facts about a node, from one command.
 struct Probe {
     arch: String,
-    home: String,
+    /// The node's directory.
+    dir: String,
+    /// Where scripts start, and the kernels work: the login user's home, or on a local
+    /// cluster's node the directory `up` ran in.
+    workdir: String,
     cores: u32,
 }
 
@@ -556,7 +603,7 @@ async fn boot(
 ) -> Result<Booted, StepError> {
     let plan = &shared.plan;
     bar.step("waiting for sshd");
-    let remote = Remote::connect(node, &plan.login)
+    let remote = Remote::open(node, &plan.transport)
         .await
         .map_err(at("logging in"))?;
     let result = boot_in(shared, &remote, is_master, bar).await;
@@ -573,24 +620,31 @@ async fn boot_in<'s>(
     let plan = &shared.plan;
     let node = &remote.node;
     let spec = &plan.spec;
+    let local = plan.transport.is_local();
 
     // Every command is a round trip and a session on the node (~0.1 s on a small sshd), so
     // the steps are packed into as few commands as their order allows.
     bar.step("detecting the machine");
     let probe = remote
         .run(&format!(
-            "uname -m; printf '%s\\n' \"$HOME\"; nproc 2>/dev/null || getconf _NPROCESSORS_ONLN; \
-             d=\"$HOME\"/{rel}; mkdir -p \"$d/bin\" \"$d/config\" \"$d/logs\" && chmod 700 \"$d\" \"$d/config\" && \
-             {{ sha256sum \"$d/bin/starlingd\" 2>/dev/null || echo none; }}; \
-             command -v gzip >/dev/null 2>&1 && echo gzip || echo no-gzip",
-            rel = node_dir(&plan.cluster, &node.name)
+            "d={d}; {{ mkdir -p \"$d/bin\" \"$d/config\" \"$d/logs\" && chmod 700 \"$d\" \"$d/config\"; }} || exit 1; \
+             uname -m; printf '%s\\n' \"$d\" \"$PWD\"; nproc 2>/dev/null || getconf _NPROCESSORS_ONLN; \
+             {sha}; command -v gzip >/dev/null 2>&1 && echo gzip || echo no-gzip",
+            d = dir_in_shell(&plan.cluster, &node.name),
+            // A local node links to this machine's starlingd instead: no checksum to compare.
+            sha = if local {
+                "echo local"
+            } else {
+                "{ sha256sum \"$d/bin/starlingd\" 2>/dev/null || echo none; }"
+            },
         ))
         .await
         .map_err(at("detecting the machine"))?;
     let mut lines = probe.lines();
     let probe = Probe {
         arch: lines.next().unwrap_or("").trim().to_string(),
-        home: lines.next().unwrap_or("").trim().to_string(),
+        dir: lines.next().unwrap_or("").trim().to_string(),
+        workdir: lines.next().unwrap_or("").trim().to_string(),
         cores: lines
             .next()
             .and_then(|l| l.trim().parse().ok())
@@ -611,19 +665,21 @@ async fn boot_in<'s>(
             ),
         ));
     }
-    if !probe.home.starts_with('/') {
+    if !probe.dir.starts_with('/') || !probe.workdir.starts_with('/') {
         return Err((
             "detecting the machine".into(),
             format!(
-                "the login user's home is '{}', not an absolute path",
-                probe.home
+                "the node's directory is '{}' and its working directory '{}': not absolute paths (is $HOME set?)",
+                probe.dir, probe.workdir
             ),
         ));
     }
-    let dir = format!("{}/{}", probe.home, node_dir(&plan.cluster, &node.name));
+    let dir = probe.dir.clone();
     let qdir = shell_quote(&dir);
 
-    // The node's config and secrets (mode 0600), written with the upload.
+    // The node's config and secrets (mode 0600), written with the upload; the engines' config
+    // with the command that starts them (it names the controller's address, which a local
+    // cluster's controller picks when it starts).
     let engines = match spec.engines_per_node {
         Count::N(n) => n,
         Count::Auto => probe.cores.max(1),
@@ -637,23 +693,16 @@ async fn boot_in<'s>(
         host: node.private.clone(),
         engines,
         python: spec.python.clone(),
-        workdir: PathBuf::from(&probe.home),
+        workdir: PathBuf::from(&probe.workdir),
         log: Some(PathBuf::from(format!("{dir}/logs/kernels.log"))),
         max_frame: plan.join.max_frame,
         reconnect_s: spec.reconnect_s,
-        mpi: plan
-            .join
-            .mpi_key
-            .as_ref()
-            .map(|_| crate::engine::mpi::NodeMpi {
-                run_dir: PathBuf::from(format!("{dir}/run")),
-                world: is_master.then(|| PathBuf::from(format!("{dir}/config/mpi-world.json"))),
-            }),
+        mpi: plan.mpi().then(|| crate::engine::mpi::NodeMpi {
+            run_dir: PathBuf::from(format!("{dir}/run")),
+            world: is_master.then(|| PathBuf::from(format!("{dir}/config/mpi-world.json"))),
+        }),
     };
-    let mut files = vec![(
-        "engine.json",
-        serde_json::to_vec_pretty(&engine).expect("serializes"),
-    )];
+    let mut files: Vec<(&str, Vec<u8>)> = Vec::new();
     let master = if is_master {
         plan.master.as_ref()
     } else {
@@ -665,36 +714,49 @@ async fn boot_in<'s>(
         files.push((mpi::KEY_FILE, private.clone()));
         files.push((mpi::PUBLIC_KEY_FILE, public.clone().into_bytes()));
     }
-    if let Some(m) = master {
+    let mut controller = master.map(|m| {
         let mut controller = m.controller.clone();
-        controller.listen = format!("{}:{}", node.private, spec.controller_port);
-        controller.db = Some(PathBuf::from(format!("{dir}/tasks.db")));
+        controller.listen.clone_from(&plan.join.controller);
+        // The provider's task store, or one in the node's directory.
+        if controller.db.is_none() {
+            controller.db = Some(PathBuf::from(format!("{dir}/tasks.db")));
+        }
+        controller
+    });
+    if let Some(c) = &controller {
         files.push((
             "controller.json",
-            serde_json::to_vec_pretty(&controller).expect("serializes"),
+            serde_json::to_vec_pretty(c).expect("serializes"),
         ));
-        files.push(("connection.json", m.connection.clone()));
+    }
+    if let Some(connection) = master.and_then(|m| m.connection.as_ref()) {
+        files.push(("connection.json", connection.clone()));
     }
     let py = shell_quote(&spec.python);
+    // One Python start (a tenth of a second behind a pyenv shim): its version, and whether it
+    // has cloudpickle — not a failure: the CLI and Rust clients work without it, and `up` says
+    // which nodes lack it.
     let python_check = format!(
         "{{ command -v {py} >/dev/null 2>&1 || {{ echo 'no {} on the PATH' >&2; exit {EXIT_NO_PYTHON}; }}; \
-         {py} -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' || {{ echo 'it is older than 3.8' >&2; exit {EXIT_NO_PYTHON}; }}; }}",
+         {py} -c 'import sys\nif sys.version_info < (3, 8): sys.exit(1)\ntry:\n    import cloudpickle\nexcept ImportError:\n    print(\"{NO_CLOUDPICKLE}\")' \
+         || {{ echo 'it is older than 3.8' >&2; exit {EXIT_NO_PYTHON}; }}; }}",
         spec.python.replace('\'', "")
     );
-    // Not a failure: the CLI and Rust clients work without it. `up` says which nodes lack it.
-    let cloudpickle_probe =
-        format!("{{ {py} -c 'import cloudpickle' >/dev/null 2>&1 || echo {NO_CLOUDPICKLE}; }}");
     let python_error = |m: CommandError| {
         (
             "checking python".to_string(),
-            format!("{m}; install Python 3.8 or newer with a setup command (e.g. `sudo apt-get install -y python3`), or set `python:` in the spec"),
+            if local {
+                format!("{m}; install Python 3.8 or newer, or name the one to use with `python:` in the spec")
+            } else {
+                format!("{m}; install Python 3.8 or newer with a setup command (e.g. `sudo apt-get install -y python3`), or set `python:` in the spec")
+            },
         )
     };
     // Without setup commands or files, python cannot change before the engines start: check
     // it with the upload.
     let check_early = spec.setup.is_empty() && spec.files.is_empty();
 
-    let uploaded = have_sha != shared.daemon_sha;
+    let uploaded = !local && have_sha != shared.daemon_sha;
     // Where the node gets starlingd: from the master once it hands it out, else from here.
     let source = if uploaded && !is_master {
         bar.step("waiting for the master's starlingd");
@@ -705,7 +767,7 @@ async fn boot_in<'s>(
     } else {
         None
     };
-    let shares = is_master && shared.master_shares;
+    let shares = is_master && shared.master_shares && !local;
     // What goes up compressed, when this machine uploads starlingd to a node with gzip.
     let packed = || async move {
         if gunzip {
@@ -730,6 +792,13 @@ async fn boot_in<'s>(
         }
         let part = format!("{qdir}/bin/starlingd.part");
         match (uploaded, source) {
+            (false, _) if local => {
+                let _ = write!(
+                    install,
+                    " && ln -sfn {} {qdir}/bin/starlingd",
+                    shell_quote(&plan.daemon.to_string_lossy())
+                );
+            }
             (false, _) => {}
             (true, Some(src)) => {
                 // Without a Python to fetch with (setup commands may install it), this exit
@@ -767,11 +836,7 @@ async fn boot_in<'s>(
             }
         }
         for (name, bytes) in &files {
-            let _ = write!(
-                install,
-                " && head -c {len} > {qdir}/config/{name}.part && mv -f {qdir}/config/{name}.part {qdir}/config/{name}",
-                len = bytes.len()
-            );
+            let _ = write!(install, " && {}", write_config(&qdir, name, bytes));
             input.push(bytes);
         }
         if check_early {
@@ -812,7 +877,8 @@ async fn boot_in<'s>(
         fetched = false;
         result = remote.run_with_input(&install, &input).await;
     }
-    let out = match result {
+    // What the node's scripts printed: the Python check's word on cloudpickle is in it.
+    let mut said = match result {
         Ok(out) => out,
         Err(e) if e.status() == Some(EXIT_NO_PYTHON) => return Err(python_error(e)),
         Err(e) if fetched && e.status() == Some(i32::from(share::EXIT_CORRUPT)) => {
@@ -821,11 +887,11 @@ async fn boot_in<'s>(
         Err(e) => return Err(at("installing starlingd and its config")(e)),
     };
     if shares {
-        let offered = offer_in(&out);
+        let offered = offer_in(&said);
         if offered.is_none() {
             tracing::warn!(
                 "the master cannot hand starlingd out ({}); nodes get it from here",
-                out.trim()
+                said.trim()
             );
         }
         shared.source.send_replace(Some(Ok(offered)));
@@ -890,56 +956,124 @@ async fn boot_in<'s>(
     } else {
         format!("cd \"$HOME\" && {python_check}")
     };
-    let out = if master.is_some() {
+    let engine_json =
+        |engine: &EngineConfig| serde_json::to_vec_pretty(engine).expect("serializes");
+    let mut chosen = None;
+    let out = if let Some(controller) = &mut controller {
         bar.step("starting controller and engines");
-        let out = remote
-            .run(&format!(
-                "{pre} && {} && {} && {cloudpickle_probe}",
-                start("controller"),
-                start("engine")
-            ))
-            .await
-            .map_err(|e| {
-                if e.status() == Some(EXIT_NO_PYTHON) {
-                    python_error(e)
-                } else {
-                    at("starting the controller and engines")(e)
-                }
-            })?;
-        if !out.starts_with("listening ") {
-            return Err((
-                "starting the controller".into(),
-                format!("it said '{}' instead of its address", out.trim()),
-            ));
-        }
+        let failed = |e: CommandError| {
+            if e.status() == Some(EXIT_NO_PYTHON) {
+                python_error(e)
+            } else {
+                at("starting the controller and engines")(e)
+            }
+        };
+        let said_address = |out: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix("listening "))
+                .map(|a| a.trim().to_string())
+                .ok_or_else(|| {
+                    (
+                        "starting the controller".to_string(),
+                        format!("it said '{}' instead of its address", out.trim()),
+                    )
+                })
+        };
+        let out = if controller.listen.ends_with(":0") {
+            // The controller picks its port (a local cluster): its config and the engines'
+            // name the address it took, so that a restarted controller listens there too.
+            let out = remote
+                .run(&format!("{pre} && {}", start("controller")))
+                .await
+                .map_err(failed)?;
+            let addr = said_address(&out)?;
+            controller.listen.clone_from(&addr);
+            let engine = EngineConfig {
+                controller: addr.clone(),
+                ..engine
+            };
+            let (cjson, ejson) = (
+                serde_json::to_vec_pretty(&*controller).expect("serializes"),
+                engine_json(&engine),
+            );
+            sent_bytes += (cjson.len() + ejson.len()) as u64;
+            let rest = remote
+                .run_with_input(
+                    &format!(
+                        "{} && {} && {}",
+                        write_config(&qdir, "controller.json", &cjson),
+                        write_config(&qdir, "engine.json", &ejson),
+                        start("engine")
+                    ),
+                    &[&cjson, &ejson],
+                )
+                .await
+                .map_err(failed)?;
+            chosen = Some(addr);
+            out + &rest
+        } else {
+            let ejson = engine_json(&engine);
+            sent_bytes += ejson.len() as u64;
+            let out = remote
+                .run_with_input(
+                    &format!(
+                        "{pre} && {} && {} && {}",
+                        start("controller"),
+                        write_config(&qdir, "engine.json", &ejson),
+                        start("engine")
+                    ),
+                    &[&ejson],
+                )
+                .await
+                .map_err(failed)?;
+            said_address(&out)?;
+            out
+        };
         shared.controller.send_replace(Some(Ok(())));
         out
     } else {
         if !check_early {
             bar.step("checking python");
-            remote.run(&pre).await.map_err(python_error)?;
+            said.push_str(&remote.run(&pre).await.map_err(python_error)?);
         }
         bar.step("waiting for the controller");
         if let Err(why) = from_master(&shared.controller).await {
             return Err(("waiting for the controller".into(), why));
         }
         bar.step("starting engines");
+        let ejson = engine_json(&engine);
+        sent_bytes += ejson.len() as u64;
         remote
-            .run(&format!(
-                "cd \"$HOME\" && {} && {cloudpickle_probe}",
-                start("engine")
-            ))
+            .run_with_input(
+                &format!(
+                    "cd \"$HOME\" && {} && {}",
+                    write_config(&qdir, "engine.json", &ejson),
+                    start("engine")
+                ),
+                &[&ejson],
+            )
             .await
             .map_err(at("starting engines"))?
     };
     Ok(Booted {
         engines,
-        home: probe.home.clone(),
+        dir,
+        workdir: probe.workdir.clone(),
+        controller: chosen,
         uploaded,
         fetched,
-        cloudpickle: !out.contains(NO_CLOUDPICKLE),
+        cloudpickle: !said.contains(NO_CLOUDPICKLE) && !out.contains(NO_CLOUDPICKLE),
         sent_bytes,
     })
+}
+
+/// The command that writes config file `name` of the node in `qdir` (quoted), mode 0600, from
+/// the next `bytes.len()` bytes of its stdin: whole or not at all.
+fn write_config(qdir: &str, name: &str, bytes: &[u8]) -> String {
+    format!(
+        "(umask 077 && head -c {len} > {qdir}/config/{name}.part && mv -f {qdir}/config/{name}.part {qdir}/config/{name})",
+        len = bytes.len()
+    )
 }
 
 /// The exit status of a node's scripts when its Python is missing or too old.
@@ -994,14 +1128,9 @@ fn start_command(dir: &str, role: &str) -> String {
     )
 }
 
-/// A node's directory in a remote shell, quoted.
-fn remote_dir(cluster: &str, node: &str) -> String {
-    format!("\"$HOME/{}\"", node_dir(cluster, node))
-}
-
 /// The script that stops a node's processes and keeps its files (`stop`).
 pub fn stop_script(cluster: &str, node: &str) -> String {
-    let q = remote_dir(cluster, node);
+    let q = dir_in_shell(cluster, node);
     format!(
         "if [ -x {q}/bin/starlingd ]; then {q}/bin/starlingd stop --root {q} >/dev/null; fi; true"
     )
@@ -1023,7 +1152,7 @@ pub fn teardown_script(cluster: &str, node: &str, leaving: Leaving) -> String {
     let mut script = format!(
         "{}; rm -rf {}; rmdir \"$HOME/.starling/node/{cluster}\" 2>/dev/null; ",
         stop_script(cluster, node),
-        remote_dir(cluster, node),
+        dir_in_shell(cluster, node),
     );
     if leaving == Leaving::Cluster {
         let _ = write!(script, "{}; ", mpi::unauthorize_script(cluster));
@@ -1041,7 +1170,7 @@ fn engine_count_command(q: &str) -> String {
 /// after `stop`). A restarted controller takes up its task store where it stopped. It prints
 /// the node's engine count last.
 pub fn restart_script(cluster: &str, node: &str, controller: bool) -> String {
-    let q = remote_dir(cluster, node);
+    let q = dir_in_shell(cluster, node);
     let mut script = format!("cd \"$HOME\" && {q}/bin/starlingd stop --root {q} >/dev/null && ");
     if controller {
         let _ = write!(script, "{} && ", start_command(&q, "controller"));
@@ -1060,21 +1189,20 @@ pub fn restart_script(cluster: &str, node: &str, controller: bool) -> String {
 /// reused pid is never hit) gets SIGTERM, then SIGKILL after 5 s; a new one starts from the
 /// same config and task store. It prints `listening ADDR`, then the new pid.
 pub fn restart_controller_script(cluster: &str) -> String {
-    let q = remote_dir(cluster, "master");
+    let q = dir_in_shell(cluster, "master");
     format!(
         "cd \"$HOME\" && pid=$(cat {q}/controller.pid 2>/dev/null); \
-         if [ -n \"$pid\" ] && tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF \"controller --config $HOME/{dir}/config/controller.json\"; then \
+         if [ -n \"$pid\" ] && tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF \"controller --config {HOME_IN_SHELL}/node/{cluster}/master/config/controller.json\"; then \
          kill $pid; n=0; while kill -0 $pid 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; kill -9 $pid 2>/dev/null; \
          n=0; while kill -0 $pid 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; fi; \
          {} && cat {q}/controller.pid",
         start_command(&q, "controller"),
-        dir = node_dir(cluster, "master"),
     )
 }
 
 /// The script that prints a node's engine count.
 pub fn engine_count_script(cluster: &str, node: &str) -> String {
-    engine_count_command(&remote_dir(cluster, node))
+    engine_count_command(&dir_in_shell(cluster, node))
 }
 
 #[cfg(test)]
@@ -1087,13 +1215,31 @@ mod tests {
             node_dir("science", "node003"),
             ".starling/node/science/node003"
         );
+        // A node's shell finds the directory under its starling home: `~/.starling` on a
+        // remote node, `STARLING_HOME` on this machine (a local cluster's node).
+        let q = dir_in_shell("science", "node003");
+        let echo = |home: Option<&str>| {
+            let mut sh = std::process::Command::new("sh");
+            sh.args(["-c", &format!("printf %s {q}")])
+                .env("HOME", "/home/u")
+                .env_remove("STARLING_HOME");
+            if let Some(h) = home {
+                sh.env("STARLING_HOME", h);
+            }
+            String::from_utf8(sh.output().unwrap().stdout).unwrap()
+        };
+        assert_eq!(echo(None), "/home/u/.starling/node/science/node003");
+        assert_eq!(echo(Some("/tmp/s")), "/tmp/s/node/science/node003");
         let s = teardown_script("science", "node003", Leaving::Cluster);
-        assert!(s.contains("stop --root \"$HOME/.starling/node/science/node003\""));
-        assert!(s.contains("rm -rf \"$HOME/.starling/node/science/node003\";"));
+        assert!(s.contains(&format!("stop --root {q}")), "{s}");
+        assert!(s.contains(&format!("rm -rf {q};")), "{s}");
         assert!(s.contains("starling-mpi:science"));
         assert!(!teardown_script("science", "node003", Leaving::Node).contains("starling-mpi"));
+        let m = dir_in_shell("science", "master");
         let r = restart_script("science", "master", true);
-        assert!(r.contains("starlingd controller --config \"$HOME/.starling/node/science/master\"/config/controller.json"));
+        assert!(r.contains(&format!(
+            "starlingd controller --config {m}/config/controller.json"
+        )));
         assert!(r.contains("starlingd engine --config"));
         assert!(!restart_script("science", "node001", false).contains("controller"));
         assert!(
@@ -1101,7 +1247,10 @@ mod tests {
             "a restarted controller keeps its task store: {r}"
         );
         let c = restart_controller_script("science");
-        assert!(c.contains("controller --config \"$HOME/.starling/node/science/master\"/config/controller.json"), "{c}");
+        assert!(
+            c.contains(&format!("controller --config {m}/config/controller.json")),
+            "{c}"
+        );
         assert!(
             !c.contains("starlingd stop"),
             "the engines keep running: {c}"

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use crate::engine::mpi::{socket_path, Rank, World};
 
-use super::{node_dir, shell_quote, CommandError, Login, NodeTarget, Remote};
+use super::{dir_in_shell, shell_quote, CommandError, Login, NodeTarget, Remote, HOME_IN_SHELL};
 
 /// The config file (in the master's `config/`) holding the cluster's private SSH key.
 pub const KEY_FILE: &str = "mpi_key";
@@ -119,45 +119,62 @@ pub struct WorldNode {
     pub name: String,
     /// The address the other nodes reach it at.
     pub private: String,
-    pub home: String,
+    /// Its directory, and where its kernels work.
+    pub dir: String,
+    pub workdir: String,
     pub engines: u32,
 }
 
-/// The world of `nodes` (the master first): their engines' kernels as ranks in node order,
-/// reached from the master with the cluster's key.
+/// The world of `nodes` (the master first): their engines' kernels as ranks in node order.
+/// The master reaches the other nodes over SSH as `ssh` (port, user) says, with the cluster's
+/// key; a local cluster (`None`) has a single node, this machine, and keeps Open MPI's own
+/// connections on loopback unless `mca` says otherwise.
 pub fn world(
-    cluster: &str,
     python: &str,
-    ssh_port: u16,
-    ssh_user: &str,
+    ssh: Option<(u16, &str)>,
     mca: &BTreeMap<String, String>,
     nodes: &[WorldNode],
 ) -> World {
-    let master = &nodes[0];
-    let mdir = format!("{}/{}", master.home, node_dir(cluster, &master.name));
+    let mdir = &nodes[0].dir;
+    let mut ranks = ranks(python, nodes);
+    let (rsh_agent, mca) = match ssh {
+        Some((port, user)) => (
+            Some(format!(
+                "ssh -i {mdir}/config/{KEY_FILE} -o BatchMode=yes -o StrictHostKeyChecking=accept-new \
+                 -o UserKnownHostsFile={mdir}/known_hosts -o LogLevel=ERROR -p {port} -l {user}"
+            )),
+            mca.clone(),
+        ),
+        None => {
+            for r in &mut ranks {
+                r.host = "localhost".into();
+            }
+            let lo = [("oob_tcp_if_include", "lo"), ("btl_tcp_if_include", "lo")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()));
+            (None, lo.chain(mca.clone()).collect())
+        }
+    };
     World {
         mpiexec: "mpiexec".into(),
         hostfile: PathBuf::from(format!("{mdir}/hostfile")),
-        rsh_agent: Some(format!(
-            "ssh -i {mdir}/config/{KEY_FILE} -o BatchMode=yes -o StrictHostKeyChecking=accept-new \
-             -o UserKnownHostsFile={mdir}/known_hosts -o LogLevel=ERROR -p {ssh_port} -l {ssh_user}"
-        )),
-        mca: mca.clone(),
-        ranks: ranks(cluster, python, nodes),
+        rsh_agent,
+        mca,
+        ranks,
         log: PathBuf::from(format!("{mdir}/logs/mpi.log")),
     }
 }
 
 /// The ranks of `nodes`' engines, in node order, each node's in slot order.
-pub fn ranks(cluster: &str, python: &str, nodes: &[WorldNode]) -> Vec<Rank> {
+pub fn ranks(python: &str, nodes: &[WorldNode]) -> Vec<Rank> {
     nodes
         .iter()
         .flat_map(|n| {
-            let dir = PathBuf::from(format!("{}/{}", n.home, node_dir(cluster, &n.name)));
+            let dir = PathBuf::from(&n.dir);
             (0..n.engines).map(move |slot| Rank {
                 host: n.private.clone(),
                 python: python.to_string(),
-                workdir: PathBuf::from(&n.home),
+                workdir: PathBuf::from(&n.workdir),
                 socket: socket_path(&dir.join("run"), slot),
                 node_root: dir.clone(),
             })
@@ -179,9 +196,9 @@ pub fn remove_node(world: &mut World, node: &str) -> Vec<String> {
     gone
 }
 
-/// The master's directory in a remote shell, quoted.
+/// The master's directory in its shell, quoted.
 fn master_dir(cluster: &str) -> String {
-    format!("\"$HOME/{}\"", node_dir(cluster, "master"))
+    dir_in_shell(cluster, "master")
 }
 
 /// The world file on the master, if the cluster is an MPI cluster.
@@ -256,8 +273,7 @@ fn write_world_script(cluster: &str, change: &Change<'_>) -> String {
         let _ = write!(
             script,
             "pid=$(cat {dir}/engine.pid 2>/dev/null); \
-             if [ -n \"$pid\" ] && tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF \"engine --config $HOME/{rel}/config/engine.json\"; then kill -HUP \"$pid\"; fi; true; }}",
-            rel = node_dir(cluster, "master"),
+             if [ -n \"$pid\" ] && tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -qF \"engine --config {HOME_IN_SHELL}/node/{cluster}/master/config/engine.json\"; then kill -HUP \"$pid\"; fi; true; }}"
         );
     }
     script
@@ -299,7 +315,8 @@ mod tests {
         WorldNode {
             name: name.into(),
             private: ip.into(),
-            home: "/home/u".into(),
+            dir: format!("/home/u/.starling/node/sci/{name}"),
+            workdir: "/home/u".into(),
             engines,
         }
     }
@@ -307,10 +324,8 @@ mod tests {
     #[test]
     fn nodes_that_join_get_the_next_ranks_and_a_removed_nodes_ranks_leave() {
         let mut w = world(
-            "sci",
             "python3",
-            22,
-            "ubuntu",
+            Some((22, "ubuntu")),
             &BTreeMap::new(),
             &[
                 node("master", "127.0.1.4", 2),
@@ -318,7 +333,7 @@ mod tests {
             ],
         );
         w.ranks
-            .extend(ranks("sci", "python3", &[node("node002", "127.0.1.6", 2)]));
+            .extend(ranks("python3", &[node("node002", "127.0.1.6", 2)]));
         assert_eq!(
             w.hostfile_text(),
             "127.0.1.4 slots=2\n127.0.1.5 slots=1\n127.0.1.6 slots=2\n"
@@ -337,10 +352,8 @@ mod tests {
     #[test]
     fn the_world_numbers_ranks_by_node_then_slot_and_reaches_nodes_with_the_cluster_key() {
         let w = world(
-            "sci",
             "python3",
-            22,
-            "ubuntu",
+            Some((22, "ubuntu")),
             &BTreeMap::from([("btl".into(), "self,tcp".into())]),
             &[
                 node("master", "127.0.1.4", 2),
@@ -369,7 +382,7 @@ mod tests {
     #[test]
     fn a_changed_world_is_written_and_the_changed_addresses_host_keys_forgotten() {
         let home = tempfile::tempdir().unwrap();
-        let dir = home.path().join(node_dir("sci", "master"));
+        let dir = home.path().join(super::super::node_dir("sci", "master"));
         std::fs::create_dir_all(dir.join("config")).unwrap();
         let key = home.path().join("hostkey");
         let made = std::process::Command::new("ssh-keygen")
@@ -402,6 +415,7 @@ mod tests {
         let mut child = std::process::Command::new("bash")
             .args(["-c", &write_world_script("sci", &change)])
             .env("HOME", home.path())
+            .env_remove("STARLING_HOME")
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();

@@ -96,9 +96,8 @@ pub async fn mpirun(g: &Global, args: &MpirunArgs) -> Result<ExitCode> {
             "cluster '{name}' was not started as an MPI cluster, so it has no hostfile; start one with `starling up --mpi` or `mpi: true` in its spec"
         )
     };
-    let local = home::nodes_dir(&home::home(), &name).join("node000");
-    if local.is_dir() {
-        let world = local.join("config/mpi-world.json");
+    if provider::local::exists(&name) {
+        let world = provider::local::node_dir(&name).join("config/mpi-world.json");
         if !world.is_file() {
             return Err(not_mpi());
         }
@@ -112,7 +111,7 @@ pub async fn mpirun(g: &Global, args: &MpirunArgs) -> Result<ExitCode> {
     }
     let cluster = open(g, &name).await?;
     let master = pick(cluster.nodes().await?, &["master".into()])?.remove(0);
-    let dir = format!("\"$HOME\"/{}", crate::bootstrap::node_dir(&name, "master"));
+    let dir = crate::bootstrap::dir_in_shell(&name, "master");
     let quoted: Vec<String> = rest.iter().map(|a| crate::engine::shell_quote(a)).collect();
     let script = format!(
         "cd \"$HOME\" && if [ ! -f {dir}/config/mpi-world.json ]; then echo {} >&2; exit 2; fi; \

@@ -138,21 +138,6 @@ pub enum ProviderError {
     },
 }
 
-/// What every provider does.
-#[allow(async_fn_in_trait)]
-pub trait Provider {
-    /// Starts the cluster's nodes, controller and engines; returns once every engine has
-    /// registered.
-    async fn launch(&self, spec: &ClusterSpec) -> Result<Launched, ProviderError>;
-    /// Stops the cluster's controller, if it runs, and starts it again on the same address
-    /// and task store; its engines keep running and reconnect by themselves.
-    async fn restart_controller(&self, cluster: &str) -> Result<Restarted, ProviderError>;
-    /// Stops everything of the cluster and removes what it left; idempotent.
-    async fn terminate(&self, cluster: &str) -> Result<Terminated, ProviderError>;
-    /// The clusters this provider can see.
-    async fn list(&self) -> Result<Vec<ClusterSummary>, ProviderError>;
-}
-
 /// The `starlingd` binary to run: `STARLINGD`, or the one next to the running executable.
 pub fn daemon_path() -> Result<PathBuf, ProviderError> {
     if let Some(p) = std::env::var_os("STARLINGD").filter(|p| !p.is_empty()) {
@@ -179,7 +164,7 @@ pub fn daemon_path() -> Result<PathBuf, ProviderError> {
 /// Brings a cluster up with the provider its spec names.
 pub async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, ProviderError> {
     match spec.provider {
-        ProviderKind::Local => local::LocalProvider::new().launch(spec).await,
+        ProviderKind::Local => local::up(spec, progress).await,
         ProviderKind::Ec2 => ec2::up(spec, progress).await,
         ProviderKind::Ssh => ssh::up(spec, progress).await,
     }
@@ -191,7 +176,7 @@ pub async fn after_interrupted_up(spec: &ClusterSpec) -> Option<String> {
     let name = &spec.name;
     match spec.provider {
         ProviderKind::Local => {
-            let _ = local::LocalProvider::new().terminate(name).await;
+            let _ = local::down(name).await;
             None
         }
         ProviderKind::Ec2 => Some(match ec2::api_for(spec).await {
@@ -356,7 +341,7 @@ pub async fn open(name: &str, hints: &Hints) -> Result<Cluster, ProviderError> {
             hints: hints.clone(),
         });
     }
-    if local_state_exists(name) {
+    if local::exists(name) {
         return Err(ProviderError::Invalid(format!(
             "'{name}' is a local cluster: it has no nodes to reach over SSH"
         )));
@@ -379,15 +364,11 @@ pub async fn open(name: &str, hints: &Hints) -> Result<Cluster, ProviderError> {
     })
 }
 
-fn local_state_exists(name: &str) -> bool {
-    home::cluster_dir(name).join("local.json").exists()
-}
-
 /// Takes a cluster down with whichever provider it belongs to; idempotent.
 pub async fn down(name: &str, hints: &Hints) -> Result<Terminated, ProviderError> {
     home::check_name("cluster", name).map_err(ProviderError::Invalid)?;
-    if local_state_exists(name) {
-        return local::LocalProvider::new().terminate(name).await;
+    if local::exists(name) {
+        return local::down(name).await;
     }
     // Idempotent: a second `down` finds nothing, and says so.
     let nothing = |notes: Vec<String>| Terminated {
@@ -430,8 +411,8 @@ pub async fn restart(
     progress: &Progress,
 ) -> Result<Resumed, ProviderError> {
     home::check_name("cluster", name).map_err(ProviderError::Invalid)?;
-    let restarted = if local_state_exists(name) {
-        local::LocalProvider::new().restart_controller(name).await?
+    let restarted = if local::exists(name) {
+        local::restart_controller(name).await?
     } else {
         let cluster = open(name, hints).await?;
         remote::restart_controller(&cluster).await?
@@ -533,7 +514,7 @@ pub async fn await_engines(
 /// Every cluster this machine knows, and every EC2 cluster in the regions it knows of (the
 /// hint, AWS_REGION, and the regions of the EC2 clusters it started).
 pub async fn list(hints: &Hints) -> Result<Vec<ClusterSummary>, ProviderError> {
-    let mut out = local::LocalProvider::new().list().await?;
+    let mut out = local::list().await;
     let mut regions: Vec<(String, Option<String>)> = Vec::new();
     if let Some(r) = region_hint(hints) {
         regions.push((r, hints.endpoint_url.clone()));

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::{daemon_path, Launched, ProviderError};
 use crate::bootstrap::{
     self, CommandError, Join, Login, MasterRole, NodeReport, NodeTarget, Plan, Progress, Remote,
+    Transport,
 };
 use crate::client::connection::{ConnectionInfo, SshAccess, CONNECTION_FORMAT};
 use crate::client::Client;
@@ -128,7 +129,7 @@ pub async fn start_cluster(
     let plan = Plan {
         cluster: name.clone(),
         spec: spec.clone(),
-        login: login(spec, None),
+        transport: Transport::Ssh(login(spec, None)),
         daemon: daemon_path()?,
         join: Join {
             controller: format!("{}:{}", master.private, spec.controller_port),
@@ -140,7 +141,7 @@ pub async fn start_cluster(
         },
         master: Some(MasterRole {
             controller,
-            connection: serde_json::to_vec_pretty(&info).expect("serializes"),
+            connection: Some(serde_json::to_vec_pretty(&info).expect("serializes")),
             mpi_key: mpi_key.map(|(private, _)| private),
         }),
     };
@@ -216,7 +217,7 @@ pub async fn join_cluster(
     let plan = Plan {
         cluster: spec.name.clone(),
         spec: spec.clone(),
-        login: login.clone(),
+        transport: Transport::Ssh(login.clone()),
         daemon: daemon_path()?,
         join: Join {
             controller: controller.listen.clone(),

@@ -139,8 +139,9 @@ impl Cluster {
 
     /// Live processes of this cluster (daemons, kernels), found by the mark in their
     /// environment.
+    /// The processes of the cluster's node.
     pub fn processes(&self) -> Vec<u32> {
-        starling::node::our_processes(&self.node_root())
+        starling::node::our_processes(&self.node_root().join("master"))
     }
 
     pub fn logs(&self) -> String {

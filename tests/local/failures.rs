@@ -150,7 +150,7 @@ async fn a_stalled_engine_is_lost_then_comes_back_with_its_id_namespace_and_no_w
         err.errors[0]
             .error
             .evalue
-            .contains("engine 0 (node node000, host 127.0.0.1) was lost: no heartbeat for"),
+            .contains("engine 0 (node master, host 127.0.0.1) was lost: no heartbeat for"),
         "{}",
         err.errors[0].error.evalue
     );
@@ -355,7 +355,8 @@ fn a_missing_python_fails_up_with_the_reason_and_leaves_nothing() {
         "name: nopython\nengines_per_node: 2\npython: /nonexistent/python3\n",
     )
     .unwrap();
-    // The engines say why they cannot start: `up` fails at once, not after its 60 s wait.
+    // Bootstrap's Python check says why the engines cannot start: `up` fails at once, not
+    // after its 60 s wait.
     let started = std::time::Instant::now();
     let r = c.starling_raw(&["up", "-f", spec.to_str().unwrap()]);
     assert!(
@@ -364,9 +365,9 @@ fn a_missing_python_fails_up_with_the_reason_and_leaves_nothing() {
         started.elapsed()
     );
     assert!(
-        r.fails()
-            .stderr
-            .contains("cannot start `/nonexistent/python3`"),
+        r.fails().stderr.contains(
+            "master (127.0.0.1): checking python: exit status 97:\nno /nonexistent/python3 on the PATH; install Python 3.8 or newer, or name the one to use with `python:` in the spec"
+        ),
         "{}",
         r.stderr
     );
@@ -811,7 +812,7 @@ async fn output_written_at_the_fd_level_reaches_the_user_in_order_and_nothing_gr
         "import threading, os\ndef spam():\n    while True:\n        os.write(1, b'y' * 65536)\nthreading.Thread(target=spam, daemon=True).start()",
     ])
     .ok();
-    let logs = c.node_root().join("node000/logs");
+    let logs = c.node_root().join("master/logs");
     assert!(
         eventually(Duration::from_secs(30), || logs
             .join("kernels.log.1")
@@ -872,7 +873,7 @@ async fn a_balanced_task_whose_kernel_dies_runs_again_and_fails_only_when_it_alw
     let values = ar.values();
     assert_eq!(values.iter().filter(|v| v.is_some()).count(), 20);
     // One kernel died for the first map, two for the second: item 5 ran twice, no more.
-    let log = c.node_root().join("node000/logs/engine.log");
+    let log = c.node_root().join("master/logs/engine.log");
     let replaced = || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()

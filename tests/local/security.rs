@@ -46,7 +46,7 @@ async fn a_client_with_the_wrong_key_is_refused_and_nothing_else_is_disturbed() 
 
     // The engine key does not open the client door either.
     let engine_cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(c.node_root().join("node000/config/engine.json")).unwrap(),
+        &std::fs::read_to_string(c.node_root().join("master/config/engine.json")).unwrap(),
     )
     .unwrap();
     info.client_key = Key::from_hex(engine_cfg["engine_key"].as_str().unwrap()).unwrap();
@@ -147,7 +147,7 @@ async fn garbage_closes_only_its_own_connection() {
 
 /// The controller's resident memory, from /proc.
 fn controller_rss_mib(c: &Cluster) -> u64 {
-    let pid: u32 = std::fs::read_to_string(c.node_root().join("master/starlingd.pid"))
+    let pid: u32 = std::fs::read_to_string(c.node_root().join("master/controller.pid"))
         .unwrap()
         .trim()
         .parse()

@@ -1,5 +1,7 @@
-//! One SSH session to a node (the `openssh` crate over the system `ssh`, multiplexed): log in
-//! with retries until a deadline, run a script, feed a script bytes on stdin (uploads).
+//! A session with a node, over one of two transports: SSH (the `openssh` crate over the system
+//! `ssh`, multiplexed; log in with retries until a deadline), or this machine's own `sh` for a
+//! local cluster's node. Either way a script runs with `sh -c`, may be fed bytes on stdin
+//! (uploads, secrets), and ends in its stdout or a typed [`CommandError`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +29,23 @@ impl std::fmt::Display for NodeTarget {
     }
 }
 
+/// How starling reaches a cluster's nodes.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Over SSH, logging in like this.
+    Ssh(Login),
+    /// The node is this machine (a local cluster): scripts run in a local `sh`, with
+    /// `STARLING_HOME` set to this machine's starling home, so that the node's directory is
+    /// where the rest of starling here looks for it.
+    Local,
+}
+
+impl Transport {
+    pub fn is_local(&self) -> bool {
+        matches!(self, Transport::Local)
+    }
+}
+
 /// How starling logs in.
 #[derive(Debug, Clone)]
 pub struct Login {
@@ -45,9 +64,9 @@ pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
 /// The pause between login attempts.
 const ATTEMPT_PAUSE: Duration = Duration::from_millis(500);
 
-/// A logged-in session.
+/// A session with a node: logged in over SSH, or on this machine.
 pub struct Remote {
-    session: Session,
+    session: Option<Session>,
     pub node: NodeTarget,
 }
 
@@ -133,6 +152,17 @@ impl From<CommandError> for String {
 }
 
 impl Remote {
+    /// A session with `node` over `transport`.
+    pub async fn open(node: &NodeTarget, transport: &Transport) -> Result<Self, String> {
+        match transport {
+            Transport::Ssh(login) => Self::connect(node, login).await,
+            Transport::Local => Ok(Self {
+                session: None,
+                node: node.clone(),
+            }),
+        }
+    }
+
     /// Logs in, retrying until `login.timeout` has passed (sshd may not be up yet, and on a
     /// fresh instance the key may not be installed yet). The error says what ssh said last.
     pub async fn connect(node: &NodeTarget, login: &Login) -> Result<Self, String> {
@@ -159,7 +189,7 @@ impl Remote {
             match b.connect_mux(&node.ssh_host).await {
                 Ok(session) => {
                     return Ok(Self {
-                        session,
+                        session: Some(session),
                         node: node.clone(),
                     })
                 }
@@ -215,7 +245,42 @@ impl Remote {
         input: &[&[u8]],
     ) -> Result<String, CommandError> {
         let not_run = |why: String| CommandError::NotRun(why);
-        let mut cmd = self.session.command("sh");
+        let Some(session) = &self.session else {
+            let mut cmd = tokio::process::Command::new("sh");
+            cmd.arg("-c")
+                .arg(script)
+                .env("STARLING_HOME", crate::home::home())
+                .stdin(if input.is_empty() {
+                    std::process::Stdio::null()
+                } else {
+                    std::process::Stdio::piped()
+                })
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true);
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| not_run(format!("cannot run sh: {e}")))?;
+            if let Some(mut stdin) = child.stdin.take() {
+                for bytes in input {
+                    stdin.write_all(bytes).await.map_err(|e| {
+                        not_run(format!("sending {} bytes failed: {e}", bytes.len()))
+                    })?;
+                }
+                drop(stdin);
+            }
+            let out = child
+                .wait_with_output()
+                .await
+                .map_err(|e| not_run(e.to_string()))?;
+            return ended(
+                out.status.code(),
+                out.status.success(),
+                &out.stdout,
+                &out.stderr,
+            );
+        };
+        let mut cmd = session.command("sh");
         cmd.arg("-c")
             .arg(script)
             .stdin(if input.is_empty() {
@@ -241,21 +306,38 @@ impl Remote {
             .wait_with_output()
             .await
             .map_err(|e| not_run(describe(&e)))?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() {
-            Ok(stdout)
-        } else {
-            Err(CommandError::Failed {
-                status: out.status.code(),
-                stdout,
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            })
-        }
+        ended(
+            out.status.code(),
+            out.status.success(),
+            &out.stdout,
+            &out.stderr,
+        )
     }
 
     /// Ends the session (and its ssh master process).
     pub async fn close(self) {
-        let _ = self.session.close().await;
+        if let Some(session) = self.session {
+            let _ = session.close().await;
+        }
+    }
+}
+
+/// A command's end as a result: its stdout, or how it failed.
+fn ended(
+    status: Option<i32>,
+    success: bool,
+    stdout: &[u8],
+    stderr: &[u8],
+) -> Result<String, CommandError> {
+    let stdout = String::from_utf8_lossy(stdout).into_owned();
+    if success {
+        Ok(stdout)
+    } else {
+        Err(CommandError::Failed {
+            status,
+            stdout,
+            stderr: String::from_utf8_lossy(stderr).into_owned(),
+        })
     }
 }
 
