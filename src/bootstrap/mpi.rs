@@ -16,7 +16,9 @@ use std::path::PathBuf;
 
 use crate::engine::mpi::{socket_path, Rank, World};
 
-use super::{dir_in_shell, shell_quote, CommandError, Login, NodeTarget, Remote, HOME_IN_SHELL};
+use super::{
+    dir_in_shell, shell_quote, CommandError, NodeTarget, Remote, Transport, HOME_IN_SHELL,
+};
 
 /// The config file (in the master's `config/`) holding the cluster's private SSH key.
 pub const KEY_FILE: &str = "mpi_key";
@@ -283,11 +285,11 @@ fn write_world_script(cluster: &str, change: &Change<'_>) -> String {
 /// again without them. `Ok(false)`: the cluster is not an MPI cluster.
 pub async fn leave_world(
     master: &NodeTarget,
-    login: &Login,
+    transport: &Transport,
     cluster: &str,
     node: &str,
 ) -> Result<bool, String> {
-    let remote = Remote::connect(master, login).await?;
+    let remote = Remote::open(master, transport).await?;
     let left = async {
         let Some(mut world) = read_world(&remote, cluster).await? else {
             return Ok(false);

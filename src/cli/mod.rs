@@ -225,7 +225,7 @@ pub struct PutArgs {
     pub name: String,
     /// A local file.
     pub src: PathBuf,
-    /// Where it goes on the nodes (relative to the login user's home; a directory keeps the name).
+    /// Where it goes on the nodes (relative to the login user's home, or on a local cluster to the directory starling runs in; a directory keeps the name).
     pub dest: String,
     /// Only these nodes (repeatable; default: every node).
     #[arg(long = "node", value_name = "NODE")]
@@ -235,7 +235,7 @@ pub struct PutArgs {
 #[derive(Debug, Args)]
 pub struct GetArgs {
     pub name: String,
-    /// The file on the node (relative to the login user's home).
+    /// The file on the node (relative to the login user's home, or on a local cluster to the directory starling runs in).
     pub src: String,
     /// Where to write it here (a directory keeps the name).
     pub dest: PathBuf,

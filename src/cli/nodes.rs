@@ -47,37 +47,11 @@ pub async fn ssh(g: &Global, args: &SshArgs) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
     let wanted = args.node.clone().unwrap_or_else(|| "master".into());
     let node = pick(cluster.nodes().await?, &[wanted])?.remove(0);
-    let err = ssh_command(&cluster, &node, args.command.is_empty())?
+    let err = cluster
+        .ssh_to(&node, args.command.is_empty())?
         .args(&args.command)
         .exec();
     bail!("cannot run ssh: {err}")
-}
-
-/// `ssh` to `node` as the cluster's user, with a terminal when `tty`; the caller adds the
-/// remote command.
-fn ssh_command(cluster: &Cluster, node: &NodeTarget, tty: bool) -> Result<std::process::Command> {
-    let login = cluster.login(remote::QUICK_LOGIN);
-    let mut cmd = std::process::Command::new("ssh");
-    cmd.arg("-p")
-        .arg(node.port.to_string())
-        .arg("-o")
-        .arg("StrictHostKeyChecking=accept-new")
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            login.known_hosts.display()
-        ));
-    if let Some(k) = &login.key_file {
-        cmd.arg("-i").arg(k).arg("-o").arg("IdentitiesOnly=yes");
-    }
-    if tty {
-        cmd.arg("-t");
-    }
-    cmd.arg(format!("{}@{}", node.user, node.ssh_host));
-    if let Some(parent) = login.known_hosts.parent() {
-        home::create_private_dir(parent)?;
-    }
-    Ok(cmd)
 }
 
 /// `starling mpirun`: a plain MPI program over an MPI cluster's nodes, run by `starlingd
@@ -96,56 +70,45 @@ pub async fn mpirun(g: &Global, args: &MpirunArgs) -> Result<ExitCode> {
             "cluster '{name}' was not started as an MPI cluster, so it has no hostfile; start one with `starling up --mpi` or `mpi: true` in its spec"
         )
     };
-    if provider::local::exists(&name) {
-        let world = provider::local::node_dir(&name).join("config/mpi-world.json");
-        if !world.is_file() {
-            return Err(not_mpi());
-        }
-        let err = std::process::Command::new(provider::daemon_path()?)
-            .arg("mpirun")
-            .arg("--world")
-            .arg(&world)
-            .args(&rest)
-            .exec();
-        bail!("cannot run starlingd: {err}");
-    }
     let cluster = open(g, &name).await?;
     let master = pick(cluster.nodes().await?, &["master".into()])?.remove(0);
     let dir = crate::bootstrap::dir_in_shell(&name, "master");
     let quoted: Vec<String> = rest.iter().map(|a| crate::engine::shell_quote(a)).collect();
     let script = format!(
-        "cd \"$HOME\" && if [ ! -f {dir}/config/mpi-world.json ]; then echo {} >&2; exit 2; fi; \
+        "if [ ! -f {dir}/config/mpi-world.json ]; then echo {} >&2; exit 2; fi; \
          exec {dir}/bin/starlingd mpirun --world {dir}/config/mpi-world.json {}",
         crate::engine::shell_quote(&not_mpi().to_string()),
         quoted.join(" ")
     );
-    // With a terminal, Ctrl-C reaches mpiexec on the master, not only ssh here.
+    // It runs where a shell on the master starts: the login user's home, or on a local
+    // cluster the directory this command runs in. With a terminal, Ctrl-C reaches mpiexec on
+    // the master, not only ssh here.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
-    let err = ssh_command(&cluster, &master, tty)?.arg(script).exec();
-    bail!("cannot run ssh: {err}")
+    let err = cluster.command_on(&master, tty)?.arg(script).exec();
+    bail!("cannot reach the master: {err}")
 }
 
 pub async fn exec(g: &Global, args: &ExecArgs) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
     let nodes = pick(cluster.nodes().await?, &args.nodes)?;
-    let login = cluster.login(remote::QUICK_LOGIN);
-    let results = remote::run_everywhere(&nodes, &login, &args.command).await;
+    let transport = cluster.transport(remote::QUICK_LOGIN);
+    let results = remote::run_everywhere(&nodes, &transport, &args.command).await;
     Ok(super::exit(output::per_node(g.output, &results)))
 }
 
 pub async fn put(g: &Global, args: &PutArgs) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
     let nodes = pick(cluster.nodes().await?, &args.nodes)?;
-    let login = cluster.login(remote::QUICK_LOGIN);
-    let results = remote::put(&nodes, &login, &args.src, &args.dest).await?;
+    let transport = cluster.transport(remote::QUICK_LOGIN);
+    let results = remote::put(&nodes, &transport, &args.src, &args.dest).await?;
     Ok(super::exit(output::per_node(g.output, &results)))
 }
 
 pub async fn get(g: &Global, args: &GetArgs) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
     let node = pick(cluster.nodes().await?, std::slice::from_ref(&args.node))?.remove(0);
-    let login = cluster.login(remote::QUICK_LOGIN);
-    let bytes = remote::get(&node, &login, &args.src).await?;
+    let transport = cluster.transport(remote::QUICK_LOGIN);
+    let bytes = remote::get(&node, &transport, &args.src).await?;
     let mut dest = args.dest.clone();
     if dest.is_dir() {
         let file = std::path::Path::new(&args.src)
@@ -278,9 +241,7 @@ pub async fn start(g: &Global, args: &ClusterArg) -> Result<ExitCode> {
 
 pub async fn connect(g: &Global, args: &ClusterArg) -> Result<ExitCode> {
     let cluster = open(g, &args.name).await?;
-    let master = pick(cluster.nodes().await?, &["master".to_string()])?.remove(0);
-    let login = cluster.login(remote::QUICK_LOGIN);
-    let info = remote::fetch_connection(&cluster.name, &master, &login).await?;
+    let info = cluster.fetch_connection().await?;
     let path: PathBuf = home::connection_path(&cluster.name);
     info.save(&path)?;
     output::message(

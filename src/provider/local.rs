@@ -87,7 +87,7 @@ fn pid_of(cluster: &str, role: &str) -> Option<u32> {
 }
 
 /// The node, as bootstrap reaches it.
-fn target() -> NodeTarget {
+pub fn target() -> NodeTarget {
     NodeTarget {
         name: NODE.into(),
         ssh_host: "127.0.0.1".into(),

@@ -14,7 +14,7 @@ pub mod ssh;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::bootstrap::{Login, NodeFailure, NodeReport, NodeTarget, Progress};
+use crate::bootstrap::{Login, NodeFailure, NodeReport, NodeTarget, Progress, Transport};
 use crate::client::ClientError;
 use crate::home;
 use crate::proto::{ClusterStatus, EngineId};
@@ -116,11 +116,13 @@ pub enum ProviderError {
     #[error("{0}")]
     Invalid(String),
     /// An operation this kind of cluster does not have.
-    #[error("`{operation}` is for EC2 clusters; '{cluster}' is {} {provider} cluster", if *.provider == ProviderKind::Local { "a" } else { "an" })]
+    #[error("`{operation}` is for {needs}; '{cluster}' is {} {provider} cluster", if *.provider == ProviderKind::Local { "a" } else { "an" })]
     Unsupported {
         operation: &'static str,
         cluster: String,
         provider: ProviderKind,
+        /// The clusters that have it.
+        needs: &'static str,
     },
     /// An EC2 call failed; the message says what starling was doing and what to do.
     #[error("{0}")]
@@ -199,7 +201,9 @@ pub struct Hints {
     pub key_file: Option<PathBuf>,
 }
 
-/// A cluster on other machines, found by name.
+/// A cluster found by name ([`open`]): local, or on other machines. Every operation on a
+/// cluster after `up` goes through it, and through it to its provider; what a provider cannot
+/// do is [`ProviderError::Unsupported`].
 pub struct Cluster {
     pub name: String,
     pub provider: ProviderKind,
@@ -211,8 +215,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// How to log in, waiting at most `timeout` for a node.
-    pub fn login(&self, timeout: Duration) -> Login {
+    /// How to reach its nodes, waiting at most `timeout` for one to let starling log in.
+    pub fn transport(&self, timeout: Duration) -> Transport {
+        if self.provider == ProviderKind::Local {
+            Transport::Local
+        } else {
+            Transport::Ssh(self.login(timeout))
+        }
+    }
+
+    /// How to log in over SSH, waiting at most `timeout` for a node.
+    fn login(&self, timeout: Duration) -> Login {
         let key_file = self.hints.key_file.clone();
         match &self.record {
             Some(r) => {
@@ -230,8 +243,86 @@ impl Cluster {
         }
     }
 
+    /// The command that runs a shell command line (its last argument, for the caller to add)
+    /// on `node`, with a terminal when `tty`: `ssh` to a node on another machine, `sh -c` on a
+    /// local cluster's node, in the node's shell environment either way.
+    pub fn command_on(
+        &self,
+        node: &NodeTarget,
+        tty: bool,
+    ) -> Result<std::process::Command, ProviderError> {
+        let login = match self.transport(remote::QUICK_LOGIN) {
+            Transport::Local => {
+                let mut cmd = std::process::Command::new("sh");
+                cmd.arg("-c").env("STARLING_HOME", home::home());
+                return Ok(cmd);
+            }
+            Transport::Ssh(login) => login,
+        };
+        let mut cmd = std::process::Command::new("ssh");
+        cmd.arg("-p")
+            .arg(node.port.to_string())
+            .arg("-o")
+            .arg("StrictHostKeyChecking=accept-new")
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                login.known_hosts.display()
+            ));
+        if let Some(k) = &login.key_file {
+            cmd.arg("-i").arg(k).arg("-o").arg("IdentitiesOnly=yes");
+        }
+        if tty {
+            cmd.arg("-t");
+        }
+        cmd.arg(format!("{}@{}", node.user, node.ssh_host));
+        if let Some(parent) = login.known_hosts.parent() {
+            home::create_private_dir(parent)?;
+        }
+        Ok(cmd)
+    }
+
+    /// `ssh` to `node` (`starling ssh`), with a terminal when `tty`; the caller adds the
+    /// command, if any. A local cluster's node is this machine: `Unsupported`.
+    pub fn ssh_to(
+        &self,
+        node: &NodeTarget,
+        tty: bool,
+    ) -> Result<std::process::Command, ProviderError> {
+        self.elsewhere("ssh")?;
+        self.command_on(node, tty)
+    }
+
+    /// `Unsupported` for a local cluster: `operation` is for clusters on other machines.
+    fn elsewhere(&self, operation: &'static str) -> Result<(), ProviderError> {
+        if self.provider == ProviderKind::Local {
+            return Err(ProviderError::Unsupported {
+                operation,
+                cluster: self.name.clone(),
+                provider: self.provider,
+                needs: "clusters on other machines",
+            });
+        }
+        Ok(())
+    }
+
+    /// The connection file its master keeps (`starling connect`); a local cluster's is on
+    /// this machine already: `Unsupported`.
+    pub async fn fetch_connection(&self) -> Result<crate::client::ConnectionInfo, ProviderError> {
+        self.elsewhere("connect")?;
+        let nodes = self.nodes().await?;
+        let master = nodes
+            .iter()
+            .find(|n| n.name == "master")
+            .ok_or_else(|| ProviderError::NoSuchCluster(self.name.clone()))?;
+        remote::fetch_connection(&self.name, master, &self.transport(remote::QUICK_LOGIN)).await
+    }
+
     /// Its nodes, the master first (EC2: the running instances).
     pub async fn nodes(&self) -> Result<Vec<NodeTarget>, ProviderError> {
+        if self.provider == ProviderKind::Local {
+            return Ok(vec![local::target()]);
+        }
         match (&self.api, &self.record) {
             (Some(api), record) => {
                 let instances: Vec<ec2::Instance> = api
@@ -262,7 +353,32 @@ impl Cluster {
             operation,
             cluster: self.name.clone(),
             provider: self.provider,
+            needs: "EC2 clusters",
         })
+    }
+
+    /// Stops everything of the cluster and removes what it left (instances, security group,
+    /// key pair; a local cluster's processes and files); idempotent.
+    pub async fn down(&self) -> Result<Terminated, ProviderError> {
+        match (&self.provider, &self.api, &self.record) {
+            (ProviderKind::Local, _, _) => local::down(&self.name).await,
+            (_, Some(api), record) => {
+                let transport = self.transport(remote::QUICK_LOGIN);
+                ec2::down(api, &self.name, &transport, record.as_ref()).await
+            }
+            (_, None, Some(record)) => ssh::down(record).await,
+            (_, None, None) => Err(ProviderError::NoSuchCluster(self.name.clone())),
+        }
+    }
+
+    /// Stops its controller, if it runs, and starts it again on the same address and task
+    /// store; the engines keep running and reconnect by themselves.
+    pub async fn restart_controller(&self) -> Result<Restarted, ProviderError> {
+        if self.provider == ProviderKind::Local {
+            local::restart_controller(&self.name).await
+        } else {
+            remote::restart_controller(self).await
+        }
     }
 
     /// Launches `count` more nodes from `spec` and bootstraps them into the running cluster
@@ -274,23 +390,23 @@ impl Cluster {
         progress: &Progress,
     ) -> Result<Vec<NodeReport>, ProviderError> {
         let api = self.ec2("add-node")?;
-        let login = self.login(Duration::from_secs(spec.ssh.timeout_s));
-        ec2::add_nodes(api, spec, count, &login, progress).await
+        let transport = self.transport(Duration::from_secs(spec.ssh.timeout_s));
+        ec2::add_nodes(api, spec, count, &transport, progress).await
     }
 
     /// Stops one node's processes and terminates its instance (EC2); notes on what could not
     /// be done on the way.
     pub async fn remove_node(&self, node: &str) -> Result<Vec<String>, ProviderError> {
         let api = self.ec2("remove-node")?;
-        let login = self.login(remote::QUICK_LOGIN);
-        ec2::remove_node(api, &self.name, node, &login, self.record.as_ref()).await
+        let transport = self.transport(remote::QUICK_LOGIN);
+        ec2::remove_node(api, &self.name, node, &transport, self.record.as_ref()).await
     }
 
     /// Stops every instance, keeping their disks (EC2): how many, and notes.
     pub async fn stop(&self) -> Result<(usize, Vec<String>), ProviderError> {
         let api = self.ec2("stop")?;
-        let login = self.login(remote::QUICK_LOGIN);
-        ec2::stop(api, &self.name, &login, self.record.as_ref()).await
+        let transport = self.transport(remote::QUICK_LOGIN);
+        ec2::stop(api, &self.name, &transport, self.record.as_ref()).await
     }
 
     /// Starts a stopped cluster again (EC2): its nodes, and how many engines they had.
@@ -300,8 +416,8 @@ impl Cluster {
         progress: &Progress,
     ) -> Result<(Vec<String>, u32), ProviderError> {
         let api = self.ec2("start")?;
-        let login = self.login(Duration::from_secs(spec.ssh.timeout_s));
-        ec2::start(api, spec, &login, progress).await
+        let transport = self.transport(Duration::from_secs(spec.ssh.timeout_s));
+        ec2::start(api, spec, &transport, progress).await
     }
 
     /// The spec the cluster was started from (needed to add nodes or start it again).
@@ -342,9 +458,13 @@ pub async fn open(name: &str, hints: &Hints) -> Result<Cluster, ProviderError> {
         });
     }
     if local::exists(name) {
-        return Err(ProviderError::Invalid(format!(
-            "'{name}' is a local cluster: it has no nodes to reach over SSH"
-        )));
+        return Ok(Cluster {
+            name: name.to_string(),
+            provider: ProviderKind::Local,
+            record: None,
+            api: None,
+            hints: hints.clone(),
+        });
     }
     let Some(region) = region_hint(hints) else {
         return Err(ProviderError::Invalid(format!(
@@ -367,9 +487,6 @@ pub async fn open(name: &str, hints: &Hints) -> Result<Cluster, ProviderError> {
 /// Takes a cluster down with whichever provider it belongs to; idempotent.
 pub async fn down(name: &str, hints: &Hints) -> Result<Terminated, ProviderError> {
     home::check_name("cluster", name).map_err(ProviderError::Invalid)?;
-    if local::exists(name) {
-        return local::down(name).await;
-    }
     // Idempotent: a second `down` finds nothing, and says so.
     let nothing = |notes: Vec<String>| Terminated {
         cluster: name.to_string(),
@@ -379,7 +496,7 @@ pub async fn down(name: &str, hints: &Hints) -> Result<Terminated, ProviderError
         notes,
         found: false,
     };
-    if Record::load(name).is_none() && region_hint(hints).is_none() {
+    if Record::load(name).is_none() && !local::exists(name) && region_hint(hints).is_none() {
         return Ok(nothing(vec![
             "this machine has no record of it; for a teammate's EC2 cluster pass --region (or set AWS_REGION)".into(),
         ]));
@@ -389,14 +506,7 @@ pub async fn down(name: &str, hints: &Hints) -> Result<Terminated, ProviderError
         Err(ProviderError::NoSuchCluster(_)) => return Ok(nothing(Vec::new())),
         Err(e) => return Err(e),
     };
-    match (&cluster.api, &cluster.record) {
-        (Some(api), record) => {
-            let login = cluster.login(remote::QUICK_LOGIN);
-            ec2::down(api, name, &login, record.as_ref()).await
-        }
-        (None, Some(record)) => ssh::down(record).await,
-        (None, None) => Err(ProviderError::NoSuchCluster(name.to_string())),
-    }
+    cluster.down().await
 }
 
 /// How long a restarted controller waits for its engines to come back: they retry every 2 s
@@ -410,13 +520,7 @@ pub async fn restart(
     hints: &Hints,
     progress: &Progress,
 ) -> Result<Resumed, ProviderError> {
-    home::check_name("cluster", name).map_err(ProviderError::Invalid)?;
-    let restarted = if local::exists(name) {
-        local::restart_controller(name).await?
-    } else {
-        let cluster = open(name, hints).await?;
-        remote::restart_controller(&cluster).await?
-    };
+    let restarted = open(name, hints).await?.restart_controller().await?;
     let info = crate::client::ConnectionInfo::load(&home::connection_path(name))?;
     let client = crate::client::Client::connect_with(info).await?;
     let engines = await_engines(

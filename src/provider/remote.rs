@@ -179,14 +179,14 @@ pub async fn join_cluster(
     spec: &ClusterSpec,
     master: &NodeTarget,
     nodes: Vec<NodeTarget>,
-    login: &Login,
+    transport: &Transport,
     progress: &Progress,
 ) -> Result<Vec<NodeReport>, ProviderError> {
     const MPI_KEY: &str = "\n--- the cluster's MPI key\n";
     let dir = bootstrap::node_dir(&spec.name, "master");
     let said = run_once(
         master,
-        login,
+        transport,
         &format!(
             "cat \"$HOME\"/{dir}/config/controller.json && printf %s {} && \
              {{ cat \"$HOME\"/{dir}/config/{} 2>/dev/null; true; }}",
@@ -217,7 +217,7 @@ pub async fn join_cluster(
     let plan = Plan {
         cluster: spec.name.clone(),
         spec: spec.clone(),
-        transport: Transport::Ssh(login.clone()),
+        transport: transport.clone(),
         daemon: daemon_path()?,
         join: Join {
             controller: controller.listen.clone(),
@@ -237,11 +237,11 @@ pub async fn join_cluster(
 /// Logs in to `node`, runs `script` with `input` on its stdin, and logs out.
 async fn run_once(
     node: &NodeTarget,
-    login: &Login,
+    transport: &Transport,
     script: &str,
     input: &[&[u8]],
 ) -> Result<String, CommandError> {
-    let remote = Remote::connect(node, login)
+    let remote = Remote::open(node, transport)
         .await
         .map_err(CommandError::NotRun)?;
     let r = remote.run_with_input(script, input).await;
@@ -253,14 +253,14 @@ async fn run_once(
 /// its stdin; each node's output or error, in node order.
 pub async fn run_on_each(
     nodes: &[NodeTarget],
-    login: &Login,
+    transport: &Transport,
     script: impl Fn(&NodeTarget) -> String,
     input: &[&[u8]],
 ) -> Vec<(NodeTarget, Result<String, CommandError>)> {
     let script = &script;
     let mut out: Vec<(NodeTarget, Result<String, CommandError>)> =
         futures::stream::iter(nodes.iter().cloned().map(|node| async move {
-            let r = run_once(&node, login, &script(&node), input).await;
+            let r = run_once(&node, transport, &script(&node), input).await;
             (node, r)
         }))
         .buffer_unordered(PARALLEL)
@@ -273,10 +273,10 @@ pub async fn run_on_each(
 /// Runs `script` on every node at once; each node's output or error, in node order.
 pub async fn run_everywhere(
     nodes: &[NodeTarget],
-    login: &Login,
+    transport: &Transport,
     script: &str,
 ) -> Vec<(NodeTarget, Result<String, CommandError>)> {
-    run_on_each(nodes, login, |_| script.to_string(), &[]).await
+    run_on_each(nodes, transport, |_| script.to_string(), &[]).await
 }
 
 /// The failures among `results`, as `node (address): why` lines.
@@ -292,12 +292,12 @@ pub fn failures(results: Vec<(NodeTarget, Result<String, CommandError>)>) -> Vec
 pub async fn stop_nodes(
     cluster: &str,
     nodes: &[NodeTarget],
-    login: &Login,
+    transport: &Transport,
     leaving: bootstrap::Leaving,
 ) -> Vec<String> {
     let results = run_on_each(
         nodes,
-        login,
+        transport,
         |node| bootstrap::teardown_script(cluster, &node.name, leaving),
         &[],
     )
@@ -308,7 +308,7 @@ pub async fn stop_nodes(
 /// Copies a local file to `dest` on every node in `nodes`.
 pub async fn put(
     nodes: &[NodeTarget],
-    login: &Login,
+    transport: &Transport,
     src: &Path,
     dest: &str,
 ) -> Result<Vec<(NodeTarget, Result<String, CommandError>)>, ProviderError> {
@@ -316,13 +316,13 @@ pub async fn put(
         .map_err(|e| ProviderError::Invalid(format!("cannot read {}: {e}", src.display())))?;
     let d = shell_quote(dest);
     let script = format!(
-        "cd \"$HOME\" && if [ -d {d} ]; then t={d}/{}; else mkdir -p \"$(dirname {d})\" && t={d}; fi && cat > \"$t\" && echo \"$t\"",
+        "if [ -d {d} ]; then t={d}/{}; else mkdir -p \"$(dirname {d})\" && t={d}; fi && cat > \"$t\" && echo \"$t\"",
         shell_quote(
             &src.file_name()
                 .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned())
         )
     );
-    Ok(run_on_each(nodes, login, |_| script.clone(), &[&bytes]).await)
+    Ok(run_on_each(nodes, transport, |_| script.clone(), &[&bytes]).await)
 }
 
 /// Restarts the controller on the master of `cluster` (its engines keep running); counts the
@@ -332,7 +332,7 @@ pub async fn restart_controller(
 ) -> Result<super::Restarted, ProviderError> {
     let started = Instant::now();
     let nodes = cluster.nodes().await?;
-    let login = cluster.login(QUICK_LOGIN);
+    let transport = cluster.transport(QUICK_LOGIN);
     let master = nodes
         .iter()
         .find(|n| n.name == "master")
@@ -345,7 +345,7 @@ pub async fn restart_controller(
         })?;
     let out = run_once(
         &master,
-        &login,
+        &transport,
         &bootstrap::restart_controller_script(&cluster.name),
         &[],
     )
@@ -358,7 +358,7 @@ pub async fn restart_controller(
         .and_then(|l| l.trim().parse().ok());
     let counts = run_on_each(
         &nodes,
-        &login,
+        &transport,
         |n| bootstrap::engine_count_script(&cluster.name, &n.name),
         &[],
     )
@@ -391,12 +391,16 @@ pub async fn engines_of(cluster: &str) -> Option<usize> {
 }
 
 /// Reads a file from one node.
-pub async fn get(node: &NodeTarget, login: &Login, src: &str) -> Result<Vec<u8>, ProviderError> {
+pub async fn get(
+    node: &NodeTarget,
+    transport: &Transport,
+    src: &str,
+) -> Result<Vec<u8>, ProviderError> {
     // base64 keeps binary files intact through the text-oriented helper.
     let r = run_once(
         node,
-        login,
-        &format!("cd \"$HOME\" && base64 < {}", shell_quote(src)),
+        transport,
+        &format!("base64 < {}", shell_quote(src)),
         &[],
     )
     .await;
@@ -410,13 +414,13 @@ pub async fn get(node: &NodeTarget, login: &Login, src: &str) -> Result<Vec<u8>,
 pub async fn fetch_connection(
     cluster: &str,
     master: &NodeTarget,
-    login: &Login,
+    transport: &Transport,
 ) -> Result<ConnectionInfo, ProviderError> {
     let path = format!(
         "{}/config/connection.json",
         bootstrap::node_dir(cluster, "master")
     );
-    let bytes = get(master, login, &path).await?;
+    let bytes = get(master, transport, &path).await?;
     let info: ConnectionInfo = serde_json::from_slice(&bytes).map_err(|e| {
         ProviderError::Ssh(format!(
             "the connection file on {master} is unreadable: {e}"

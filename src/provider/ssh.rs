@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::remote::{self, Record};
 use super::{ClusterSummary, Launched, ProviderError, Terminated};
-use crate::bootstrap::{Leaving, Progress};
+use crate::bootstrap::{Leaving, Progress, Transport};
 use crate::client::connection::ConnectionInfo;
 use crate::client::Client;
 use crate::home;
@@ -65,8 +65,8 @@ pub async fn down(record: &Record) -> Result<Terminated, ProviderError> {
         }
     }
     let nodes = remote::ssh_nodes(spec);
-    let login = remote::login(spec, Some(remote::QUICK_LOGIN));
-    let failed = remote::stop_nodes(name, &nodes, &login, Leaving::Cluster).await;
+    let transport = Transport::Ssh(remote::login(spec, Some(remote::QUICK_LOGIN)));
+    let failed = remote::stop_nodes(name, &nodes, &transport, Leaving::Cluster).await;
     if !failed.is_empty() {
         return Err(ProviderError::Ssh(format!(
             "could not stop cluster '{name}' on every host, so its record is kept; fix the access and run `starling down {name}` again:\n{}",

@@ -354,3 +354,64 @@ fn help_and_messages_speak_to_a_newcomer() {
         up.stdout
     );
 }
+
+#[test]
+fn the_node_commands_reach_a_local_clusters_node_on_this_machine() {
+    let c = Cluster::up("nodecmds", 1);
+    let workdir = c.workdir().display().to_string();
+    // The node's shell starts where its kernels work: the directory `up` ran in.
+    let exec = c.starling_raw(&["exec", "nodecmds", "pwd; echo \"$STARLING_HOME\""]);
+    assert_eq!(
+        exec.ok().lines(),
+        [
+            format!("master: {workdir}"),
+            format!("master: {}", c.home_path().display())
+        ]
+    );
+    let failed = c.starling_raw(&["exec", "nodecmds", "echo half; exit 3"]);
+    assert_eq!(failed.code, 1, "{}", failed.stderr);
+    assert!(
+        failed
+            .stderr
+            .contains("master: exit status 3:\nmaster: half"),
+        "{}",
+        failed.stderr
+    );
+
+    let src = c.home_path().join("data.txt");
+    std::fs::write(&src, "forty-two\n").unwrap();
+    let put = c.starling_raw(&["put", "nodecmds", src.to_str().unwrap(), "inbox/data.txt"]);
+    put.ok();
+    assert_eq!(
+        std::fs::read_to_string(c.workdir().join("inbox/data.txt")).unwrap(),
+        "forty-two\n"
+    );
+    let back = c.home_path().join("back.txt");
+    c.starling_raw(&["get", "nodecmds", "inbox/data.txt", back.to_str().unwrap()])
+        .ok();
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "forty-two\n");
+
+    // What only clusters on other machines, or EC2 clusters, have: a typed refusal each.
+    for (args, says) in [
+        (
+            vec!["ssh", "nodecmds"],
+            "`ssh` is for clusters on other machines; 'nodecmds' is a local cluster",
+        ),
+        (
+            vec!["connect", "nodecmds"],
+            "`connect` is for clusters on other machines; 'nodecmds' is a local cluster",
+        ),
+        (
+            vec!["add-node", "nodecmds"],
+            "`add-node` is for EC2 clusters; 'nodecmds' is a local cluster",
+        ),
+        (
+            vec!["stop", "nodecmds"],
+            "`stop` is for EC2 clusters; 'nodecmds' is a local cluster",
+        ),
+    ] {
+        let r = c.starling_raw(&args);
+        assert!(r.fails().stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+    assert_eq!(c.starling(&["ids"]).ok().stdout.trim(), "[0]");
+}

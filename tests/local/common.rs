@@ -80,6 +80,11 @@ impl Cluster {
         self.home.path()
     }
 
+    /// The directory starling runs in (and the cluster's kernels work in).
+    pub fn workdir(&self) -> &Path {
+        self.workdir.path()
+    }
+
     /// Runs `starling ARGS --cluster NAME` with this cluster's home.
     pub fn starling(&self, args: &[&str]) -> Run {
         let mut all: Vec<&str> = args.to_vec();

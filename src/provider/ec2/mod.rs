@@ -16,7 +16,7 @@ pub use api::{Ec2, Instance, Resources};
 
 use super::remote::{self, Record};
 use super::{ClusterSummary, Launched, ProviderError, Terminated};
-use crate::bootstrap::{Leaving, Login, NodeReport, NodeTarget, Progress};
+use crate::bootstrap::{Leaving, NodeReport, NodeTarget, Progress, Transport};
 use crate::client::connection::ConnectionInfo;
 use crate::client::Client;
 use crate::home;
@@ -274,7 +274,7 @@ pub fn reach(record: Option<&Record>) -> (bool, u16, String) {
 pub async fn down(
     api: &Ec2,
     cluster: &str,
-    login: &Login,
+    transport: &Transport,
     record: Option<&Record>,
 ) -> Result<Terminated, ProviderError> {
     let instances = api.instances(Some(cluster)).await?;
@@ -293,7 +293,7 @@ pub async fn down(
         .cloned()
         .collect();
     if let Ok(nodes) = targets(&running, private, port, &user) {
-        for f in remote::stop_nodes(cluster, &nodes, login, Leaving::Cluster).await {
+        for f in remote::stop_nodes(cluster, &nodes, transport, Leaving::Cluster).await {
             notes.push(format!(
                 "could not stop starlingd over SSH on {f} (terminating the instance stops it)"
             ));
@@ -358,7 +358,7 @@ pub async fn add_nodes(
     api: &Ec2,
     spec: &ClusterSpec,
     count: u32,
-    login: &Login,
+    transport: &Transport,
     progress: &Progress,
 ) -> Result<Vec<NodeReport>, ProviderError> {
     let e = ec2_spec(spec)?;
@@ -408,7 +408,7 @@ pub async fn add_nodes(
         &user,
     )?
     .remove(0);
-    remote::join_cluster(spec, &master, nodes, login, progress).await
+    remote::join_cluster(spec, &master, nodes, transport, progress).await
 }
 
 /// Stops one node's processes and terminates its instance.
@@ -416,7 +416,7 @@ pub async fn remove_node(
     api: &Ec2,
     cluster: &str,
     node: &str,
-    login: &Login,
+    transport: &Transport,
     record: Option<&Record>,
 ) -> Result<Vec<String>, ProviderError> {
     if node == "master" {
@@ -444,7 +444,7 @@ pub async fn remove_node(
         let left = match master {
             Some(m) => {
                 let t = targets(std::slice::from_ref(m), private, port, &user)?.remove(0);
-                crate::bootstrap::mpi::leave_world(&t, login, cluster, node).await
+                crate::bootstrap::mpi::leave_world(&t, transport, cluster, node).await
             }
             None => Err("the master is not running".into()),
         };
@@ -462,7 +462,7 @@ pub async fn remove_node(
     }
     if inst.state == "running" {
         let t = targets(std::slice::from_ref(inst), private, port, &user)?;
-        for f in remote::stop_nodes(cluster, &t, login, Leaving::Node).await {
+        for f in remote::stop_nodes(cluster, &t, transport, Leaving::Node).await {
             notes.push(format!("could not stop starlingd over SSH on {f}"));
         }
     }
@@ -476,7 +476,7 @@ pub async fn remove_node(
 pub async fn stop(
     api: &Ec2,
     cluster: &str,
-    login: &Login,
+    transport: &Transport,
     record: Option<&Record>,
 ) -> Result<(usize, Vec<String>), ProviderError> {
     let instances = api.instances(Some(cluster)).await?;
@@ -497,7 +497,7 @@ pub async fn stop(
     if let Ok(nodes) = targets(&running, private, port, &user) {
         let stops = remote::run_on_each(
             &nodes,
-            login,
+            transport,
             |n| crate::bootstrap::stop_script(cluster, &n.name),
             &[],
         )
@@ -515,7 +515,7 @@ pub async fn stop(
 pub async fn start(
     api: &Ec2,
     spec: &ClusterSpec,
-    login: &Login,
+    transport: &Transport,
     progress: &Progress,
 ) -> Result<(Vec<String>, u32), ProviderError> {
     let e = ec2_spec(spec)?;
@@ -543,8 +543,9 @@ pub async fn start(
     let restart =
         |n: &NodeTarget| crate::bootstrap::restart_script(name, &n.name, n.name == "master");
     // The controller first, so that engines find it at once; then every other node together.
-    let mut results = remote::run_on_each(std::slice::from_ref(&master), login, restart, &[]).await;
-    results.extend(remote::run_on_each(&nodes[1..], login, restart, &[]).await);
+    let mut results =
+        remote::run_on_each(std::slice::from_ref(&master), transport, restart, &[]).await;
+    results.extend(remote::run_on_each(&nodes[1..], transport, restart, &[]).await);
     // Each node prints its engine count last.
     let engines = results
         .iter()
