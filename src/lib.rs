@@ -3,8 +3,10 @@
 //! Layout — data flows top to bottom:
 //!
 //! - [`spec`]: the YAML cluster spec, its defaults and validation.
-//! - [`provider`]: where nodes come from: `local` processes, `ec2` instances, `ssh` hosts.
-//! - [`bootstrap`]: over SSH, turns machines into a running cluster (upload, setup, start).
+//! - [`provider`]: where nodes come from: this machine (`local`), `ec2` instances, `ssh` hosts;
+//!   `provider::Cluster` is every operation on a cluster after `up`.
+//! - [`bootstrap`]: turns machines into a running cluster (install, setup, start, stop), over
+//!   SSH or, for a local cluster, this machine's `sh`.
 //! - [`node`]: a node's processes, found by the mark they carry.
 //! - [`proto`]: every message between client, controller and engine; frames, TLS, the
 //!   authentication handshake.

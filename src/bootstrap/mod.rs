@@ -1,8 +1,10 @@
-//! Bootstrap: turn machines reachable by SSH into a running cluster.
+//! Bootstrap: turn machines into a running cluster — every node the same way, whether reached
+//! over SSH or, for a local cluster, this machine's own `sh` ([`transport`]).
 //!
 //! For every node, concurrently (at most [`PARALLEL`] at once) and each as soon as it answers:
-//! log in (retrying until the login deadline), detect its architecture, home and cores, install
-//! `starlingd` (skipped when the checksum already matches), run the spec's setup commands, copy
+//! log in (retrying until the login deadline), detect its architecture, directory and cores,
+//! install `starlingd` (skipped when the checksum already matches; a local node links to this
+//! machine's), run the spec's setup commands, copy
 //! its files, check Python, write the config and secrets (mode 0600), then start the
 //! controller (on the master) and the node's engines. `starlingd` leaves this machine once:
 //! the master gets it uploaded and hands it to the other nodes ([`share`]) — also to nodes that
@@ -10,6 +12,9 @@
 //! only if its checksum is the one computed here. Everything a node holds lives under
 //! `~/.starling/node/<cluster>/<node>/` on it, and every process started there carries that
 //! directory in [`MARK_VAR`](crate::node::MARK_VAR), so `starlingd stop --root` finds them all.
+//! (On a local cluster's node, starling's home is `STARLING_HOME`, as everywhere on this
+//! machine, and its controller picks a free port: bootstrap then writes down the address it
+//! took, in the controller's and engines' config and in the node's report.)
 //! On an MPI cluster ([`mpi`]) each node also gets the cluster's SSH key authorized, and once
 //! every node is up the master's world file gets their engines' ranks (the whole world for a new
 //! cluster, appended for nodes that join one); the master's supervisor then starts the world

@@ -1,10 +1,11 @@
 //! Providers: where a cluster's nodes come from.
 //!
-//! Three kinds: [`local`] (processes on this machine, the default), [`ec2`] (EC2 instances,
-//! or LocalStack's) and [`ssh`] (hosts listed in the spec). The last two share [`remote`]:
-//! starting a cluster on SSH-reachable nodes through [`crate::bootstrap`], and the commands
-//! that act on its nodes. [`open`] finds a cluster by name — from this machine's record of it,
-//! or for EC2 from the instances' tags — for every command after `up`.
+//! Three kinds: [`local`] (this machine is the cluster's one node, the default), [`ec2`] (EC2
+//! instances, or LocalStack's) and [`ssh`] (hosts listed in the spec). Every kind starts its
+//! nodes through [`crate::bootstrap`] — over SSH ([`remote`] holds what ec2 and ssh share), or
+//! over the local transport. [`up`] starts a cluster of the kind its spec names; [`open`]
+//! finds one by name — from this machine's record of it, or for EC2 from the instances' tags —
+//! as a [`Cluster`], through which every command after `up` acts on it.
 
 pub mod ec2;
 pub mod local;
