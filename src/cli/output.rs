@@ -558,17 +558,18 @@ fn print_error(label: &str, e: &RemoteError) {
     }
 }
 
-fn item_repr(item: &Result<Value, RemoteError>) -> String {
+fn item_repr(item: &Result<Value, Box<RemoteError>>) -> String {
     match item {
         Ok(v) => v.to_python_repr(),
         Err(e) => format!("<{e}>"),
     }
 }
 
-fn item_json(item: &Result<Value, RemoteError>) -> Json {
+/// An item's result in JSON (a task's items carry boxed errors, a client's values plain ones).
+fn item_json<E: std::borrow::Borrow<RemoteError>>(item: &Result<Value, E>) -> Json {
     match item {
         Ok(v) => value_json(v),
-        Err(e) => json!({ "error": error_json(e) }),
+        Err(e) => json!({ "error": error_json(e.borrow()) }),
     }
 }
 

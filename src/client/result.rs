@@ -72,10 +72,10 @@ impl JobState {
                     if let Some(e) = items.iter().find_map(|i| i.as_ref().err()) {
                         r.outcome = Outcome::Err(e.clone());
                     }
-                    items
+                    items.into_iter().map(|i| i.map_err(|e| *e)).collect()
                 }
                 Outcome::Ok { value, .. } => vec![Ok(value.clone())],
-                Outcome::Err(e) => vec![Err(e.clone())],
+                Outcome::Err(e) => vec![Err((**e).clone())],
             };
             for (i, value) in values.into_iter().enumerate() {
                 let index = first + i;

@@ -307,6 +307,9 @@ pub struct State {
     finished: VecDeque<JobId>,
     finished_slots: u64,
     finished_bytes: usize,
+    /// About how many bytes of results the jobs not yet ended hold: finished jobs' results
+    /// give way to them.
+    running_bytes: usize,
     waiting: Vec<WaitEngines>,
     /// Since when no engine has been registered, the engine to blame (the last one lost) and
     /// why there is none.
@@ -356,6 +359,7 @@ impl State {
             finished: VecDeque::new(),
             finished_slots: 0,
             finished_bytes: 0,
+            running_bytes: 0,
             waiting: Vec::new(),
             orphaned: None,
             slot_ids: HashMap::new(),
@@ -957,6 +961,7 @@ impl State {
             for r in &u.done {
                 job.took(r);
             }
+            self.running_bytes += job.bytes;
             job.done = u.done;
             let kept = spec.is_some();
             if let Some(JobSpec::Map {
@@ -1112,11 +1117,11 @@ impl State {
             ),
             None => (false, 1, 0, 1),
         };
-        let error = RemoteError {
+        let error = Box::new(RemoteError {
             ename: ename.into(),
             evalue: why.to_string(),
             traceback: String::new(),
-        };
+        });
         let now = now_micros();
         TaskResult {
             task,
@@ -1714,7 +1719,9 @@ impl State {
                     );
                 }
             }
-            job.bytes += results.iter().map(TaskResult::approx_bytes).sum::<usize>();
+            let bytes = results.iter().map(TaskResult::approx_bytes).sum::<usize>();
+            job.bytes += bytes;
+            self.running_bytes += bytes;
             job.done.extend(results);
             if job.remaining == 0 {
                 self.end_job(comm, job_id);
@@ -1740,17 +1747,21 @@ impl State {
         self.finished.push_back(job_id);
         self.finished_slots += job.info.slots;
         self.finished_bytes += job.bytes;
+        self.running_bytes = self.running_bytes.saturating_sub(job.bytes);
         let ran_on: Vec<EngineId> = job.ran_on.iter().copied().collect();
         comm.record_ended(job_id, job.status, job.failure.as_deref(), &ran_on);
         self.job_ended(job_id);
     }
 
-    /// Drops the oldest finished jobs beyond the memory bounds.
+    /// Drops the oldest finished jobs beyond the memory bounds. The byte bound counts the
+    /// results running jobs hold too: finished results are a cache of the store's, and give
+    /// way to a large job as its results come in (a map of a million tasks holds hundreds of
+    /// MB of them).
     fn forget_old_jobs(&mut self) {
         while self.finished.len() > 1
             && (self.finished.len() > KEEP_FINISHED_JOBS
                 || self.finished_slots > KEEP_FINISHED_SLOTS
-                || self.finished_bytes > KEEP_FINISHED_BYTES)
+                || self.finished_bytes + self.running_bytes > KEEP_FINISHED_BYTES)
         {
             let Some(old) = self.finished.pop_front() else {
                 break;
@@ -2137,7 +2148,7 @@ fn first_error(outcome: &Outcome) -> Option<&RemoteError> {
     match outcome {
         Outcome::Ok { .. } => None,
         Outcome::Err(e) => Some(e),
-        Outcome::Items(items) => items.iter().find_map(|i| i.as_ref().err()),
+        Outcome::Items(items) => items.iter().find_map(|i| i.as_ref().err().map(|e| &**e)),
     }
 }
 
@@ -2148,7 +2159,7 @@ fn kernel_died(outcome: &Outcome) -> bool {
     match outcome {
         Outcome::Err(e) => died(e),
         Outcome::Items(items) => {
-            !items.is_empty() && items.iter().all(|i| i.as_ref().is_err_and(died))
+            !items.is_empty() && items.iter().all(|i| i.as_ref().is_err_and(|e| died(e)))
         }
         Outcome::Ok { .. } => false,
     }
@@ -2718,6 +2729,56 @@ mod tests {
     }
 
     #[test]
+    fn finished_results_give_way_to_a_running_jobs() {
+        let (mut s, mut c, now) = cluster_with(&[2]);
+        let result_of = |t, e, first, size: usize| {
+            let mut r = ok(t, e, first);
+            r.stdout = "x".repeat(size);
+            r
+        };
+        // Three finished jobs of 30 MiB results each: all held (90 MiB).
+        for _ in 0..3 {
+            let info = submit(&mut s, &mut c, Targets::All, now);
+            let done: Vec<TaskResult> = info
+                .tasks
+                .iter()
+                .enumerate()
+                .map(|(i, (t, e))| result_of(*t, *e, i as u64, 15 << 20))
+                .collect();
+            s.on_engine_message(&mut c, ConnId(0), EngineToController::Done(done), now);
+        }
+        assert_eq!(s.finished.len(), 3);
+        // A running job's first 60 MiB push out the oldest finished ones, not itself.
+        let info = submit(&mut s, &mut c, Targets::All, now);
+        let (t, e) = info.tasks[0];
+        let first = vec![result_of(t, e, 0, 60 << 20)];
+        s.on_engine_message(&mut c, ConnId(0), EngineToController::Done(first), now);
+        assert!(
+            s.finished_bytes + s.running_bytes <= KEEP_FINISHED_BYTES,
+            "{} + {}",
+            s.finished_bytes,
+            s.running_bytes
+        );
+        assert_eq!(
+            s.finished.iter().copied().collect::<Vec<_>>(),
+            [JobId(1), JobId(2)]
+        );
+        assert!(!s.jobs.contains_key(&JobId(0)));
+        assert!(s.jobs.contains_key(&info.job));
+        // Once it ends its results are finished ones, and the last job stays whatever its size.
+        let (t, e) = info.tasks[1];
+        let last = vec![result_of(t, e, 1, 60 << 20)];
+        s.on_engine_message(&mut c, ConnId(0), EngineToController::Done(last), now);
+        assert_eq!(s.running_bytes, 0);
+        assert_eq!(s.finished.back(), Some(&info.job));
+        assert!(
+            s.finished_bytes <= KEEP_FINISHED_BYTES,
+            "{}",
+            s.finished_bytes
+        );
+    }
+
+    #[test]
     fn large_results_are_held_up_to_a_byte_bound_and_the_last_job_always() {
         let (mut s, mut c, now) = cluster_with(&[1]);
         let big = bytes::Bytes::from(vec![7u8; 30 << 20]);
@@ -2994,11 +3055,11 @@ mod tests {
             task: a.task,
             engine: a.engine,
             first: a.first,
-            outcome: Outcome::Items(vec![Err(RemoteError {
+            outcome: Outcome::Items(vec![Err(Box::new(RemoteError {
                 ename: "ValueError".into(),
                 evalue: "bad".into(),
                 traceback: String::new(),
-            })]),
+            }))]),
             stdout: String::new(),
             stderr: String::new(),
             execution_count: 0,

@@ -153,7 +153,7 @@ fn kept_outcome(outcome: &Outcome) -> std::borrow::Cow<'_, Outcome> {
             ..
         } if value.approx_bytes() > KEEP_RESULT_BYTES => {
             let shown: String = p.repr.chars().take(200).collect();
-            Cow::Owned(Outcome::Err(crate::proto::RemoteError {
+            Cow::Owned(Outcome::Err(Box::new(crate::proto::RemoteError {
                 ename: "ResultNotKept".into(),
                 evalue: format!(
                     "the value ({shown}) was {} MiB, above the {} MiB the task store keeps of one result; it went only to the clients that waited for the job: run the job again to get it",
@@ -161,7 +161,7 @@ fn kept_outcome(outcome: &Outcome) -> std::borrow::Cow<'_, Outcome> {
                     KEEP_RESULT_BYTES >> 20
                 ),
                 traceback: String::new(),
-            }))
+            })))
         }
         _ => Cow::Borrowed(outcome),
     }
@@ -801,11 +801,11 @@ fn task_results(conn: &Connection, job: JobId) -> rusqlite::Result<Vec<TaskResul
             engine: EngineId(r.get(1)?),
             first: r.get::<_, i64>(2)? as u64,
             outcome: rmp_serde::from_slice(&blob).unwrap_or_else(|e| {
-                Outcome::Err(crate::proto::RemoteError {
+                Outcome::Err(Box::new(crate::proto::RemoteError {
                     ename: "StoreError".into(),
                     evalue: format!("this result could not be read back: {e}"),
                     traceback: String::new(),
-                })
+                }))
             }),
             stdout: r.get(4)?,
             stderr: r.get(5)?,

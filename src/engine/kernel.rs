@@ -720,13 +720,13 @@ fn decode_reply(f: &KernelFrame, expected: u64) -> Result<KernelReply, KernelErr
         }
     }
     let outcome = if v.get("ok").and_then(Json::as_bool) != Some(true) {
-        Outcome::Err(decode_error(v))
+        Outcome::Err(Box::new(decode_error(v)))
     } else if let Some(items) = v.get("items").and_then(Json::as_array) {
         Outcome::Items(
             items
                 .iter()
                 .map(|item| match item.get("e") {
-                    Some(e) => Ok(Err(decode_error(e))),
+                    Some(e) => Ok(Err(Box::new(decode_error(e)))),
                     None => f.decode_value(item).map(Ok),
                 })
                 .collect::<Result<_, _>>()?,
@@ -762,11 +762,11 @@ pub async fn run_shell(command: &str, engine: EngineId, workdir: &Path) -> Kerne
     let completed = now_micros();
     let (outcome, stdout, stderr) = match out {
         Err(e) => (
-            Outcome::Err(RemoteError {
+            Outcome::Err(Box::new(RemoteError {
                 ename: "ShellError".into(),
                 evalue: format!("cannot run bash: {e}"),
                 traceback: String::new(),
-            }),
+            })),
             String::new(),
             String::new(),
         ),
@@ -777,11 +777,11 @@ pub async fn run_shell(command: &str, engine: EngineId, workdir: &Path) -> Kerne
                     display: None,
                 }
             } else {
-                Outcome::Err(RemoteError {
+                Outcome::Err(Box::new(RemoteError {
                     ename: "ShellError".into(),
                     evalue: format!("the command {}", describe_exit(out.status)),
                     traceback: String::new(),
-                })
+                }))
             };
             (
                 outcome,

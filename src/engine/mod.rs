@@ -811,11 +811,11 @@ impl Slot {
 
     fn failure(&self, t: &Task, ename: &str, evalue: String) -> TaskResult {
         let now = crate::proto::now_micros();
-        let error = RemoteError {
+        let error = Box::new(RemoteError {
             ename: ename.into(),
             evalue,
             traceback: String::new(),
-        };
+        });
         let outcome = match t.items() {
             Some(n) => Outcome::Items(vec![Err(error); n]),
             None => Outcome::Err(error),

@@ -468,9 +468,11 @@ pub enum Outcome {
         value: Value,
         display: Option<String>,
     },
-    Err(RemoteError),
+    /// Errors are boxed: rare, and a box keeps every result small (a controller holds a
+    /// million of them for a map at chunksize 1).
+    Err(Box<RemoteError>),
     /// A map chunk: each item's result or error, in item order.
-    Items(Vec<Result<Value, RemoteError>>),
+    Items(Vec<Result<Value, Box<RemoteError>>>),
 }
 
 impl TaskResult {
@@ -504,7 +506,7 @@ impl TaskResult {
             Outcome::Err(e) => error(e),
             Outcome::Items(items) => {
                 ALLOC
-                    + items.capacity() * std::mem::size_of::<Result<Value, RemoteError>>()
+                    + items.capacity() * std::mem::size_of::<Result<Value, Box<RemoteError>>>()
                     + items
                         .iter()
                         .map(|i| match i {
@@ -594,7 +596,7 @@ pub fn encode_results<T: CarriesResults>(msg: T, limit: usize) -> Vec<bytes::Byt
     for r in results {
         let mut len = conn::encode(&r).len();
         let r = if len > budget {
-            let error = RemoteError {
+            let error = Box::new(RemoteError {
                 ename: "ResultTooLarge".into(),
                 evalue: format!(
                     "the result is {} MiB, above the cluster's frame limit of {} MiB (max_frame_mb in the spec); return less per task, e.g. write large data to files",
@@ -602,7 +604,7 @@ pub fn encode_results<T: CarriesResults>(msg: T, limit: usize) -> Vec<bytes::Byt
                     limit >> 20
                 ),
                 traceback: String::new(),
-            };
+            });
             let outcome = match &r.outcome {
                 Outcome::Items(items) => Outcome::Items(vec![Err(error); items.len()]),
                 _ => Outcome::Err(error),
@@ -945,6 +947,22 @@ mod tests {
 #[cfg(test)]
 mod fit_tests {
     use super::*;
+
+    #[test]
+    fn results_stay_small_in_memory() {
+        use std::mem::size_of;
+        // A controller holds a result per task, a million of them for a map at chunksize 1,
+        // and an item result per item: errors are boxed so that neither pays for them. (A
+        // JSON value is 72 bytes: the AWS SDK turns on serde_json's `preserve_order`, which
+        // also keeps a Python dict's key order.)
+        let item = size_of::<Result<Value, Box<RemoteError>>>();
+        let outcome = size_of::<Outcome>();
+        let result = size_of::<TaskResult>();
+        println!("item result {item} B, outcome {outcome} B, task result {result} B");
+        assert!(item <= 72, "{item}");
+        assert!(outcome <= 96, "{outcome}");
+        assert!(result <= 192, "{result}");
+    }
 
     fn result(task: u64, text_len: usize) -> TaskResult {
         TaskResult {
