@@ -31,6 +31,9 @@ const MAX_PREFETCH: usize = 4096;
 /// large chunks while much is left, ever smaller ones towards the end, so the engines finish
 /// together (guided self-scheduling, halved as in "factoring").
 const GSS_DIVISOR: usize = 2;
+/// A map's queue of items not yet handed out is shrunk once it is a quarter full, from this
+/// capacity on.
+const SHRINK_FROM: usize = 4096;
 /// Finished jobs whose results the controller keeps in memory for clients that attach later,
 /// at most this many; older ones are forgotten (the task store keeps their record).
 const KEEP_FINISHED_JOBS: usize = 1000;
@@ -1400,6 +1403,13 @@ impl State {
                     }
                     .min(remaining);
                     let items: Vec<Value> = feed.items.drain(..size).collect();
+                    // The queue gives back what it no longer needs as it drains (a million
+                    // items are 72 MB), for the results that come in meanwhile to use.
+                    if feed.items.capacity() > SHRINK_FROM
+                        && feed.items.len() < feed.items.capacity() / 4
+                    {
+                        feed.items.shrink_to_fit();
+                    }
                     let first = feed.next;
                     feed.next += size as u64;
                     (first, items, Past::default())
