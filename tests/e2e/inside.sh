@@ -28,7 +28,21 @@ mkdir -p /run/sshd
 ssh-keygen -q -t ed25519 -N '' -f "$RIG/hostkey"
 ssh-keygen -q -t ed25519 -N '' -f "$RIG/userkey"
 cp "$RIG/userkey.pub" "$RIG/authorized_keys"
+# STARLING_RIG_PLAIN_SHELL=1 (bench/up_down.py): a command run over SSH gets the PATH a login on
+# this machine has, computed once here, without sourcing root's ~/.bashrc. This machine's runs
+# `pyenv init` (a rehash under a lock that polls every 0.1 s), and bash sources it for every
+# command sshd starts at shell level 1: with 64 nodes logging in at once, that contention took
+# most of the rig's two cores. An EC2 image's ~/.bashrc returns at once for such commands; shell
+# level 2 makes the rig's skip it the same way. (The test suite keeps the rc file: its MPI test
+# hung in `mpirun` in three of eight runs with this setting, for a reason not found yet.)
+plain_shell=""
+if [ "${STARLING_RIG_PLAIN_SHELL:-}" = 1 ]; then
+    node_path=$(env -i HOME="$HOME" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        bash -ic 'printf %s "$PATH"' 2>/dev/null </dev/null)
+    plain_shell="SetEnv SHLVL=1 PATH=$node_path"
+fi
 cat > "$RIG/sshd_config" <<CONF
+$plain_shell
 Port 22
 ListenAddress 0.0.0.0
 HostKey $RIG/hostkey
