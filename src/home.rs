@@ -8,13 +8,24 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// The root of starling's files.
+/// The root of starling's files, as an absolute path in one spelling (no `//`, no trailing
+/// `/`): a local cluster's processes are marked with paths under it, compared exactly, and
+/// the node's shell and this process must spell them alike.
 pub fn home() -> PathBuf {
-    if let Some(h) = std::env::var_os("STARLING_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(h);
-    }
-    let base = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    base.join(".starling")
+    let root = match std::env::var_os("STARLING_HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h),
+        None => std::env::var_os("HOME")
+            .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+            .join(".starling"),
+    };
+    one_spelling(root)
+}
+
+/// `path` made absolute (against the current directory) and spelled without `//` or a
+/// trailing `/`.
+fn one_spelling(path: PathBuf) -> PathBuf {
+    let path = std::path::absolute(&path).unwrap_or(path);
+    path.components().collect()
 }
 
 /// `clusters/<name>/` under [`home`].
@@ -86,6 +97,15 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_home_is_spelled_one_way() {
+        assert_eq!(one_spelling("/tmp//s/".into()), PathBuf::from("/tmp/s"));
+        assert_eq!(
+            one_spelling("rel/s".into()),
+            std::env::current_dir().unwrap().join("rel/s")
+        );
+    }
 
     #[test]
     fn names_are_checked_before_they_reach_paths_or_shells() {

@@ -661,7 +661,7 @@ async fn boot_in<'s>(
         .unwrap_or("");
     let gunzip = lines.next().is_some_and(|l| l.trim() == "gzip");
     let ours = std::env::consts::ARCH;
-    if machine_arch(&probe.arch) != ours {
+    if !local && machine_arch(&probe.arch) != ours {
         return Err((
             "detecting the machine".into(),
             format!(
@@ -687,6 +687,8 @@ async fn boot_in<'s>(
     // cluster's controller picks when it starts).
     let engines = match spec.engines_per_node {
         Count::N(n) => n,
+        // This machine's own count honours CPU quotas (a container's), which `nproc` does not.
+        Count::Auto if local => spec.engines_per_node.resolve_here(),
         Count::Auto => probe.cores.max(1),
     };
     let engine = EngineConfig {
@@ -1099,7 +1101,7 @@ pub fn cloudpickle_note(reports: &[NodeReport]) -> Option<String> {
         .collect();
     (!lacking.is_empty()).then(|| {
         format!(
-            "the engines' Python on {} lacks cloudpickle: functions sent from Python clients fail there until it is installed (`python3 -m pip install cloudpickle`, e.g. in the spec's `setup`)",
+            "the engines' Python on {} lacks cloudpickle: functions sent from Python clients fail there until it is installed (`python3 -m pip install cloudpickle`; on other machines, e.g. in the spec's `setup`)",
             lacking.join(", ")
         )
     })
@@ -1155,7 +1157,7 @@ pub enum Leaving {
 /// `remove-node`). Harmless where nothing of the cluster is.
 pub fn teardown_script(cluster: &str, node: &str, leaving: Leaving) -> String {
     let mut script = format!(
-        "{}; rm -rf {}; rmdir \"$HOME/.starling/node/{cluster}\" 2>/dev/null; ",
+        "{}; rm -rf {}; rmdir \"{HOME_IN_SHELL}/node/{cluster}\" 2>/dev/null; ",
         stop_script(cluster, node),
         dir_in_shell(cluster, node),
     );

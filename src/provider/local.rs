@@ -140,10 +140,12 @@ pub async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, Pro
     let started = Instant::now();
     let name = spec.name.as_str();
     home::check_name("cluster", name).map_err(ProviderError::Invalid)?;
-    let daemon = super::daemon_path()?;
+    // Absolute: the node's `bin/starlingd` links to it.
+    let daemon = std::path::absolute(super::daemon_path()?)?;
     let mut notes = Vec::new();
     if load_state(name).is_some() {
-        if !our_processes(&node_dir(name)).is_empty() {
+        if !our_processes(&node_dir(name)).is_empty() || !our_processes(&node_root(name)).is_empty()
+        {
             return Err(ProviderError::AlreadyRunning {
                 name: name.to_string(),
                 pid: pid_of(name, "controller").unwrap_or(0),
@@ -332,12 +334,16 @@ pub async fn down(cluster: &str) -> Result<Terminated, ProviderError> {
         return Err(ProviderError::NoSuchCluster(cluster.to_string()));
     };
     let dir = node_dir(cluster);
-    let live = our_processes(&dir);
+    // A cluster started by an earlier build marked its processes with the cluster's directory.
+    let earlier = node_root(cluster);
+    let live = [our_processes(&dir), our_processes(&earlier)].concat();
     let mut notes = Vec::new();
+    // As a node leaving: a local cluster authorized no MPI key, and the user's own
+    // `authorized_keys` (this machine may be a host of someone's ssh cluster) stays untouched.
     if let Err(e) = run(&bootstrap::teardown_script(
         cluster,
         NODE,
-        bootstrap::Leaving::Cluster,
+        bootstrap::Leaving::Node,
     ))
     .await
     {
@@ -346,6 +352,7 @@ pub async fn down(cluster: &str) -> Result<Terminated, ProviderError> {
     // Whatever is left — its starlingd gone from where the node's link points, a process
     // that ignores SIGTERM and outlived the grace — is killed by pid.
     node::kill_all(&dir, KILL_WAIT).await;
+    node::kill_all(&earlier, KILL_WAIT).await;
     remove_files(cluster);
     if let Some(db) = state.db.filter(|db| db.exists()) {
         notes.push(format!("its task store is kept: {}", db.display()));

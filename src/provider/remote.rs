@@ -183,13 +183,13 @@ pub async fn join_cluster(
     progress: &Progress,
 ) -> Result<Vec<NodeReport>, ProviderError> {
     const MPI_KEY: &str = "\n--- the cluster's MPI key\n";
-    let dir = bootstrap::node_dir(&spec.name, "master");
+    let dir = bootstrap::dir_in_shell(&spec.name, "master");
     let said = run_once(
         master,
         transport,
         &format!(
-            "cat \"$HOME\"/{dir}/config/controller.json && printf %s {} && \
-             {{ cat \"$HOME\"/{dir}/config/{} 2>/dev/null; true; }}",
+            "cat {dir}/config/controller.json && printf %s {} && \
+             {{ cat {dir}/config/{} 2>/dev/null; true; }}",
             shell_quote(MPI_KEY),
             bootstrap::mpi::PUBLIC_KEY_FILE
         ),
@@ -396,14 +396,19 @@ pub async fn get(
     transport: &Transport,
     src: &str,
 ) -> Result<Vec<u8>, ProviderError> {
+    read(node, transport, &shell_quote(src), src).await
+}
+
+/// Reads the file at `path` (a word of the node's shell, expanded there) from one node;
+/// `src` names it in errors.
+async fn read(
+    node: &NodeTarget,
+    transport: &Transport,
+    path: &str,
+    src: &str,
+) -> Result<Vec<u8>, ProviderError> {
     // base64 keeps binary files intact through the text-oriented helper.
-    let r = run_once(
-        node,
-        transport,
-        &format!("base64 < {}", shell_quote(src)),
-        &[],
-    )
-    .await;
+    let r = run_once(node, transport, &format!("base64 < {path}"), &[]).await;
     let text = r.map_err(|e| ProviderError::Ssh(format!("{node}: cannot read {src}: {e}")))?;
     let clean: String = text.split_whitespace().collect();
     base64::Engine::decode(&base64::engine::general_purpose::STANDARD, clean)
@@ -418,9 +423,9 @@ pub async fn fetch_connection(
 ) -> Result<ConnectionInfo, ProviderError> {
     let path = format!(
         "{}/config/connection.json",
-        bootstrap::node_dir(cluster, "master")
+        bootstrap::dir_in_shell(cluster, "master")
     );
-    let bytes = get(master, transport, &path).await?;
+    let bytes = read(master, transport, &path, "the connection file").await?;
     let info: ConnectionInfo = serde_json::from_slice(&bytes).map_err(|e| {
         ProviderError::Ssh(format!(
             "the connection file on {master} is unreadable: {e}"

@@ -39,6 +39,11 @@ plain_shell=""
 if [ "${STARLING_RIG_PLAIN_SHELL:-}" = 1 ]; then
     node_path=$(env -i HOME="$HOME" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         bash -ic 'printf %s "$PATH"' 2>/dev/null </dev/null)
+    case "$node_path" in
+        /*" "* | "") node_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin ;;
+        /*) ;;
+        *) node_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin ;;
+    esac
     plain_shell="SetEnv SHLVL=1 PATH=$node_path"
 fi
 cat > "$RIG/sshd_config" <<CONF
