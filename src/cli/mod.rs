@@ -756,7 +756,7 @@ async fn status(g: &Global, args: &NameArgs) -> Result<ExitCode> {
     if let Some(name) = &name {
         if provider::remote::Record::load(name).is_some() || g.region.is_some() {
             let cluster = provider::open(name, &hints(g)).await?;
-            let nodes = match &cluster.api {
+            let nodes = match cluster.ec2_api() {
                 Some(api) => output::NodeRows::Ec2(api.instances(Some(name)).await?),
                 None => output::NodeRows::Hosts(cluster.nodes().await?),
             };

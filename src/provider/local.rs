@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ClusterSummary, Launched, ProviderError, Restarted, Terminated};
+use super::{Cluster, ClusterSummary, Launched, Provider, ProviderError, Restarted, Terminated};
 use crate::bootstrap::{self, Join, MasterRole, NodeTarget, Plan, Progress, Remote, Transport};
 use crate::client::connection::{known_clusters, ConnectionInfo, CONNECTION_FORMAT};
 use crate::client::Client;
@@ -28,6 +28,43 @@ use crate::node::{self, our_processes};
 use crate::proto::auth::Key;
 use crate::proto::tls::ClusterCert;
 use crate::spec::{ClusterSpec, ProviderKind};
+
+/// The local provider: this machine as a cluster's one node.
+#[derive(Debug, Clone, Copy)]
+pub struct Local;
+
+impl Provider for Local {
+    async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, ProviderError> {
+        up(spec, progress).await
+    }
+
+    /// Everything it had started is stopped again.
+    async fn after_interrupted_up(spec: &ClusterSpec) -> Option<String> {
+        let _ = down(&spec.name).await;
+        None
+    }
+
+    async fn nodes(&self, _cluster: &Cluster) -> Result<Vec<NodeTarget>, ProviderError> {
+        Ok(vec![target()])
+    }
+
+    fn transport(&self, _cluster: &Cluster, _timeout: Duration) -> Transport {
+        Transport::Local
+    }
+
+    async fn down(&self, cluster: &Cluster) -> Result<Terminated, ProviderError> {
+        down(&cluster.name).await
+    }
+
+    async fn restart_controller(&self, cluster: &Cluster) -> Result<Restarted, ProviderError> {
+        restart_controller(&cluster.name).await
+    }
+
+    /// Its node is this machine: no `ssh`, no connection file to fetch, no machines to add.
+    fn has(&self, _operation: &str) -> bool {
+        false
+    }
+}
 
 /// How long `down` waits for what `starlingd stop` left, after killing it.
 const KILL_WAIT: Duration = Duration::from_secs(5);

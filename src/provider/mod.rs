@@ -1,11 +1,14 @@
 //! Providers: where a cluster's nodes come from.
 //!
-//! Three kinds: [`local`] (this machine is the cluster's one node, the default), [`ec2`] (EC2
-//! instances, or LocalStack's) and [`ssh`] (hosts listed in the spec). Every kind starts its
-//! nodes through [`crate::bootstrap`] — over SSH ([`remote`] holds what ec2 and ssh share), or
-//! over the local transport. [`up`] starts a cluster of the kind its spec names; [`open`]
-//! finds one by name — from this machine's record of it, or for EC2 from the instances' tags —
-//! as a [`Cluster`], through which every command after `up` acts on it.
+//! Three kinds, each one type behind the [`Provider`] trait that owns its clusters' whole life
+//! (up, nodes, add/remove, stop/start, down, what exists after an interrupted up):
+//! [`local::Local`] (this machine is the cluster's one node, the default), [`ec2::Ec2`] (EC2
+//! instances, or LocalStack's) and [`ssh::Ssh`] (hosts listed in the spec). What a kind does
+//! not have is the trait's default, [`ProviderError::Unsupported`]. Every kind starts its nodes
+//! through [`crate::bootstrap`] — over SSH ([`remote`] holds what ec2 and ssh share), or over
+//! the local transport. [`up`] starts a cluster of the kind its spec names; [`open`] finds one
+//! by name — from this machine's record of it, or for EC2 from the instances' tags — as a
+//! [`Cluster`], through which every command after `up` reaches its provider.
 
 pub mod ec2;
 pub mod local;
@@ -164,32 +167,83 @@ pub fn daemon_path() -> Result<PathBuf, ProviderError> {
     }
 }
 
+/// What a kind of cluster does, from `up` to `down`. [`local::Local`], [`ssh::Ssh`] and
+/// [`ec2::Ec2`] (a region's EC2 API) each own their clusters' whole life behind it; an
+/// operation a kind does not have is the default here: [`ProviderError::Unsupported`].
+#[allow(async_fn_in_trait)]
+pub trait Provider {
+    /// Starts a cluster from `spec`; returns once every engine has registered.
+    async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, ProviderError>;
+    /// After an `up` interrupted by Ctrl-C: `None` when everything it had started was stopped
+    /// again, else what exists of the cluster now, for `down` to remove.
+    async fn after_interrupted_up(spec: &ClusterSpec) -> Option<String>;
+    /// Its nodes, the master first.
+    async fn nodes(&self, cluster: &Cluster) -> Result<Vec<NodeTarget>, ProviderError>;
+    /// How to reach its nodes, waiting at most `timeout` for one to let starling log in.
+    fn transport(&self, cluster: &Cluster, timeout: Duration) -> Transport {
+        Transport::Ssh(cluster.login(timeout))
+    }
+    /// Stops everything of the cluster and removes what it left; idempotent.
+    async fn down(&self, cluster: &Cluster) -> Result<Terminated, ProviderError>;
+    /// Stops its controller, if it runs, and starts it again on the same address and task
+    /// store; the engines keep running and reconnect by themselves.
+    async fn restart_controller(&self, cluster: &Cluster) -> Result<Restarted, ProviderError> {
+        remote::restart_controller(cluster).await
+    }
+    /// Whether it has `operation` (`add-node`, `remove-node`, `stop`, `start`, `ssh`,
+    /// `connect`), so that a command can say `Unsupported` before it starts.
+    fn has(&self, operation: &str) -> bool {
+        matches!(operation, "ssh" | "connect")
+    }
+    /// Launches `count` more nodes from `spec` and bootstraps them into the running cluster.
+    async fn add_nodes(
+        &self,
+        cluster: &Cluster,
+        _spec: &ClusterSpec,
+        _count: u32,
+        _progress: &Progress,
+    ) -> Result<Vec<NodeReport>, ProviderError> {
+        Err(cluster.unsupported("add-node"))
+    }
+    /// Stops one node's processes and gives its machine back; notes on what could not be done.
+    async fn remove_node(
+        &self,
+        cluster: &Cluster,
+        _node: &str,
+    ) -> Result<Vec<String>, ProviderError> {
+        Err(cluster.unsupported("remove-node"))
+    }
+    /// Stops every machine, keeping their disks: how many, and notes.
+    async fn stop(&self, cluster: &Cluster) -> Result<(usize, Vec<String>), ProviderError> {
+        Err(cluster.unsupported("stop"))
+    }
+    /// Starts a stopped cluster again: its nodes, and how many engines they had.
+    async fn start(
+        &self,
+        cluster: &Cluster,
+        _spec: &ClusterSpec,
+        _progress: &Progress,
+    ) -> Result<(Vec<String>, u32), ProviderError> {
+        Err(cluster.unsupported("start"))
+    }
+}
+
 /// Brings a cluster up with the provider its spec names.
 pub async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, ProviderError> {
     match spec.provider {
-        ProviderKind::Local => local::up(spec, progress).await,
-        ProviderKind::Ec2 => ec2::up(spec, progress).await,
-        ProviderKind::Ssh => ssh::up(spec, progress).await,
+        ProviderKind::Local => local::Local::up(spec, progress).await,
+        ProviderKind::Ec2 => ec2::Ec2::up(spec, progress).await,
+        ProviderKind::Ssh => ssh::Ssh::up(spec, progress).await,
     }
 }
 
 /// After an `up` interrupted by Ctrl-C: `None` when everything it had started was stopped
 /// again (a local cluster), else what exists of the cluster now, for `down` to remove.
 pub async fn after_interrupted_up(spec: &ClusterSpec) -> Option<String> {
-    let name = &spec.name;
     match spec.provider {
-        ProviderKind::Local => {
-            let _ = local::down(name).await;
-            None
-        }
-        ProviderKind::Ec2 => Some(match ec2::api_for(spec).await {
-            Ok(api) => api
-                .resources(name)
-                .await
-                .map_or_else(|e| format!("unknown ({e})"), |r| r.describe()),
-            Err(e) => format!("unknown ({e})"),
-        }),
-        ProviderKind::Ssh => Some(ssh::what_may_exist(spec)),
+        ProviderKind::Local => local::Local::after_interrupted_up(spec).await,
+        ProviderKind::Ec2 => ec2::Ec2::after_interrupted_up(spec).await,
+        ProviderKind::Ssh => ssh::Ssh::after_interrupted_up(spec).await,
     }
 }
 
@@ -203,30 +257,58 @@ pub struct Hints {
 }
 
 /// A cluster found by name ([`open`]): local, or on other machines. Every operation on a
-/// cluster after `up` goes through it, and through it to its provider; what a provider cannot
-/// do is [`ProviderError::Unsupported`].
+/// cluster after `up` goes through it to its kind's [`Provider`].
 pub struct Cluster {
     pub name: String,
-    pub provider: ProviderKind,
     /// This machine's record (the spec it was started from), if it has one.
     pub record: Option<Record>,
-    /// The EC2 API of its region (provider ec2).
-    pub api: Option<ec2::Ec2>,
     pub hints: Hints,
+    kind: Kind,
+}
+
+/// The provider of a cluster.
+enum Kind {
+    Local(local::Local),
+    Ssh(ssh::Ssh),
+    Ec2(ec2::Ec2),
+}
+
+/// `$call` with `$p` bound to the cluster's provider, whichever kind it is.
+macro_rules! with_provider {
+    ($cluster:expr, $p:ident => $call:expr) => {
+        match &$cluster.kind {
+            Kind::Local($p) => $call,
+            Kind::Ssh($p) => $call,
+            Kind::Ec2($p) => $call,
+        }
+    };
 }
 
 impl Cluster {
-    /// How to reach its nodes, waiting at most `timeout` for one to let starling log in.
-    pub fn transport(&self, timeout: Duration) -> Transport {
-        if self.provider == ProviderKind::Local {
-            Transport::Local
-        } else {
-            Transport::Ssh(self.login(timeout))
+    /// Which kind of cluster it is.
+    pub fn provider(&self) -> ProviderKind {
+        match self.kind {
+            Kind::Local(_) => ProviderKind::Local,
+            Kind::Ssh(_) => ProviderKind::Ssh,
+            Kind::Ec2(_) => ProviderKind::Ec2,
         }
     }
 
+    /// Its region's EC2 API, for what only EC2 clusters show (their instances).
+    pub fn ec2_api(&self) -> Option<&ec2::Ec2> {
+        match &self.kind {
+            Kind::Ec2(api) => Some(api),
+            _ => None,
+        }
+    }
+
+    /// How to reach its nodes, waiting at most `timeout` for one to let starling log in.
+    pub fn transport(&self, timeout: Duration) -> Transport {
+        with_provider!(self, p => Provider::transport(p, self, timeout))
+    }
+
     /// How to log in over SSH, waiting at most `timeout` for a node.
-    fn login(&self, timeout: Duration) -> Login {
+    pub(crate) fn login(&self, timeout: Duration) -> Login {
         let key_file = self.hints.key_file.clone();
         match &self.record {
             Some(r) => {
@@ -244,6 +326,32 @@ impl Cluster {
         }
     }
 
+    fn has(&self, operation: &str) -> bool {
+        with_provider!(self, p => Provider::has(p, operation))
+    }
+
+    /// `Unsupported`, for `operation` on this cluster.
+    fn unsupported(&self, operation: &'static str) -> ProviderError {
+        ProviderError::Unsupported {
+            operation,
+            cluster: self.name.clone(),
+            provider: self.provider(),
+            needs: match operation {
+                "ssh" | "connect" => "clusters on other machines",
+                _ => "EC2 clusters",
+            },
+        }
+    }
+
+    /// Whether this cluster can do `operation` (`add-node`, …): `Unsupported` if not.
+    pub fn supports(&self, operation: &'static str) -> Result<(), ProviderError> {
+        if self.has(operation) {
+            Ok(())
+        } else {
+            Err(self.unsupported(operation))
+        }
+    }
+
     /// The command that runs a shell command line (its last argument, for the caller to add)
     /// on `node`, with a terminal when `tty`: `ssh` to a node on another machine, `sh -c` on a
     /// local cluster's node, in the node's shell environment either way.
@@ -252,6 +360,11 @@ impl Cluster {
         node: &NodeTarget,
         tty: bool,
     ) -> Result<std::process::Command, ProviderError> {
+        if !self.has("ssh") {
+            let mut cmd = std::process::Command::new("sh");
+            cmd.arg("-c").env("STARLING_HOME", home::home());
+            return Ok(cmd);
+        }
         let login = match self.transport(remote::QUICK_LOGIN) {
             Transport::Local => {
                 let mut cmd = std::process::Command::new("sh");
@@ -290,27 +403,14 @@ impl Cluster {
         node: &NodeTarget,
         tty: bool,
     ) -> Result<std::process::Command, ProviderError> {
-        self.elsewhere("ssh")?;
+        self.supports("ssh")?;
         self.command_on(node, tty)
-    }
-
-    /// `Unsupported` for a local cluster: `operation` is for clusters on other machines.
-    fn elsewhere(&self, operation: &'static str) -> Result<(), ProviderError> {
-        if self.provider == ProviderKind::Local {
-            return Err(ProviderError::Unsupported {
-                operation,
-                cluster: self.name.clone(),
-                provider: self.provider,
-                needs: "clusters on other machines",
-            });
-        }
-        Ok(())
     }
 
     /// The connection file its master keeps (`starling connect`); a local cluster's is on
     /// this machine already: `Unsupported`.
     pub async fn fetch_connection(&self) -> Result<crate::client::ConnectionInfo, ProviderError> {
-        self.elsewhere("connect")?;
+        self.supports("connect")?;
         let nodes = self.nodes().await?;
         let master = nodes
             .iter()
@@ -321,104 +421,48 @@ impl Cluster {
 
     /// Its nodes, the master first (EC2: the running instances).
     pub async fn nodes(&self) -> Result<Vec<NodeTarget>, ProviderError> {
-        if self.provider == ProviderKind::Local {
-            return Ok(vec![local::target()]);
-        }
-        match (&self.api, &self.record) {
-            (Some(api), record) => {
-                let instances: Vec<ec2::Instance> = api
-                    .instances(Some(&self.name))
-                    .await?
-                    .into_iter()
-                    .filter(|i| i.state == "running")
-                    .collect();
-                if instances.is_empty() {
-                    return Err(ProviderError::NoSuchCluster(self.name.clone()));
-                }
-                let (private, port, user) = ec2::reach(record.as_ref());
-                ec2::targets(&instances, private, port, &user)
-            }
-            (None, Some(r)) => Ok(remote::ssh_nodes(&r.spec)),
-            (None, None) => Err(ProviderError::NoSuchCluster(self.name.clone())),
-        }
-    }
-
-    /// Whether this cluster can do `operation` (`add-node`, …): `Unsupported` if not.
-    pub fn supports(&self, operation: &'static str) -> Result<(), ProviderError> {
-        self.ec2(operation).map(|_| ())
-    }
-
-    /// Its EC2 API, for what only EC2 clusters do.
-    fn ec2(&self, operation: &'static str) -> Result<&ec2::Ec2, ProviderError> {
-        self.api.as_ref().ok_or_else(|| ProviderError::Unsupported {
-            operation,
-            cluster: self.name.clone(),
-            provider: self.provider,
-            needs: "EC2 clusters",
-        })
+        with_provider!(self, p => Provider::nodes(p, self).await)
     }
 
     /// Stops everything of the cluster and removes what it left (instances, security group,
     /// key pair; a local cluster's processes and files); idempotent.
     pub async fn down(&self) -> Result<Terminated, ProviderError> {
-        match (&self.provider, &self.api, &self.record) {
-            (ProviderKind::Local, _, _) => local::down(&self.name).await,
-            (_, Some(api), record) => {
-                let transport = self.transport(remote::QUICK_LOGIN);
-                ec2::down(api, &self.name, &transport, record.as_ref()).await
-            }
-            (_, None, Some(record)) => ssh::down(record).await,
-            (_, None, None) => Err(ProviderError::NoSuchCluster(self.name.clone())),
-        }
+        with_provider!(self, p => Provider::down(p, self).await)
     }
 
     /// Stops its controller, if it runs, and starts it again on the same address and task
     /// store; the engines keep running and reconnect by themselves.
     pub async fn restart_controller(&self) -> Result<Restarted, ProviderError> {
-        if self.provider == ProviderKind::Local {
-            local::restart_controller(&self.name).await
-        } else {
-            remote::restart_controller(self).await
-        }
+        with_provider!(self, p => Provider::restart_controller(p, self).await)
     }
 
-    /// Launches `count` more nodes from `spec` and bootstraps them into the running cluster
-    /// (EC2).
+    /// Launches `count` more nodes from `spec` and bootstraps them into the running cluster.
     pub async fn add_nodes(
         &self,
         spec: &ClusterSpec,
         count: u32,
         progress: &Progress,
     ) -> Result<Vec<NodeReport>, ProviderError> {
-        let api = self.ec2("add-node")?;
-        let transport = self.transport(Duration::from_secs(spec.ssh.timeout_s));
-        ec2::add_nodes(api, spec, count, &transport, progress).await
+        with_provider!(self, p => Provider::add_nodes(p, self, spec, count, progress).await)
     }
 
-    /// Stops one node's processes and terminates its instance (EC2); notes on what could not
-    /// be done on the way.
+    /// Stops one node's processes and gives its machine back; notes on what could not be done.
     pub async fn remove_node(&self, node: &str) -> Result<Vec<String>, ProviderError> {
-        let api = self.ec2("remove-node")?;
-        let transport = self.transport(remote::QUICK_LOGIN);
-        ec2::remove_node(api, &self.name, node, &transport, self.record.as_ref()).await
+        with_provider!(self, p => Provider::remove_node(p, self, node).await)
     }
 
-    /// Stops every instance, keeping their disks (EC2): how many, and notes.
+    /// Stops every machine, keeping their disks: how many, and notes.
     pub async fn stop(&self) -> Result<(usize, Vec<String>), ProviderError> {
-        let api = self.ec2("stop")?;
-        let transport = self.transport(remote::QUICK_LOGIN);
-        ec2::stop(api, &self.name, &transport, self.record.as_ref()).await
+        with_provider!(self, p => Provider::stop(p, self).await)
     }
 
-    /// Starts a stopped cluster again (EC2): its nodes, and how many engines they had.
+    /// Starts a stopped cluster again: its nodes, and how many engines they had.
     pub async fn start(
         &self,
         spec: &ClusterSpec,
         progress: &Progress,
     ) -> Result<(Vec<String>, u32), ProviderError> {
-        let api = self.ec2("start")?;
-        let transport = self.transport(Duration::from_secs(spec.ssh.timeout_s));
-        ec2::start(api, spec, &transport, progress).await
+        with_provider!(self, p => Provider::start(p, self, spec, progress).await)
     }
 
     /// The spec the cluster was started from (needed to add nodes or start it again).
@@ -445,27 +489,22 @@ fn region_hint(hints: &Hints) -> Option<String> {
 /// its EC2 tags.
 pub async fn open(name: &str, hints: &Hints) -> Result<Cluster, ProviderError> {
     home::check_name("cluster", name).map_err(ProviderError::Invalid)?;
+    let cluster = |kind, record| Cluster {
+        name: name.to_string(),
+        record,
+        hints: hints.clone(),
+        kind,
+    };
     if let Some(record) = Record::load(name) {
-        let api = match record.provider {
-            ProviderKind::Ec2 => Some(ec2::api_for(&record.spec).await?),
-            _ => None,
+        let kind = match record.provider {
+            ProviderKind::Ec2 => Kind::Ec2(ec2::api_for(&record.spec).await?),
+            ProviderKind::Ssh => Kind::Ssh(ssh::Ssh),
+            ProviderKind::Local => Kind::Local(local::Local),
         };
-        return Ok(Cluster {
-            name: name.to_string(),
-            provider: record.provider,
-            record: Some(record),
-            api,
-            hints: hints.clone(),
-        });
+        return Ok(cluster(kind, Some(record)));
     }
     if local::exists(name) {
-        return Ok(Cluster {
-            name: name.to_string(),
-            provider: ProviderKind::Local,
-            record: None,
-            api: None,
-            hints: hints.clone(),
-        });
+        return Ok(cluster(Kind::Local(local::Local), None));
     }
     let Some(region) = region_hint(hints) else {
         return Err(ProviderError::Invalid(format!(
@@ -476,13 +515,7 @@ pub async fn open(name: &str, hints: &Hints) -> Result<Cluster, ProviderError> {
     if api.resources(name).await?.is_empty() {
         return Err(ProviderError::NoSuchCluster(name.to_string()));
     }
-    Ok(Cluster {
-        name: name.to_string(),
-        provider: ProviderKind::Ec2,
-        record: None,
-        api: Some(api),
-        hints: hints.clone(),
-    })
+    Ok(cluster(Kind::Ec2(api), None))
 }
 
 /// Takes a cluster down with whichever provider it belongs to; idempotent.
@@ -660,13 +693,12 @@ mod tests {
     fn an_operation_a_cluster_does_not_have_says_which_kind_has_it() {
         let cluster = Cluster {
             name: "lab".into(),
-            provider: ProviderKind::Ssh,
             record: None,
-            api: None,
             hints: Hints::default(),
+            kind: Kind::Ssh(ssh::Ssh),
         };
-        let Err(err) = cluster.ec2("add-node") else {
-            panic!("an ssh cluster has no EC2 API")
+        let Err(err) = cluster.supports("add-node") else {
+            panic!("an ssh cluster cannot add nodes")
         };
         assert!(matches!(
             err,

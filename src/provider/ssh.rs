@@ -5,12 +5,40 @@
 use std::time::{Duration, Instant};
 
 use super::remote::{self, Record};
-use super::{ClusterSummary, Launched, ProviderError, Terminated};
-use crate::bootstrap::{Leaving, Progress, Transport};
+use super::{Cluster, ClusterSummary, Launched, Provider, ProviderError, Terminated};
+use crate::bootstrap::{Leaving, NodeTarget, Progress, Transport};
 use crate::client::connection::ConnectionInfo;
 use crate::client::Client;
 use crate::home;
 use crate::spec::{ClusterSpec, ProviderKind};
+
+/// The ssh provider: the hosts a spec lists.
+#[derive(Debug, Clone, Copy)]
+pub struct Ssh;
+
+impl Provider for Ssh {
+    async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, ProviderError> {
+        up(spec, progress).await
+    }
+
+    async fn after_interrupted_up(spec: &ClusterSpec) -> Option<String> {
+        Some(what_may_exist(spec))
+    }
+
+    async fn nodes(&self, cluster: &Cluster) -> Result<Vec<NodeTarget>, ProviderError> {
+        match &cluster.record {
+            Some(r) => Ok(remote::ssh_nodes(&r.spec)),
+            None => Err(ProviderError::NoSuchCluster(cluster.name.clone())),
+        }
+    }
+
+    async fn down(&self, cluster: &Cluster) -> Result<Terminated, ProviderError> {
+        match &cluster.record {
+            Some(record) => down(record).await,
+            None => Err(ProviderError::NoSuchCluster(cluster.name.clone())),
+        }
+    }
+}
 
 pub async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, ProviderError> {
     let started = Instant::now();

@@ -15,7 +15,7 @@ use futures::StreamExt as _;
 pub use api::{Ec2, Instance, Resources};
 
 use super::remote::{self, Record};
-use super::{ClusterSummary, Launched, ProviderError, Terminated};
+use super::{Cluster, ClusterSummary, Launched, Provider, ProviderError, Terminated};
 use crate::bootstrap::{Leaving, NodeReport, NodeTarget, Progress, Transport};
 use crate::client::connection::ConnectionInfo;
 use crate::client::Client;
@@ -153,6 +153,90 @@ async fn launch_all(
     .collect()
     .await;
     results.into_iter().collect()
+}
+
+/// The EC2 provider is a region's API: instances tagged with the cluster's name are its nodes.
+impl Provider for Ec2 {
+    async fn up(spec: &ClusterSpec, progress: &Progress) -> Result<Launched, ProviderError> {
+        up(spec, progress).await
+    }
+
+    /// What exists of the cluster in EC2 now.
+    async fn after_interrupted_up(spec: &ClusterSpec) -> Option<String> {
+        Some(match api_for(spec).await {
+            Ok(api) => api
+                .resources(&spec.name)
+                .await
+                .map_or_else(|e| format!("unknown ({e})"), |r| r.describe()),
+            Err(e) => format!("unknown ({e})"),
+        })
+    }
+
+    /// Its running instances, the master first.
+    async fn nodes(&self, cluster: &Cluster) -> Result<Vec<NodeTarget>, ProviderError> {
+        let instances: Vec<Instance> = self
+            .instances(Some(&cluster.name))
+            .await?
+            .into_iter()
+            .filter(|i| i.state == "running")
+            .collect();
+        if instances.is_empty() {
+            return Err(ProviderError::NoSuchCluster(cluster.name.clone()));
+        }
+        let (private, port, user) = reach(cluster.record.as_ref());
+        targets(&instances, private, port, &user)
+    }
+
+    async fn down(&self, cluster: &Cluster) -> Result<Terminated, ProviderError> {
+        let transport = cluster.transport(remote::QUICK_LOGIN);
+        down(self, &cluster.name, &transport, cluster.record.as_ref()).await
+    }
+
+    fn has(&self, _operation: &str) -> bool {
+        true
+    }
+
+    async fn add_nodes(
+        &self,
+        cluster: &Cluster,
+        spec: &ClusterSpec,
+        count: u32,
+        progress: &Progress,
+    ) -> Result<Vec<NodeReport>, ProviderError> {
+        let transport = cluster.transport(Duration::from_secs(spec.ssh.timeout_s));
+        add_nodes(self, spec, count, &transport, progress).await
+    }
+
+    async fn remove_node(
+        &self,
+        cluster: &Cluster,
+        node: &str,
+    ) -> Result<Vec<String>, ProviderError> {
+        let transport = cluster.transport(remote::QUICK_LOGIN);
+        remove_node(
+            self,
+            &cluster.name,
+            node,
+            &transport,
+            cluster.record.as_ref(),
+        )
+        .await
+    }
+
+    async fn stop(&self, cluster: &Cluster) -> Result<(usize, Vec<String>), ProviderError> {
+        let transport = cluster.transport(remote::QUICK_LOGIN);
+        stop(self, &cluster.name, &transport, cluster.record.as_ref()).await
+    }
+
+    async fn start(
+        &self,
+        cluster: &Cluster,
+        spec: &ClusterSpec,
+        progress: &Progress,
+    ) -> Result<(Vec<String>, u32), ProviderError> {
+        let transport = cluster.transport(Duration::from_secs(spec.ssh.timeout_s));
+        start(self, spec, &transport, progress).await
+    }
 }
 
 /// Brings up an EC2 cluster.
