@@ -34,9 +34,7 @@ impl std::fmt::Display for NodeTarget {
 pub enum Transport {
     /// Over SSH, logging in like this.
     Ssh(Login),
-    /// The node is this machine (a local cluster): scripts run in a local `sh`, with
-    /// `STARLING_HOME` set to this machine's starling home, so that the node's directory is
-    /// where the rest of starling here looks for it.
+    /// The node is this machine (a local cluster): scripts run in [`local_shell`].
     Local,
 }
 
@@ -245,40 +243,28 @@ impl Remote {
         input: &[&[u8]],
     ) -> Result<String, CommandError> {
         let not_run = |why: String| CommandError::NotRun(why);
+        let piped = |piped: bool| {
+            if piped {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            }
+        };
         let Some(session) = &self.session else {
-            let mut cmd = tokio::process::Command::new("sh");
-            cmd.arg("-c")
-                .arg(script)
-                .env("STARLING_HOME", crate::home::home())
-                .stdin(if input.is_empty() {
-                    std::process::Stdio::null()
-                } else {
-                    std::process::Stdio::piped()
-                })
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
+            let mut cmd = tokio::process::Command::from(local_shell());
+            cmd.arg(script)
+                .stdin(piped(!input.is_empty()))
+                .stdout(piped(true))
+                .stderr(piped(true))
                 .kill_on_drop(true);
             let mut child = cmd
                 .spawn()
                 .map_err(|e| not_run(format!("cannot run sh: {e}")))?;
-            if let Some(mut stdin) = child.stdin.take() {
-                for bytes in input {
-                    stdin.write_all(bytes).await.map_err(|e| {
-                        not_run(format!("sending {} bytes failed: {e}", bytes.len()))
-                    })?;
-                }
-                drop(stdin);
+            if let Some(stdin) = child.stdin.take() {
+                feed(stdin, input).await?;
             }
-            let out = child
-                .wait_with_output()
-                .await
-                .map_err(|e| not_run(e.to_string()))?;
-            return ended(
-                out.status.code(),
-                out.status.success(),
-                &out.stdout,
-                &out.stderr,
-            );
+            let out = child.wait_with_output().await;
+            return ended(out.map_err(|e| not_run(e.to_string()))?);
         };
         let mut cmd = session.command("sh");
         cmd.arg("-c")
@@ -291,27 +277,11 @@ impl Remote {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().await.map_err(|e| not_run(describe(&e)))?;
-        if !input.is_empty() {
-            let mut stdin = child.stdin().take().expect("piped");
-            for bytes in input {
-                stdin
-                    .write_all(bytes)
-                    .await
-                    .map_err(|e| not_run(format!("sending {} bytes failed: {e}", bytes.len())))?;
-            }
-            stdin.shutdown().await.map_err(|e| not_run(e.to_string()))?;
-            drop(stdin);
+        if let Some(stdin) = child.stdin().take() {
+            feed(stdin, input).await?;
         }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| not_run(describe(&e)))?;
-        ended(
-            out.status.code(),
-            out.status.success(),
-            &out.stdout,
-            &out.stderr,
-        )
+        let out = child.wait_with_output().await;
+        ended(out.map_err(|e| not_run(describe(&e)))?)
     }
 
     /// Ends the session (and its ssh master process).
@@ -322,21 +292,45 @@ impl Remote {
     }
 }
 
+/// The shell a local cluster's node runs a command line in (the caller adds it): this
+/// machine's `sh -c`, with `STARLING_HOME` set, so that the node's directory is where the rest
+/// of starling here looks for it.
+pub fn local_shell() -> std::process::Command {
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c").env("STARLING_HOME", crate::home::home());
+    sh
+}
+
+/// Writes the `input` parts, one after the other, to a command's stdin, and closes it.
+async fn feed(
+    mut stdin: impl tokio::io::AsyncWrite + Unpin,
+    input: &[&[u8]],
+) -> Result<(), CommandError> {
+    for bytes in input {
+        stdin.write_all(bytes).await.map_err(|e| {
+            CommandError::NotRun(format!("sending {} bytes failed: {e}", bytes.len()))
+        })?;
+    }
+    stdin
+        .shutdown()
+        .await
+        .map_err(|e| CommandError::NotRun(e.to_string()))
+}
+
 /// A command's end as a result: its stdout, or how it failed.
-fn ended(
-    status: Option<i32>,
-    success: bool,
-    stdout: &[u8],
-    stderr: &[u8],
-) -> Result<String, CommandError> {
-    let stdout = String::from_utf8_lossy(stdout).into_owned();
-    if success {
+fn ended(out: std::process::Output) -> Result<String, CommandError> {
+    let text = |bytes: Vec<u8>| {
+        String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    };
+    let stdout = text(out.stdout);
+    if out.status.success() {
         Ok(stdout)
     } else {
         Err(CommandError::Failed {
-            status,
+            status: out.status.code(),
             stdout,
-            stderr: String::from_utf8_lossy(stderr).into_owned(),
+            stderr: text(out.stderr),
         })
     }
 }

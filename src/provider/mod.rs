@@ -360,17 +360,8 @@ impl Cluster {
         node: &NodeTarget,
         tty: bool,
     ) -> Result<std::process::Command, ProviderError> {
-        if !self.has("ssh") {
-            let mut cmd = std::process::Command::new("sh");
-            cmd.arg("-c").env("STARLING_HOME", home::home());
-            return Ok(cmd);
-        }
         let login = match self.transport(remote::QUICK_LOGIN) {
-            Transport::Local => {
-                let mut cmd = std::process::Command::new("sh");
-                cmd.arg("-c").env("STARLING_HOME", home::home());
-                return Ok(cmd);
-            }
+            Transport::Local => return Ok(crate::bootstrap::transport::local_shell()),
             Transport::Ssh(login) => login,
         };
         let mut cmd = std::process::Command::new("ssh");
