@@ -32,16 +32,25 @@ use starling::proto::{
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
 
 /// The process's runtime, and the pid that built it: after `fork` its threads are gone.
-static RUNTIME: OnceLock<(u32, tokio::runtime::Runtime)> = OnceLock::new();
+///
+/// One thread of its own ("starling-client") drives it: it reads the connections and wakes
+/// whoever waits. A thread that waits polls its own future (see [`block_on`]) and writes its
+/// requests itself, so a call wakes no thread but that one and the waiter; a multi-threaded
+/// runtime would also wake its idle workers to share the work.
+static RUNTIME: OnceLock<(u32, std::sync::Arc<tokio::runtime::Runtime>)> = OnceLock::new();
 
 fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
     let (pid, rt) = RUNTIME.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("starling-client")
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a tokio runtime can be built");
+        let rt = std::sync::Arc::new(rt);
+        let driver = rt.clone();
+        std::thread::Builder::new()
+            .name("starling-client".into())
+            .spawn(move || driver.block_on(std::future::pending::<()>()))
+            .expect("a thread for the client's runtime");
         (std::process::id(), rt)
     });
     if *pid == std::process::id() {
@@ -388,7 +397,9 @@ impl NativeClient {
     }
 
     /// `func(*args)`: on each of `targets`, or `balanced` on whichever engine is free first.
-    #[pyo3(signature = (func, args, *, targets=None, balanced=false, options=None))]
+    /// With `wait`, returns once the job has ended: one wait for a call that blocks.
+    #[pyo3(signature = (func, args, *, targets=None, balanced=false, options=None, wait=false))]
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &self,
         py: Python<'_>,
@@ -397,20 +408,26 @@ impl NativeClient {
         targets: Option<Vec<u32>>,
         balanced: bool,
         options: Option<&Bound<'_, PyDict>>,
+        wait: bool,
     ) -> PyResult<NativeResult> {
         let func = func_from_py(func)?;
         let args = values_from_py(&args)?;
         let options = options_from_py(options)?;
-        if balanced {
-            let lb = self.client.load_balanced().options(options);
-            self.submit(py, async move { lb.apply(func, args).await })
-        } else {
-            let v = self
-                .client
-                .direct(targets_from_py(targets))
-                .options(options);
-            self.submit(py, async move { v.apply(func, args).await })
-        }
+        let client = self.client.clone();
+        self.submit(py, async move {
+            let ar = if balanced {
+                let lb = client.load_balanced().options(options);
+                lb.apply(func, args).await?
+            } else {
+                let v = client.direct(targets_from_py(targets)).options(options);
+                v.apply(func, args).await?
+            };
+            if wait {
+                // How the wait ended is for the caller's `get` to tell.
+                let _ = ar.wait(None).await;
+            }
+            Ok(ar)
+        })
     }
 
     /// A map: load-balanced (`targets` None and `balanced`), or one contiguous chunk per

@@ -68,12 +68,17 @@ class View:
         block = self.block if block is None else block
         return ar.get() if block else ar
 
+    def _apply_and_finish(self, f, args, kwargs, block):
+        # A call that blocks waits for the job's end in the same native call as it submits.
+        block = self.block if block is None else block
+        return self._finish(self._apply(f, args, kwargs, wait=bool(block)), block)
+
     def apply(self, f, *args, **kwargs):
         """``f(*args, **kwargs)``: the result if ``block``, else an AsyncResult."""
-        return self._finish(self._apply(f, args, kwargs), None)
+        return self._apply_and_finish(f, args, kwargs, None)
 
     def apply_sync(self, f, *args, **kwargs):
-        return self._apply(f, args, kwargs).get()
+        return self._apply(f, args, kwargs, wait=True).get()
 
     def apply_async(self, f, *args, **kwargs):
         return self._apply(f, args, kwargs)
@@ -106,7 +111,7 @@ class View:
         def wrap(f):
             @functools.wraps(f)
             def call(*args, **kwargs):
-                return self._finish(self._apply(f, args, kwargs), block)
+                return self._apply_and_finish(f, args, kwargs, block)
 
             return call
 
@@ -144,10 +149,10 @@ class DirectView(View):
     def _single(self) -> bool:
         return isinstance(self.targets, int)
 
-    def _apply(self, f, args, kwargs):
+    def _apply(self, f, args, kwargs, wait=False):
         func = _serialize.pack_func(f, args, kwargs)
         native = self.client._native.apply(
-            func, [], targets=self._native_targets(), options=self._options()
+            func, [], targets=self._native_targets(), options=self._options(), wait=wait
         )
         return AsyncResult(self.client, native, fname=_name(f), single=self._single)
 
@@ -344,9 +349,13 @@ class LoadBalancedView(View):
     def __repr__(self) -> str:
         return "<LoadBalancedView>"
 
-    def _apply(self, f, args, kwargs):
+    def _apply(self, f, args, kwargs, wait=False):
         native = self.client._native.apply(
-            _serialize.pack_func(f, args, kwargs), [], balanced=True, options=self._options()
+            _serialize.pack_func(f, args, kwargs),
+            [],
+            balanced=True,
+            options=self._options(),
+            wait=wait,
         )
         return AsyncResult(self.client, native, fname=_name(f), single=True)
 

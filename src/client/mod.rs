@@ -25,7 +25,9 @@ pub mod result;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use futures::FutureExt;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -78,10 +80,88 @@ struct Pending {
     closed: Option<String>,
 }
 
+/// The connection's sending side. A request is written by the thread that makes it, when the
+/// socket is free and nothing waits before it: no other thread is woken to send it. Large
+/// frames, frames that find the socket busy, and the rest of a write the socket could not take
+/// at once go to the writer task, which keeps them in order.
+struct Out {
+    writer: Arc<tokio::sync::Mutex<ClientWriter>>,
+    /// Frames for the writer task; an empty one asks it to finish a flush.
+    queue: mpsc::UnboundedSender<bytes::Bytes>,
+    /// Frames in `queue` the writer task has not fed yet; a request only skips the queue when
+    /// this is 0.
+    queued: Arc<AtomicUsize>,
+}
+
+type ClientWriter = conn::Writer<conn::PeerStream, ClientToController>;
+
+impl Out {
+    /// Sends one encoded frame, in order with those sent before; an error means the
+    /// connection is broken.
+    fn send(&self, frame: bytes::Bytes) -> Result<(), String> {
+        if frame.len() < conn::WRITE_DIRECT && self.queued.load(Ordering::Acquire) == 0 {
+            if let Ok(mut w) = self.writer.try_lock() {
+                if self.queued.load(Ordering::Acquire) == 0 {
+                    // Feeding a small frame into an empty buffer is done at once; a flush the
+                    // socket cannot finish now is finished by the writer task, since what was
+                    // fed stays in the writer's buffer.
+                    match w.feed_small(frame.clone()).now_or_never() {
+                        Some(Ok(())) => {
+                            return match w.flush().now_or_never() {
+                                Some(Ok(())) => Ok(()),
+                                Some(Err(e)) => Err(e.to_string()),
+                                None => self.enqueue(bytes::Bytes::new()),
+                            };
+                        }
+                        Some(Err(e)) => return Err(e.to_string()),
+                        None => {}
+                    }
+                }
+            }
+        }
+        self.enqueue(frame)
+    }
+
+    fn enqueue(&self, frame: bytes::Bytes) -> Result<(), String> {
+        let counted = !frame.is_empty();
+        if counted {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+        }
+        self.queue.send(frame).map_err(|_| {
+            if counted {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            "the connection is closed".to_string()
+        })
+    }
+}
+
+/// The writer task: writes what [`Out::send`] queued, in order, holding the writer while it
+/// does; closes the connection when the client is gone.
+async fn write_queued(
+    writer: Arc<tokio::sync::Mutex<ClientWriter>>,
+    mut queue: mpsc::UnboundedReceiver<bytes::Bytes>,
+    queued: Arc<AtomicUsize>,
+) -> Result<(), ProtoError> {
+    while let Some(frame) = queue.recv().await {
+        let mut w = writer.lock().await;
+        let mut next = Some(frame);
+        while let Some(frame) = next {
+            if !frame.is_empty() {
+                w.feed_frame(frame).await?;
+                queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            next = queue.try_recv().ok();
+        }
+        w.flush().await?;
+    }
+    writer.lock().await.close().await;
+    Ok(())
+}
+
 pub(crate) struct Shared {
     info: ConnectionInfo,
-    /// Encoded frames to the writer task.
-    out: mpsc::UnboundedSender<bytes::Bytes>,
+    out: Out,
     next_id: AtomicU64,
     pending: Mutex<Pending>,
     jobs: Mutex<HashMap<JobId, Weak<JobState>>>,
@@ -131,10 +211,16 @@ impl Client {
                 reason,
             })?;
         let (mut reader, writer) = c.split();
-        let (out, out_rx) = mpsc::unbounded_channel();
+        let (queue, queue_rx) = mpsc::unbounded_channel();
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        let queued = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared {
             info,
-            out,
+            out: Out {
+                writer: writer.clone(),
+                queue,
+                queued: queued.clone(),
+            },
             next_id: AtomicU64::new(1),
             pending: Mutex::new(Pending::default()),
             jobs: Mutex::new(HashMap::new()),
@@ -143,11 +229,7 @@ impl Client {
         let weak = Arc::downgrade(&shared);
         let on_write_error = weak.clone();
         tokio::spawn(async move {
-            let mut out_rx = out_rx;
-            if let Err(e) = writer
-                .pump_frames(&mut out_rx, &conn::Backlog::default())
-                .await
-            {
+            if let Err(e) = write_queued(writer, queue_rx, queued).await {
                 if let Some(shared) = on_write_error.upgrade() {
                     shared.on_disconnect(&e.to_string());
                 }
@@ -200,14 +282,9 @@ impl Client {
             }
             pending.waiting.insert(id, tx);
         }
-        if self.shared.out.send(frame).is_err() {
-            self.shared
-                .pending
-                .lock()
-                .expect("not poisoned")
-                .waiting
-                .remove(&id);
-            return Err(ClientError::Disconnected("the connection is closed".into()));
+        if let Err(why) = self.shared.out.send(frame) {
+            self.shared.on_disconnect(&why);
+            return Err(ClientError::Disconnected(why));
         }
         match rx.await {
             Ok((Reply::Error(e), _)) => Err(ClientError::Controller(e)),

@@ -150,14 +150,14 @@ struct Wire {
     /// The job ids asked of the store so far (see [`Comm::reserve_jobs`]).
     requested_jobs: u64,
     shutdown_requested: bool,
-    /// While a client's request is handled: what it sends to engines, sent after the answer.
-    held: Option<Vec<(ConnId, ControllerToEngine)>>,
+    /// While a client's request is handled: what it answers, sent after the work it starts.
+    held: Option<Vec<(ConnId, ControllerToClient)>>,
 }
 
 impl Wire {
-    /// Handles one client request: its answer is queued before the work it starts on engines,
-    /// so the submitter learns the job id while the engines run it, not after them (they share
-    /// the CPUs with it).
+    /// Handles one client request: the work it starts goes to the engines before the answer
+    /// goes to the client, so the engines start while the submitter learns the job id (a
+    /// submitter that waits for the results does not need it sooner).
     fn client_request(
         &mut self,
         state: &mut State,
@@ -168,12 +168,31 @@ impl Wire {
     ) {
         self.held = Some(Vec::new());
         state.on_client_request(self, conn, id, body, now);
-        for (econn, msg) in self.held.take().unwrap_or_default() {
-            self.send_to_engine(econn, msg);
+        for (client, msg) in self.held.take().unwrap_or_default() {
+            self.send_to_client(client, msg);
         }
     }
 
-    fn send_to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {
+    fn send_to_client(&mut self, conn: ConnId, msg: ControllerToClient) {
+        let Some(out) = self.clients.get(&conn) else {
+            return;
+        };
+        let frames = crate::proto::encode_results(msg, self.max_frame);
+        if !out.send(conn, frames, client_backlog(self.max_frame)) {
+            // Its writer and reader stop; the reader's ClientGone tells the state.
+            self.clients.remove(&conn);
+        }
+    }
+}
+
+impl Comm for Wire {
+    fn to_client(&mut self, conn: ConnId, msg: ControllerToClient) {
+        match &mut self.held {
+            Some(held) => held.push((conn, msg)),
+            None => self.send_to_client(conn, msg),
+        }
+    }
+    fn to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {
         let Some(tx) = self.engines.get(&conn) else {
             return;
         };
@@ -197,30 +216,7 @@ impl Wire {
             }
         }
     }
-}
-
-impl Comm for Wire {
-    fn to_client(&mut self, conn: ConnId, msg: ControllerToClient) {
-        let Some(out) = self.clients.get(&conn) else {
-            return;
-        };
-        let frames = crate::proto::encode_results(msg, self.max_frame);
-        if !out.send(conn, frames, client_backlog(self.max_frame)) {
-            // Its writer and reader stop; the reader's ClientGone tells the state.
-            self.clients.remove(&conn);
-        }
-    }
-    fn to_engine(&mut self, conn: ConnId, msg: ControllerToEngine) {
-        match &mut self.held {
-            Some(held) => held.push((conn, msg)),
-            None => self.send_to_engine(conn, msg),
-        }
-    }
     fn close(&mut self, conn: ConnId) {
-        // What is held goes first, as if it had been sent at once.
-        for (econn, msg) in self.held.as_mut().map(std::mem::take).unwrap_or_default() {
-            self.send_to_engine(econn, msg);
-        }
         // Dropping the sender ends the writer, which closes the socket.
         self.engines.remove(&conn);
     }

@@ -45,7 +45,8 @@ _PID = os.getpid()
 _RFD, _WFD, _CFD = os.dup(3), os.dup(4), os.dup(5)
 for _fd in (3, 4, 5):
     os.close(_fd)
-_R = io.FileIO(_RFD, "rb", closefd=True)
+# Buffered: a small request frame, length and body, comes in with one read.
+_R = io.BufferedReader(io.FileIO(_RFD, "rb", closefd=True), 1 << 16)
 os.set_blocking(_CFD, False)
 _ANY = (1 << 64) - 1
 _cancelled = set()

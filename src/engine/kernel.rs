@@ -164,6 +164,10 @@ impl KernelFrame {
     }
 }
 
+/// Frames up to this size go to the kernel in one write (copied together); larger ones are
+/// written piece by piece, their buffers not copied.
+const SMALL_WRITE: usize = 64 * 1024;
+
 /// Reads [`KernelFrame`]s from the kernel's reply pipe; cancellation-safe, bounded.
 struct FrameCodec {
     max: usize,
@@ -592,8 +596,15 @@ impl PythonKernel {
     }
 
     async fn write(&mut self, frame: &KernelFrame) -> std::io::Result<()> {
-        for piece in frame.pieces() {
-            self.to_kernel.write_all(&piece).await?;
+        let pieces = frame.pieces();
+        let size: usize = pieces.iter().map(Bytes::len).sum();
+        if size <= SMALL_WRITE {
+            // One write, one wake-up of the kernel: a small frame is copied whole.
+            self.to_kernel.write_all(&pieces.concat()).await?;
+        } else {
+            for piece in pieces {
+                self.to_kernel.write_all(&piece).await?;
+            }
         }
         Ok(())
     }

@@ -298,15 +298,29 @@ pub struct Writer<S, Tx> {
 
 /// Frames from this size on are written from their own buffer (after what was fed before
 /// them) instead of being copied into the writer's: a 100 MB push is not copied once more.
-const WRITE_DIRECT: usize = 64 * 1024;
+pub const WRITE_DIRECT: usize = 64 * 1024;
 
 impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
     pub async fn feed(&mut self, msg: &Tx) -> Result<(), ProtoError> {
         self.feed_frame(encode(msg)).await
     }
 
+    /// Queues one encoded frame smaller than [`WRITE_DIRECT`] (whose size the sender
+    /// checked against the limit): a copy into the write buffer, ready at once unless that
+    /// buffer is full.
+    pub async fn feed_small(&mut self, frame: bytes::Bytes) -> Result<(), ProtoError> {
+        debug_assert!(frame.len() < WRITE_DIRECT);
+        self.inner.feed(frame).await?;
+        Ok(())
+    }
+
+    /// Ends the connection: what was fed is flushed, then the stream is shut down.
+    pub async fn close(&mut self) {
+        let _ = SinkExt::<bytes::Bytes>::close(&mut self.inner).await;
+    }
+
     /// Queues one encoded frame; a large one is written at once (see [`WRITE_DIRECT`]).
-    async fn feed_frame(&mut self, frame: bytes::Bytes) -> Result<(), ProtoError> {
+    pub async fn feed_frame(&mut self, frame: bytes::Bytes) -> Result<(), ProtoError> {
         if frame.len() < WRITE_DIRECT {
             self.inner.feed(frame).await?;
             return Ok(());
