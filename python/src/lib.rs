@@ -415,18 +415,15 @@ impl NativeClient {
         let options = options_from_py(options)?;
         let client = self.client.clone();
         self.submit(py, async move {
-            let ar = if balanced {
+            if balanced {
                 let lb = client.load_balanced().options(options);
-                lb.apply(func, args).await?
+                let lb = if wait { lb.returning_when_done() } else { lb };
+                lb.apply(func, args).await
             } else {
                 let v = client.direct(targets_from_py(targets)).options(options);
-                v.apply(func, args).await?
-            };
-            if wait {
-                // How the wait ended is for the caller's `get` to tell.
-                let _ = ar.wait(None).await;
+                let v = if wait { v.returning_when_done() } else { v };
+                v.apply(func, args).await
             }
-            Ok(ar)
         })
     }
 

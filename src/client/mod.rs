@@ -73,10 +73,18 @@ pub enum ClientError {
 /// Where a reply goes: the requester, with the job state when the reply creates one.
 type ReplySender = oneshot::Sender<(Reply, Option<Arc<JobState>>)>;
 
+/// When a submitter hears back: once the job is accepted (its id), or once it has ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Answer {
+    #[default]
+    Accepted,
+    Ended,
+}
+
 /// Requests waiting for their replies; once the connection is gone, why, and no more requests.
 #[derive(Default)]
 struct Pending {
-    waiting: HashMap<u64, ReplySender>,
+    waiting: HashMap<u64, (ReplySender, Answer)>,
     closed: Option<String>,
 }
 
@@ -258,12 +266,15 @@ impl Client {
     }
 
     async fn request(&self, body: ClientRequest) -> Result<Reply, ClientError> {
-        self.request_job(body).await.map(|(reply, _)| reply)
+        self.request_job(body, Answer::Accepted)
+            .await
+            .map(|(reply, _)| reply)
     }
 
     async fn request_job(
         &self,
         body: ClientRequest,
+        answer: Answer,
     ) -> Result<(Reply, Option<Arc<JobState>>), ClientError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = conn::encode(&ClientToController { id, body });
@@ -280,7 +291,7 @@ impl Client {
             if let Some(why) = &pending.closed {
                 return Err(ClientError::Disconnected(why.clone()));
             }
-            pending.waiting.insert(id, tx);
+            pending.waiting.insert(id, (tx, answer));
         }
         if let Err(why) = self.shared.out.send(frame) {
             self.shared.on_disconnect(&why);
@@ -343,6 +354,7 @@ impl Client {
             chunksize: None,
             ordered: true,
             options: JobOptions::default(),
+            answer: Answer::Accepted,
         }
     }
 
@@ -357,6 +369,7 @@ impl Client {
             client: self.clone(),
             targets: targets.into(),
             options: JobOptions::default(),
+            answer: Answer::Accepted,
         }
     }
 
@@ -369,15 +382,27 @@ impl Client {
     pub async fn submit_with(
         &self,
         spec: JobSpec,
+        options: JobOptions,
+    ) -> Result<AsyncResult, ClientError> {
+        self.submit_answered(spec, options, Answer::Accepted).await
+    }
+
+    async fn submit_answered(
+        &self,
+        spec: JobSpec,
         mut options: JobOptions,
+        answer: Answer,
     ) -> Result<AsyncResult, ClientError> {
         if options.submitter.is_empty() {
             options.submitter.clone_from(&self.shared.submitter);
         }
-        self.submit_or_subscribe(ClientRequest::Submit {
-            spec,
-            options: Box::new(options),
-        })
+        self.submit_or_subscribe(
+            ClientRequest::Submit {
+                spec,
+                options: Box::new(options),
+            },
+            answer,
+        )
         .await
     }
 
@@ -408,7 +433,7 @@ impl Client {
 
     /// Re-attaches to a job by id — also one submitted by another client that has since exited.
     pub async fn result(&self, job: JobId) -> Result<AsyncResult, ClientError> {
-        self.submit_or_subscribe(ClientRequest::Subscribe { job })
+        self.submit_or_subscribe(ClientRequest::Subscribe { job }, Answer::Accepted)
             .await
     }
 
@@ -460,8 +485,12 @@ impl Client {
         self.request(ClientRequest::Shutdown).await.map(|_| ())
     }
 
-    async fn submit_or_subscribe(&self, body: ClientRequest) -> Result<AsyncResult, ClientError> {
-        match self.request_job(body).await? {
+    async fn submit_or_subscribe(
+        &self,
+        body: ClientRequest,
+        answer: Answer,
+    ) -> Result<AsyncResult, ClientError> {
+        match self.request_job(body, answer).await? {
             (Reply::Job(_), Some(state)) => Ok(AsyncResult {
                 state,
                 ordered: true,
@@ -493,14 +522,18 @@ impl Shared {
                 } else {
                     None
                 };
-                if let Some(tx) = self
+                let waiter = self
                     .pending
                     .lock()
                     .expect("not poisoned")
                     .waiting
-                    .remove(&id)
-                {
-                    let _ = tx.send((body, job));
+                    .remove(&id);
+                match (waiter, job) {
+                    (Some((tx, Answer::Ended)), Some(state)) => state.answer_at_end(tx, body),
+                    (Some((tx, _)), job) => {
+                        let _ = tx.send((body, job));
+                    }
+                    (None, _) => {}
                 }
             }
             ControllerToClient::Results { job, results } => {
@@ -542,6 +575,14 @@ fn unexpected(reply: &Reply) -> ClientError {
 /// The scheduler options both views take: `options`, `after`, `timeout`, `label`.
 macro_rules! scheduler_options {
     () => {
+        /// Submitting returns once the job has ended, not once it is accepted: for a caller
+        /// that waits for the results anyway, which is then woken once.
+        #[must_use]
+        pub fn returning_when_done(mut self) -> Self {
+            self.answer = Answer::Ended;
+            self
+        }
+
         /// Sets every scheduler option at once (dependencies, retries, timeout, label).
         #[must_use]
         pub fn options(mut self, options: JobOptions) -> Self {
@@ -580,6 +621,7 @@ pub struct DirectView {
     client: Client,
     targets: Targets,
     options: JobOptions,
+    answer: Answer,
 }
 
 impl DirectView {
@@ -591,7 +633,9 @@ impl DirectView {
     }
 
     async fn submit_spec(&self, spec: JobSpec) -> Result<AsyncResult, ClientError> {
-        self.client.submit_with(spec, self.options.clone()).await
+        self.client
+            .submit_answered(spec, self.options.clone(), self.answer)
+            .await
     }
 
     async fn submit(&self, work: Work) -> Result<AsyncResult, ClientError> {
@@ -706,6 +750,7 @@ pub struct LoadBalancedView {
     chunksize: Option<u32>,
     ordered: bool,
     options: JobOptions,
+    answer: Answer,
 }
 
 impl LoadBalancedView {
@@ -765,7 +810,7 @@ impl LoadBalancedView {
             chunksize: self.chunksize,
         };
         self.client
-            .submit_with(spec, self.options.clone())
+            .submit_answered(spec, self.options.clone(), self.answer)
             .await
             .map(|ar| ar.ordered(self.ordered))
     }

@@ -41,7 +41,13 @@ pub(crate) struct JobState {
     /// Whether every slot is filled or the connection is gone: what a wait for the whole job
     /// listens to, so that it is not woken by every result before the last.
     ended: watch::Sender<bool>,
+    /// Submitters that asked to hear back only once the job has ended: the controller's reply
+    /// to each, held until then (see [`Self::answer_at_end`]).
+    at_end: Mutex<Vec<Held>>,
 }
+
+/// A reply held back, with the sender it goes to and the job state it travels with.
+type Held = (super::ReplySender, crate::proto::Reply, Arc<JobState>);
 
 impl JobState {
     pub(crate) fn new(info: JobInfo) -> Self {
@@ -54,6 +60,32 @@ impl JobState {
             filled: Mutex::new(filled),
             done: watch::channel(Ok(0)).0,
             ended: watch::channel(false).0,
+            at_end: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Hands `reply` to `tx` once the job has ended (at once if it has): a submitter that
+    /// waits for the whole job anyway is woken once, not also when the job is accepted.
+    pub(crate) fn answer_at_end(
+        self: &Arc<Self>,
+        tx: super::ReplySender,
+        reply: crate::proto::Reply,
+    ) {
+        let mut held = self.at_end.lock().expect("not poisoned");
+        if *self.ended.borrow() {
+            drop(held);
+            let _ = tx.send((reply, Some(self.clone())));
+        } else {
+            held.push((tx, reply, self.clone()));
+        }
+    }
+
+    /// Marks the job ended and answers the submitters held until then.
+    fn end(&self) {
+        self.ended.send_replace(true);
+        let held = std::mem::take(&mut *self.at_end.lock().expect("not poisoned"));
+        for (tx, reply, state) in held {
+            let _ = tx.send((reply, Some(state)));
         }
     }
 
@@ -96,7 +128,7 @@ impl JobState {
         drop(f);
         let _ = self.done.send_replace(Ok(n));
         if n >= self.total() {
-            self.ended.send_replace(true);
+            self.end();
         }
     }
 
@@ -111,7 +143,7 @@ impl JobState {
             }
         });
         if broke {
-            self.ended.send_replace(true);
+            self.end();
         }
     }
 }
