@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -180,7 +181,29 @@ def test_a_map_survives_its_controller_killed_and_restarted():
             text=True,
             check=True,
         )
+        # A blocking call waits for its job's end in one native call: the lost connection
+        # ends that wait too, with the way back to the job.
+        blocked = []
+
+        def block_on_a_long_apply():
+            try:
+                rc[0].apply_sync(time.sleep, 600)
+            except RuntimeError as e:
+                blocked.append(str(e))
+
+        watcher = Client(cluster="phoenix-py")
+        before = len(watcher.hub_history())
+        waiting = threading.Thread(target=block_on_a_long_apply)
+        waiting.start()
+        while len(watcher.hub_history()) == before:
+            assert time.monotonic() < deadline, "the blocking apply was not accepted"
+            time.sleep(0.01)
+        long_job = max(watcher.hub_history())
+        watcher.close()
         os.kill(json.loads(status.stdout)["controller_pid"], signal.SIGKILL)
+        waiting.join(timeout=30)
+        assert not waiting.is_alive(), "a blocking apply kept waiting after the controller died"
+        assert len(blocked) == 1 and f"rc.get_result({long_job})" in blocked[0], blocked
         # The lost connection ends the job's wait, as a Future: done() turns true.
         while not ar.done():
             assert time.monotonic() < deadline + 30, "done() stayed false after the controller died"
@@ -193,6 +216,8 @@ def test_a_map_survives_its_controller_killed_and_restarted():
         subprocess.run(["starling", "restart", "phoenix-py"], check=True, capture_output=True)
         again = Client(cluster="phoenix-py")
         assert again.ids == [0, 1]
+        # The restarted controller counts the long apply as ended; its kernel still sleeps.
+        again.send_signal(signal.SIGINT, targets=[0])
         assert again.get_result(ar.job_id).get(timeout=60) == [x * x for x in range(600)]
         again.close()
     finally:

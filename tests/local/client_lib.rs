@@ -218,6 +218,32 @@ async fn wait_with_a_timeout_and_results_fetched_by_another_client() {
         ar.serial_time()
     );
 
+    // A submission that returns once the job is done: its results are in when it returns,
+    // and one the controller refuses is refused as any other.
+    let done = other
+        .all()
+        .returning_when_done()
+        .execute("import time; time.sleep(0.3); 'slept'")
+        .await
+        .unwrap();
+    assert!(done.ready());
+    assert_eq!(done.progress(), (2, 2));
+    assert_eq!(
+        done.get().await.unwrap(),
+        vec![Value::Json(json!("slept")); 2]
+    );
+    assert!(done.elapsed() >= Duration::from_millis(300));
+    let refused = other
+        .direct(Targets::parse("7").unwrap())
+        .returning_when_done()
+        .execute("1")
+        .await;
+    assert!(
+        matches!(&refused, Err(ClientError::Controller(e)) if e.contains("there is no engine 7")),
+        "{:?}",
+        refused.err()
+    );
+
     let missing = other.result(starling::proto::JobId(999)).await;
     assert!(
         matches!(&missing, Err(ClientError::Controller(e)) if e.contains("there is no job 999")),
