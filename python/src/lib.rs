@@ -27,6 +27,10 @@ use starling::proto::{
     Dependency, EngineId, Func, JobId, JobOptions, JobSpec, Mapper, RemoteError, Targets, Value,
 };
 
+/// Large blocks (frames) on huge pages: see `starling::proto::huge`.
+#[global_allocator]
+static ALLOC: starling::proto::huge::HugePages = starling::proto::huge::HugePages;
+
 /// How often a wait wakes to let Python handle signals (Ctrl-C): well under the half second a
 /// user notices, long enough to cost nothing.
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
@@ -130,11 +134,79 @@ fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
 
 // ---- values -------------------------------------------------------------------------------
 
+/// A `bytearray` from [`large_buffer`], held as [`Bytes`] without a copy: nothing else has
+/// it, so nothing resizes or writes it while it is sent.
+struct HeldByteArray {
+    _owner: Py<PyByteArray>,
+    at: *const u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is into the bytearray `_owner` keeps alive, which no one resizes or
+// writes (see `large_buffer`); reading it from any thread is then sound.
+unsafe impl Send for HeldByteArray {}
+
+impl AsRef<[u8]> for HeldByteArray {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: see `Send` above: `len` bytes at `at`, alive and unchanged while held.
+        unsafe { std::slice::from_raw_parts(self.at, self.len) }
+    }
+}
+
+/// One out-of-band buffer for the wire: `bytes` are shared as they are; a `bytearray` (from
+/// [`large_buffer`]) is taken over whole.
+fn buffer_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
+    match obj.cast::<PyByteArray>() {
+        Ok(b) => {
+            // SAFETY: a bytearray's buffer is `len` bytes and stays put while it is not
+            // resized; its owner is kept with the pointer.
+            let (at, len) = unsafe {
+                (
+                    pyo3::ffi::PyByteArray_AsString(b.as_ptr()).cast::<u8>(),
+                    b.len(),
+                )
+            };
+            if at.is_null() || len == 0 {
+                return Ok(Bytes::new());
+            }
+            Ok(Bytes::from_owner(HeldByteArray {
+                _owner: b.clone().unbind(),
+                at,
+                len,
+            }))
+        }
+        Err(_) => Ok(obj.extract::<Bytes>()?),
+    }
+}
+
+/// A `bytearray` of `n` bytes on huge pages (see `starling::proto::huge`), for the pickler to
+/// copy a large out-of-band buffer into: its first touch, so faulted in 2 MiB pages. Its
+/// contents are what fresh memory holds (zeros) until then.
+#[pyfunction]
+fn large_buffer(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyAny>> {
+    let len = pyo3::ffi::Py_ssize_t::try_from(n)
+        .map_err(|_| PyValueError::new_err("a buffer too large for Python"))?;
+    // SAFETY: as in `new_python_buffer`: a new bytearray of `len` bytes, or an error.
+    unsafe {
+        let obj = pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), len);
+        let obj = Bound::from_owned_ptr_or_err(py, obj)?;
+        let at = pyo3::ffi::PyByteArray_AsString(obj.as_ptr()).cast::<u8>();
+        if !at.is_null() {
+            starling::proto::huge::advise(at, n);
+        }
+        Ok(obj)
+    }
+}
+
 fn value_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
     if let Ok(t) = obj.cast::<PyTuple>() {
         if t.len() == 3 {
             let bytes: Bytes = t.get_item(0)?.extract()?;
-            let buffers: Vec<Bytes> = t.get_item(1)?.extract()?;
+            let buffers = t
+                .get_item(1)?
+                .try_iter()?
+                .map(|b| buffer_from_py(&b?))
+                .collect::<PyResult<Vec<Bytes>>>()?;
             let repr: String = t.get_item(2)?.extract()?;
             return Ok(Value::Pickle(Box::new(starling::proto::Pickled {
                 repr,
@@ -220,12 +292,12 @@ fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
             // Buffers become bytearrays: a NumPy array unpickled from one is writable.
             let bufs = PyList::empty(py);
             for b in buffers {
-                bufs.append(PyByteArray::new(py, b))?;
+                bufs.append(new_python_buffer(py, b, true)?)?;
             }
             Ok(PyTuple::new(
                 py,
                 [
-                    PyBytes::new(py, bytes).into_any(),
+                    new_python_buffer(py, bytes, false)?,
                     bufs.into_any(),
                     repr.into_pyobject(py)?.into_any(),
                 ],
@@ -241,6 +313,48 @@ fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
             ],
         )?
         .into_any()),
+    }
+}
+
+/// `data` as a new `bytearray` (`mutable`) or `bytes`. A large one is made on huge pages
+/// (see `starling::proto::huge`): Python's allocator leaves a block that size untouched, so
+/// the copy below is its first touch.
+fn new_python_buffer<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    mutable: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    if data.len() < starling::proto::huge::HUGE_FROM {
+        return Ok(if mutable {
+            PyByteArray::new(py, data).into_any()
+        } else {
+            PyBytes::new(py, data).into_any()
+        });
+    }
+    let len = pyo3::ffi::Py_ssize_t::try_from(data.len())
+        .map_err(|_| PyValueError::new_err("a buffer too large for Python"))?;
+    // SAFETY: both constructors, given no data, return a new object of `len` uninitialised
+    // bytes (or NULL with an exception set, which `from_owned_ptr_or_err` turns into an
+    // error); its buffer is ours alone until it is returned, and is filled whole here.
+    unsafe {
+        let obj = if mutable {
+            pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), len)
+        } else {
+            pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len)
+        };
+        let obj = Bound::from_owned_ptr_or_err(py, obj)?;
+        let at = if mutable {
+            pyo3::ffi::PyByteArray_AsString(obj.as_ptr())
+        } else {
+            pyo3::ffi::PyBytes_AsString(obj.as_ptr())
+        }
+        .cast::<u8>();
+        if at.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        starling::proto::huge::advise(at, data.len());
+        std::ptr::copy_nonoverlapping(data.as_ptr(), at, data.len());
+        Ok(obj)
     }
 }
 
@@ -849,6 +963,8 @@ fn _starling(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(connect, m)?)?;
     m.add_function(wrap_pyfunction!(up, m)?)?;
     m.add_function(wrap_pyfunction!(down, m)?)?;
+    m.add_function(wrap_pyfunction!(large_buffer, m)?)?;
+    m.add("LARGE_BUFFER", starling::proto::huge::HUGE_FROM)?;
     m.add("PROTOCOL_VERSION", starling::proto::PROTOCOL_VERSION)?;
     Ok(())
 }

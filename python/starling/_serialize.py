@@ -18,7 +18,10 @@ import types
 
 import cloudpickle
 
+from . import _starling
 from .error import SerializationError
+
+_LARGE = _starling.LARGE_BUFFER
 
 PYTHON = "{}.{}".format(*sys.version_info[:2])
 
@@ -62,9 +65,17 @@ def _dumps(obj, what: str):
 
     def keep(pb):
         try:
-            bufs.append(bytes(pb.raw()))
+            raw = pb.raw()
         except BufferError:  # not contiguous: stays inside the pickle
             return True
+        if raw.nbytes < _LARGE:
+            bufs.append(bytes(raw))
+        else:
+            # Copied once, into memory on huge pages, which the native client then sends
+            # as it is.
+            buf = _starling.large_buffer(raw.nbytes)
+            memoryview(buf)[:] = raw
+            bufs.append(buf)
         return False
 
     try:

@@ -2,6 +2,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Large blocks (frames) on huge pages: see `starling::proto::huge`.
+#[global_allocator]
+static ALLOC: starling::proto::huge::HugePages = starling::proto::huge::HugePages;
+
 fn main() -> ExitCode {
     let cli = starling::cli::Cli::parse();
     let level = match cli.global.verbose {

@@ -262,6 +262,10 @@ fn detach(daemon: &Daemon) -> Result<(), ExitCode> {
     }
 }
 
+/// Large blocks (frames) on huge pages: see `starling::proto::huge`.
+#[global_allocator]
+static ALLOC: starling::proto::huge::HugePages = starling::proto::huge::HugePages;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Role::Mpirun { world, n, command } = &cli.role {

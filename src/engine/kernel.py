@@ -39,6 +39,15 @@ import time
 import traceback
 import types
 
+# The engine set GLIBC_TUNABLES so that this process's malloc puts large blocks on huge pages;
+# what tasks start gets the variable as the engine had it.
+_tunables = os.environ.pop("STARLING_GLIBC_TUNABLES", None)
+if _tunables is not None:
+    if _tunables:
+        os.environ["GLIBC_TUNABLES"] = _tunables
+    else:
+        os.environ.pop("GLIBC_TUNABLES", None)
+
 _KERNEL_FILE = "<starling-kernel>"
 _PID = os.getpid()
 # os.dup makes close-on-exec fds; fds 3 and 4 are then free for whatever user code opens.

@@ -47,6 +47,12 @@ use crate::proto::{now_micros, EngineId, Outcome, RemoteError, Value};
 pub const KERNEL_SOURCE: &str = include_str!("kernel.py");
 
 const SOURCE_VAR: &str = "STARLING_KERNEL_SOURCE";
+
+/// glibc's malloc on transparent huge pages for large blocks (what `proto::huge` does for
+/// starling's Rust processes), for the kernel's frames and the arrays made from them.
+const HUGE_TUNABLE: &str = "glibc.malloc.hugetlb=1";
+/// `GLIBC_TUNABLES` as the engine had it, which the kernel restores for its tasks.
+const TUNABLES_BEFORE_VAR: &str = "STARLING_GLIBC_TUNABLES";
 const BOOTSTRAP: &str = "import os; exec(compile(os.environ.pop('STARLING_KERNEL_SOURCE'), '<starling-kernel>', 'exec'))";
 
 /// How long a new kernel may take to start and say it is ready. Python with a cold page cache
@@ -433,9 +439,22 @@ impl PythonKernel {
         let (child_in, child_out, child_ctl) =
             (req_r.as_raw_fd(), rep_w.as_raw_fd(), ctl_r.as_raw_fd());
         let mut cmd = Command::new(python);
+        // Large buffers on huge pages, as in starling's own processes (see `proto::huge`):
+        // glibc's malloc asks for them when this tunable says so. The kernel puts the
+        // variable back as it was, for what its tasks start.
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        let with_huge = if tunables.is_empty() {
+            HUGE_TUNABLE.to_string()
+        } else if tunables.contains("glibc.malloc.hugetlb=") {
+            tunables.clone()
+        } else {
+            format!("{tunables}:{HUGE_TUNABLE}")
+        };
         cmd.arg("-c")
             .arg(BOOTSTRAP)
             .env(SOURCE_VAR, KERNEL_SOURCE)
+            .env("GLIBC_TUNABLES", with_huge)
+            .env(TUNABLES_BEFORE_VAR, tunables)
             .current_dir(workdir)
             .stdin(Stdio::null())
             .kill_on_drop(true);

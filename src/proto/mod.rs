@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod conn;
+pub mod huge;
 pub mod tls;
 pub mod value;
 
