@@ -252,6 +252,19 @@ def test_numpy_round_trip(rc):
     assert rc[1].apply_sync(lambda x: x * 2, np.ones(3)).tolist() == [2.0, 2.0, 2.0]
     views = rc[:].apply_sync(lambda: np.arange(4)[::2])  # not contiguous: pickled in band
     assert [x.tolist() for x in views] == [[0, 2], [0, 2]]
+    # A large pickle of its own (not out of band) comes back whole.
+    big = rc[0].apply_sync(lambda: b"\x01" * (6 << 20))
+    assert isinstance(big, bytes) and big == b"\x01" * (6 << 20)
+    # The kernels' malloc puts large blocks on huge pages; what their tasks start sees the
+    # environment as the engine had it.
+    env = v.apply_sync(
+        lambda: [
+            "glibc.malloc.hugetlb=1" in open("/proc/self/environ").read(),
+            os.environ.get("GLIBC_TUNABLES"),
+            "STARLING_GLIBC_TUNABLES" in os.environ,
+        ]
+    )
+    assert env == [[True, os.environ.get("GLIBC_TUNABLES"), False]] * 2
 
 
 def test_scatter_and_gather(rc):
