@@ -184,17 +184,41 @@ fn buffer_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
 /// contents are what fresh memory holds (zeros) until then.
 #[pyfunction]
 fn large_buffer(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyAny>> {
+    advised_python_buffer(py, n, true).map(|(obj, _)| obj)
+}
+
+/// A new `bytearray` (`mutable`) or `bytes` of `n` bytes, not yet filled, its buffer advised
+/// to use huge pages: Python's allocator leaves a block that size untouched, so whatever
+/// fills it first faults it in 2 MiB pages. The buffer is the caller's to fill before anyone
+/// else sees the object.
+fn advised_python_buffer(
+    py: Python<'_>,
+    n: usize,
+    mutable: bool,
+) -> PyResult<(Bound<'_, PyAny>, *mut u8)> {
     let len = pyo3::ffi::Py_ssize_t::try_from(n)
         .map_err(|_| PyValueError::new_err("a buffer too large for Python"))?;
-    // SAFETY: as in `new_python_buffer`: a new bytearray of `len` bytes, or an error.
+    // SAFETY: both constructors, given no data, return a new object of `len` bytes (or NULL
+    // with an exception set, which `from_owned_ptr_or_err` turns into an error), whose buffer
+    // the `AsString` calls return.
     unsafe {
-        let obj = pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), len);
+        let obj = if mutable {
+            pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), len)
+        } else {
+            pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len)
+        };
         let obj = Bound::from_owned_ptr_or_err(py, obj)?;
-        let at = pyo3::ffi::PyByteArray_AsString(obj.as_ptr()).cast::<u8>();
-        if !at.is_null() {
-            starling::proto::huge::advise(at, n);
+        let at = if mutable {
+            pyo3::ffi::PyByteArray_AsString(obj.as_ptr())
+        } else {
+            pyo3::ffi::PyBytes_AsString(obj.as_ptr())
         }
-        Ok(obj)
+        .cast::<u8>();
+        if at.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        starling::proto::huge::advise(at, n);
+        Ok((obj, at))
     }
 }
 
@@ -316,9 +340,7 @@ fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
-/// `data` as a new `bytearray` (`mutable`) or `bytes`. A large one is made on huge pages
-/// (see `starling::proto::huge`): Python's allocator leaves a block that size untouched, so
-/// the copy below is its first touch.
+/// `data` as a new `bytearray` (`mutable`) or `bytes`; a large one on huge pages.
 fn new_python_buffer<'py>(
     py: Python<'py>,
     data: &[u8],
@@ -331,31 +353,10 @@ fn new_python_buffer<'py>(
             PyBytes::new(py, data).into_any()
         });
     }
-    let len = pyo3::ffi::Py_ssize_t::try_from(data.len())
-        .map_err(|_| PyValueError::new_err("a buffer too large for Python"))?;
-    // SAFETY: both constructors, given no data, return a new object of `len` uninitialised
-    // bytes (or NULL with an exception set, which `from_owned_ptr_or_err` turns into an
-    // error); its buffer is ours alone until it is returned, and is filled whole here.
-    unsafe {
-        let obj = if mutable {
-            pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), len)
-        } else {
-            pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len)
-        };
-        let obj = Bound::from_owned_ptr_or_err(py, obj)?;
-        let at = if mutable {
-            pyo3::ffi::PyByteArray_AsString(obj.as_ptr())
-        } else {
-            pyo3::ffi::PyBytes_AsString(obj.as_ptr())
-        }
-        .cast::<u8>();
-        if at.is_null() {
-            return Err(PyErr::fetch(py));
-        }
-        starling::proto::huge::advise(at, data.len());
-        std::ptr::copy_nonoverlapping(data.as_ptr(), at, data.len());
-        Ok(obj)
-    }
+    let (obj, at) = advised_python_buffer(py, data.len(), mutable)?;
+    // SAFETY: `at` is the new object's buffer of `data.len()` bytes, which nobody else has yet.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), at, data.len()) };
+    Ok(obj)
 }
 
 fn error_to_py<'py>(py: Python<'py>, e: &RemoteError) -> PyResult<Bound<'py, PyTuple>> {

@@ -112,7 +112,7 @@ impl Out {
                     // Feeding a small frame into an empty buffer is done at once; a flush the
                     // socket cannot finish now is finished by the writer task, since what was
                     // fed stays in the writer's buffer.
-                    match w.feed_small(frame.clone()).now_or_never() {
+                    match w.feed_frame(frame.clone()).now_or_never() {
                         Some(Ok(())) => {
                             return match w.flush().now_or_never() {
                                 Some(Ok(())) => Ok(()),

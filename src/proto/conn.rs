@@ -305,15 +305,6 @@ impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
         self.feed_frame(encode(msg)).await
     }
 
-    /// Queues one encoded frame smaller than [`WRITE_DIRECT`] (whose size the sender
-    /// checked against the limit): a copy into the write buffer, ready at once unless that
-    /// buffer is full.
-    pub async fn feed_small(&mut self, frame: bytes::Bytes) -> Result<(), ProtoError> {
-        debug_assert!(frame.len() < WRITE_DIRECT);
-        self.inner.feed(frame).await?;
-        Ok(())
-    }
-
     /// Ends the connection: what was fed is flushed, then the stream is shut down.
     pub async fn close(&mut self) {
         let _ = SinkExt::<bytes::Bytes>::close(&mut self.inner).await;

@@ -45,10 +45,11 @@ unsafe impl GlobalAlloc for HugePages {
         unsafe { System.dealloc(ptr, layout) }
     }
 
-    /// A block growing past [`HUGE_FROM`] moves to a new block, advised before the copy
-    /// touches it: glibc would grow it in place (`mremap`), on the small pages it had.
+    /// A block growing to [`HUGE_FROM`] or more moves to a new block, advised before the copy
+    /// touches it: glibc would grow it in place (`mremap`), on the small pages it had. A
+    /// block that shrinks stays where it is.
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size < HUGE_FROM {
+        if new_size < HUGE_FROM || new_size <= layout.size() {
             // SAFETY: as for `dealloc`; `new_size` is the caller's to check.
             return unsafe { System.realloc(ptr, layout, new_size) };
         }
