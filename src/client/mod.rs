@@ -94,7 +94,7 @@ struct Pending {
 struct Out {
     writer: Arc<tokio::sync::Mutex<ClientWriter>>,
     /// Frames for the writer task; an empty one asks it to finish a flush.
-    queue: mpsc::UnboundedSender<bytes::Bytes>,
+    queue: mpsc::UnboundedSender<conn::Frame>,
     /// Frames in `queue` the writer task has not fed yet; a request only skips the queue when
     /// this is 0.
     queued: Arc<AtomicUsize>,
@@ -105,7 +105,7 @@ type ClientWriter = conn::Writer<conn::PeerStream, ClientToController>;
 impl Out {
     /// Sends one encoded frame, in order with those sent before; an error means the
     /// connection is broken.
-    fn send(&self, frame: bytes::Bytes) -> Result<(), String> {
+    fn send(&self, frame: conn::Frame) -> Result<(), String> {
         if frame.len() < conn::WRITE_DIRECT && self.queued.load(Ordering::Acquire) == 0 {
             if let Ok(mut w) = self.writer.try_lock() {
                 if self.queued.load(Ordering::Acquire) == 0 {
@@ -117,7 +117,7 @@ impl Out {
                             return match w.flush().now_or_never() {
                                 Some(Ok(())) => Ok(()),
                                 Some(Err(e)) => Err(e.to_string()),
-                                None => self.enqueue(bytes::Bytes::new()),
+                                None => self.enqueue(conn::Frame::default()),
                             };
                         }
                         Some(Err(e)) => return Err(e.to_string()),
@@ -129,7 +129,7 @@ impl Out {
         self.enqueue(frame)
     }
 
-    fn enqueue(&self, frame: bytes::Bytes) -> Result<(), String> {
+    fn enqueue(&self, frame: conn::Frame) -> Result<(), String> {
         let counted = !frame.is_empty();
         if counted {
             self.queued.fetch_add(1, Ordering::AcqRel);
@@ -147,7 +147,7 @@ impl Out {
 /// does; closes the connection when the client is gone.
 async fn write_queued(
     writer: Arc<tokio::sync::Mutex<ClientWriter>>,
-    mut queue: mpsc::UnboundedReceiver<bytes::Bytes>,
+    mut queue: mpsc::UnboundedReceiver<conn::Frame>,
     queued: Arc<AtomicUsize>,
 ) -> Result<(), ProtoError> {
     while let Some(frame) = queue.recv().await {

@@ -93,7 +93,7 @@ pub fn client_backlog(max_frame: usize) -> usize {
 /// A client's queue: frames to its writer, and what waits in it.
 #[derive(Clone)]
 struct Outbox {
-    tx: mpsc::UnboundedSender<bytes::Bytes>,
+    tx: mpsc::UnboundedSender<conn::Frame>,
     backlog: Arc<conn::Backlog>,
     /// The size of the last message queued whole above the limit, while it may still be
     /// draining: what comes meanwhile may wait behind it.
@@ -104,7 +104,7 @@ impl Outbox {
     /// Queues the frames of one message, unless more than `limit` bytes still wait from
     /// earlier ones (beyond a message larger than the limit that is still draining): then the
     /// connection is cut, and this says so (false).
-    fn send(&self, conn: ConnId, frames: Vec<bytes::Bytes>, limit: usize) -> bool {
+    fn send(&self, conn: ConnId, frames: Vec<conn::Frame>, limit: usize) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let waiting = self.backlog.queued();
         let oversized = self.oversized.load(Relaxed);
@@ -117,7 +117,7 @@ impl Outbox {
             self.backlog.cut();
             return false;
         }
-        let size: usize = frames.iter().map(bytes::Bytes::len).sum();
+        let size: usize = frames.iter().map(conn::Frame::len).sum();
         // Once the queue is back under the limit, the large message has drained.
         let still = if waiting <= limit { 0 } else { oversized };
         self.oversized
@@ -134,7 +134,7 @@ enum Event {
     ClientUp(ConnId, Outbox, Flushed),
     ClientRequest(ConnId, u64, ClientRequest),
     ClientGone(ConnId),
-    EngineUp(ConnId, mpsc::UnboundedSender<bytes::Bytes>, Flushed),
+    EngineUp(ConnId, mpsc::UnboundedSender<conn::Frame>, Flushed),
     EngineMessage(ConnId, EngineToController),
     EngineGone(ConnId, String),
 }
@@ -144,7 +144,7 @@ struct Wire {
     /// Encoded frames to each client's writer: results are fitted to the frame limit here.
     clients: HashMap<ConnId, Outbox>,
     /// Encoded frames to each engine process's writer.
-    engines: HashMap<ConnId, mpsc::UnboundedSender<bytes::Bytes>>,
+    engines: HashMap<ConnId, mpsc::UnboundedSender<conn::Frame>>,
     max_frame: usize,
     store: Option<Store>,
     /// The job ids asked of the store so far (see [`Comm::reserve_jobs`]).
@@ -551,7 +551,7 @@ mod tests {
             oversized: Arc::default(),
         };
         let (conn, limit) = (ConnId(1), 100);
-        let frame = |n| bytes::Bytes::from(vec![0u8; n]);
+        let frame = |n| conn::Frame::from(bytes::Bytes::from(vec![0u8; n]));
         let whole = vec![frame(60), frame(60), frame(60)];
         assert!(
             out.send(conn, whole, limit),

@@ -205,7 +205,7 @@ pub async fn run(config: EngineConfig, slots: Vec<u32>) -> Result<(), EngineErro
 
     // Frames go out pre-encoded, so results can be fitted to the frame limit before they
     // leave. The queue outlives connections; each connection's writer borrows it.
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<bytes::Bytes>();
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<conn::Frame>();
     let out_rx = Arc::new(tokio::sync::Mutex::new(out_rx));
     let epoch = Arc::new(AtomicU64::new(0));
 
@@ -304,8 +304,8 @@ async fn serve(
     slot_txs: &[mpsc::UnboundedSender<SlotMsg>],
     shares: &[Arc<SlotShared>],
     epoch: u64,
-    out_tx: &mpsc::UnboundedSender<bytes::Bytes>,
-    out_rx: &Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<bytes::Bytes>>>,
+    out_tx: &mpsc::UnboundedSender<conn::Frame>,
+    out_rx: &Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<conn::Frame>>>,
 ) -> Result<(), String> {
     let register = EngineToController::Register {
         node: config.node.clone(),
@@ -623,7 +623,7 @@ struct Slot {
     /// Finished jobs the kernel is to drop with its next request.
     forget: Vec<u64>,
     config: EngineConfig,
-    out: mpsc::UnboundedSender<bytes::Bytes>,
+    out: mpsc::UnboundedSender<conn::Frame>,
     /// Which of its process's engines it is, and every engine's kernel pid.
     index: usize,
     kernel_pids: Arc<KernelPids>,

@@ -40,11 +40,104 @@ fn codec(max_frame: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// One encoded message, ready to write: its bytes in order, in parts. A large byte string of
+/// a field marked [`shared_bytes`] or [`shared_buffers`] (a pushed array, a pulled result) is a
+/// part of its own, the very buffer it is held in: passing a 100 MB value on copies none of it.
+#[derive(Debug, Clone, Default)]
+pub struct Frame {
+    first: bytes::Bytes,
+    more: Vec<bytes::Bytes>,
+    len: usize,
+}
+
+impl Frame {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its parts, in order.
+    pub fn parts(&self) -> impl Iterator<Item = &bytes::Bytes> {
+        std::iter::once(&self.first).chain(&self.more)
+    }
+
+    /// The frame as one buffer: its only part, or its parts copied together.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        if self.more.is_empty() {
+            return self.first;
+        }
+        let mut all = Vec::with_capacity(self.len);
+        for part in self.parts() {
+            all.extend_from_slice(part);
+        }
+        all.into()
+    }
+
+    fn push(&mut self, part: bytes::Bytes) {
+        if part.is_empty() {
+            return;
+        }
+        self.len += part.len();
+        if self.first.is_empty() {
+            self.first = part;
+        } else {
+            self.more.push(part);
+        }
+    }
+}
+
+impl From<bytes::Bytes> for Frame {
+    fn from(b: bytes::Bytes) -> Self {
+        let mut frame = Frame::default();
+        frame.push(b);
+        frame
+    }
+}
+
+thread_local! {
+    /// The large byte string [`shared_bytes::serialize`] is serializing on this thread, for
+    /// [`Gather`] to take as a part instead of copying it.
+    static GATHERING: std::cell::RefCell<Option<bytes::Bytes>> = const { std::cell::RefCell::new(None) };
+}
+
+/// What [`encode`] writes into: bytes are copied, except the large byte string being
+/// serialized ([`GATHERING`]), which becomes a part of the frame.
+#[derive(Default)]
+struct Gather {
+    copied: Vec<u8>,
+    frame: Frame,
+}
+
+impl std::io::Write for Gather {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() >= SHARE_FROM {
+            let same = |b: &mut bytes::Bytes| b.as_ptr() == buf.as_ptr() && b.len() == buf.len();
+            if let Some(b) = GATHERING.with(|g| g.borrow_mut().take_if(same)) {
+                self.frame.push(std::mem::take(&mut self.copied).into());
+                self.frame.push(b);
+                return Ok(buf.len());
+            }
+        }
+        self.copied.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Encodes a message as one frame's payload.
-pub fn encode<T: Serialize>(msg: &T) -> bytes::Bytes {
-    rmp_serde::to_vec(msg)
-        .expect("protocol messages always serialize")
-        .into()
+pub fn encode<T: Serialize>(msg: &T) -> Frame {
+    let mut out = Gather::default();
+    msg.serialize(&mut rmp_serde::Serializer::new(&mut out))
+        .expect("protocol messages always serialize");
+    out.frame.push(out.copied.into());
+    out.frame
 }
 
 /// Decodes one frame's payload.
@@ -67,7 +160,7 @@ const SHARE_FROM: usize = 64 * 1024;
 const SHARE_PART: usize = 4;
 
 /// Decodes a received frame: like [`decode`], but the large byte strings of fields marked
-/// with [`shared_bytes`] or [`shared_buffers`] are slices of `frame`, not copies of it.
+/// [`shared_bytes`] or [`shared_buffers`] are slices of `frame`, not copies of it.
 pub fn decode_frame<T: DeserializeOwned>(frame: &bytes::Bytes) -> Result<T, ProtoError> {
     struct Clear;
     impl Drop for Clear {
@@ -103,8 +196,15 @@ fn take_frame<T>(
     frame.freeze()
 }
 
-/// A byte string decoded by [`SharedVisitor`].
+/// A byte string of [`shared_bytes`]: decoded by [`SharedVisitor`], encoded as a part of its
+/// frame.
 struct SharedBytes(bytes::Bytes);
+
+impl serde::Serialize for SharedBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        shared_bytes::serialize(&self.0, s)
+    }
+}
 
 impl<'de> serde::Deserialize<'de> for SharedBytes {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -157,18 +257,47 @@ impl<'de> serde::de::Visitor<'de> for SharedVisitor {
     }
 }
 
-/// `#[serde(deserialize_with = ...)]` for a `Bytes` field that may be large: decoded by
-/// [`decode_frame`], it shares the frame's buffer.
-pub fn shared_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
-    <SharedBytes as serde::Deserialize>::deserialize(d).map(|b| b.0)
+/// `#[serde(with = "shared_bytes")]` for a `Bytes` field that may be large: decoded by
+/// [`decode_frame`], it shares the frame's buffer; encoded by [`encode`], it is a part of the
+/// frame, not a copy.
+pub mod shared_bytes {
+    use super::{SharedBytes, GATHERING, SHARE_FROM};
+
+    pub fn serialize<S: serde::Serializer>(b: &bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
+        if b.len() < SHARE_FROM {
+            return s.serialize_bytes(b);
+        }
+        GATHERING.with(|g| *g.borrow_mut() = Some(b.clone()));
+        let done = s.serialize_bytes(b);
+        // Still there when `s` was not [`encode`]'s (it copied).
+        GATHERING.with(|g| g.borrow_mut().take());
+        done
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
+        <SharedBytes as serde::Deserialize>::deserialize(d).map(|b| b.0)
+    }
 }
 
 /// [`shared_bytes`] for a `Vec<Bytes>` field.
-pub fn shared_buffers<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Vec<bytes::Bytes>, D::Error> {
-    <Vec<SharedBytes> as serde::Deserialize>::deserialize(d)
-        .map(|v| v.into_iter().map(|b| b.0).collect())
+pub mod shared_buffers {
+    use super::SharedBytes;
+    use serde::ser::SerializeSeq;
+
+    pub fn serialize<S: serde::Serializer>(v: &[bytes::Bytes], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for b in v {
+            seq.serialize_element(&SharedBytes(b.clone()))?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<bytes::Bytes>, D::Error> {
+        <Vec<SharedBytes> as serde::Deserialize>::deserialize(d)
+            .map(|v| v.into_iter().map(|b| b.0).collect())
+    }
 }
 
 fn read_error(e: std::io::Error) -> ProtoError {
@@ -200,7 +329,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, Rx: DeserializeOwned, Tx: Serialize> Con
     }
 
     pub async fn send(&mut self, msg: &Tx) -> Result<(), ProtoError> {
-        self.framed.send(encode(msg)).await?;
+        self.framed.send(encode(msg).into_bytes()).await?;
         Ok(())
     }
 
@@ -224,7 +353,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, Rx: DeserializeOwned, Tx: Serialize> Con
 
     #[cfg(test)]
     async fn feed_for_test(&mut self, msg: &Tx) {
-        self.framed.feed(encode(msg)).await.unwrap();
+        self.framed.feed(encode(msg).into_bytes()).await.unwrap();
     }
 
     #[cfg(test)]
@@ -311,9 +440,9 @@ impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
     }
 
     /// Queues one encoded frame; a large one is written at once (see [`WRITE_DIRECT`]).
-    pub async fn feed_frame(&mut self, frame: bytes::Bytes) -> Result<(), ProtoError> {
+    pub async fn feed_frame(&mut self, frame: Frame) -> Result<(), ProtoError> {
         if frame.len() < WRITE_DIRECT {
-            self.inner.feed(frame).await?;
+            self.inner.feed(frame.into_bytes()).await?;
             return Ok(());
         }
         // The limit the codec would have enforced.
@@ -326,12 +455,19 @@ impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
                     "frame size too big",
                 ))
             })?;
-        // The length goes out with what was fed before, the frame from its own buffer.
+        // The length goes out with what was fed before, small parts with it, large ones from
+        // their own buffers.
         self.inner
             .write_buffer_mut()
             .extend_from_slice(&len.to_be_bytes());
-        SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
-        self.inner.get_mut().write_all(&frame).await?;
+        for part in frame.parts() {
+            if part.len() < WRITE_DIRECT {
+                self.inner.write_buffer_mut().extend_from_slice(part);
+            } else {
+                SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
+                self.inner.get_mut().write_all(part).await?;
+            }
+        }
         Ok(())
     }
 
@@ -362,7 +498,7 @@ impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
     /// [`ProtoError::Cut`] when the backlog is cut.
     pub async fn pump_frames(
         mut self,
-        rx: &mut tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<Frame>,
         backlog: &Backlog,
     ) -> Result<(), ProtoError> {
         let pump = async {
@@ -545,7 +681,18 @@ mod tests {
             buffers: vec![big.clone()],
             json: None,
         }));
-        let frame = encode(&vec![value.clone()]);
+        // Encoded, the large buffer is a part of the frame: the same memory, not a copy.
+        let encoded = encode(&vec![value.clone()]);
+        let parts: Vec<&bytes::Bytes> = encoded.parts().collect();
+        assert_eq!(parts.len(), 3, "before it, it, after it");
+        assert_eq!(parts[1].as_ptr(), big.as_ptr());
+        assert_eq!(encoded.len(), parts.iter().map(|p| p.len()).sum::<usize>());
+        let frame = encoded.into_bytes();
+        assert_eq!(
+            frame,
+            bytes::Bytes::from(rmp_serde::to_vec(&vec![value.clone()]).unwrap()),
+            "the same bytes as a plain encoding"
+        );
         let decoded: Vec<Value> = decode_frame(&frame).unwrap();
         assert_eq!(
             decoded,
@@ -580,7 +727,7 @@ mod tests {
             buffers: vec![vec![3u8; SHARE_PART * SHARE_FROM].into()],
             json: None,
         }));
-        let frame = encode(&vec![value.clone(), other]);
+        let frame = encode(&vec![value.clone(), other]).into_bytes();
         let decoded: Vec<Value> = decode_frame(&frame).unwrap();
         let within = |b: &bytes::Bytes| {
             let (start, at) = (frame.as_ptr() as usize, b.as_ptr() as usize);

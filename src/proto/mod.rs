@@ -265,9 +265,9 @@ pub enum Func {
     /// defined interactively (in `__main__`) resolves its global names in the engine's
     /// namespace.
     Pickle {
-        #[serde(deserialize_with = "conn::shared_bytes")]
+        #[serde(with = "conn::shared_bytes")]
         bytes: bytes::Bytes,
-        #[serde(deserialize_with = "conn::shared_buffers")]
+        #[serde(with = "conn::shared_buffers")]
         buffers: Vec<bytes::Bytes>,
         python: String,
     },
@@ -581,7 +581,7 @@ impl CarriesResults for ControllerToClient {
 /// fits (the usual case, encoded once, nothing copied), else the results split over several,
 /// and any single result too large for a frame replaced by an error that says so — so a huge
 /// result fails its own task instead of the connection that carries it.
-pub fn encode_results<T: CarriesResults>(msg: T, limit: usize) -> Vec<bytes::Bytes> {
+pub fn encode_results<T: CarriesResults>(msg: T, limit: usize) -> Vec<conn::Frame> {
     let whole = conn::encode(&msg);
     if whole.len() <= limit {
         return vec![whole];
@@ -997,10 +997,12 @@ mod fit_tests {
         assert!(frames.len() > 2 && frames.iter().all(|f| f.len() <= limit));
         let back: usize = frames
             .iter()
-            .map(|f| match conn::decode::<EngineToController>(f).unwrap() {
-                EngineToController::Done(r) => r.len(),
-                _ => 0,
-            })
+            .map(
+                |f| match conn::decode::<EngineToController>(&f.clone().into_bytes()).unwrap() {
+                    EngineToController::Done(r) => r.len(),
+                    _ => 0,
+                },
+            )
             .sum();
         assert_eq!(back, 10, "nothing is lost");
 
@@ -1008,7 +1010,8 @@ mod fit_tests {
             EngineToController::Done(vec![result(0, 10), result(1, 50_000)]),
             limit,
         );
-        let EngineToController::Done(rs) = conn::decode(&frames[0]).unwrap() else {
+        let EngineToController::Done(rs) = conn::decode(&frames[0].clone().into_bytes()).unwrap()
+        else {
             panic!()
         };
         assert!(

@@ -27,9 +27,9 @@ pub enum Value {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Pickled {
     pub repr: String,
-    #[serde(deserialize_with = "super::conn::shared_bytes")]
+    #[serde(with = "super::conn::shared_bytes")]
     pub bytes: Bytes,
-    #[serde(deserialize_with = "super::conn::shared_buffers")]
+    #[serde(with = "super::conn::shared_buffers")]
     pub buffers: Vec<Bytes>,
     /// The value as JSON with its tuples as lists, when that makes it JSON (`(1, 'a')`): what
     /// `--output json` shows for it. Never sent back to a kernel, where it would lose its
