@@ -134,86 +134,103 @@ fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
 
 // ---- values -------------------------------------------------------------------------------
 
-/// A `bytearray` from [`large_buffer`], held as [`Bytes`] without a copy: nothing else has
-/// it, so nothing resizes or writes it while it is sent.
-struct HeldByteArray {
-    _owner: Py<PyByteArray>,
-    at: *const u8,
+/// A large buffer in this process's own memory (see `starling::proto::huge`: on huge pages,
+/// and a freed block is reused), shown to Python as a writable `ctypes` array of bytes that
+/// keeps it alive. Python's allocator would give each large buffer fresh pages, which the
+/// kernel faults in and zeroes on first touch: per 100 MB pulled, that cost more than the copy
+/// into it. (The stable ABI this wheel is built for has no buffer protocol of its own before
+/// Python 3.11, so the `ctypes` array exports the memory.)
+#[pyclass(frozen)]
+struct NativeBuffer {
+    at: std::ptr::NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: the pointer is into the bytearray `_owner` keeps alive, which no one resizes or
-// writes (see `large_buffer`); reading it from any thread is then sound.
-unsafe impl Send for HeldByteArray {}
+// SAFETY: the block is this object's alone; Python writes it only while filling it, before it
+// is shared, and it is freed once, in `drop`.
+unsafe impl Send for NativeBuffer {}
+unsafe impl Sync for NativeBuffer {}
 
-impl AsRef<[u8]> for HeldByteArray {
+impl NativeBuffer {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::array::<u8>(len).expect("a buffer's size fits a layout")
+    }
+}
+
+impl Drop for NativeBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `native_buffer` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.at.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+/// The attribute of a [`native_buffer`]'s `ctypes` array that holds its memory.
+const NATIVE: &str = "_starling_memory";
+
+/// A [`NativeBuffer`] of `n` (> 0) bytes, as a writable `ctypes` array. Its contents are
+/// unspecified until written: the caller fills it before anyone else sees it.
+fn native_buffer(py: Python<'_>, n: usize) -> PyResult<(Bound<'_, PyAny>, *mut u8)> {
+    static UBYTE: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    if n == 0 || isize::try_from(n).is_err() {
+        return Err(PyValueError::new_err(format!("no buffer of {n} bytes")));
+    }
+    // SAFETY: a layout of n > 0 bytes.
+    let at = std::ptr::NonNull::new(unsafe { std::alloc::alloc(NativeBuffer::layout(n)) })
+        .ok_or_else(|| pyo3::exceptions::PyMemoryError::new_err(format!("{n} bytes")))?;
+    let memory = Bound::new(py, NativeBuffer { at, len: n })?;
+    let ubyte = UBYTE.get_or_try_init(py, || -> PyResult<_> {
+        Ok(py.import("ctypes")?.getattr("c_ubyte")?.unbind())
+    })?;
+    let array = ubyte
+        .bind(py)
+        .mul(n)?
+        .call_method1("from_address", (at.as_ptr() as usize,))?;
+    array.setattr(NATIVE, memory)?;
+    Ok((array, at.as_ptr()))
+}
+
+/// A [`NativeBuffer`] from [`large_buffer`], held as [`Bytes`] without a copy: the pickler
+/// filled it, and nothing writes it any more.
+struct HeldNative(Py<NativeBuffer>);
+
+impl AsRef<[u8]> for HeldNative {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: see `Send` above: `len` bytes at `at`, alive and unchanged while held.
-        unsafe { std::slice::from_raw_parts(self.at, self.len) }
+        let b = self.0.get();
+        // SAFETY: `len` bytes at `at`, alive while `self.0` is, filled before it was held.
+        unsafe { std::slice::from_raw_parts(b.at.as_ptr(), b.len) }
     }
 }
 
-/// One out-of-band buffer for the wire: `bytes` are shared as they are; a `bytearray` (from
-/// [`large_buffer`]) is taken over whole.
+/// One out-of-band buffer for the wire: `bytes` are shared as they are; a buffer from
+/// [`large_buffer`] is taken over whole.
 fn buffer_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
-    match obj.cast::<PyByteArray>() {
-        Ok(b) => {
-            // SAFETY: a bytearray's buffer is `len` bytes and stays put while it is not
-            // resized; its owner is kept with the pointer.
-            let (at, len) = unsafe {
-                (
-                    pyo3::ffi::PyByteArray_AsString(b.as_ptr()).cast::<u8>(),
-                    b.len(),
-                )
-            };
-            if at.is_null() || len == 0 {
-                return Ok(Bytes::new());
-            }
-            Ok(Bytes::from_owner(HeldByteArray {
-                _owner: b.clone().unbind(),
-                at,
-                len,
-            }))
-        }
-        Err(_) => Ok(obj.extract::<Bytes>()?),
+    if let Ok(memory) = obj.getattr(NATIVE) {
+        let memory = memory.cast_into::<NativeBuffer>()?;
+        return Ok(Bytes::from_owner(HeldNative(memory.unbind())));
     }
+    Ok(obj.extract::<Bytes>()?)
 }
 
-/// A `bytearray` of `n` bytes on huge pages (see `starling::proto::huge`), for the pickler to
-/// copy a large out-of-band buffer into: its first touch, so faulted in 2 MiB pages. Its
-/// contents are what fresh memory holds (zeros) until then.
+/// A writable buffer of `n` bytes in native memory (see [`NativeBuffer`]), for the pickler to
+/// copy a large out-of-band buffer into; the client then sends it as it is.
 #[pyfunction]
 fn large_buffer(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyAny>> {
-    advised_python_buffer(py, n, true).map(|(obj, _)| obj)
+    native_buffer(py, n).map(|(obj, _)| obj)
 }
 
-/// A new `bytearray` (`mutable`) or `bytes` of `n` bytes, not yet filled, its buffer advised
-/// to use huge pages: Python's allocator leaves a block that size untouched, so whatever
-/// fills it first faults it in 2 MiB pages. The buffer is the caller's to fill before anyone
-/// else sees the object.
-fn advised_python_buffer(
-    py: Python<'_>,
-    n: usize,
-    mutable: bool,
-) -> PyResult<(Bound<'_, PyAny>, *mut u8)> {
+/// A new `bytes` of `n` bytes, not yet filled, its buffer advised to use huge pages: Python's
+/// allocator leaves a block that size untouched, so whatever fills it first faults it in
+/// 2 MiB pages. The buffer is the caller's to fill before anyone else sees the object.
+fn advised_python_bytes(py: Python<'_>, n: usize) -> PyResult<(Bound<'_, PyAny>, *mut u8)> {
     let len = pyo3::ffi::Py_ssize_t::try_from(n)
         .map_err(|_| PyValueError::new_err("a buffer too large for Python"))?;
-    // SAFETY: both constructors, given no data, return a new object of `len` bytes (or NULL
+    // SAFETY: given no data, the constructor returns a new object of `len` bytes (or NULL
     // with an exception set, which `from_owned_ptr_or_err` turns into an error), whose buffer
-    // the `AsString` calls return.
+    // `PyBytes_AsString` returns.
     unsafe {
-        let obj = if mutable {
-            pyo3::ffi::PyByteArray_FromStringAndSize(std::ptr::null(), len)
-        } else {
-            pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len)
-        };
+        let obj = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len);
         let obj = Bound::from_owned_ptr_or_err(py, obj)?;
-        let at = if mutable {
-            pyo3::ffi::PyByteArray_AsString(obj.as_ptr())
-        } else {
-            pyo3::ffi::PyBytes_AsString(obj.as_ptr())
-        }
-        .cast::<u8>();
+        let at = pyo3::ffi::PyBytes_AsString(obj.as_ptr()).cast::<u8>();
         if at.is_null() {
             return Err(PyErr::fetch(py));
         }
@@ -313,7 +330,7 @@ fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
                 buffers,
                 ..
             } = &**p;
-            // Buffers become bytearrays: a NumPy array unpickled from one is writable.
+            // Buffers are writable: a NumPy array unpickled from one is writable.
             let bufs = PyList::empty(py);
             for b in buffers {
                 bufs.append(new_python_buffer(py, b, true)?)?;
@@ -340,7 +357,8 @@ fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
-/// `data` as a new `bytearray` (`mutable`) or `bytes`; a large one on huge pages.
+/// `data` as a new `bytearray` (`mutable`) or `bytes`; a large one in native memory
+/// ([`NativeBuffer`], writable) or on huge pages (`bytes`).
 fn new_python_buffer<'py>(
     py: Python<'py>,
     data: &[u8],
@@ -353,7 +371,11 @@ fn new_python_buffer<'py>(
             PyBytes::new(py, data).into_any()
         });
     }
-    let (obj, at) = advised_python_buffer(py, data.len(), mutable)?;
+    let (obj, at) = if mutable {
+        native_buffer(py, data.len())?
+    } else {
+        advised_python_bytes(py, data.len())?
+    };
     // SAFETY: `at` is the new object's buffer of `data.len()` bytes, which nobody else has yet.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), at, data.len()) };
     Ok(obj)

@@ -71,10 +71,10 @@ def _dumps(obj, what: str):
         if raw.nbytes < _LARGE:
             bufs.append(bytes(raw))
         else:
-            # Copied once, into memory on huge pages, which the native client then sends
-            # as it is.
+            # Copied once, into the native client's memory (on huge pages, reused once
+            # freed), which it then sends as it is.
             buf = _starling.large_buffer(raw.nbytes)
-            memoryview(buf)[:] = raw
+            memoryview(buf).cast("B")[:] = raw
             bufs.append(buf)
         return False
 

@@ -249,6 +249,9 @@ def test_numpy_round_trip(rc):
     assert isinstance(back, np.ndarray) and back.dtype == np.float64 and back.shape == (1000, 1000)
     assert np.array_equal(back, a)
     back[0, 0] = -1.0  # a pulled array is writable
+    rc[1]["again"] = back  # and travels again
+    assert rc[1].apply_sync(interactive("lambda: float(again[0, 0])")) == -1.0
+    del back
     assert rc[1].apply_sync(lambda x: x * 2, np.ones(3)).tolist() == [2.0, 2.0, 2.0]
     views = rc[:].apply_sync(lambda: np.arange(4)[::2])  # not contiguous: pickled in band
     assert [x.tolist() for x in views] == [[0, 2], [0, 2]]
