@@ -568,10 +568,17 @@ impl Backlog {
     }
 }
 
+/// What TLS runs over: the socket, read through a buffer of [`READ_AHEAD`] bytes. rustls
+/// asks for at most 4 KiB at a time, so a 100 MB frame read straight from the socket took
+/// some 25,000 system calls; through the buffer it takes about 1,600 (and a copy of each byte
+/// in memory, which costs far less).
+pub type Socket = tokio::io::BufReader<TcpStream>;
+/// See [`Socket`]: per connection, so a controller with a thousand engines holds 64 MiB of it.
+const READ_AHEAD: usize = 64 * 1024;
 /// The TLS stream on the controller's side.
-pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+pub type ServerStream = tokio_rustls::server::TlsStream<Socket>;
 /// The TLS stream on a client's or engine's side.
-pub type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;
+pub type PeerStream = tokio_rustls::client::TlsStream<Socket>;
 
 /// The controller's view of a client connection.
 pub type ClientConn = Conn<ServerStream, ClientToController, ControllerToClient>;
@@ -600,6 +607,7 @@ pub async fn accept(
     max_frame: usize,
 ) -> Result<Accepted, ProtoError> {
     tcp.set_nodelay(true)?;
+    let tcp = Socket::with_capacity(READ_AHEAD, tcp);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| ProtoError::HandshakeTimeout(HANDSHAKE_TIMEOUT.as_secs()))?
@@ -646,6 +654,7 @@ pub async fn connect<Rx: DeserializeOwned, Tx: Serialize>(
             ))
         })??;
     tcp.set_nodelay(true)?;
+    let tcp = Socket::with_capacity(READ_AHEAD, tcp);
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         connector.connect(super::tls::server_name(), tcp),
