@@ -425,8 +425,9 @@ pub struct Writer<S, Tx> {
     _t: PhantomData<fn(Tx)>,
 }
 
-/// Frames from this size on are written from their own buffer (after what was fed before
-/// them) instead of being copied into the writer's: a 100 MB push is not copied once more.
+/// Frames from this size on are written part by part (after what was fed before them), their
+/// large parts from their own buffers instead of copied into the writer's: a 100 MB push is
+/// not copied once more.
 pub const WRITE_DIRECT: usize = 64 * 1024;
 
 impl<S: AsyncRead + AsyncWrite, Tx: Serialize> Writer<S, Tx> {
