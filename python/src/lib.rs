@@ -176,7 +176,9 @@ fn native_buffer(py: Python<'_>, n: usize) -> PyResult<(Bound<'_, PyAny>, *mut u
     }
     // SAFETY: a layout of n > 0 bytes.
     let at = std::ptr::NonNull::new(unsafe { std::alloc::alloc(NativeBuffer::layout(n)) })
-        .ok_or_else(|| pyo3::exceptions::PyMemoryError::new_err(format!("{n} bytes")))?;
+        .ok_or_else(|| {
+            pyo3::exceptions::PyMemoryError::new_err(format!("no memory for a buffer of {n} bytes"))
+        })?;
     let memory = Bound::new(py, NativeBuffer { at, len: n })?;
     let ubyte = UBYTE.get_or_try_init(py, || -> PyResult<_> {
         Ok(py.import("ctypes")?.getattr("c_ubyte")?.unbind())
@@ -204,9 +206,11 @@ impl AsRef<[u8]> for HeldNative {
 /// One out-of-band buffer for the wire: `bytes` are shared as they are; a buffer from
 /// [`large_buffer`] is taken over whole.
 fn buffer_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
-    if let Ok(memory) = obj.getattr(NATIVE) {
-        let memory = memory.cast_into::<NativeBuffer>()?;
-        return Ok(Bytes::from_owner(HeldNative(memory.unbind())));
+    if !obj.is_instance_of::<PyBytes>() {
+        if let Ok(memory) = obj.getattr(NATIVE) {
+            let memory = memory.cast_into::<NativeBuffer>()?;
+            return Ok(Bytes::from_owner(HeldNative(memory.unbind())));
+        }
     }
     Ok(obj.extract::<Bytes>()?)
 }
