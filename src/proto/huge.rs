@@ -34,7 +34,7 @@ const KEEP_BLOCKS: usize = 8;
 /// How many bytes of them, at most.
 const KEEP_BYTES: usize = 1 << 30;
 /// How long a kept block waits for reuse before it is given back.
-pub const KEEP_FOR: Duration = Duration::from_secs(10);
+const KEEP_FOR: Duration = Duration::from_secs(10);
 
 /// A freed block of `size` usable bytes, kept since `since`.
 #[derive(Clone, Copy)]
@@ -119,7 +119,9 @@ unsafe impl GlobalAlloc for HugePages {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if layout.size() >= HUGE_FROM {
             let now = Instant::now();
-            let (reused, old) = match KEPT.lock() {
+            // `try_lock`: a busy list is passed by, never waited for (nor, after a `fork`,
+            // held for ever by a thread that is gone).
+            let (reused, old) = match KEPT.try_lock() {
                 Ok(mut kept) => (
                     kept.take(layout.size(), layout.align()),
                     kept.keep(None, now),
@@ -155,7 +157,7 @@ unsafe impl GlobalAlloc for HugePages {
                 size,
                 since: Instant::now(),
             };
-            if let Ok(mut kept) = KEPT.lock() {
+            if let Ok(mut kept) = KEPT.try_lock() {
                 let out = kept.keep(Some(block), block.since);
                 drop(kept);
                 free_all(&out);
