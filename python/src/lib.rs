@@ -146,8 +146,9 @@ struct NativeBuffer {
     len: usize,
 }
 
-// SAFETY: the block is this object's alone; Python writes it only while filling it, before it
-// is shared, and it is freed once, in `drop`.
+// SAFETY: the block is this object's alone and freed once, in `drop`. Python writes it only
+// through its `ctypes` array; Rust reads it only through `HeldNative`, once the pickler has
+// filled it and nothing writes it any more.
 unsafe impl Send for NativeBuffer {}
 unsafe impl Sync for NativeBuffer {}
 

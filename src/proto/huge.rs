@@ -9,8 +9,8 @@
 //! anything touches them. Smaller blocks, and everything else, are the system allocator's
 //! as they were.
 //!
-//! A block that grows past that size (a frame being encoded) moves to a new, advised block:
-//! grown in place it would keep its small pages.
+//! A block that grows past that size (a read buffer making room for a frame) moves to a new,
+//! advised block: grown in place it would keep its small pages.
 //!
 //! A fresh block costs the kernel's zeroing of every page of it, and a 100 MB value needs one
 //! at every hop, every time: measured, that was a third of the controller's time per pull.
@@ -170,11 +170,17 @@ unsafe impl GlobalAlloc for HugePages {
 
     /// A block growing to [`HUGE_FROM`] or more moves to a new block, advised before the copy
     /// touches it: glibc would grow it in place (`mremap`), on the small pages it had. A
-    /// block that shrinks stays where it is.
+    /// large block that already holds the new size (a kept one, larger than asked for) and a
+    /// block that shrinks stay where they are; a large block moved from is kept.
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if new_size < HUGE_FROM || new_size <= layout.size() {
             // SAFETY: as for `dealloc`; `new_size` is the caller's to check.
             return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        // SAFETY: `ptr` is a live block from `malloc` (see `dealloc`).
+        if layout.size() >= HUGE_FROM && unsafe { libc::malloc_usable_size(ptr.cast()) } >= new_size
+        {
+            return ptr;
         }
         // SAFETY: the caller guarantees `new_size`, rounded up to the alignment, is a valid
         // size, so the new layout is valid; the old block is copied within both sizes, then
@@ -184,7 +190,7 @@ unsafe impl GlobalAlloc for HugePages {
             let p = self.alloc(new_layout);
             if !p.is_null() {
                 std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
-                System.dealloc(ptr, layout);
+                self.dealloc(ptr, layout);
             }
             p
         }
@@ -276,6 +282,22 @@ mod tests {
             let h = HugePages.alloc(huge);
             assert!(!h.is_null());
             HugePages.dealloc(h, huge);
+            // A block that already holds more grows in place; one moved from is kept.
+            let a = HugePages.alloc(layout);
+            assert_eq!(a, p, "the freed block again");
+            a.write(9);
+            let grown = HugePages.realloc(a, layout, layout.size() + 1);
+            assert_eq!(grown, a, "its last page had room");
+            let larger = Layout::from_size_align(layout.size() + 1, 16).unwrap();
+            let moved = HugePages.realloc(grown, larger, layout.size() * 3);
+            assert_ne!(moved, a);
+            assert_eq!(*moved, 9, "moved with its contents");
+            assert_eq!(HugePages.alloc(layout), a, "the block moved from was kept");
+            HugePages.dealloc(a, layout);
+            HugePages.dealloc(
+                moved,
+                Layout::from_size_align(layout.size() * 3, 16).unwrap(),
+            );
             let kept = KEPT.lock().unwrap();
             assert!(kept.blocks.iter().flatten().all(|b| b.at != h as usize));
             assert!(kept.blocks.iter().flatten().map(|b| b.size).sum::<usize>() <= KEEP_BYTES);
