@@ -35,16 +35,27 @@ static ALLOC: starling::proto::huge::HugePages = starling::proto::huge::HugePage
 /// user notices, long enough to cost nothing.
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
 
-/// The process's runtime, and the pid that built it: after `fork` its threads are gone.
+/// The process's runtime. After `fork` its threads are gone: [`FORKED`] says so in the child.
 ///
 /// One thread of its own ("starling-client") drives it: it reads the connections and wakes
 /// whoever waits. A thread that waits polls its own future (see [`block_on`]) and writes its
 /// requests itself, so a call wakes no thread but that one and the waiter; a multi-threaded
 /// runtime would also wake its idle workers to share the work.
-static RUNTIME: OnceLock<(u32, std::sync::Arc<tokio::runtime::Runtime>)> = OnceLock::new();
+static RUNTIME: OnceLock<std::sync::Arc<tokio::runtime::Runtime>> = OnceLock::new();
+
+/// Set in a child forked from a process that built [`RUNTIME`] (by a `pthread_atfork` handler:
+/// no system call per request to compare pids).
+static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn in_forked_child() {
+    FORKED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
 
 fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
-    let (pid, rt) = RUNTIME.get_or_init(|| {
+    let rt = RUNTIME.get_or_init(|| {
+        // SAFETY: registers a handler that only stores to an atomic, which is async-signal-safe
+        // as a fork handler must be.
+        unsafe { libc::pthread_atfork(None, None, Some(in_forked_child)) };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -55,14 +66,14 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
             .name("starling-client".into())
             .spawn(move || driver.block_on(std::future::pending::<()>()))
             .expect("a thread for the client's runtime");
-        (std::process::id(), rt)
+        rt
     });
-    if *pid == std::process::id() {
-        Ok(rt)
-    } else {
+    if FORKED.load(std::sync::atomic::Ordering::Relaxed) {
         Err(PyRuntimeError::new_err(
             "a starling Client cannot be used in a process forked from the one that created it; create a new Client in the child",
         ))
+    } else {
+        Ok(rt)
     }
 }
 

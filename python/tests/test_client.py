@@ -115,6 +115,64 @@ def test_interactive_functions_resolve_globals_on_the_engines(rc):
     assert v.apply_sync(ns["shifted"], 1) == [101, 101]
 
 
+def test_a_function_sent_again_is_pickled_again_only_when_it_changed():
+    import pickle
+
+    from starling import _serialize
+
+    ns = {"__name__": "__main__"}
+    exec("import math\nscale = 2\ndef f(x=1):\n    return math.floor(x * scale)\n", ns)
+    f = ns["f"]
+    first = _serialize.pack_func(f)
+    assert _serialize.pack_func(f) is first, "unchanged: the same pickle"
+
+    def result(packed):
+        data, bufs, _ = packed
+        return pickle.loads(data, buffers=bufs)()
+
+    # Every part it is made of, changed, makes a new pickle with the change in it.
+    ns["scale"] = 3
+    assert result(_serialize.pack_func(f)) == 3
+    f.__defaults__ = (5,)
+    assert result(_serialize.pack_func(f)) == 15
+    del ns["scale"]
+    with pytest.raises(NameError):
+        result(_serialize.pack_func(f))
+    ns["scale"] = True
+    assert result(_serialize.pack_func(f)) == 5
+    f.__code__ = (lambda x=1: -x).__code__
+    assert result(_serialize.pack_func(f)) == -5
+
+    # What can change inside (a list, a closure, attributes, mutable defaults) is pickled anew
+    # each time.
+    exec("items = [1]\ndef g():\n    return len(items)\n", ns)
+    g = ns["g"]
+    assert _serialize.pack_func(g) is not _serialize.pack_func(g)
+    ns["items"].append(2)
+    assert result(_serialize.pack_func(g)) == 2
+    for h in (interactive("lambda y=[]: y"), interactive("(lambda z: lambda: z)(1)")):
+        assert _serialize.pack_func(h) is not _serialize.pack_func(h)
+    f.attr = 1
+    assert _serialize.pack_func(f) is not _serialize.pack_func(f)
+
+
+def test_engines_run_a_function_sent_again_as_they_ran_it_first(rc):
+    v = rc[:]
+    appends = interactive("lambda y=[]: y.append(1) or len(y)")
+    assert v.apply_sync(appends) == [1, 1]
+    assert v.apply_sync(appends) == [1, 1], "a mutable default is fresh for every call"
+    # A name the engines lack comes with the function each time it is sent, also after the
+    # engines dropped it.
+    ns = {"__name__": "__main__"}
+    exec("brought = 41\ndef plus_one():\n    return brought + 1\n", ns)
+    assert v.apply_sync(ns["plus_one"]) == [42, 42]
+    v.execute("del brought", block=True)
+    assert v.apply_sync(ns["plus_one"]) == [42, 42]
+    # A name the engines have wins, as the first time.
+    v.push({"brought": 1}, block=True)
+    assert v.apply_sync(ns["plus_one"]) == [2, 2]
+
+
 def test_reference_arguments(rc):
     rc[0]["ref_me"] = 7
     rc[1]["ref_me"] = 8

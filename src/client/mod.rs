@@ -399,6 +399,7 @@ impl Client {
             ClientRequest::Submit {
                 spec,
                 options: Box::new(options),
+                at_end: answer == Answer::Ended,
             },
             answer,
         )

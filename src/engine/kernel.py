@@ -135,8 +135,6 @@ class _Capture:
         """What was written since the last take."""
         try:
             self.text.flush()
-            if _c_fflush is not None:
-                _c_fflush(None)
         except (OSError, ValueError):
             pass
         size = os.fstat(self.file.fileno()).st_size
@@ -153,6 +151,17 @@ class _Capture:
 
 
 _OUT, _ERR = _Capture(1), _Capture(2)
+
+
+def _take_outputs():
+    """A task's stdout and stderr: what C code left in libc's buffers is flushed first (one
+    fflush for both)."""
+    if _c_fflush is not None:
+        try:
+            _c_fflush(None)
+        except (OSError, ValueError):
+            pass
+    return _OUT.take(), _ERR.take()
 
 
 class _Reference:
@@ -409,7 +418,48 @@ def _unpickle_func(func, bufs):
             "bytecode, which differs between versions; use the same Python minor version on both "
             "(`python:` in the cluster spec)" % (func["python"], _PYTHON, sys.executable)
         )
-    return _rebind(_loads(func["pickle"], bufs))
+    refs = func["pickle"]
+    key = bytes(bufs[refs[0]]) if len(refs) == 1 and len(bufs[refs[0]]) <= _LOADED_SIZE else None
+    hit = _loaded.get(key) if key is not None else None
+    if hit is not None:
+        g, shipped = hit
+        for name, value in shipped:
+            _ns.setdefault(name, value)
+        return g
+    f = _loads(refs, bufs)
+    shipped = _stateless(f) if key is not None else None
+    g = _rebind(f)
+    if shipped is not None:
+        if len(_loaded) >= 256:
+            _loaded.clear()
+        _loaded[key] = (g, shipped)
+    return g
+
+
+# Functions sent again and again (`v.apply(f)` in a loop) are unpickled once: a pickle of at
+# most _LOADED_SIZE bytes -> the function made of it, if nothing in it can change (see
+# _stateless), with the globals it brought.
+_loaded = {}
+_LOADED_SIZE = 16 * 1024
+_ATOMS = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _stateless(f):
+    """The globals an unpickled function brought, as (name, value) pairs, if the function holds
+    nothing mutable (no closure, no attributes, defaults and globals atoms or modules); else
+    None. Calling such a function again is the same as unpickling it again."""
+    if not _from_main(f) or f.__closure__ is not None or f.__kwdefaults__ or f.__dict__:
+        return None
+    if f.__defaults__ is not None and not all(type(d) in _ATOMS for d in f.__defaults__):
+        return None
+    shipped = []
+    for name, value in f.__globals__.items():
+        if name.startswith("__"):
+            continue
+        if type(value) not in _ATOMS and type(value) is not types.ModuleType:
+            return None
+        shipped.append((name, value))
+    return shipped
 
 
 def _resolve(func, bufs):
@@ -566,8 +616,7 @@ def _run(task, bufs):
     if os.getpid() != _PID:
         os._exit(0)
     reply["id"] = task["id"]
-    reply["out"] = _OUT.take()
-    reply["err"] = _ERR.take()
+    reply["out"], reply["err"] = _take_outputs()
     for job in task.get("forget", ()):
         _maps.pop(job, None)
     reply["n"] = _count
@@ -651,7 +700,8 @@ def _interrupted_late(task, e):
     _current = None
     sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     reply = _error(e)
-    reply.update(id=task["id"], out=_OUT.take(), err=_ERR.take(), n=_count, t0=0, t1=0)
+    out, err = _take_outputs()
+    reply.update(id=task["id"], out=out, err=err, n=_count, t0=0, t1=0)
     return reply, []
 
 
