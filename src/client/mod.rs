@@ -399,7 +399,6 @@ impl Client {
             ClientRequest::Submit {
                 spec,
                 options: Box::new(options),
-                at_end: answer == Answer::Ended,
             },
             answer,
         )

@@ -126,9 +126,6 @@ struct Job {
     /// Result slots not yet filled.
     remaining: u64,
     subscribers: Vec<ConnId>,
-    /// The submitter that asked to be answered once the job has ended (`at_end`), and its
-    /// request's id: the reply and every result go to it together then.
-    answer: Option<(ConnId, u64)>,
     mapper: Option<Mapper>,
     feed: Option<Feed>,
     /// Mean engine time per item, from finished chunks (µs); guides prefetching.
@@ -162,7 +159,6 @@ impl Job {
             info,
             done: Vec::new(),
             subscribers: Vec::new(),
-            answer: None,
             mapper: None,
             feed: None,
             item_micros: None,
@@ -409,9 +405,6 @@ impl State {
         self.waiting.retain(|w| w.conn != conn);
         for job in self.jobs.values_mut() {
             job.subscribers.retain(|c| *c != conn);
-            if job.answer.is_some_and(|(c, _)| c == conn) {
-                job.answer = None;
-            }
         }
     }
 
@@ -454,24 +447,15 @@ impl State {
                     });
                 }
             }
-            ClientRequest::Submit {
-                spec,
-                options,
-                at_end,
-            } => match self.submit(comm, conn, spec, *options, now) {
-                Ok(info) => {
-                    match self.jobs.get_mut(&info.job).filter(|j| at_end && j.remaining > 0) {
-                        // Answered in end_job, with the results.
-                        Some(job) => {
-                            job.subscribers.retain(|c| *c != conn);
-                            job.answer = Some((conn, id));
-                        }
-                        None => reply(comm, Reply::Job(info)),
+            ClientRequest::Submit { spec, options } => {
+                match self.submit(comm, conn, spec, *options, now) {
+                    Ok(info) => {
+                        reply(comm, Reply::Job(info));
+                        self.after_change(comm, now);
                     }
-                    self.after_change(comm, now);
+                    Err(e) => reply(comm, Reply::Error(e)),
                 }
-                Err(e) => reply(comm, Reply::Error(e)),
-            },
+            }
             ClientRequest::Abort { job, interrupt } => match self.abort(comm, job, interrupt) {
                 Ok(()) => {
                     reply(comm, Reply::Done);
@@ -1763,24 +1747,6 @@ impl State {
             return;
         };
         job.subscribers.clear();
-        if let Some((conn, id)) = job.answer.take() {
-            comm.to_client(
-                conn,
-                ControllerToClient::Reply {
-                    id,
-                    body: Reply::Job(job.info.clone()),
-                },
-            );
-            if !job.done.is_empty() {
-                comm.to_client(
-                    conn,
-                    ControllerToClient::Results {
-                        job: job_id,
-                        results: job.done.clone(),
-                    },
-                );
-            }
-        }
         if job.mapper.is_some() {
             for (econn, ec) in &mut self.engine_conns {
                 if ec.defs.remove(&job_id) {
@@ -2232,7 +2198,6 @@ mod tests {
         ClientRequest::Submit {
             spec,
             options: Box::default(),
-            at_end: false,
         }
     }
 
@@ -2429,65 +2394,6 @@ mod tests {
         assert_eq!(c.to_clients.len(), 3);
         assert!(c.to_clients.iter().all(|(conn, _)| *conn == other));
         assert_eq!(c.recorded_results, 2);
-    }
-
-    #[test]
-    fn a_submitter_answered_at_the_end_hears_once_with_every_result() {
-        let (mut s, mut c, now) = cluster_with(&[2]);
-        let spec = JobSpec::Direct {
-            targets: Targets::All,
-            work: Work::Execute { code: "1".into() },
-        };
-        let request = ClientRequest::Submit {
-            spec,
-            options: Box::default(),
-            at_end: true,
-        };
-        s.on_client_request(&mut c, CLIENT, 4, request, now);
-        assert!(c.to_clients.is_empty(), "no reply before the job has ended");
-        let job = &s.jobs[&JobId(0)];
-        let tasks = job.info.tasks.clone();
-        assert!(job.subscribers.is_empty());
-        for (i, (task, engine)) in tasks.into_iter().enumerate() {
-            let done = EngineToController::Done(vec![ok(task, engine, i as u64)]);
-            s.on_engine_message(&mut c, ConnId(0), done, now);
-            if i == 0 {
-                assert!(c.to_clients.is_empty(), "nor with half of the results in");
-            }
-        }
-        match &c.to_clients[..] {
-            [(
-                CLIENT,
-                ControllerToClient::Reply {
-                    id: 4,
-                    body: Reply::Job(info),
-                },
-            ), (CLIENT, ControllerToClient::Results { job, results })] => {
-                assert_eq!(info.job, *job);
-                assert_eq!(results.len(), 2, "both engines' results, in one message");
-            }
-            other => panic!("expected the reply and then the results, got {other:?}"),
-        }
-
-        // A submitter that leaves before the end is not answered.
-        c.to_clients.clear();
-        let request = ClientRequest::Submit {
-            spec: JobSpec::Direct {
-                targets: Targets::All,
-                work: Work::Execute { code: "2".into() },
-            },
-            options: Box::default(),
-            at_end: true,
-        };
-        s.on_client_request(&mut c, CLIENT, 5, request, now);
-        s.on_client_gone(CLIENT);
-        let tasks = s.jobs[&JobId(1)].info.tasks.clone();
-        for (i, (task, engine)) in tasks.into_iter().enumerate() {
-            let done = EngineToController::Done(vec![ok(task, engine, i as u64)]);
-            s.on_engine_message(&mut c, ConnId(0), done, now);
-        }
-        assert!(c.to_clients.is_empty());
-        assert_eq!(c.recorded_results, 4, "the store has every result");
     }
 
     #[test]
@@ -3132,7 +3038,6 @@ mod tests {
             ClientRequest::Submit {
                 spec,
                 options: Box::new(options),
-                at_end: false,
             },
             now,
         );
@@ -3232,7 +3137,6 @@ mod tests {
             ClientRequest::Submit {
                 spec: direct,
                 options: Box::new(after(&[first])),
-                at_end: false,
             },
             now,
         );
@@ -3376,7 +3280,6 @@ mod tests {
             ClientRequest::Submit {
                 spec: direct,
                 options: Box::new(options),
-                at_end: false,
             },
             now,
         );
@@ -3815,7 +3718,6 @@ mod tests {
         let request = ClientRequest::Submit {
             spec,
             options: Box::new(after(&[JobId(3)])),
-            at_end: false,
         };
         s.on_client_request(&mut c, CLIENT, 9, request, now);
         let e = results_of(&c, lost)

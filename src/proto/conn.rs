@@ -827,7 +827,6 @@ mod tests {
                     },
                 },
                 options: Box::default(),
-                at_end: false,
             },
         };
         let (a, b) = tokio::io::duplex(1 << 16);

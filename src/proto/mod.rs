@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use value::{Pickled, Value};
 
 /// Bumped whenever a message changes shape; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Default hard limit on one frame (64 MiB): large enough for a big push or a map chunk, small
 /// enough that a garbage length prefix cannot make a peer allocate gigabytes.
@@ -651,13 +651,10 @@ pub enum ClientRequest {
         count: u32,
         timeout_ms: u64,
     },
-    /// Replies [`Reply::Job`]; results follow as [`ControllerToClient::Results`]. With
-    /// `at_end`, the reply waits for the job's end and comes with all of its results at once:
-    /// for a submitter that waits for the whole job anyway, which is then woken once.
+    /// Replies [`Reply::Job`]; results follow as [`ControllerToClient::Results`].
     Submit {
         spec: JobSpec,
         options: Box<JobOptions>,
-        at_end: bool,
     },
     /// Attach to a job by id, also one another client submitted: replies [`Reply::Job`], then
     /// every result already in, then the rest as they complete.
