@@ -22,6 +22,39 @@ def _timeout(timeout):
     return None if timeout is None or timeout < 0 else float(timeout)
 
 
+def collect(native, single: bool, reshape=None):
+    """What a finished job gives: its values (one, if ``single``), or its errors raised."""
+    values, errors = [], []
+    for slot in native.slots():
+        if slot is None:
+            job = native.job
+            raise RemoteError(
+                "Disconnected",
+                f"the connection to the controller was lost before job {job} finished; "
+                "the job is in the cluster's task store: once the controller is back "
+                f"(`starling restart` starts it again), rc.get_result({job}) waits for it",
+            )
+        ok, payload, engine = slot
+        if ok:
+            values.append(payload)
+        else:
+            errors.append(RemoteError(*payload, engine_id=engine))
+            values.append(None)
+    if errors:
+        if single and len(errors) == 1:
+            raise errors[0]
+        n = len(errors)
+        per_item = native.kind == "map"
+        raise CompositeError(
+            f"one or more exceptions raised in {n} {'item' if per_item else 'task'}{'s' if n > 1 else ''}",
+            errors,
+        )
+    out = [_serialize.unpack(v) for v in values]
+    if reshape is not None:
+        return reshape(out)
+    return out[0] if single else out
+
+
 class AsyncResult(Future):
     """A submitted job: ``ready()``, ``wait()``, ``get()``, timings, outputs and metadata.
 
@@ -156,38 +189,7 @@ class AsyncResult(Future):
             self.set_result(value)
 
     def _collect(self):
-        values, errors = [], []
-        for slot in self._native.slots():
-            if slot is None:
-                job = self.job_id
-                raise RemoteError(
-                    "Disconnected",
-                    f"the connection to the controller was lost before job {job} finished; "
-                    "the job is in the cluster's task store: once the controller is back "
-                    f"(`starling restart` starts it again), rc.get_result({job}) waits for it",
-                )
-            ok, payload, engine = slot
-            if ok:
-                values.append(payload)
-            else:
-                errors.append(RemoteError(*payload, engine_id=engine))
-                values.append(None)
-        if errors:
-            if self._single and len(errors) == 1:
-                raise errors[0]
-            n = len(errors)
-            raise CompositeError(
-                f"one or more exceptions raised in {n} {'item' if self._per_item else 'task'}{'s' if n > 1 else ''}",
-                errors,
-            )
-        out = [_serialize.unpack(v) for v in values]
-        if self._reshape is not None:
-            return self._reshape(out)
-        return out[0] if self._single else out
-
-    @property
-    def _per_item(self) -> bool:
-        return self._native.kind == "map"
+        return collect(self._native, self._single, self._reshape)
 
     def get_dict(self, timeout: float = -1) -> dict:
         """``{engine_id: result}`` for work that ran once per engine."""

@@ -9,7 +9,7 @@ import functools
 import sys
 
 from . import _serialize
-from .asyncresult import AsyncMapResult, AsyncResult
+from .asyncresult import AsyncMapResult, AsyncResult, collect
 from .dependency import as_dependency
 
 
@@ -64,6 +64,10 @@ class View:
             for k, v in saved.items():
                 setattr(self, k, v)
 
+    def _apply(self, f, args, kwargs, wait=False):
+        native, single = self._apply_native(f, args, kwargs, wait)
+        return AsyncResult(self.client, native, fname=_name(f), single=single)
+
     def _finish(self, ar: AsyncResult, block):
         block = self.block if block is None else block
         return ar.get() if block else ar
@@ -78,7 +82,13 @@ class View:
         return self._apply_and_finish(f, args, kwargs, None)
 
     def apply_sync(self, f, *args, **kwargs):
-        return self._apply(f, args, kwargs, wait=True).get()
+        # The job has ended when the native call returns: its values are taken at once, with
+        # no AsyncResult (a Future) made only to be dropped; the job still joins the history.
+        native, single = self._apply_native(f, args, kwargs, wait=True)
+        self.client.history.append(native.job)
+        if not native.ready():
+            native.wait(None)  # the connection was lost: this raises, naming the job
+        return collect(native, single)
 
     def apply_async(self, f, *args, **kwargs):
         return self._apply(f, args, kwargs)
@@ -149,12 +159,12 @@ class DirectView(View):
     def _single(self) -> bool:
         return isinstance(self.targets, int)
 
-    def _apply(self, f, args, kwargs, wait=False):
+    def _apply_native(self, f, args, kwargs, wait):
         func = _serialize.pack_func(f, args, kwargs)
         native = self.client._native.apply(
             func, [], targets=self._native_targets(), options=self._options(), wait=wait
         )
-        return AsyncResult(self.client, native, fname=_name(f), single=self._single)
+        return native, self._single
 
     def _map(self, f, sequences, **kwargs):
         if kwargs:
@@ -349,7 +359,7 @@ class LoadBalancedView(View):
     def __repr__(self) -> str:
         return "<LoadBalancedView>"
 
-    def _apply(self, f, args, kwargs, wait=False):
+    def _apply_native(self, f, args, kwargs, wait):
         native = self.client._native.apply(
             _serialize.pack_func(f, args, kwargs),
             [],
@@ -357,7 +367,7 @@ class LoadBalancedView(View):
             options=self._options(),
             wait=wait,
         )
-        return AsyncResult(self.client, native, fname=_name(f), single=True)
+        return native, True
 
     def _map(self, f, sequences, chunksize=None, ordered=None):
         items, star = self._items(sequences)
