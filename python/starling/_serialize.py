@@ -134,12 +134,10 @@ def pack_func(f, args=(), kwargs=None):
     state = None
     if not args and not kwargs and type(f) is types.FunctionType:
         hit = _packed.get(id(f))
-        if hit is not None and hit[0]() is f:
-            state = _stateless(f, hit[1])
-            if state is not None and state == hit[1]:
-                return hit[2]
-        else:
-            state = _stateless(f, None)
+        last = hit[1] if hit is not None and hit[0]() is f else None
+        state = _stateless(f, last)
+        if state is not None and state == last:
+            return hit[2]
     _travel_by_value(f)
     if args or kwargs:
         f = functools.partial(f, *args, **(kwargs or {}))
@@ -174,13 +172,14 @@ def _stateless(f, last):
     code = f.__code__
     names = last[1] if last is not None and last[0] is code else _global_names(code)
     g = f.__globals__
+    registry = cloudpickle.list_registry_pickle_by_value()
     seen = []
     packages = False
     for name in names:
         v = g.get(name, _ABSENT)
         if v is _ABSENT or type(v) in _ATOMS:
             seen.append(v)
-        elif type(v) is types.ModuleType and _by_reference(v):
+        elif type(v) is types.ModuleType and _by_reference(v, registry):
             seen.append(v)
             packages = packages or bool(getattr(v, "__package__", None))
         else:
@@ -202,10 +201,10 @@ def _stateless(f, last):
     )
 
 
-def _by_reference(module) -> bool:
-    """Whether cloudpickle pickles this module by name (not registered to travel by value)."""
+def _by_reference(module, registry) -> bool:
+    """Whether cloudpickle pickles this module by name (not in the ``registry`` of modules
+    that travel by value)."""
     name = module.__name__
-    registry = cloudpickle.list_registry_pickle_by_value()
     return sys.modules.get(name) is module and not any(
         name == r or name.startswith(r + ".") for r in registry
     )
