@@ -344,7 +344,10 @@ pub async fn run(
             }])
         }
     };
-    let daemon_sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &daemon));
+    let daemon_sha = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &daemon,
+    ));
     let initial = if plan.master.is_some() {
         None
     } else {

@@ -40,7 +40,7 @@ pub async fn serve(
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?
         .into();
     let mut raw = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut raw)
         .map_err(|_| "no randomness for a token".to_string())?;
     let token: Arc<str> = hex::encode(raw).into();
     ready(&token);

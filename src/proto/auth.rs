@@ -8,7 +8,7 @@
 //! Everything here is pure — no sockets — so the handshake is unit-tested on its own; the thin
 //! socket code lives in [`super::conn`].
 
-use ring::hmac;
+use aws_lc_rs::hmac;
 use serde::{Deserialize, Serialize};
 
 use super::PROTOCOL_VERSION;
@@ -45,9 +45,9 @@ impl std::fmt::Debug for Key {
 impl Key {
     /// A new random key.
     pub fn generate() -> Self {
-        use ring::rand::SecureRandom;
+        use aws_lc_rs::rand::SecureRandom;
         let mut bytes = vec![0u8; 32];
-        ring::rand::SystemRandom::new()
+        aws_lc_rs::rand::SystemRandom::new()
             .fill(&mut bytes)
             .expect("the system random source works");
         Self(bytes)
@@ -140,9 +140,9 @@ pub struct ServerHandshake {
 impl ServerHandshake {
     /// Starts a handshake with a fresh nonce.
     pub fn new() -> Self {
-        use ring::rand::SecureRandom;
+        use aws_lc_rs::rand::SecureRandom;
         let mut nonce = vec![0u8; NONCE_LEN];
-        ring::rand::SystemRandom::new()
+        aws_lc_rs::rand::SystemRandom::new()
             .fill(&mut nonce)
             .expect("the system random source works");
         Self { nonce }

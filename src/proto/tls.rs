@@ -2,13 +2,13 @@
 //!
 //! `up` creates one self-signed certificate per cluster ([`ClusterCert::generate`]); the
 //! controller serves it and every client and engine pins it byte for byte, so neither a public
-//! CA nor the controller's host name plays any part. Only TLS 1.3 is offered, with the `ring`
-//! provider.
+//! CA nor the controller's host name plays any part. Only TLS 1.3 is offered, with the
+//! `aws-lc-rs` provider.
 
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{ring as provider, verify_tls13_signature, CryptoProvider};
+use rustls::crypto::{aws_lc_rs as provider, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -44,9 +44,9 @@ impl ClusterCert {
     }
 }
 
-/// ring's provider, with AES-128-GCM (TLS 1.3's mandatory suite) preferred: everything a
-/// cluster moves is encrypted and decrypted at every hop, and 10 rounds of AES are cheaper than
-/// 14.
+/// aws-lc-rs's provider, with AES-128-GCM (TLS 1.3's mandatory suite) preferred: everything a
+/// cluster moves is encrypted and decrypted at every hop, 10 rounds of AES are cheaper than 14,
+/// and aws-lc's AES-GCM runs at twice ring's speed where the CPU has AVX-512.
 fn crypto() -> Arc<CryptoProvider> {
     let mut p = provider::default_provider();
     p.cipher_suites = vec![

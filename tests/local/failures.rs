@@ -903,7 +903,10 @@ fn a_node_keeps_the_starlingd_the_master_hands_it_only_if_its_checksum_is_right(
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     std::fs::write(&shared, &bytes).unwrap();
-    let sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes));
+    let sha = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &bytes,
+    ));
     let mut server = Command::new(env!("CARGO_BIN_EXE_starlingd"))
         .args([
             "share",

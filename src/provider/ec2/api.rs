@@ -177,11 +177,11 @@ fn filter(name: &str, values: &[&str]) -> Filter {
     f.build()
 }
 
-/// The HTTPS client for the EC2 API: rustls with ring, like the rest of starling.
+/// The HTTPS client for the EC2 API: rustls with aws-lc-rs, like the rest of starling.
 fn https_client() -> aws_sdk_ec2::config::SharedHttpClient {
     use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
     aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .tls_provider(Provider::Rustls(CryptoMode::AwsLc))
         .build_https()
 }
 
