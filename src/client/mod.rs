@@ -399,6 +399,7 @@ impl Client {
             ClientRequest::Submit {
                 spec,
                 options: Box::new(options),
+                wait: matches!(answer, Answer::Ended),
             },
             answer,
         )

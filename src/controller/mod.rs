@@ -73,6 +73,12 @@ type Flushed = tokio::task::JoinHandle<Result<(), ProtoError>>;
 /// to be written before it exits anyway.
 const FLUSH_ON_EXIT: Duration = Duration::from_secs(2);
 
+/// The longest the reply to a submitter that waits for the job's end is held back, to travel
+/// with the results: a short job (an `apply_sync`) then wakes its submitter once, not for the
+/// reply and again for each engine's result. A longer job's reply goes out when this has
+/// passed, and its results as they come.
+pub const HOLD: Duration = Duration::from_millis(5);
+
 /// Connections that may wait for their handshake at once. A real peer finishes it in a few
 /// milliseconds; this many is room for a whole cluster's engines reconnecting together.
 pub const MAX_HANDSHAKES: usize = 256;
@@ -152,6 +158,16 @@ struct Wire {
     shutdown_requested: bool,
     /// While a client's request is handled: what it answers, sent after the work it starts.
     held: Option<Vec<(ConnId, ControllerToClient)>>,
+    /// Replies to submitters that wait, each with the results that followed it, held back
+    /// until their job ends or [`HOLD`] has passed.
+    holding: HashMap<JobId, Holding>,
+}
+
+/// A reply held back, and what followed it for the same client and job.
+struct Holding {
+    conn: ConnId,
+    msgs: Vec<ControllerToClient>,
+    until: Instant,
 }
 
 impl Wire {
@@ -166,11 +182,71 @@ impl Wire {
         body: ClientRequest,
         now: Instant,
     ) {
+        let waits = matches!(body, ClientRequest::Submit { wait: true, .. });
         self.held = Some(Vec::new());
         state.on_client_request(self, conn, id, body, now);
+        let mut holds = None;
         for (client, msg) in self.held.take().unwrap_or_default() {
+            if client == conn {
+                match &msg {
+                    ControllerToClient::Reply {
+                        body: Reply::Job(info),
+                        ..
+                    } if waits && state.is_running(info.job) => {
+                        holds = Some(info.job);
+                        self.holding.insert(
+                            info.job,
+                            Holding {
+                                conn,
+                                msgs: vec![msg],
+                                until: now + HOLD,
+                            },
+                        );
+                        continue;
+                    }
+                    ControllerToClient::Results { job, .. } if holds == Some(*job) => {
+                        if let Some(h) = self.holding.get_mut(job) {
+                            h.msgs.push(msg);
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             self.send_to_client(client, msg);
         }
+    }
+
+    /// Sends what was held for `job`, in the order it came.
+    fn release(&mut self, job: JobId) {
+        if let Some(h) = self.holding.remove(&job) {
+            for msg in h.msgs {
+                self.to_client(h.conn, msg);
+            }
+        }
+    }
+
+    /// Sends what has been held for [`HOLD`].
+    fn release_due(&mut self, now: Instant) {
+        let due: Vec<JobId> = self
+            .holding
+            .iter()
+            .filter(|(_, h)| h.until <= now)
+            .map(|(job, _)| *job)
+            .collect();
+        for job in due {
+            self.release(job);
+        }
+    }
+
+    /// When the next held reply is due.
+    fn next_release(&self) -> Option<Instant> {
+        self.holding.values().map(|h| h.until).min()
+    }
+
+    fn client_gone(&mut self, conn: ConnId) {
+        self.clients.remove(&conn);
+        self.holding.retain(|_, h| h.conn != conn);
     }
 
     fn send_to_client(&mut self, conn: ConnId, msg: ControllerToClient) {
@@ -187,6 +263,12 @@ impl Wire {
 
 impl Comm for Wire {
     fn to_client(&mut self, conn: ConnId, msg: ControllerToClient) {
+        if let ControllerToClient::Results { job, .. } = &msg {
+            if let Some(h) = self.holding.get_mut(job).filter(|h| h.conn == conn) {
+                h.msgs.push(msg);
+                return;
+            }
+        }
         match &mut self.held {
             Some(held) => held.push((conn, msg)),
             None => self.send_to_client(conn, msg),
@@ -236,6 +318,7 @@ impl Comm for Wire {
         error: Option<&str>,
         ran_on: &[EngineId],
     ) {
+        self.release(job);
         if let Some(store) = &self.store {
             store.send(StoreOp::Ended {
                 job,
@@ -422,24 +505,37 @@ pub async fn run(
         shutdown_requested: false,
         max_frame: config.max_frame,
         held: None,
+        holding: HashMap::new(),
     };
     // A store a controller worked on before: its work goes on where it stopped.
     state.restore(&mut wire, recovered, Instant::now());
     let mut writers: Vec<Flushed> = Vec::new();
     let mut ticker = tokio::time::interval(heartbeat / 4);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set to when the first held reply is due, while there is one (see [`HOLD`]).
+    let release = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(release);
     tracing::info!(cluster = config.cluster, "controller running");
     loop {
+        // Moved only earlier (or once it has fired): pushing a set timer later costs the
+        // runtime an early wake-up, and a reply is held for each `apply_sync`.
+        let next_release = wire.next_release();
+        if let Some(at) = next_release {
+            if release.is_elapsed() || at < release.deadline() {
+                release.as_mut().reset(at);
+            }
+        }
         tokio::select! {
             () = &mut shutdown => break,
             () = &mut accept_loop => unreachable!("the accept loop never ends"),
             _ = ticker.tick() => state.on_tick(&mut wire, Instant::now()),
+            () = &mut release, if next_release.is_some() => wire.release_due(Instant::now()),
             Some(ev) = events.recv() => {
                 let now = Instant::now();
                 match ev {
                     Event::ClientUp(c, out, flushed) => { wire.clients.insert(c, out); writers.retain(|w| !w.is_finished()); writers.push(flushed); state.on_client_connected(c); }
                     Event::ClientRequest(c, id, body) => wire.client_request(&mut state, c, id, body, now),
-                    Event::ClientGone(c) => { wire.clients.remove(&c); state.on_client_gone(c); }
+                    Event::ClientGone(c) => { wire.client_gone(c); state.on_client_gone(c); }
                     Event::EngineUp(c, tx, flushed) => { wire.engines.insert(c, tx); writers.push(flushed); state.on_engine_connected(c, now); }
                     Event::EngineMessage(c, m) => state.on_engine_message(&mut wire, c, m, now),
                     Event::EngineGone(c, why) => state.on_engine_gone(&mut wire, c, &why, now),
@@ -541,6 +637,214 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{Assignment, EngineSlot, Outcome, Targets, Value, Work};
+
+    /// A controller's state and wire with two engines (one process each) and a client, and
+    /// what each of them is sent.
+    struct Rig {
+        state: State,
+        wire: Wire,
+        client: mpsc::UnboundedReceiver<conn::Frame>,
+        engines: Vec<mpsc::UnboundedReceiver<conn::Frame>>,
+        now: Instant,
+    }
+
+    const CLIENT: ConnId = ConnId(100);
+
+    impl Rig {
+        fn new() -> Self {
+            let now = Instant::now();
+            let mut state = State::new("t", Duration::from_secs(1), 2);
+            let mut wire = Wire {
+                clients: HashMap::new(),
+                engines: HashMap::new(),
+                max_frame: crate::proto::DEFAULT_MAX_FRAME,
+                store: None,
+                requested_jobs: 0,
+                shutdown_requested: false,
+                held: None,
+                holding: HashMap::new(),
+            };
+            let mut engines = Vec::new();
+            for i in 0..2u32 {
+                let conn = ConnId(u64::from(i));
+                let (tx, rx) = mpsc::unbounded_channel();
+                wire.engines.insert(conn, tx);
+                engines.push(rx);
+                state.on_engine_connected(conn, now);
+                let register = EngineToController::Register {
+                    node: format!("node{i}"),
+                    host: "127.0.0.1".into(),
+                    pid: 900 + i,
+                    engines: vec![EngineSlot {
+                        slot: 0,
+                        kernel_pid: 1000 + i,
+                        rank: None,
+                    }],
+                };
+                state.on_engine_message(&mut wire, conn, register, now);
+            }
+            let (tx, client) = mpsc::unbounded_channel();
+            wire.clients.insert(
+                CLIENT,
+                Outbox {
+                    tx,
+                    backlog: Arc::default(),
+                    oversized: Arc::default(),
+                },
+            );
+            state.on_client_connected(CLIENT);
+            let mut rig = Self {
+                state,
+                wire,
+                client,
+                engines,
+                now,
+            };
+            for i in 0..2 {
+                rig.sent_to_engine(i);
+            }
+            rig
+        }
+
+        /// Submits an apply on both engines.
+        fn apply(&mut self, wait: bool) {
+            let body = ClientRequest::Submit {
+                spec: JobSpec::Direct {
+                    targets: Targets::All,
+                    work: Work::Apply {
+                        func: crate::proto::Func::Expr("1".into()),
+                        args: Vec::new(),
+                    },
+                },
+                options: Box::default(),
+                wait,
+            };
+            let now = self.now;
+            self.wire
+                .client_request(&mut self.state, CLIENT, 7, body, now);
+        }
+
+        /// What the client has been handed since last asked, in order.
+        fn sent_to_client(&mut self) -> Vec<ControllerToClient> {
+            std::iter::from_fn(|| self.client.try_recv().ok())
+                .map(|f| conn::decode_frame(&f.into_bytes()).expect("a message"))
+                .collect()
+        }
+
+        /// The tasks engine `i` has been handed since last asked.
+        fn sent_to_engine(&mut self, i: usize) -> Vec<Assignment> {
+            std::iter::from_fn(|| self.engines[i].try_recv().ok())
+                .map(|f| conn::decode_frame(&f.into_bytes()).expect("a message"))
+                .flat_map(|m| match m {
+                    ControllerToEngine::Run { tasks, .. } => tasks,
+                    _ => Vec::new(),
+                })
+                .collect()
+        }
+
+        /// Engine `i` answers the tasks it was handed.
+        fn engine_answers(&mut self, i: usize, tasks: &[Assignment]) {
+            let results = tasks
+                .iter()
+                .map(|a| TaskResult {
+                    task: a.task,
+                    engine: a.engine,
+                    first: a.first,
+                    outcome: Outcome::Ok {
+                        value: Value::Json(1.into()),
+                        display: Some("1".into()),
+                    },
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    execution_count: 1,
+                    started: 0,
+                    completed: 0,
+                    attempts: 1,
+                })
+                .collect();
+            let now = self.now;
+            let msg = EngineToController::Done(results);
+            self.state
+                .on_engine_message(&mut self.wire, ConnId(i as u64), msg, now);
+        }
+    }
+
+    fn kinds(msgs: &[ControllerToClient]) -> Vec<&'static str> {
+        msgs.iter()
+            .map(|m| match m {
+                ControllerToClient::Reply {
+                    body: Reply::Job(_),
+                    ..
+                } => "job",
+                ControllerToClient::Reply { .. } => "other reply",
+                ControllerToClient::Results { .. } => "results",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_waiting_submitter_gets_the_reply_of_a_short_job_together_with_its_results() {
+        let mut rig = Rig::new();
+        rig.apply(true);
+        let (a, b) = (rig.sent_to_engine(0), rig.sent_to_engine(1));
+        assert_eq!((a.len(), b.len()), (1, 1), "each engine has its task");
+        assert!(
+            rig.sent_to_client().is_empty(),
+            "the reply waits for the results"
+        );
+        rig.engine_answers(0, &a);
+        assert!(rig.sent_to_client().is_empty(), "one engine of two is in");
+        rig.engine_answers(1, &b);
+        assert_eq!(
+            kinds(&rig.sent_to_client()),
+            ["job", "results", "results"],
+            "the reply, then each engine's result, handed to the writer at once"
+        );
+        assert!(rig.wire.holding.is_empty());
+        assert_eq!(rig.wire.next_release(), None);
+    }
+
+    #[test]
+    fn a_submitter_that_does_not_wait_gets_the_reply_at_once() {
+        let mut rig = Rig::new();
+        rig.apply(false);
+        assert_eq!(kinds(&rig.sent_to_client()), ["job"]);
+        let a = rig.sent_to_engine(0);
+        rig.engine_answers(0, &a);
+        assert_eq!(kinds(&rig.sent_to_client()), ["results"]);
+    }
+
+    #[test]
+    fn the_reply_of_a_longer_job_goes_out_once_the_hold_has_passed_and_results_as_they_come() {
+        let mut rig = Rig::new();
+        rig.apply(true);
+        let (a, b) = (rig.sent_to_engine(0), rig.sent_to_engine(1));
+        rig.engine_answers(0, &a);
+        assert_eq!(rig.wire.next_release(), Some(rig.now + HOLD));
+        rig.wire.release_due(rig.now + HOLD / 2);
+        assert!(rig.sent_to_client().is_empty(), "not yet");
+        rig.wire.release_due(rig.now + HOLD);
+        assert_eq!(
+            kinds(&rig.sent_to_client()),
+            ["job", "results"],
+            "the reply and what came meanwhile"
+        );
+        rig.engine_answers(1, &b);
+        assert_eq!(kinds(&rig.sent_to_client()), ["results"]);
+    }
+
+    #[test]
+    fn what_is_held_for_a_client_that_left_is_dropped() {
+        let mut rig = Rig::new();
+        rig.apply(true);
+        rig.wire.client_gone(CLIENT);
+        rig.state.on_client_gone(CLIENT);
+        assert!(rig.wire.holding.is_empty());
+        let a = rig.sent_to_engine(0);
+        rig.engine_answers(0, &a);
+        assert_eq!(rig.wire.next_release(), None);
+    }
 
     #[test]
     fn what_comes_behind_a_message_larger_than_the_limit_may_wait_but_not_for_ever() {

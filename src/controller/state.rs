@@ -386,6 +386,11 @@ impl State {
         JobId(self.next_job)
     }
 
+    /// Whether a job was submitted here and has not ended.
+    pub fn is_running(&self, job: JobId) -> bool {
+        self.jobs.get(&job).is_some_and(|j| j.remaining > 0)
+    }
+
     /// The registered engine ids, ascending.
     pub fn ids(&self) -> Vec<EngineId> {
         self.engines.keys().copied().collect()
@@ -447,7 +452,7 @@ impl State {
                     });
                 }
             }
-            ClientRequest::Submit { spec, options } => {
+            ClientRequest::Submit { spec, options, .. } => {
                 match self.submit(comm, conn, spec, *options, now) {
                     Ok(info) => {
                         reply(comm, Reply::Job(info));
@@ -2198,6 +2203,7 @@ mod tests {
         ClientRequest::Submit {
             spec,
             options: Box::default(),
+            wait: false,
         }
     }
 
@@ -3038,6 +3044,7 @@ mod tests {
             ClientRequest::Submit {
                 spec,
                 options: Box::new(options),
+                wait: false,
             },
             now,
         );
@@ -3137,6 +3144,7 @@ mod tests {
             ClientRequest::Submit {
                 spec: direct,
                 options: Box::new(after(&[first])),
+                wait: false,
             },
             now,
         );
@@ -3280,6 +3288,7 @@ mod tests {
             ClientRequest::Submit {
                 spec: direct,
                 options: Box::new(options),
+                wait: false,
             },
             now,
         );
@@ -3718,6 +3727,7 @@ mod tests {
         let request = ClientRequest::Submit {
             spec,
             options: Box::new(after(&[JobId(3)])),
+            wait: false,
         };
         s.on_client_request(&mut c, CLIENT, 9, request, now);
         let e = results_of(&c, lost)

@@ -827,6 +827,7 @@ mod tests {
                     },
                 },
                 options: Box::default(),
+                wait: false,
             },
         };
         let (a, b) = tokio::io::duplex(1 << 16);

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use value::{Pickled, Value};
 
 /// Bumped whenever a message changes shape; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Default hard limit on one frame (64 MiB): large enough for a big push or a map chunk, small
 /// enough that a garbage length prefix cannot make a peer allocate gigabytes.
@@ -655,6 +655,11 @@ pub enum ClientRequest {
     Submit {
         spec: JobSpec,
         options: Box<JobOptions>,
+        /// The submitter waits for the job's end: the reply may be held back a moment (see
+        /// the controller's `HOLD`) to travel with the results, so that a short job wakes
+        /// the submitter once.
+        #[serde(default)]
+        wait: bool,
     },
     /// Attach to a job by id, also one another client submitted: replies [`Reply::Job`], then
     /// every result already in, then the rest as they complete.
