@@ -73,10 +73,10 @@ type Flushed = tokio::task::JoinHandle<Result<(), ProtoError>>;
 /// to be written before it exits anyway.
 const FLUSH_ON_EXIT: Duration = Duration::from_secs(2);
 
-/// The longest the reply to a submitter that waits for the job's end is held back, to travel
-/// with the results: a short job (an `apply_sync`) then wakes its submitter once, not for the
-/// reply and again for each engine's result. A longer job's reply goes out when this has
-/// passed, and its results as they come.
+/// How long the reply to a submitter that waits for the job's end may be held back (as long as
+/// the controller keeps up), to travel with the results: a short job (an `apply_sync`) then
+/// wakes its submitter once, not for the reply and again for each engine's result. A longer
+/// job's reply goes out when this has passed, and its results as they come.
 pub const HOLD: Duration = Duration::from_millis(5);
 
 /// Connections that may wait for their handshake at once. A real peer finishes it in a few
@@ -192,7 +192,7 @@ impl Wire {
                     ControllerToClient::Reply {
                         body: Reply::Job(info),
                         ..
-                    } if waits && state.is_running(info.job) => {
+                    } if waits && state.is_unfinished(info.job) => {
                         holds = Some(info.job);
                         self.holding.insert(
                             info.job,
@@ -207,8 +207,8 @@ impl Wire {
                     ControllerToClient::Results { job, .. } if holds == Some(*job) => {
                         if let Some(h) = self.holding.get_mut(job) {
                             h.msgs.push(msg);
+                            continue;
                         }
-                        continue;
                     }
                     _ => {}
                 }
@@ -235,6 +235,14 @@ impl Wire {
             .map(|(job, _)| *job)
             .collect();
         for job in due {
+            self.release(job);
+        }
+    }
+
+    /// Sends everything held (the controller stops).
+    fn release_all(&mut self) {
+        let jobs: Vec<JobId> = self.holding.keys().copied().collect();
+        for job in jobs {
             self.release(job);
         }
     }
@@ -512,18 +520,15 @@ pub async fn run(
     let mut writers: Vec<Flushed> = Vec::new();
     let mut ticker = tokio::time::interval(heartbeat / 4);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Set to when the first held reply is due, while there is one (see [`HOLD`]).
+    // Set to when the first held reply is due, while there is one (see [`HOLD`]); polled only
+    // then.
     let release = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(release);
     tracing::info!(cluster = config.cluster, "controller running");
     loop {
-        // Moved only earlier (or once it has fired): pushing a set timer later costs the
-        // runtime an early wake-up, and a reply is held for each `apply_sync`.
         let next_release = wire.next_release();
-        if let Some(at) = next_release {
-            if release.is_elapsed() || at < release.deadline() {
-                release.as_mut().reset(at);
-            }
+        if let Some(at) = next_release.filter(|at| *at != release.deadline()) {
+            release.as_mut().reset(at);
         }
         tokio::select! {
             () = &mut shutdown => break,
@@ -553,7 +558,8 @@ pub async fn run(
         store.send(StoreOp::Stopped(state.next_job().0));
     }
     // Closing the queues ends each writer once it has sent what was queued (the shutdown
-    // orders, the last replies); wait for that, within bounds.
+    // orders, the last replies, what was held back); wait for that, within bounds.
+    wire.release_all();
     wire.clients.clear();
     wire.engines.clear();
     let _ = tokio::time::timeout(FLUSH_ON_EXIT, futures::future::join_all(writers)).await;
@@ -707,16 +713,23 @@ mod tests {
             rig
         }
 
-        /// Submits an apply on both engines.
+        /// Submits an apply on both engines, as request 7.
         fn apply(&mut self, wait: bool) {
-            let body = ClientRequest::Submit {
-                spec: JobSpec::Direct {
+            self.submit(
+                JobSpec::Direct {
                     targets: Targets::All,
                     work: Work::Apply {
                         func: crate::proto::Func::Expr("1".into()),
                         args: Vec::new(),
                     },
                 },
+                wait,
+            );
+        }
+
+        fn submit(&mut self, spec: JobSpec, wait: bool) {
+            let body = ClientRequest::Submit {
+                spec,
                 options: Box::default(),
                 wait,
             };
@@ -796,13 +809,53 @@ mod tests {
         rig.engine_answers(0, &a);
         assert!(rig.sent_to_client().is_empty(), "one engine of two is in");
         rig.engine_answers(1, &b);
+        let sent = rig.sent_to_client();
         assert_eq!(
-            kinds(&rig.sent_to_client()),
+            kinds(&sent),
             ["job", "results", "results"],
             "the reply, then each engine's result, handed to the writer at once"
         );
+        let ControllerToClient::Reply {
+            id: 7,
+            body: Reply::Job(info),
+        } = &sent[0]
+        else {
+            panic!("the reply to request 7 first: {:?}", sent[0]);
+        };
+        for m in &sent[1..] {
+            assert!(
+                matches!(m, ControllerToClient::Results { job, results } if *job == info.job && results.len() == 1),
+                "{m:?}"
+            );
+        }
         assert!(rig.wire.holding.is_empty());
         assert_eq!(rig.wire.next_release(), None);
+    }
+
+    #[test]
+    fn a_waiting_submission_that_ends_at_once_is_answered_at_once() {
+        let mut rig = Rig::new();
+        rig.submit(
+            JobSpec::Map {
+                mapper: crate::proto::Mapper::Python(crate::proto::Func::Expr("str".into())),
+                items: Vec::new(),
+                chunksize: None,
+            },
+            true,
+        );
+        assert_eq!(kinds(&rig.sent_to_client()), ["job"]);
+        assert!(rig.wire.holding.is_empty(), "nothing stays held");
+    }
+
+    #[test]
+    fn what_is_held_goes_out_when_the_controller_stops() {
+        let mut rig = Rig::new();
+        rig.apply(true);
+        let a = rig.sent_to_engine(0);
+        rig.engine_answers(0, &a);
+        assert!(rig.sent_to_client().is_empty());
+        rig.wire.release_all();
+        assert_eq!(kinds(&rig.sent_to_client()), ["job", "results"]);
     }
 
     #[test]
@@ -840,10 +893,14 @@ mod tests {
         rig.apply(true);
         rig.wire.client_gone(CLIENT);
         rig.state.on_client_gone(CLIENT);
-        assert!(rig.wire.holding.is_empty());
-        let a = rig.sent_to_engine(0);
+        assert!(rig.wire.holding.is_empty(), "the hold went with its client");
+        let (a, b) = (rig.sent_to_engine(0), rig.sent_to_engine(1));
         rig.engine_answers(0, &a);
-        assert_eq!(rig.wire.next_release(), None);
+        rig.engine_answers(1, &b);
+        assert!(
+            rig.wire.holding.is_empty(),
+            "its job's results are not held for it"
+        );
     }
 
     #[test]

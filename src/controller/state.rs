@@ -386,8 +386,9 @@ impl State {
         JobId(self.next_job)
     }
 
-    /// Whether a job was submitted here and has not ended.
-    pub fn is_running(&self, job: JobId) -> bool {
+    /// Whether a job was submitted here (or restored) and has not ended; one that waits for
+    /// its dependencies has not.
+    pub fn is_unfinished(&self, job: JobId) -> bool {
         self.jobs.get(&job).is_some_and(|j| j.remaining > 0)
     }
 

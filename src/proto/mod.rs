@@ -658,7 +658,6 @@ pub enum ClientRequest {
         /// The submitter waits for the job's end: the reply may be held back a moment (see
         /// the controller's `HOLD`) to travel with the results, so that a short job wakes
         /// the submitter once.
-        #[serde(default)]
         wait: bool,
     },
     /// Attach to a job by id, also one another client submitted: replies [`Reply::Job`], then
