@@ -643,7 +643,7 @@ async fn serve(conn: ConnId, accepted: Accepted, events: mpsc::UnboundedSender<E
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Assignment, EngineSlot, Outcome, Targets, Value, Work};
+    use crate::proto::{Assignment, EngineSlot, Targets, Work};
 
     /// A controller's state and wire with two engines (one process each) and a client, and
     /// what each of them is sent.
@@ -760,21 +760,7 @@ mod tests {
         fn engine_answers(&mut self, i: usize, tasks: &[Assignment]) {
             let results = tasks
                 .iter()
-                .map(|a| TaskResult {
-                    task: a.task,
-                    engine: a.engine,
-                    first: a.first,
-                    outcome: Outcome::Ok {
-                        value: Value::Json(1.into()),
-                        display: Some("1".into()),
-                    },
-                    stdout: String::new(),
-                    stderr: String::new(),
-                    execution_count: 1,
-                    started: 0,
-                    completed: 0,
-                    attempts: 1,
-                })
+                .map(|a| state::tests::ok(a.task, a.engine, a.first))
                 .collect();
             let now = self.now;
             let msg = EngineToController::Done(results);

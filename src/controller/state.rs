@@ -2196,7 +2196,7 @@ pub fn split<T>(items: &[T], n: usize) -> impl Iterator<Item = &[T]> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::proto::{Targets, Work};
 
@@ -2312,7 +2312,8 @@ mod tests {
         }
     }
 
-    fn ok(task: TaskId, engine: EngineId, first: u64) -> TaskResult {
+    /// A task's successful result (the value 1), as an engine sends it.
+    pub(in crate::controller) fn ok(task: TaskId, engine: EngineId, first: u64) -> TaskResult {
         TaskResult {
             task,
             engine,
