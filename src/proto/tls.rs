@@ -46,13 +46,20 @@ impl ClusterCert {
 
 /// aws-lc-rs's provider, with AES-128-GCM (TLS 1.3's mandatory suite) preferred: everything a
 /// cluster moves is encrypted and decrypted at every hop, 10 rounds of AES are cheaper than 14,
-/// and aws-lc's AES-GCM runs at twice ring's speed where the CPU has AVX-512.
+/// and aws-lc's AES-GCM runs at twice ring's speed where the CPU has AVX-512. Keys are agreed
+/// by X25519MLKEM768 (X25519 with ML-KEM, as browsers do), so traffic recorded today stays
+/// sealed against a quantum computer later. A handshake, both ends in one thread: 0.20 ms
+/// against 0.15 ms with X25519 alone (release build).
 fn crypto() -> Arc<CryptoProvider> {
     let mut p = provider::default_provider();
     p.cipher_suites = vec![
         provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
         provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
         provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    p.kx_groups = vec![
+        provider::kx_group::X25519MLKEM768,
+        provider::kx_group::X25519,
     ];
     Arc::new(p)
 }
@@ -160,7 +167,8 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn peers_agree_on_tls_1_3_with_aes_128_gcm_and_only_the_pinned_certificate() {
+    async fn peers_agree_on_tls_1_3_with_aes_128_gcm_a_post_quantum_key_and_only_the_pinned_certificate(
+    ) {
         let cert = ClusterCert::generate("suite").unwrap();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let acceptor = acceptor(&cert).unwrap();
@@ -179,6 +187,10 @@ mod tests {
         assert_eq!(
             session.negotiated_cipher_suite().map(|s| s.suite()),
             Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        assert_eq!(
+            session.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(rustls::NamedGroup::X25519MLKEM768)
         );
 
         // A controller with another certificate is not talked to.
