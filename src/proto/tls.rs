@@ -189,7 +189,9 @@ mod tests {
             Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
         );
         assert_eq!(
-            session.negotiated_key_exchange_group().map(|g| g.name()),
+            session
+                .negotiated_key_exchange_group()
+                .map(rustls::crypto::SupportedKxGroup::name),
             Some(rustls::NamedGroup::X25519MLKEM768)
         );
 
