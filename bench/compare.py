@@ -256,7 +256,7 @@ def main():
     for name in args.frameworks or list(FRAMEWORKS):
         try:
             FRAMEWORKS[name](args.runs)
-        except Exception as e:  # report, go on with the next framework, fail at the end
+        except Exception as e:  # noqa: BLE001 - report, go on with the next framework, fail at the end
             import traceback
 
             traceback.print_exc()

@@ -44,9 +44,7 @@ def main():
     os.environ.pop("STARLING_CLUSTER", None)
     spec = os.path.join(home, "mpi.yaml")
     with open(spec, "w") as f:
-        f.write(
-            f"name: bench-mpi\npython: {sys.executable}\nmpi: true\nengines_per_node: 4\n"
-        )
+        f.write(f"name: bench-mpi\npython: {sys.executable}\nmpi: true\nengines_per_node: 4\n")
     try:
         print(starling("up", "-f", spec).strip(), file=sys.stderr)
         code = (
@@ -102,9 +100,7 @@ def main():
             f"(pi ~ {4 * serial / samples:.6f})"
         )
     finally:
-        subprocess.run(
-            ["starling", "down", "bench-mpi"], check=False, capture_output=True
-        )
+        subprocess.run(["starling", "down", "bench-mpi"], check=False, capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
 
 

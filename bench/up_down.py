@@ -91,9 +91,7 @@ for subnet, nodes in [
         text = text.replace("nodes: 2", f"nodes: {nodes - 1}").replace(
             "engines_per_node: 2", "engines_per_node: 1"
         )
-        text = text.replace(
-            "subnet-000000000057a4100", f"subnet-000000000057a41{subnet:02x}"
-        )
+        text = text.replace("subnet-000000000057a4100", f"subnet-000000000057a41{subnet:02x}")
         text += f"python: {sys.executable}\n"
         with open(spec, "w") as f:
             f.write(text)

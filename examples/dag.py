@@ -30,8 +30,7 @@ def work(node: int, pause: float) -> tuple:
 def random_dag(nodes: int, rng: random.Random, max_parents: int = 3) -> dict:
     """node -> its parents, all earlier nodes."""
     return {
-        n: sorted(rng.sample(range(n), min(n, rng.randint(0, max_parents))))
-        for n in range(nodes)
+        n: sorted(rng.sample(range(n), min(n, rng.randint(0, max_parents)))) for n in range(nodes)
     }
 
 

@@ -1,6 +1,7 @@
 """Creates the network the end-to-end specs name, in LocalStack: a VPC 127.0.0.0/16 and one
 /24 subnet per test (instances get 127.0.N.4, .5, ... on loopback). LocalStack's `_custom_id_`
 tag gives them the fixed ids that templates/localstack.yaml and the tests use."""
+
 import boto3
 
 ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url="http://127.0.0.1:4566")
