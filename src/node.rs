@@ -15,6 +15,22 @@ pub const MARK_VAR: &str = "STARLING_NODE_ROOT";
 /// How often [`stop`] looks whether the processes are gone.
 const EXIT_POLL: Duration = Duration::from_millis(5);
 
+/// The parent of a live process; `None` for one that is gone or a zombie (ended, not yet
+/// reaped).
+fn live_parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's closing parenthesis: state, then the parent's pid.
+    let mut rest = stat.rsplit(')').next()?.split_whitespace();
+    let state = rest.next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    (state != "Z").then_some(ppid)
+}
+
+/// Whether a process runs: it exists and is not a zombie.
+pub fn is_live(pid: u32) -> bool {
+    live_parent(pid).is_some()
+}
+
 /// Every live process: (pid, parent pid).
 fn process_table() -> Vec<(u32, u32)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -22,14 +38,7 @@ fn process_table() -> Vec<(u32, u32)> {
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // After the command's closing parenthesis: state, then the parent's pid.
-            let mut rest = stat.rsplit(')').next()?.split_whitespace();
-            let state = rest.next()?;
-            let ppid = rest.next()?.parse().ok()?;
-            (state != "Z").then_some((pid, ppid))
-        })
+        .filter_map(|pid| live_parent(pid).map(|ppid| (pid, ppid)))
         .collect()
 }
 

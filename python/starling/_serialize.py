@@ -172,14 +172,18 @@ def _stateless(f, last):
     code = f.__code__
     names = last[1] if last is not None and last[0] is code else _global_names(code)
     g = f.__globals__
-    registry = cloudpickle.list_registry_pickle_by_value()
+    registry = None  # modules that travel by value: read (a copy) only if a module is named
     seen = []
     packages = False
     for name in names:
         v = g.get(name, _ABSENT)
         if v is _ABSENT or type(v) in _ATOMS:
             seen.append(v)
-        elif type(v) is types.ModuleType and _by_reference(v, registry):
+        elif type(v) is types.ModuleType:
+            if registry is None:
+                registry = cloudpickle.list_registry_pickle_by_value()
+            if not _by_reference(v, registry):
+                return None
             seen.append(v)
             packages = packages or bool(getattr(v, "__package__", None))
         else:

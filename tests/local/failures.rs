@@ -700,12 +700,10 @@ fn down_stops_what_tasks_left_behind_removes_only_its_own_files_keeps_the_store_
         down.stdout
     );
     // Gone, or a zombie its new parent (this machine's init) has not reaped yet.
-    let running = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    });
-    assert!(!running, "the escaped process is gone");
+    assert!(
+        !starling::node::is_live(pid as u32),
+        "the escaped process is gone"
+    );
     assert!(c.processes().is_empty(), "{:?}", c.processes());
     assert_eq!(
         std::fs::read_to_string(outside.path().join("precious")).unwrap(),
