@@ -37,10 +37,12 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(50);
 
 /// The process's runtime. After `fork` its threads are gone: [`FORKED`] says so in the child.
 ///
-/// One thread of its own ("starling-client") drives it: it reads the connections and wakes
-/// whoever waits. A thread that waits polls its own future (see [`block_on`]) and writes its
-/// requests itself, so a call wakes no thread but that one and the waiter; a multi-threaded
-/// runtime would also wake its idle workers to share the work.
+/// Current-thread: whichever thread drives it reads the connections and runs the tasks. A
+/// thread that waits for a call drives it itself when no other thread does (see [`block_on`]):
+/// the reply wakes that thread straight from the socket, with no hand-over from another
+/// thread. A thread of its own ("starling-client") drives it while there is [`Demand`]: work
+/// that must go on while no caller waits for it, such as a job whose `AsyncResult` is
+/// in Python's hands.
 static RUNTIME: OnceLock<std::sync::Arc<tokio::runtime::Runtime>> = OnceLock::new();
 
 /// Set in a child forked from a process that built [`RUNTIME`] (by a `pthread_atfork` handler:
@@ -64,7 +66,7 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
         let driver = rt.clone();
         std::thread::Builder::new()
             .name("starling-client".into())
-            .spawn(move || driver.block_on(std::future::pending::<()>()))
+            .spawn(move || Demand::serve(&driver))
             .expect("a thread for the client's runtime");
         rt
     });
@@ -74,6 +76,71 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
         ))
     } else {
         Ok(rt)
+    }
+}
+
+/// Work that needs the runtime driven while perhaps no caller waits for it: a job in flight
+/// whose `AsyncResult` Python holds, a done-callback to call, a connection closing, a caller
+/// waiting while another thread drives. One count for all; the "starling-client" thread
+/// drives the runtime while it is above zero, and sleeps (off the runtime) at zero, so that a
+/// caller can drive it instead.
+struct Demand;
+
+static DEMAND: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Whether the "starling-client" thread drives the runtime now.
+static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static WANTED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static WANTED_CV: std::sync::Condvar = std::sync::Condvar::new();
+/// Notified when the count falls to zero.
+static SATED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+impl Demand {
+    /// One more piece of work; held until the guard drops.
+    fn hold() -> DemandGuard {
+        use std::sync::atomic::Ordering::SeqCst;
+        DEMAND.fetch_add(1, SeqCst);
+        let _locked = WANTED.lock().unwrap_or_else(|e| e.into_inner());
+        WANTED_CV.notify_one();
+        DemandGuard
+    }
+
+    /// Holds demand until `done` resolves (run on the runtime).
+    fn until(rt: &tokio::runtime::Runtime, done: impl Future<Output = ()> + Send + 'static) {
+        let guard = Self::hold();
+        rt.spawn(async move {
+            done.await;
+            drop(guard);
+        });
+    }
+
+    /// The "starling-client" thread: drives the runtime while there is demand.
+    fn serve(rt: &tokio::runtime::Runtime) {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            {
+                let mut locked = WANTED.lock().unwrap_or_else(|e| e.into_inner());
+                while DEMAND.load(SeqCst) == 0 {
+                    locked = WANTED_CV.wait(locked).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            SERVING.store(true, SeqCst);
+            rt.block_on(async {
+                while DEMAND.load(SeqCst) != 0 {
+                    SATED.notified().await;
+                }
+            });
+            SERVING.store(false, SeqCst);
+        }
+    }
+}
+
+struct DemandGuard;
+
+impl Drop for DemandGuard {
+    fn drop(&mut self) {
+        if DEMAND.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            SATED.notify_one();
+        }
     }
 }
 
@@ -93,34 +160,48 @@ impl std::task::Wake for ThreadWaker {
 /// [`SIGNAL_CHECK`]; a `KeyboardInterrupt` leaves whatever `fut` was doing to carry on
 /// (a submitted job keeps running on the cluster).
 ///
-/// The future is polled on this thread, inside the runtime's context, and the thread parks
-/// between polls with the signal check as its timeout: no timer is set in the runtime for each
-/// call, so waiting costs no wake-up of the runtime's threads beyond the reply's own.
+/// When no thread drives the runtime, this one does, parked in the runtime's own wait for the
+/// socket. Otherwise (another thread drives, or this one runs inside the runtime, as a
+/// done-callback does) it polls the future in place and parks between polls, holding
+/// [`Demand`] so that someone drives; the signal check is the park's timeout, so waiting
+/// costs no timer in the runtime, whose driver another thread would have to re-arm.
 fn block_on<T, F>(py: Python<'_>, fut: F) -> PyResult<T>
 where
     F: Future<Output = T> + Send,
     T: Send,
 {
+    use std::sync::atomic::Ordering::SeqCst;
     let rt = runtime()?;
     let mut fut = std::pin::pin!(fut);
     loop {
-        let step = py.detach(|| {
-            let _context = rt.enter();
-            let waker =
-                std::task::Waker::from(std::sync::Arc::new(ThreadWaker(std::thread::current())));
-            let mut cx = std::task::Context::from_waker(&waker);
-            let deadline = std::time::Instant::now() + SIGNAL_CHECK;
-            loop {
-                if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-                    return Some(v);
+        let free = DEMAND.load(SeqCst) == 0
+            && !SERVING.load(SeqCst)
+            && tokio::runtime::Handle::try_current().is_err();
+        let step = if free {
+            py.detach(|| {
+                rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, fut.as_mut()).await.ok() })
+            })
+        } else {
+            py.detach(|| {
+                let _demand = Demand::hold();
+                let _context = rt.enter();
+                let waker = std::task::Waker::from(std::sync::Arc::new(ThreadWaker(
+                    std::thread::current(),
+                )));
+                let mut cx = std::task::Context::from_waker(&waker);
+                let deadline = std::time::Instant::now() + SIGNAL_CHECK;
+                loop {
+                    if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                        return Some(v);
+                    }
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    std::thread::park_timeout(left);
                 }
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return None;
-                }
-                std::thread::park_timeout(left);
-            }
-        });
+            })
+        };
         match step {
             Some(v) => return Ok(v),
             None => py.check_signals()?,
@@ -470,6 +551,16 @@ struct NativeClient {
     path: PathBuf,
 }
 
+impl Drop for NativeClient {
+    /// The connection closes on the runtime (a TLS close, then the socket's): it is driven
+    /// until then.
+    fn drop(&mut self) {
+        if let Ok(rt) = runtime() {
+            Demand::until(rt, self.client.closed());
+        }
+    }
+}
+
 /// Connects: `url_file` (a connection file), else the cluster named `cluster`, else
 /// `STARLING_CLUSTER`, else the only cluster there is.
 #[pyfunction]
@@ -717,6 +808,14 @@ impl NativeClient {
         F: Future<Output = Result<AsyncResult, ClientError>> + Send,
     {
         let ar = block_on(py, fut)?.map_err(client_err)?;
+        if !ar.ended() {
+            // Python holds the result and reads its progress without waiting: the runtime
+            // must take in its results meanwhile.
+            let watched = ar.clone();
+            Demand::until(runtime()?, async move {
+                let _ = watched.wait(None).await;
+            });
+        }
         Ok(NativeResult { ar })
     }
 }
@@ -856,17 +955,16 @@ impl NativeResult {
     /// is lost): what makes the Python `AsyncResult` a `concurrent.futures.Future`.
     fn on_done(&self, callback: Py<PyAny>) -> PyResult<()> {
         let ar = self.ar.clone();
-        runtime()?.spawn(async move {
+        Demand::until(runtime()?, async move {
             let _ = ar.wait(None).await;
             // Off the runtime's threads: the callback may block on Python's GIL for long.
-            let _ = tokio::task::spawn_blocking(move || {
+            drop(tokio::task::spawn_blocking(move || {
                 Python::attach(|py| {
                     if let Err(e) = callback.call0(py) {
                         e.print(py);
                     }
                 });
-            })
-            .await;
+            }));
         });
         Ok(())
     }

@@ -493,6 +493,63 @@ def test_waiting_releases_the_gil(rc):
     assert count > 100_000, count
 
 
+def test_a_call_that_waits_reads_its_own_reply_and_results_in_python_hands_still_arrive(cluster):
+    # In a process of its own: which thread drives the client's runtime depends on what else
+    # the process has in flight.
+    code = f"""
+import os, time, starling
+
+def switches(name):
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{{task}}/comm") as f:
+            if f.read().strip() != name:
+                continue
+        with open(f"/proc/self/task/{{task}}/status") as f:
+            return sum(int(l.split()[1]) for l in f if l.split(":")[0].endswith("ctxt_switches"))
+    raise SystemExit("no thread " + name)
+
+def sockets():
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink("/proc/self/fd/" + fd).startswith("socket:")
+        except OSError:  # the fd of the listing itself, gone by now
+            pass
+    return n
+
+rc = starling.Client({cluster.connection_file!r})
+assert rc[:].apply_sync(lambda: 1) == [1, 1]
+before = switches("starling-client")
+for i in range(200):
+    assert rc[:].apply_sync(lambda x: x * x, i) == [i * i, i * i]
+print("background thread woken", switches("starling-client") - before, "times in 200 calls")
+
+ar = rc[0].apply_async(lambda: 7 * 7)
+deadline = time.monotonic() + 30
+while not ar.ready():
+    assert time.monotonic() < deadline, "an AsyncResult nobody waits on never got its result"
+    time.sleep(0.01)
+print("unwaited", ar.get())
+
+open_before = sockets()
+other = starling.Client({cluster.connection_file!r})
+assert other.ids == [0, 1] and sockets() == open_before + 1
+other.close()
+deadline = time.monotonic() + 30
+while sockets() != open_before:
+    assert time.monotonic() < deadline, "a closed client kept its connection"
+    time.sleep(0.01)
+print("closed")
+"""
+    p = run_python(code, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    woken = int(lines[0].split()[3])
+    # Each call waits in the runtime itself: the reply wakes the caller, not a second thread.
+    assert woken < 20, lines[0]
+    assert lines[1:] == ["unwaited 49", "closed"]
+
+
 def test_ctrl_c_interrupts_a_wait_and_leaves_the_client_usable(cluster):
     code = f"""
 import sys, time, starling

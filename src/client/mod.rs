@@ -174,6 +174,9 @@ pub(crate) struct Shared {
     jobs: Mutex<HashMap<JobId, Weak<JobState>>>,
     /// Who submits, for the task store: `user@host`, found once.
     submitter: String,
+    /// Closed (its senders dropped) when the reader and writer tasks have ended: see
+    /// [`Client::closed`].
+    writing: tokio::sync::watch::Receiver<()>,
 }
 
 /// A connection to one cluster's controller. Cheap to clone.
@@ -221,6 +224,7 @@ impl Client {
         let (queue, queue_rx) = mpsc::unbounded_channel();
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let queued = Arc::new(AtomicUsize::new(0));
+        let (writer_alive, writing) = tokio::sync::watch::channel(());
         let shared = Arc::new(Shared {
             info,
             out: Out {
@@ -232,15 +236,18 @@ impl Client {
             pending: Mutex::new(Pending::default()),
             jobs: Mutex::new(HashMap::new()),
             submitter: submitter(),
+            writing,
         });
         let weak = Arc::downgrade(&shared);
         let on_write_error = weak.clone();
+        let reader_alive = writer_alive.clone();
         tokio::spawn(async move {
             if let Err(e) = write_queued(writer, queue_rx, queued).await {
                 if let Some(shared) = on_write_error.upgrade() {
                     shared.on_disconnect(&e.to_string());
                 }
             }
+            drop(writer_alive);
         });
         tokio::spawn(async move {
             let why = loop {
@@ -255,8 +262,17 @@ impl Client {
             if let Some(shared) = weak.upgrade() {
                 shared.on_disconnect(&why);
             }
+            drop(reader_alive);
         });
         Ok(Self { shared })
+    }
+
+    /// Resolves once this connection is gone: closed after the last clone of this client was
+    /// dropped (and the controller closed its side), or broken. For a caller that drives the
+    /// runtime only on demand, so it knows how long to drive after dropping the client.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut writing = self.shared.writing.clone();
+        async move { while writing.changed().await.is_ok() {} }
     }
 
     /// The cluster's name.
