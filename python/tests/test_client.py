@@ -378,6 +378,12 @@ def test_async_result_is_a_future(rc):
     assert seen.wait(10)
     assert ar.done() and ar.successful()
     assert not ar.cancel() and ar.result() == [9, 9], "a finished job stays finished"
+    # A done-callback may itself wait for the cluster (it runs on a thread of the runtime's).
+    called = []
+    again = threading.Event()
+    nested = rc[0].apply_async(square, 5)
+    nested.add_done_callback(lambda fut: (called.append(rc[1].apply_sync(square, 6)), again.set()))
+    assert again.wait(30) and called == [36] and nested.result() == 25
     # Unwatched until asked: done() alone settles a finished job.
     quiet = rc[:].apply_async(square, 4)
     deadline = time.monotonic() + 30
