@@ -3,6 +3,9 @@
 # 2 workers on this machine, on the workloads of benches/throughput.rs. Prints one table.
 #
 #   bench/compare.sh [--runs N]     # N: runs per workload for the Python side, best counts (3)
+#   bench/compare.sh --python-client [--runs N]
+#                                   # starling's Python client against ipyparallel instead:
+#                                   # apply, maps, push/pull, the seed (bench/python_client.py)
 #
 # Creates bench/.venv (git-ignored) with the pinned frameworks of bench/requirements.txt on first
 # use. Takes about 6 minutes on 2 cores once the release build is warm. Everything listens on
@@ -11,8 +14,22 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 runs=3
-if [[ "${1:-}" == "--runs" ]]; then
-  runs="${2:?--runs needs a number}"
+python_client=0
+while (($#)); do
+  case "$1" in
+    --runs) runs="${2:?--runs needs a number}"; shift 2 ;;
+    --python-client) python_client=1; shift ;;
+    *) echo "bench/compare.sh: unknown argument '$1' (use --runs N, --python-client)" >&2; exit 2 ;;
+  esac
+done
+
+if ((python_client)); then
+  # The package built optimised into .venv-python (what `scripts/python.sh build` makes, with
+  # the release profile), ipyparallel beside it in the same venv, then both systems in one run.
+  PROFILE=release scripts/python.sh build
+  .venv-python/bin/python -m pip install --quiet --disable-pip-version-check \
+    "$(grep '^ipyparallel==' bench/requirements.txt)"
+  exec .venv-python/bin/python bench/python_client.py --runs "$runs"
 fi
 
 venv=bench/.venv
