@@ -158,13 +158,15 @@ impl std::task::Wake for ThreadWaker {
 
 /// Runs `fut` to completion with the GIL released, checking for signals every
 /// [`SIGNAL_CHECK`]; a `KeyboardInterrupt` leaves whatever `fut` was doing to carry on
-/// (a submitted job keeps running on the cluster).
+/// (a submitted job keeps running on the cluster; a client's calls see to it that its
+/// results are still read, see [`NativeClient::block_on`]).
 ///
 /// When no thread drives the runtime, this one does, parked in the runtime's own wait for the
 /// socket. Otherwise (another thread drives, or this one runs inside the runtime, as a
 /// done-callback does) it polls the future in place and parks between polls, holding
-/// [`Demand`] so that someone drives; the signal check is the park's timeout, so waiting
-/// costs no timer in the runtime, whose driver another thread would have to re-arm.
+/// [`Demand`] until it is done so that someone drives; the signal check is the park's timeout,
+/// so waiting costs no timer in the runtime, whose driver another thread would have to
+/// re-arm.
 fn block_on<T, F>(py: Python<'_>, fut: F) -> PyResult<T>
 where
     F: Future<Output = T> + Send,
@@ -173,8 +175,12 @@ where
     use std::sync::atomic::Ordering::SeqCst;
     let rt = runtime()?;
     let mut fut = std::pin::pin!(fut);
+    // Held from the first wait that finds the runtime taken until the end: a caller does not
+    // make the background thread stop and start again at every signal check.
+    let mut demand = None;
     loop {
-        let free = DEMAND.load(SeqCst) == 0
+        let free = demand.is_none()
+            && DEMAND.load(SeqCst) == 0
             && !SERVING.load(SeqCst)
             && tokio::runtime::Handle::try_current().is_err();
         let step = if free {
@@ -182,8 +188,8 @@ where
                 rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, fut.as_mut()).await.ok() })
             })
         } else {
+            demand.get_or_insert_with(Demand::hold);
             py.detach(|| {
-                let _demand = Demand::hold();
                 let _context = rt.enter();
                 let waker = std::task::Waker::from(std::sync::Arc::new(ThreadWaker(
                     std::thread::current(),
@@ -551,12 +557,19 @@ struct NativeClient {
     path: PathBuf,
 }
 
+/// The most a dropped client's connection is driven while it closes: a controller that never
+/// closes its side (stopped, or gone without a word) does not keep the runtime busy for good.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
 impl Drop for NativeClient {
     /// The connection closes on the runtime (a TLS close, then the socket's): it is driven
     /// until then.
     fn drop(&mut self) {
         if let Ok(rt) = runtime() {
-            Demand::until(rt, self.client.closed());
+            let closed = self.client.closed();
+            Demand::until(rt, async move {
+                let _ = tokio::time::timeout(CLOSE_WAIT, closed).await;
+            });
         }
     }
 }
@@ -602,7 +615,9 @@ impl NativeClient {
 
     fn ids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
         let c = self.client.clone();
-        let ids = block_on(py, async move { c.ids().await })?.map_err(client_err)?;
+        let ids = self
+            .block_on(py, async move { c.ids().await })?
+            .map_err(client_err)?;
         Ok(ids.into_iter().map(|e| e.0).collect())
     }
 
@@ -610,7 +625,7 @@ impl NativeClient {
     fn wait_for_engines(&self, py: Python<'_>, n: u32, timeout: Option<f64>) -> PyResult<Vec<u32>> {
         let c = self.client.clone();
         let t = seconds(timeout)?.unwrap_or(Duration::from_secs(3600 * 24 * 365));
-        let ids = block_on(py, async move { c.wait_for_engines(n, t).await })?;
+        let ids = self.block_on(py, async move { c.wait_for_engines(n, t).await })?;
         match ids {
             Ok(ids) => Ok(ids.into_iter().map(|e| e.0).collect()),
             Err(ClientError::Controller(m)) => Err(PyTimeoutError::new_err(m)),
@@ -621,7 +636,9 @@ impl NativeClient {
     /// The cluster's status as JSON text.
     fn status(&self, py: Python<'_>) -> PyResult<String> {
         let c = self.client.clone();
-        let s = block_on(py, async move { c.status().await })?.map_err(client_err)?;
+        let s = self
+            .block_on(py, async move { c.status().await })?
+            .map_err(client_err)?;
         serde_json::to_string(&s).map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
@@ -760,14 +777,17 @@ impl NativeClient {
     #[pyo3(signature = (job, interrupt=false))]
     fn abort(&self, py: Python<'_>, job: u64, interrupt: bool) -> PyResult<()> {
         let c = self.client.clone();
-        block_on(py, async move { c.abort(JobId(job), interrupt).await })?.map_err(client_err)
+        self.block_on(py, async move { c.abort(JobId(job), interrupt).await })?
+            .map_err(client_err)
     }
 
     /// SIGINT to the kernels of `targets`; returns the engines interrupted.
     fn interrupt(&self, py: Python<'_>, targets: Option<Vec<u32>>) -> PyResult<Vec<u32>> {
         let c = self.client.clone();
         let t = targets_from_py(targets);
-        let ids = block_on(py, async move { c.interrupt(t).await })?.map_err(client_err)?;
+        let ids = self
+            .block_on(py, async move { c.interrupt(t).await })?
+            .map_err(client_err)?;
         Ok(ids.into_iter().map(|e| e.0).collect())
     }
 
@@ -776,8 +796,9 @@ impl NativeClient {
         let query: Json = serde_json::from_str(&query)
             .map_err(|e| PyValueError::new_err(format!("the query is not JSON: {e}")))?;
         let c = self.client.clone();
-        let records =
-            block_on(py, async move { c.history(&query, limit).await })?.map_err(client_err)?;
+        let records = self
+            .block_on(py, async move { c.history(&query, limit).await })?
+            .map_err(client_err)?;
         serde_json::to_string(&records).map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
@@ -792,22 +813,40 @@ impl NativeClient {
         let query: Json = serde_json::from_str(&query)
             .map_err(|e| PyValueError::new_err(format!("the query is not JSON: {e}")))?;
         let c = self.client.clone();
-        block_on(py, async move { c.purge(&query).await })?.map_err(client_err)
+        self.block_on(py, async move { c.purge(&query).await })?
+            .map_err(client_err)
     }
 
     /// Stops the cluster's engines and controller.
     fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
         let c = self.client.clone();
-        block_on(py, async move { c.shutdown().await })?.map_err(client_err)
+        self.block_on(py, async move { c.shutdown().await })?
+            .map_err(client_err)
     }
 }
 
 impl NativeClient {
+    /// [`block_on`] for this client's calls. A wait given up midway (Ctrl-C) leaves requests and
+    /// jobs in flight whose replies and results still come: the runtime is driven until they
+    /// have, so that they do not pile up at the controller, which cuts a client that does not
+    /// read.
+    fn block_on<T, F>(&self, py: Python<'_>, fut: F) -> PyResult<T>
+    where
+        F: Future<Output = T> + Send,
+        T: Send,
+    {
+        block_on(py, fut).inspect_err(|_| {
+            if let Ok(rt) = runtime() {
+                Demand::until(rt, self.client.settled());
+            }
+        })
+    }
+
     fn submit<F>(&self, py: Python<'_>, fut: F) -> PyResult<NativeResult>
     where
         F: Future<Output = Result<AsyncResult, ClientError>> + Send,
     {
-        let ar = block_on(py, fut)?.map_err(client_err)?;
+        let ar = self.block_on(py, fut)?.map_err(client_err)?;
         if !ar.ended() {
             // Python holds the result and reads its progress without waiting: the runtime
             // must take in its results meanwhile.

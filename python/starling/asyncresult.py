@@ -30,9 +30,10 @@ def collect(native, single: bool, reshape=None):
             job = native.job
             raise RemoteError(
                 "Disconnected",
-                f"the connection to the controller was lost before job {job} finished; "
-                "the job is in the cluster's task store: once the controller is back "
-                f"(`starling restart` starts it again), rc.get_result({job}) waits for it",
+                f"the connection to the controller was lost (or the client closed) before job "
+                f"{job} finished; the job is in the cluster's task store: rc.get_result({job}) "
+                "on a connected client waits for it; if the controller is down, "
+                "`starling restart` starts it again",
             )
         ok, payload, engine = slot
         if ok:

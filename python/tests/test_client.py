@@ -540,12 +540,21 @@ print("unwaited", ar.get())
 open_before = sockets()
 other = starling.Client({cluster.connection_file!r})
 assert other.ids == [0, 1] and sockets() == open_before + 1
+in_flight = other[0].apply_async(time.sleep, 0.5)
 other.close()
+try:
+    in_flight.get(timeout=30)
+except RuntimeError as e:
+    says = "this client was closed" in str(e) and f"rc.get_result({{in_flight.job_id}})" in str(e)
+    print("closed midway, the error names the job:", says)
 deadline = time.monotonic() + 30
 while sockets() != open_before:
     assert time.monotonic() < deadline, "a closed client kept its connection"
     time.sleep(0.01)
-print("closed")
+before = switches("starling-client")
+for i in range(50):
+    assert rc[:].apply_sync(lambda x: x + 1, i) == [i + 1, i + 1]
+print("then woken", switches("starling-client") - before, "times in 50 calls")
 """
     p = run_python(code, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -553,7 +562,9 @@ print("closed")
     woken = int(lines[0].split()[3])
     # Each call waits in the runtime itself: the reply wakes the caller, not a second thread.
     assert woken < 20, lines[0]
-    assert lines[1:] == ["unwaited 49", "closed"]
+    assert lines[1:3] == ["unwaited 49", "closed midway, the error names the job: True"]
+    # Closing a client with a job in flight leaves nothing for the background thread to do.
+    assert int(lines[3].split()[2]) < 10, lines[3]
 
 
 def test_ctrl_c_interrupts_a_wait_and_leaves_the_client_usable(cluster):

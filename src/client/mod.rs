@@ -59,7 +59,7 @@ pub enum ClientError {
     },
     #[error("lost the connection to the controller: {0}")]
     Disconnected(String),
-    #[error("lost the connection to the controller while waiting for job {job}: {why}\nthe job is in the cluster's task store: once the controller is back (`starling restart` starts it again), `starling result {job}` (in Python `rc.get_result({job})`) waits for it")]
+    #[error("lost the connection to the controller while waiting for job {job}: {why}\nthe job is in the cluster's task store: `starling result {job}` (in Python `rc.get_result({job})` on a connected client) waits for it; if the controller is down, `starling restart` starts it again")]
     LostWhileWaiting { job: JobId, why: String },
     #[error("{0}")]
     Controller(String),
@@ -177,6 +177,20 @@ pub(crate) struct Shared {
     /// Closed (its senders dropped) when the reader and writer tasks have ended: see
     /// [`Client::closed`].
     writing: tokio::sync::watch::Receiver<()>,
+    /// Notified after every message from the controller and when the connection is lost:
+    /// see [`Client::settled`].
+    settle: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Shared {
+    /// The connection closes with the last client: the jobs still in flight end for those
+    /// holding their results, with the job's id to find it again.
+    fn drop(&mut self) {
+        let jobs = self.jobs.get_mut().unwrap_or_else(|e| e.into_inner());
+        for state in jobs.values().filter_map(Weak::upgrade) {
+            state.broken("this client was closed");
+        }
+    }
 }
 
 /// A connection to one cluster's controller. Cheap to clone.
@@ -237,6 +251,7 @@ impl Client {
             jobs: Mutex::new(HashMap::new()),
             submitter: submitter(),
             writing,
+            settle: Arc::new(tokio::sync::Notify::new()),
         });
         let weak = Arc::downgrade(&shared);
         let on_write_error = weak.clone();
@@ -273,6 +288,27 @@ impl Client {
     pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut writing = self.shared.writing.clone();
         async move { while writing.changed().await.is_ok() {} }
+    }
+
+    /// Resolves once nothing this client started is in flight: no request waits for its
+    /// reply, and every job whose results it still takes in has ended (or the client is gone).
+    /// For a caller that drives the runtime only on demand and stopped waiting midway (Ctrl-C):
+    /// what is still on its way must be read, or it piles up at the controller.
+    pub fn settled(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let shared = Arc::downgrade(&self.shared);
+        let settle = self.shared.settle.clone();
+        async move {
+            loop {
+                let notified = settle.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                match shared.upgrade() {
+                    Some(s) if !s.is_settled() => {}
+                    _ => return,
+                }
+                notified.await;
+            }
+        }
     }
 
     /// The cluster's name.
@@ -520,7 +556,27 @@ impl Client {
 /// Job states are created by the reader task itself, before the reply is handed over, and
 /// travel with the reply; so results that follow the reply on the wire always find their job.
 impl Shared {
+    fn is_settled(&self) -> bool {
+        self.pending
+            .lock()
+            .expect("not poisoned")
+            .waiting
+            .is_empty()
+            && self
+                .jobs
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .filter_map(Weak::upgrade)
+                .all(|state| state.has_ended())
+    }
+
     fn on_message(&self, msg: ControllerToClient) {
+        self.take(msg);
+        self.settle.notify_waiters();
+    }
+
+    fn take(&self, msg: ControllerToClient) {
         match msg {
             ControllerToClient::Reply { id, body } => {
                 let job = if let Reply::Job(info) = &body {
@@ -581,6 +637,7 @@ impl Shared {
         {
             state.broken(why);
         }
+        self.settle.notify_waiters();
     }
 }
 

@@ -93,6 +93,11 @@ impl JobState {
         self.info.slots as usize
     }
 
+    /// Whether the job has ended (every slot filled, or the connection gone).
+    pub(crate) fn has_ended(&self) -> bool {
+        *self.ended.borrow() || self.total() == 0
+    }
+
     pub(crate) fn add(&self, results: Vec<TaskResult>) {
         let mut f = self.filled.lock().expect("not poisoned");
         for mut r in results {
@@ -251,7 +256,7 @@ impl AsyncResult {
     /// Whether waiting is over: everything has finished, or the connection was lost first
     /// (then [`Self::wait`] says so).
     pub fn ended(&self) -> bool {
-        *self.state.ended.borrow() || self.state.total() == 0
+        self.state.has_ended()
     }
 
     /// Waits until the job is done or `timeout` passes; returns whether it is done.
