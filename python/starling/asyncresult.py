@@ -32,8 +32,7 @@ def collect(native, single: bool, reshape=None):
                 "Disconnected",
                 f"the connection to the controller was lost (or the client closed) before job "
                 f"{job} finished; the job is in the cluster's task store: rc.get_result({job}) "
-                "on a connected client waits for it; if the controller is down, "
-                "`starling restart` starts it again",
+                "waits for it; if the controller is down, `starling restart` starts it again",
             )
         ok, payload, engine = slot
         if ok:

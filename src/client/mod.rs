@@ -59,7 +59,7 @@ pub enum ClientError {
     },
     #[error("lost the connection to the controller: {0}")]
     Disconnected(String),
-    #[error("lost the connection to the controller while waiting for job {job}: {why}\nthe job is in the cluster's task store: `starling result {job}` (in Python `rc.get_result({job})` on a connected client) waits for it; if the controller is down, `starling restart` starts it again")]
+    #[error("lost the connection to the controller while waiting for job {job}: {why}\nthe job is in the cluster's task store: `starling result {job}` (in Python `rc.get_result({job})`) waits for it; if the controller is down, `starling restart` starts it again")]
     LostWhileWaiting { job: JobId, why: String },
     #[error("{0}")]
     Controller(String),
