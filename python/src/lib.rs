@@ -80,8 +80,9 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
 }
 
 /// Work that needs the runtime driven while perhaps no caller waits for it: a job in flight
-/// whose `AsyncResult` Python holds, a done-callback to call, a connection closing, a caller
-/// waiting while another thread drives. One count for all; the "starling-client" thread
+/// whose `AsyncResult` Python holds, a done-callback to call, a connection closing, what a call
+/// given up midway (Ctrl-C) started and is still coming back, a caller waiting while another
+/// thread drives. One count for all; the "starling-client" thread
 /// drives the runtime while it is above zero, and sleeps (off the runtime) at zero, so that a
 /// caller can drive it instead.
 struct Demand;
