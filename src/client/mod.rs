@@ -177,8 +177,8 @@ pub(crate) struct Shared {
     /// Closed (its senders dropped) when the reader and writer tasks have ended: see
     /// [`Client::closed`].
     writing: tokio::sync::watch::Receiver<()>,
-    /// Notified after every message from the controller and when the connection is lost:
-    /// see [`Client::settled`].
+    /// Notified after every reply from the controller, when a job ends and when the connection
+    /// is lost: see [`Client::settled`].
     settle: Arc<tokio::sync::Notify>,
 }
 
@@ -572,11 +572,6 @@ impl Shared {
     }
 
     fn on_message(&self, msg: ControllerToClient) {
-        self.take(msg);
-        self.settle.notify_waiters();
-    }
-
-    fn take(&self, msg: ControllerToClient) {
         match msg {
             ControllerToClient::Reply { id, body } => {
                 let job = if let Reply::Job(info) = &body {
@@ -607,6 +602,7 @@ impl Shared {
                     }
                     (None, _) => {}
                 }
+                self.settle.notify_waiters();
             }
             ControllerToClient::Results { job, results } => {
                 let state = self
@@ -617,6 +613,10 @@ impl Shared {
                     .and_then(Weak::upgrade);
                 if let Some(state) = state {
                     state.add(results);
+                    // Only a job's end can settle the client here, not each of its results.
+                    if state.has_ended() {
+                        self.settle.notify_waiters();
+                    }
                 }
             }
         }
