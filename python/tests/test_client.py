@@ -567,14 +567,20 @@ print("then woken", switches("starling-client") - before, "times in 50 calls")
     assert int(lines[3].split()[2]) < 10, lines[3]
 
 
-def test_ctrl_c_interrupts_a_wait_and_leaves_the_client_usable(cluster):
+def test_ctrl_c_interrupts_a_wait_and_leaves_the_client_usable(cluster, tmp_path):
+    started = tmp_path / "started"
     code = f"""
 import sys, time, starling
 rc = starling.Client({cluster.connection_file!r})
 print("ready", flush=True)
+
+def task():
+    open({str(started)!r}, "w").close()  # the engine runs it: the client is waiting
+    time.sleep(3)
+
 t0 = time.monotonic()
 try:
-    rc[0].apply_sync(time.sleep, 3)
+    rc[0].apply_sync(task)
 except KeyboardInterrupt:
     print("interrupted after %.2f s" % (time.monotonic() - t0), flush=True)
 print("ids", rc.ids, flush=True)
@@ -584,7 +590,12 @@ print("ids", rc.ids, flush=True)
     )
     try:
         assert p.stdout.readline().strip() == "ready"
-        time.sleep(0.3)  # let it start waiting: the interrupt must land inside the wait
+        # The interrupt must land inside the wait: the task has started, so it was submitted.
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.01)
         sent = time.monotonic()
         p.send_signal(signal.SIGINT)
         line = p.stdout.readline()
