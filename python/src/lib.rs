@@ -22,9 +22,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
 use serde_json::Value as Json;
 
-use starling::client::{AsyncResult, Client, ClientError};
+use starling::client::{AsyncResult, Client, ClientError, DirectView, LoadBalancedView};
 use starling::proto::{
-    Dependency, EngineId, Func, JobId, JobOptions, JobSpec, Mapper, RemoteError, Targets, Value,
+    Dependency, EngineId, Func, JobId, JobOptions, Mapper, RemoteError, Targets, Value,
 };
 
 /// Large blocks (frames) on huge pages: see `starling::proto::huge`.
@@ -643,23 +643,24 @@ impl NativeClient {
         serde_json::to_string(&s).map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
-    #[pyo3(signature = (targets, code, options=None))]
+    #[pyo3(signature = (targets, code, options=None, *, wait=false))]
     fn execute(
         &self,
         py: Python<'_>,
         targets: Option<Vec<u32>>,
         code: String,
         options: Option<&Bound<'_, PyDict>>,
+        wait: bool,
     ) -> PyResult<NativeResult> {
         let v = self
-            .client
-            .direct(targets_from_py(targets))
+            .direct(targets, wait)
             .options(options_from_py(options)?);
         self.submit(py, async move { v.execute(&code).await })
     }
 
     /// `func(*args)`: on each of `targets`, or `balanced` on whichever engine is free first.
-    /// With `wait`, returns once the job has ended: one wait for a call that blocks.
+    /// With `wait` (here and in every call that submits a job), returns once the job has
+    /// ended: a call that blocks waits in the same native call as it submits.
     #[pyo3(signature = (func, args, *, targets=None, balanced=false, options=None, wait=false))]
     #[allow(clippy::too_many_arguments)]
     fn apply(
@@ -675,23 +676,18 @@ impl NativeClient {
         let func = func_from_py(func)?;
         let args = values_from_py(&args)?;
         let options = options_from_py(options)?;
-        let client = self.client.clone();
-        self.submit(py, async move {
-            if balanced {
-                let lb = client.load_balanced().options(options);
-                let lb = if wait { lb.returning_when_done() } else { lb };
-                lb.apply(func, args).await
-            } else {
-                let v = client.direct(targets_from_py(targets)).options(options);
-                let v = if wait { v.returning_when_done() } else { v };
-                v.apply(func, args).await
-            }
-        })
+        if balanced {
+            let lb = self.load_balanced(wait).options(options);
+            self.submit(py, async move { lb.apply(func, args).await })
+        } else {
+            let v = self.direct(targets, wait).options(options);
+            self.submit(py, async move { v.apply(func, args).await })
+        }
     }
 
     /// A map: load-balanced (`targets` None and `balanced`), or one contiguous chunk per
     /// target. With `star`, each item is an argument tuple.
-    #[pyo3(signature = (func, items, *, balanced, targets=None, star=false, chunksize=None, options=None))]
+    #[pyo3(signature = (func, items, *, balanced, targets=None, star=false, chunksize=None, options=None, wait=false))]
     #[allow(clippy::too_many_arguments)]
     fn map(
         &self,
@@ -703,6 +699,7 @@ impl NativeClient {
         star: bool,
         chunksize: Option<u32>,
         options: Option<&Bound<'_, PyDict>>,
+        wait: bool,
     ) -> PyResult<NativeResult> {
         let options = options_from_py(options)?;
         let func = func_from_py(func)?;
@@ -712,59 +709,60 @@ impl NativeClient {
             Mapper::Python(func)
         };
         let items = values_from_py(&items)?;
-        let spec = if balanced {
-            JobSpec::Map {
-                mapper,
-                items,
-                chunksize: chunksize.map(|c| c.max(1)),
+        if balanced {
+            let mut lb = self.load_balanced(wait).options(options);
+            if let Some(c) = chunksize {
+                lb = lb.chunksize(c);
             }
+            self.submit(py, async move { lb.map_with(mapper, items).await })
         } else {
-            JobSpec::DirectMap {
-                targets: targets_from_py(targets),
-                mapper,
-                items,
-            }
-        };
-        let c = self.client.clone();
-        self.submit(py, async move { c.submit_with(spec, options).await })
+            let v = self.direct(targets, wait).options(options);
+            self.submit(py, async move { v.map_with(mapper, items).await })
+        }
     }
 
+    #[pyo3(signature = (targets, values, *, wait=false))]
     fn push(
         &self,
         py: Python<'_>,
         targets: Option<Vec<u32>>,
         values: Vec<(String, Bound<'_, PyAny>)>,
+        wait: bool,
     ) -> PyResult<NativeResult> {
         let values = values
             .iter()
             .map(|(k, v)| Ok((k.clone(), value_from_py(v)?)))
             .collect::<PyResult<Vec<_>>>()?;
-        let v = self.client.direct(targets_from_py(targets));
+        let v = self.direct(targets, wait);
         self.submit(py, async move { v.push(values).await })
     }
 
+    #[pyo3(signature = (targets, names, *, wait=false))]
     fn pull(
         &self,
         py: Python<'_>,
         targets: Option<Vec<u32>>,
         names: Vec<String>,
+        wait: bool,
     ) -> PyResult<NativeResult> {
-        let v = self.client.direct(targets_from_py(targets));
+        let v = self.direct(targets, wait);
         self.submit(py, async move {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             v.pull(&names).await
         })
     }
 
+    #[pyo3(signature = (targets, name, items, *, wait=false))]
     fn scatter(
         &self,
         py: Python<'_>,
         targets: Option<Vec<u32>>,
         name: String,
         items: Vec<Bound<'_, PyAny>>,
+        wait: bool,
     ) -> PyResult<NativeResult> {
         let items = values_from_py(&items)?;
-        let v = self.client.direct(targets_from_py(targets));
+        let v = self.direct(targets, wait);
         self.submit(py, async move { v.scatter(&name, items).await })
     }
 
@@ -827,6 +825,26 @@ impl NativeClient {
 }
 
 impl NativeClient {
+    /// A view on `targets` whose submissions return once their job has ended if `wait`.
+    fn direct(&self, targets: Option<Vec<u32>>, wait: bool) -> DirectView {
+        let v = self.client.direct(targets_from_py(targets));
+        if wait {
+            v.returning_when_done()
+        } else {
+            v
+        }
+    }
+
+    /// The load-balanced view, returning once the job has ended if `wait`.
+    fn load_balanced(&self, wait: bool) -> LoadBalancedView {
+        let lb = self.client.load_balanced();
+        if wait {
+            lb.returning_when_done()
+        } else {
+            lb
+        }
+    }
+
     /// [`block_on`] for this client's calls. A wait given up midway (Ctrl-C) leaves requests and
     /// jobs in flight whose replies and results still come: the runtime is driven until they
     /// have, so that they do not pile up at the controller, which cuts a client that does not

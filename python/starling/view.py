@@ -68,14 +68,18 @@ class View:
         native, single = self._apply_native(f, args, kwargs, wait)
         return AsyncResult(self.client, native, fname=_name(f), single=single)
 
-    def _finish(self, ar: AsyncResult, block):
-        block = self.block if block is None else block
+    def _blocks(self, block) -> bool:
+        """Whether a call blocks. One that does passes ``wait`` to the native call, which then
+        submits and waits for the job's end in one go; ``get()`` finds it ended."""
+        return bool(self.block if block is None else block)
+
+    @staticmethod
+    def _finish(ar: AsyncResult, block: bool):
         return ar.get() if block else ar
 
     def _apply_and_finish(self, f, args, kwargs, block):
-        # A call that blocks waits for the job's end in the same native call as it submits.
-        block = self.block if block is None else block
-        return self._finish(self._apply(f, args, kwargs, wait=bool(block)), block)
+        block = self._blocks(block)
+        return self._finish(self._apply(f, args, kwargs, wait=block), block)
 
     def apply(self, f, *args, **kwargs):
         """``f(*args, **kwargs)``: the result if ``block``, else an AsyncResult."""
@@ -95,10 +99,11 @@ class View:
 
     def map(self, f, *sequences, block=None, **kwargs):
         """``f`` over the sequences' items (several sequences: ``f(a[i], b[i])``)."""
-        return self._finish(self._map(f, sequences, **kwargs), block)
+        block = self._blocks(block)
+        return self._finish(self._map(f, sequences, wait=block, **kwargs), block)
 
     def map_sync(self, f, *sequences, **kwargs):
-        return self._map(f, sequences, **kwargs).get()
+        return self._map(f, sequences, wait=True, **kwargs).get()
 
     def map_async(self, f, *sequences, **kwargs):
         return self._map(f, sequences, **kwargs)
@@ -166,7 +171,7 @@ class DirectView(View):
         )
         return native, self._single
 
-    def _map(self, f, sequences, **kwargs):
+    def _map(self, f, sequences, wait=False, **kwargs):
         if kwargs:
             raise TypeError(
                 f"DirectView.map takes no {', '.join(kwargs)}; a LoadBalancedView takes chunksize and ordered"
@@ -179,13 +184,17 @@ class DirectView(View):
             targets=self._native_targets(),
             star=star,
             options=self._options(),
+            wait=wait,
         )
         return AsyncMapResult(self.client, native, fname=_name(f))
 
     def execute(self, code: str, silent: bool = True, block=None):
         """Runs Python code on each engine, in that engine's namespace (what ``%px`` does).
         Each task's result is the value of a final expression (or None)."""
-        native = self.client._native.execute(self._native_targets(), code, self._options())
+        block = self._blocks(block)
+        native = self.client._native.execute(
+            self._native_targets(), code, self._options(), wait=block
+        )
         return self._finish(
             AsyncResult(self.client, native, fname="execute", single=self._single), block
         )
@@ -201,7 +210,8 @@ class DirectView(View):
         if not isinstance(ns, dict):
             raise TypeError(f"push takes a dict of names to values, not {type(ns).__name__}")
         values = [(k, _serialize.pack(v, f"the value of {k!r}")) for k, v in ns.items()]
-        native = self.client._native.push(self._native_targets(), values)
+        block = self._blocks(block)
+        native = self.client._native.push(self._native_targets(), values, wait=block)
         return self._finish(
             AsyncResult(self.client, native, fname="push", single=self._single), block
         )
@@ -214,10 +224,11 @@ class DirectView(View):
         if several and len(wanted) == 1:
             # A list of one name: a list of values, as for several names.
             reshape = (lambda vs: [vs[0]]) if self._single else (lambda vs: [[v] for v in vs])
-        return self._finish(self._pull(wanted, "pull", reshape), block)
+        block = self._blocks(block)
+        return self._finish(self._pull(wanted, "pull", reshape, block), block)
 
-    def _pull(self, names, fname, reshape):
-        native = self.client._native.pull(self._native_targets(), names)
+    def _pull(self, names, fname, reshape, wait):
+        native = self.client._native.pull(self._native_targets(), names, wait=wait)
         return AsyncResult(self.client, native, fname=fname, single=self._single, reshape=reshape)
 
     def __setitem__(self, name, value):
@@ -236,12 +247,14 @@ class DirectView(View):
     def scatter(self, key: str, seq, block=None):
         """Splits ``seq`` into one contiguous part per engine and sets ``key`` to it there."""
         items = [_serialize.pack(x, "a scattered item") for x in seq]
-        native = self.client._native.scatter(self._native_targets(), key, items)
+        block = self._blocks(block)
+        native = self.client._native.scatter(self._native_targets(), key, items, wait=block)
         return self._finish(AsyncResult(self.client, native, fname="scatter"), block)
 
     def gather(self, key: str, block=None):
         """The parts of ``key`` on each engine, concatenated in engine order."""
-        return self._finish(self._pull([key], "gather", _concatenated), block)
+        block = self._blocks(block)
+        return self._finish(self._pull([key], "gather", _concatenated, block), block)
 
     def clear(self, targets=None, block=None):
         """Empties each engine's namespace."""
@@ -369,7 +382,7 @@ class LoadBalancedView(View):
         )
         return native, True
 
-    def _map(self, f, sequences, chunksize=None, ordered=None):
+    def _map(self, f, sequences, wait=False, chunksize=None, ordered=None):
         items, star = self._items(sequences)
         chunksize = self.chunksize if chunksize is None else chunksize
         ordered = self.ordered if ordered is None else ordered
@@ -380,5 +393,6 @@ class LoadBalancedView(View):
             star=star,
             chunksize=chunksize,
             options=self._options(),
+            wait=wait,
         )
         return AsyncMapResult(self.client, native, fname=_name(f), ordered=ordered)

@@ -55,11 +55,13 @@ impl JobState {
             slots: vec![None; info.slots as usize],
             ..Filled::default()
         };
+        // A job with nothing to do (a map over no items) has ended as it starts.
+        let ended = info.slots == 0;
         Self {
             info,
             filled: Mutex::new(filled),
             done: watch::channel(Ok(0)).0,
-            ended: watch::channel(false).0,
+            ended: watch::channel(ended).0,
             at_end: Mutex::new(Vec::new()),
         }
     }
@@ -95,7 +97,7 @@ impl JobState {
 
     /// Whether the job has ended (every slot filled, or the connection gone).
     pub(crate) fn has_ended(&self) -> bool {
-        *self.ended.borrow() || self.total() == 0
+        *self.ended.borrow()
     }
 
     pub(crate) fn add(&self, results: Vec<TaskResult>) {

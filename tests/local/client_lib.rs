@@ -233,6 +233,19 @@ async fn wait_with_a_timeout_and_results_fetched_by_another_client() {
         vec![Value::Json(json!("slept")); 2]
     );
     assert!(done.elapsed() >= Duration::from_millis(300));
+    // A map over no items has ended as it is accepted.
+    let nothing = tokio::time::timeout(
+        Duration::from_secs(10),
+        other
+            .load_balanced()
+            .returning_when_done()
+            .map("lambda x: x", vec![]),
+    )
+    .await
+    .expect("a map over no items returns at once")
+    .unwrap();
+    assert!(nothing.ready());
+    assert_eq!(nothing.get().await.unwrap(), Vec::<Value>::new());
     let refused = other
         .direct(Targets::parse("7").unwrap())
         .returning_when_done()
