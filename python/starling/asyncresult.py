@@ -7,6 +7,7 @@ results arrive; waiting releases the GIL and Ctrl-C interrupts it.
 
 from __future__ import annotations
 
+import datetime
 import sys
 import threading
 import time
@@ -17,13 +18,34 @@ from .error import CompositeError, RemoteError, TimeoutError
 
 _UNSET = object()
 
+# What ``AsyncResult.metadata`` tells of each task.
+_METADATA = (
+    "engine_id",
+    "submitted",
+    "started",
+    "completed",
+    "status",
+    "execution_count",
+    "attempts",
+    "stdout",
+    "stderr",
+)
+
+
+def _when(seconds):
+    """A time in seconds since the epoch as ipyparallel gives it: a datetime in UTC."""
+    if seconds is None:
+        return None
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+
 
 def _timeout(timeout):
     return None if timeout is None or timeout < 0 else float(timeout)
 
 
-def collect(native, single: bool, reshape=None):
-    """What a finished job gives: its values (one, if ``single``), or its errors raised."""
+def collect(native, single: bool, reshape=None, return_exceptions=False):
+    """What a finished job gives: its values (one, if ``single``), or its errors raised; with
+    ``return_exceptions``, a failed task's (or item's) RemoteError in place of its value."""
     values, errors = [], []
     for slot in native.slots():
         if slot is None:
@@ -39,8 +61,8 @@ def collect(native, single: bool, reshape=None):
             values.append(payload)
         else:
             errors.append(RemoteError(*payload, engine_id=engine))
-            values.append(None)
-    if errors:
+            values.append(errors[-1])
+    if errors and not return_exceptions:
         if single and len(errors) == 1:
             raise errors[0]
         n = len(errors)
@@ -49,7 +71,7 @@ def collect(native, single: bool, reshape=None):
             f"one or more exceptions raised in {n} {'item' if per_item else 'task'}{'s' if n > 1 else ''}",
             errors,
         )
-    out = [_serialize.unpack(v) for v in values]
+    out = [v if isinstance(v, RemoteError) else _serialize.unpack(v) for v in values]
     if reshape is not None:
         return reshape(out)
     return out[0] if single else out
@@ -71,6 +93,7 @@ class AsyncResult(Future):
         single: bool = False,
         ordered: bool = True,
         reshape=None,
+        return_exceptions: bool = False,
     ):
         # Set before Future.__init__, whose `self._waiters = []` goes through the property.
         self._settled = False
@@ -84,6 +107,7 @@ class AsyncResult(Future):
         # What get() makes of the list of values, if not that list (or its one value when
         # `single`): a gather concatenates the engines' parts.
         self._reshape = reshape
+        self._return_exceptions = return_exceptions
         self._lock = threading.Lock()
         client._track(self)
 
@@ -189,7 +213,7 @@ class AsyncResult(Future):
             self.set_result(value)
 
     def _collect(self):
-        return collect(self._native, self._single, self._reshape)
+        return collect(self._native, self._single, self._reshape, self._return_exceptions)
 
     def get_dict(self, timeout: float = -1) -> dict:
         """``{engine_id: result}`` for work that ran once per engine."""
@@ -215,9 +239,12 @@ class AsyncResult(Future):
         for i in range(total):
             index = self._wait_slot(i)
             ok, payload, engine = self._native.slot(index)
-            if not ok:
+            if ok:
+                yield _serialize.unpack(payload)
+            elif self._return_exceptions:
+                yield RemoteError(*payload, engine_id=engine)
+            else:
                 raise RemoteError(*payload, engine_id=engine)
-            yield _serialize.unpack(payload)
 
     def _wait_slot(self, i: int) -> int:
         while True:
@@ -272,26 +299,54 @@ class AsyncResult(Future):
         return [s[2] if s is not None else None for s in self._native.slots()]
 
     @property
-    def metadata(self) -> list:
-        """Per task: ``engine_id``, ``submitted``, ``started``, ``completed``, ``status``,
-        ``execution_count``, ``attempts``, ``stdout``, ``stderr``."""
-        submitted = self._native.submitted
-        out = []
-        for t in self._tasks():
-            out.append(
-                {
-                    "engine_id": t["engine_id"],
-                    "submitted": submitted,
-                    "started": t["started"],
-                    "completed": t["completed"],
-                    "status": t["status"],
-                    "execution_count": t["execution_count"],
-                    "attempts": t["attempts"],
-                    "stdout": t["stdout"],
-                    "stderr": t["stderr"],
-                }
-            )
-        return out[0] if self._single and len(out) == 1 else out
+    def metadata(self):
+        """Per task, as in ipyparallel: ``engine_id``, ``submitted``, ``started``,
+        ``completed`` (datetimes, UTC), ``status`` (``'ok'``, ``'error'``), ``execution_count``,
+        ``attempts``, ``stdout``, ``stderr``; a task not finished yet has None for what is not
+        known. One dict for a single result, else a list: per engine for direct work, per
+        finished chunk for a load-balanced map."""
+        submitted = _when(self._native.submitted)
+
+        def known(t):
+            return {
+                "engine_id": t["engine_id"],
+                "submitted": submitted,
+                "started": _when(t["started"]),
+                "completed": _when(t["completed"]),
+                "status": t["status"],
+                "execution_count": t["execution_count"],
+                "attempts": t["attempts"],
+                "stdout": t["stdout"],
+                "stderr": t["stderr"],
+            }
+
+        def pending(engine):
+            return dict.fromkeys(_METADATA, None) | {"engine_id": engine, "submitted": submitted}
+
+        tasks = self._tasks()
+        engines = self._native.engines
+        if engines:
+            by_slot = {t["first"]: t for t in tasks}
+            out = [known(by_slot[i]) if i in by_slot else pending(e) for i, e in enumerate(engines)]
+        else:
+            out = [known(t) for t in tasks]
+        if self._single:
+            return out[0] if out else pending(None)
+        return out
+
+    def __getitem__(self, key):
+        """As in ipyparallel: an int or a slice indexes the results (``get()``), a string
+        names a metadata key (its value per task, for several)."""
+        if isinstance(key, str):
+            md = self.metadata
+            return md[key] if isinstance(md, dict) else [m[key] for m in md]
+        return self.get()[key]
+
+    def __getattr__(self, name):
+        # Metadata keys read as attributes (ar.engine_id, ar.started), as in ipyparallel.
+        if name in _METADATA:
+            return self[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def stdout(self):
@@ -309,10 +364,11 @@ class AsyncResult(Future):
         out = [t["execution_count"] for t in self._tasks()]
         return out[0] if self._single and len(out) == 1 else out
 
-    def display_outputs(self, groupby: str = "type") -> None:
+    def display_outputs(self, groupby: str = "type", result_only: bool = False) -> None:
         """Prints each task's stdout, stderr, error and final value as ``%px`` does:
-        grouped by ``type`` (all stdout, then stderr, errors, values) or by ``engine``."""
-        show_outputs(self, groupby)
+        grouped by ``type`` (all stdout, then stderr, errors, values) or by ``engine``; with
+        ``result_only``, the final values alone."""
+        show_outputs(self, groupby, ("out",) if result_only else _SHOWN)
 
     def wait_interactive(self, interval: float = 0.1, timeout: float = -1) -> None:
         """Waits with a progress bar: a widget-free bar in Jupyter, a line in a terminal."""
@@ -363,7 +419,10 @@ def _error_of(ar, task) -> RemoteError | None:
     return RemoteError(*slot[1], engine_id=slot[2])
 
 
-def show_task(ar, t, what=("stdout", "stderr", "error", "out")) -> None:
+_SHOWN = ("stdout", "stderr", "error", "out")
+
+
+def show_task(ar, t, what=_SHOWN) -> None:
     """Prints one finished task's outputs as ``%px`` shows them: ``[stdout:0] ...``,
     ``[stderr:0] ...``, ``[0:error] ...`` with the remote traceback, ``Out[0:3]: ...``."""
     engine = t["engine_id"]
@@ -390,15 +449,15 @@ def _tasks_in_engine_order(ar) -> list:
     return sorted(ar._native.tasks(), key=lambda t: t["first"])
 
 
-def show_outputs(ar, groupby: str = "engine") -> None:
-    """Prints a finished job's outputs: per engine (``engine``), or all stdout, then all
-    stderr, errors and values (``type``/``order``)."""
+def show_outputs(ar, groupby: str = "engine", shown=_SHOWN) -> None:
+    """Prints a finished job's outputs (those ``shown``): per engine (``engine``), or all
+    stdout, then all stderr, errors and values (``type``/``order``)."""
     tasks = _tasks_in_engine_order(ar)
     if groupby == "engine":
         for t in tasks:
-            show_task(ar, t)
+            show_task(ar, t, shown)
         return
-    for what in ("stdout", "stderr", "error", "out"):
+    for what in shown:
         for t in tasks:
             show_task(ar, t, (what,))
 

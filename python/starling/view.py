@@ -4,13 +4,18 @@ there is room), with ipyparallel's names, flags and return types."""
 from __future__ import annotations
 
 import builtins
+import collections
+import concurrent.futures
 import contextlib
+import copy
 import functools
+import itertools
 import sys
 
 from . import _serialize
 from .asyncresult import AsyncMapResult, AsyncResult, collect
 from .dependency import as_dependency
+from .error import RemoteError
 
 
 def _name(f) -> str:
@@ -21,11 +26,14 @@ class View:
     """What both views share: the ``block`` flag, ``set_flags``, ``temp_flags``, ``apply``
     and ``map`` in their sync and async forms."""
 
-    _flag_names = ("block",)
+    _flag_names = ("block", "track")
 
     def __init__(self, client, *, block: bool = False):
         self.client = client
         self.block = block
+        # Accepted for ipyparallel's sake: a call that sends buffers has copied or sent them
+        # by the time it returns, so there is nothing to track.
+        self.track = False
         self.after = None
         self.timeout = None
         self.label = None
@@ -98,7 +106,9 @@ class View:
         return self._apply(f, args, kwargs)
 
     def map(self, f, *sequences, block=None, **kwargs):
-        """``f`` over the sequences' items (several sequences: ``f(a[i], b[i])``)."""
+        """``f`` over the sequences' items (several sequences: ``f(a[i], b[i])``). With
+        ``return_exceptions=True`` a failed item's RemoteError takes its place in the results
+        instead of being raised."""
         block = self._blocks(block)
         return self._finish(self._map(f, sequences, wait=block, **kwargs), block)
 
@@ -132,11 +142,21 @@ class View:
 
         return wrap
 
+    def parallel(self, dist: str = "b", block=None):
+        """A decorator, as ipyparallel's: ``f(seq)`` (or ``f(seq_a, seq_b, ...)``) cuts the
+        sequences into contiguous parts (one per engine on a DirectView, ``chunksize`` items
+        each on a LoadBalancedView, 1 by default), calls ``f`` on each part (with its part of
+        each sequence) and concatenates the results; ``f.map(seq)`` maps ``f`` over the
+        items. With ``block=False`` a call returns an AsyncMapResult."""
+        if dist != "b":
+            raise ValueError("only dist='b' (contiguous parts) is supported")
+        return lambda f: ParallelFunction(self, f, block)
+
 
 class DirectView(View):
     """Work on a fixed set of engines: ``targets`` is ``'all'``, an id or a list of ids."""
 
-    _flag_names = ("block", "targets", "after", "timeout", "label")
+    _flag_names = ("block", "track", "targets", "after", "timeout", "label")
 
     def __init__(self, client, targets="all", *, block: bool = False):
         super().__init__(client, block=block)
@@ -171,7 +191,7 @@ class DirectView(View):
         )
         return native, self._single
 
-    def _map(self, f, sequences, wait=False, **kwargs):
+    def _map(self, f, sequences, wait=False, reshape=None, return_exceptions=False, **kwargs):
         if kwargs:
             raise TypeError(
                 f"DirectView.map takes no {', '.join(kwargs)}; a LoadBalancedView takes chunksize and ordered"
@@ -186,27 +206,48 @@ class DirectView(View):
             options=self._options(),
             wait=wait,
         )
-        return AsyncMapResult(self.client, native, fname=_name(f))
+        return AsyncMapResult(
+            self.client,
+            native,
+            fname=_name(f),
+            reshape=reshape,
+            return_exceptions=return_exceptions,
+        )
 
-    def execute(self, code: str, silent: bool = True, block=None):
+    def _on(self, targets):
+        """This view, or one like it on other engines: the ``targets=`` of a single call."""
+        if targets is None:
+            return self
+        view = copy.copy(self)
+        view.targets = targets
+        return view
+
+    def execute(self, code: str, silent: bool = True, targets=None, block=None):
         """Runs Python code on each engine, in that engine's namespace (what ``%px`` does).
-        Each task's result is the value of a final expression (or None)."""
+        Each task's result is the value of a final expression (or None). Returns the
+        AsyncResult, as ipyparallel does; with ``block``, once the code has run (raising what
+        it raised)."""
+        if targets is not None:
+            return self._on(targets).execute(code, silent, block=block)
         block = self._blocks(block)
         native = self.client._native.execute(
             self._native_targets(), code, self._options(), wait=block
         )
-        return self._finish(
-            AsyncResult(self.client, native, fname="execute", single=self._single), block
-        )
+        ar = AsyncResult(self.client, native, fname="execute", single=self._single)
+        if block:
+            ar.get()
+        return ar
 
-    def run(self, filename: str, block=None):
-        """Runs a local Python file's code on each engine."""
+    def run(self, filename: str, targets=None, block=None):
+        """Runs a local Python file's code on each engine; returns the AsyncResult."""
         with open(filename, encoding="utf-8") as f:
             code = f.read()
-        return self.execute(code, block=block)
+        return self.execute(code, targets=targets, block=block)
 
-    def push(self, ns: dict, block=None):
+    def push(self, ns: dict, targets=None, block=None, track=None):
         """Sets names in each engine's namespace from a dict."""
+        if targets is not None:
+            return self._on(targets).push(ns, block=block)
         if not isinstance(ns, dict):
             raise TypeError(f"push takes a dict of names to values, not {type(ns).__name__}")
         values = [(k, _serialize.pack(v, f"the value of {k!r}")) for k, v in ns.items()]
@@ -216,8 +257,10 @@ class DirectView(View):
             AsyncResult(self.client, native, fname="push", single=self._single), block
         )
 
-    def pull(self, names, block=None):
+    def pull(self, names, targets=None, block=None):
         """Each engine's value of a name (or a list of values for a list of names)."""
+        if targets is not None:
+            return self._on(targets).pull(names, block=block)
         several = not isinstance(names, str)
         wanted = list(names) if several else [names]
         reshape = None
@@ -244,23 +287,30 @@ class DirectView(View):
 
     get = __getitem__
 
-    def scatter(self, key: str, seq, block=None):
+    def scatter(self, key: str, seq, targets=None, block=None, track=None):
         """Splits ``seq`` into one contiguous part per engine and sets ``key`` to it there."""
+        if targets is not None:
+            return self._on(targets).scatter(key, seq, block=block)
         items = [_serialize.pack(x, "a scattered item") for x in seq]
         block = self._blocks(block)
         native = self.client._native.scatter(self._native_targets(), key, items, wait=block)
         return self._finish(AsyncResult(self.client, native, fname="scatter"), block)
 
-    def gather(self, key: str, block=None):
+    def gather(self, key: str, targets=None, block=None):
         """The parts of ``key`` on each engine, concatenated in engine order."""
+        if targets is not None:
+            return self._on(targets).gather(key, block=block)
         block = self._blocks(block)
         return self._finish(self._pull([key], "gather", _concatenated, block), block)
 
     def clear(self, targets=None, block=None):
-        """Empties each engine's namespace."""
-        view = self if targets is None else DirectView(self.client, targets)
-        return view.execute(
-            "[globals().pop(_k) for _k in list(globals()) if not _k.startswith('__')]", block=block
+        """Empties each engine's namespace; returns the AsyncResult (its values are None)."""
+        # A statement, not an expression: nothing of the namespace comes back.
+        return self.execute(
+            "for _k in [k for k in globals() if not k.startswith('__')] + ['_k']:\n"
+            "    globals().pop(_k, None)\n",
+            targets=targets,
+            block=block,
         )
 
     @contextlib.contextmanager
@@ -297,49 +347,64 @@ class DirectView(View):
                 )
             self.execute(stmt, block=True)
 
-    def parallel(self, dist: str = "b", block=None):
-        """A decorator: ``f(seq)`` runs ``f`` on each engine with its part of ``seq`` and
-        concatenates the results; ``f.map(seq)`` maps ``f`` over the items."""
-        if dist != "b":
-            raise ValueError("only dist='b' (contiguous parts) is supported")
-        view = self
-
-        def wrap(f):
-            return ParallelFunction(view, f, block)
-
-        return wrap
+    def _part_bounds(self, n: int) -> list:
+        """Where ``@parallel`` cuts a sequence of ``n`` items: one contiguous part per engine
+        (fewer if there are fewer items)."""
+        k = len(self._ids())
+        bounds, start = [], 0
+        for i in range(min(k, n)):
+            size = n // k + (1 if i < n % k else 0)
+            bounds.append((start, start + size))
+            start += size
+        return bounds
 
 
 class ParallelFunction:
-    """What ``@view.parallel()`` makes."""
+    """What ``@view.parallel()`` makes: calling it runs the function on parts of its
+    sequences (see ``View.parallel``); ``.map`` maps it over their items."""
 
-    def __init__(self, view: DirectView, f, block):
+    def __init__(self, view: View, f, block):
         self.view, self.f, self.block = view, f, block
         functools.update_wrapper(self, f)
 
-    def __call__(self, seq):
-        ids = self.view._ids()
-        items = list(seq)
-        n = len(ids)
-        parts = []
-        start = 0
-        for i in range(n):
-            size = len(items) // n + (1 if i < len(items) % n else 0)
-            parts.append(items[start : start + size])
-            start += size
-        results = [
-            DirectView(self.view.client, e).apply_async(self.f, part)
-            for e, part in zip(ids, parts)
-            if part
-        ]
-        out = []
-        for r in results:
-            part = r.get()
-            out.extend(part if isinstance(part, (list, tuple)) else [part])
-        return out
+    def __call__(self, *sequences):
+        if not sequences:
+            raise TypeError(f"{_name(self.f)} takes one or more sequences to split")
+        seqs = [s if _sliceable(s) else list(s) for s in sequences]
+        n = len(seqs[0])
+        if any(len(s) != n for s in seqs):
+            raise ValueError(
+                f"the sequences passed to {_name(self.f)} differ in length: "
+                f"{', '.join(str(len(s)) for s in seqs)}"
+            )
+        bounds = self.view._part_bounds(n)
+        parts = [[s[a:b] for a, b in bounds] for s in seqs]
+        block = self.view._blocks(self.block)
+        ar = self.view._map(self.f, parts, wait=block, reshape=_joined)
+        return ar.get() if block else ar
 
     def map(self, *sequences):
         return self.view.map(self.f, *sequences, block=self.block)
+
+
+def _sliceable(seq) -> bool:
+    """Whether ``seq[a:b]`` is a part of it (a list, tuple, range, string, NumPy array)."""
+    return hasattr(seq, "__len__") and hasattr(seq, "__getitem__") and not isinstance(seq, dict)
+
+
+def _joined(results):
+    """What ``@parallel`` returns: the parts' results concatenated. A list or tuple adds its
+    items, NumPy arrays are concatenated, anything else is one item."""
+    np = sys.modules.get("numpy")
+    if np is not None and results and all(isinstance(r, np.ndarray) for r in results):
+        return np.concatenate(results)
+    out = []
+    for r in results:
+        if isinstance(r, (list, tuple)):
+            out.extend(r)
+        else:
+            out.append(r)
+    return out
 
 
 def _concatenated(parts):
@@ -353,6 +418,7 @@ class LoadBalancedView(View):
 
     _flag_names = (
         "block",
+        "track",
         "chunksize",
         "ordered",
         "after",
@@ -382,7 +448,16 @@ class LoadBalancedView(View):
         )
         return native, True
 
-    def _map(self, f, sequences, wait=False, chunksize=None, ordered=None):
+    def _map(
+        self,
+        f,
+        sequences,
+        wait=False,
+        reshape=None,
+        return_exceptions=False,
+        chunksize=None,
+        ordered=None,
+    ):
         items, star = self._items(sequences)
         chunksize = self.chunksize if chunksize is None else chunksize
         ordered = self.ordered if ordered is None else ordered
@@ -395,4 +470,62 @@ class LoadBalancedView(View):
             options=self._options(),
             wait=wait,
         )
-        return AsyncMapResult(self.client, native, fname=_name(f), ordered=ordered)
+        return AsyncMapResult(
+            self.client,
+            native,
+            fname=_name(f),
+            ordered=ordered,
+            reshape=reshape,
+            return_exceptions=return_exceptions,
+        )
+
+    def _part_bounds(self, n: int) -> list:
+        """Where ``@parallel`` cuts a sequence of ``n`` items: ``chunksize`` items a part."""
+        c = max(1, self.chunksize or 1)
+        return [(i, min(i + c, n)) for i in range(0, n, c)]
+
+    def imap(self, f, *sequences, ordered=True, max_outstanding="auto", return_exceptions=False):
+        """Like ``map``, but lazy, as ipyparallel's: items are taken from the sequences (which
+        may be endless generators) only as results come back, at most ``max_outstanding``
+        in flight (``'auto'``: two per engine); results are yielded in item order, or as they
+        complete with ``ordered=False``. With ``return_exceptions`` a failed item yields its
+        RemoteError instead of raising it."""
+        if not sequences:
+            raise TypeError("imap needs at least one sequence")
+        if max_outstanding == "auto":
+            max_outstanding = 2 * max(1, len(self.client.ids))
+        if not isinstance(max_outstanding, int) or max_outstanding < 1:
+            raise ValueError(
+                f"max_outstanding must be 'auto' or an int >= 1, not {max_outstanding!r}"
+            )
+        rows = zip(*sequences) if len(sequences) > 1 else ((x,) for x in sequences[0])
+        return self._imap(f, rows, ordered, max_outstanding, return_exceptions)
+
+    def _imap(self, f, rows, ordered, max_outstanding, return_exceptions):
+        in_flight = collections.deque()
+
+        def fill():
+            for args in itertools.islice(rows, max_outstanding - len(in_flight)):
+                in_flight.append(self._apply(f, args, {}))
+
+        def value(ar):
+            try:
+                return ar.get()
+            except RemoteError as e:
+                if return_exceptions:
+                    return e
+                raise
+
+        fill()
+        while in_flight:
+            if ordered:
+                ar = in_flight.popleft()
+                ar.wait()
+            else:
+                done, _ = concurrent.futures.wait(
+                    in_flight, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                ar = next(a for a in in_flight if a in done)
+                in_flight.remove(ar)
+            fill()
+            yield value(ar)

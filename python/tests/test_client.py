@@ -1,6 +1,8 @@
 """The Python client on a real local cluster: every call compared with Python's own answer."""
 
 import asyncio
+import datetime
+import itertools
 import math
 import os
 import re
@@ -217,6 +219,36 @@ def test_remote_and_parallel_decorators(rc):
 
     assert tripled.map(range(5)) == [3 * x for x in range(5)]
 
+    # Not blocking: an AsyncMapResult whose get() joins the parts. Several sequences are cut
+    # alike and their parts passed side by side; a NumPy array's parts are arrays.
+    @v.parallel(block=False)
+    def summed(xs, ys):
+        return [x + y for x, y in zip(xs, ys)]
+
+    ar = summed(range(5), range(10, 15))
+    assert isinstance(ar, starling.AsyncMapResult)
+    assert ar.get() == [x + y for x, y in zip(range(5), range(10, 15))]
+
+    @v.parallel(block=True)
+    def halved(a):
+        assert isinstance(a, np.ndarray)
+        return a / 2
+
+    got = halved(np.arange(9.0))
+    assert isinstance(got, np.ndarray) and got.tolist() == (np.arange(9.0) / 2).tolist()
+    with pytest.raises(ValueError, match="differ in length: 2, 3"):
+        summed([1, 2], [1, 2, 3])
+
+    # On a load-balanced view, parts of `chunksize` items (1 by default).
+    lv = rc.load_balanced_view()
+    lv.chunksize = 3
+
+    @lv.parallel(block=True)
+    def sizes(xs):
+        return [len(xs)]
+
+    assert sizes(range(7)) == [3, 3, 1]
+
 
 # ---- maps -------------------------------------------------------------------------------
 
@@ -248,6 +280,36 @@ def test_map_of_many_items_and_several_sequences(rc):
         a + b for a, b in zip(range(10), range(10, 20))
     ]
     assert rc[:].map_sync(add, [1, 2, 3], [4, 5, 6]) == [5, 7, 9]
+
+
+def test_imap_is_lazy_and_errors_can_be_returned(rc):
+    lv = rc.load_balanced_view()
+    taken = []
+
+    def endless():
+        for i in itertools.count():
+            taken.append(i)
+            yield i
+
+    it = lv.imap(square, endless(), max_outstanding=3)
+    assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
+    # Items are taken as results come back: never more than 3 beyond those yielded.
+    assert len(taken) <= 5 + 3, taken
+    it.close()
+    assert sorted(lv.imap(square, range(12), ordered=False)) == [x * x for x in range(12)]
+
+    def inverse(x):
+        return 1 / x
+
+    got = list(lv.imap(inverse, [1, 0, 4], return_exceptions=True))
+    assert got[0] == 1.0 and got[2] == 0.25
+    assert isinstance(got[1], RemoteError) and got[1].ename == "ZeroDivisionError"
+    with pytest.raises(RemoteError, match="ZeroDivisionError"):
+        list(lv.imap(inverse, [1, 0, 4]))
+    got = lv.map_sync(inverse, [2, 0], return_exceptions=True)
+    assert got[0] == 0.5 and isinstance(got[1], RemoteError)
+    got = rc[:].map_sync(inverse, [0, 5], return_exceptions=True)
+    assert isinstance(got[0], RemoteError) and got[1] == 0.2
 
 
 def test_unordered_iteration_and_imap(rc):
@@ -346,13 +408,56 @@ def test_execute_run_and_clear(rc, tmp_path):
     meta = ar.metadata
     assert {m["engine_id"] for m in meta} == {0, 1}
     assert all(m["status"] == "ok" and m["started"] <= m["completed"] for m in meta)
+    # Blocking, execute returns its AsyncResult once the code has run, as in ipyparallel.
+    done = v.execute("x = 5\nx * 2", block=True)
+    assert isinstance(done, starling.AsyncResult) and done.ready()
+    assert done.get() == [10, 10]
+    assert v.execute("x + 1", targets=1, block=True).get() == 6
     script = tmp_path / "script.py"
     script.write_text("from_file = 'yes'\n")
-    v.run(str(script), block=True)
+    assert v.run(str(script), block=True).get() == [None, None]
     assert v["from_file"] == ["yes", "yes"]
-    v.clear(block=True)
+    # clear() empties the namespaces and brings none of them back.
+    v.push({"big": np.zeros(1000)}, block=True)
+    assert v.clear(block=True).get() == [None, None]
     with pytest.raises(CompositeError):
         v.pull("from_file", block=True)
+    assert rc[0].apply_sync(lambda: sorted(k for k in globals() if not k.startswith("__"))) == []
+
+
+def test_targets_of_one_call(rc):
+    v = rc[:]
+    v.push({"where": "here"}, targets=0, block=True)
+    assert v.pull("where", targets=0, block=True) == "here"
+    with pytest.raises(RemoteError, match="NameError"):
+        v.pull("where", targets=1, block=True)
+    v.scatter("part", list(range(6)), targets=[1], block=True)
+    assert v.gather("part", targets=[1], block=True) == list(range(6))
+    assert v.targets == "all"  # the view itself is unchanged
+    v.set_flags(track=True)  # ipyparallel's flag is taken, and changes nothing
+    v.push({"tracked": 1}, block=True)
+    assert v["tracked"] == [1, 1]
+
+
+def test_metadata_reads_as_ipyparallels(rc):
+    ar = rc[:].apply_async(lambda: __import__("time").sleep(0.5) or 1)
+    pending = ar.metadata
+    assert [m["engine_id"] for m in pending] == [0, 1]
+    assert all(m["completed"] is None and m["status"] is None for m in pending)
+    assert isinstance(pending[0]["submitted"], datetime.datetime)
+    assert ar.get() == [1, 1]
+    done = ar.metadata
+    assert all(m["status"] == "ok" for m in done)
+    assert all((m["completed"] - m["started"]).total_seconds() >= 0.5 for m in done)
+    assert done[0]["submitted"].tzinfo is datetime.timezone.utc
+    # Metadata keys read as attributes and items; ints and slices index the results.
+    assert ar.engine_id == [0, 1] and ar["status"] == ["ok", "ok"]
+    assert ar[0] == 1 and ar[:] == [1, 1]
+    one = rc.load_balanced_view().apply_async(square, 3)
+    assert isinstance(one.metadata, dict)
+    assert one.get() == 9 and one.engine_id in (0, 1) and one.status == "ok"
+    with pytest.raises(AttributeError):
+        _ = one.no_such_key
 
 
 def test_cli_and_python_share_one_namespace(rc, cli):
@@ -470,7 +575,7 @@ def test_engines_without_cloudpickle_say_what_to_install(tmp_path):
     c.start()
     try:
         with starling.Client(cluster="bare") as r:
-            assert r[0].execute("1 + 1", block=True) == 2  # code still runs
+            assert r[0].execute("1 + 1", block=True).get() == 2  # code still runs
             with pytest.raises(RemoteError, match="lacks cloudpickle.*pip install cloudpickle"):
                 r[0].apply_sync(lambda: 1)
     finally:
@@ -652,6 +757,9 @@ def test_display_outputs_prints_as_px_does(rc, capsys):
     assert out[:2] == ["[stdout:0] hi", "[stdout:1] hi"]
     assert [line.split("]: ")[1] for line in out[2:]] == ["5", "5"]
     assert out[2].startswith("Out[0:") and out[3].startswith("Out[1:")
+    ar.display_outputs(result_only=True)
+    only = capsys.readouterr().out.splitlines()
+    assert [line.split("]: ")[1] for line in only] == ["5", "5"]
     bad = rc[:].execute("1/0", block=False)
     bad.wait()
     bad.display_outputs(groupby="engine")
