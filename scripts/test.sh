@@ -28,7 +28,7 @@ echo "== Python: build the package (maturin) into .venv-python"
 # itself; the Rust tests of MPI engines use that venv's Python (it has mpi4py and NumPy).
 # Every build here is `--workspace`: the dependencies' features are then the same in each (the
 # Python crate's included), so aws-sdk-ec2 and its stack are compiled once, not once per build.
-scripts/python.sh build
+scripts/python.sh wheel
 echo "== cargo test"
 # A hung test fails here, loudly and in time, instead of running into CI's limit.
 timeout 1800 cargo test --locked --workspace
