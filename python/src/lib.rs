@@ -950,6 +950,16 @@ impl NativeResult {
     }
 
     /// Slot indices in the order they were filled.
+    /// What running tasks have written, from the `from`-th piece on, as
+    /// `(engine, task, stdout, stderr)`: each piece follows the last of its task.
+    fn streamed(&self, from: usize) -> Vec<(Option<u32>, u64, String, String)> {
+        self.ar
+            .streamed(from)
+            .into_iter()
+            .map(|o| (engine_to_py(o.engine), o.task.0, o.stdout, o.stderr))
+            .collect()
+    }
+
     fn completion_order(&self) -> Vec<usize> {
         self.ar.completion_order()
     }

@@ -406,6 +406,19 @@ class AsyncResult(Future):
 # ---- showing outputs ------------------------------------------------------------------
 
 
+def show_streamed(pieces, streamed: dict) -> None:
+    """Prints output that running tasks wrote — ``(engine, task, stdout, stderr)`` pieces from
+    ``native.streamed`` — and counts in ``streamed`` how much of each task's was shown."""
+    for engine, task, out, err in pieces:
+        _labelled(f"stdout:{engine}", out, sys.stdout)
+        _labelled(f"stderr:{engine}", err, sys.stderr)
+        o, e = streamed.get(task, (0, 0))
+        streamed[task] = (o + len(out), e + len(err))
+    if pieces:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
 def _labelled(label: str, text: str, file) -> None:
     text = text[:-1] if text.endswith("\n") else text
     if text:
@@ -422,14 +435,15 @@ def _error_of(ar, task) -> RemoteError | None:
 _SHOWN = ("stdout", "stderr", "error", "out")
 
 
-def show_task(ar, t, what=_SHOWN) -> None:
+def show_task(ar, t, what=_SHOWN, skip=(0, 0)) -> None:
     """Prints one finished task's outputs as ``%px`` shows them: ``[stdout:0] ...``,
-    ``[stderr:0] ...``, ``[0:error] ...`` with the remote traceback, ``Out[0:3]: ...``."""
+    ``[stderr:0] ...``, ``[0:error] ...`` with the remote traceback, ``Out[0:3]: ...``;
+    ``skip``: how much of its stdout and stderr was shown already, while it ran."""
     engine = t["engine_id"]
     if "stdout" in what:
-        _labelled(f"stdout:{engine}", t["stdout"], sys.stdout)
+        _labelled(f"stdout:{engine}", t["stdout"][skip[0] :], sys.stdout)
     if "stderr" in what:
-        _labelled(f"stderr:{engine}", t["stderr"], sys.stderr)
+        _labelled(f"stderr:{engine}", t["stderr"][skip[1] :], sys.stderr)
     if "error" in what and t["status"] == "error":
         e = _error_of(ar, t)
         if e is not None:
@@ -449,17 +463,19 @@ def _tasks_in_engine_order(ar) -> list:
     return sorted(ar._native.tasks(), key=lambda t: t["first"])
 
 
-def show_outputs(ar, groupby: str = "engine", shown=_SHOWN) -> None:
+def show_outputs(ar, groupby: str = "engine", shown=_SHOWN, streamed=None) -> None:
     """Prints a finished job's outputs (those ``shown``): per engine (``engine``), or all
-    stdout, then all stderr, errors and values (``type``/``order``)."""
+    stdout, then all stderr, errors and values (``type``/``order``). ``streamed``: per task id,
+    how much of its stdout and stderr was shown while it ran (left out here)."""
     tasks = _tasks_in_engine_order(ar)
+    streamed = streamed or {}
     if groupby == "engine":
         for t in tasks:
-            show_task(ar, t, shown)
+            show_task(ar, t, shown, streamed.get(t["task"], (0, 0)))
         return
     for what in shown:
         for t in tasks:
-            show_task(ar, t, (what,))
+            show_task(ar, t, (what,), streamed.get(t["task"], (0, 0)))
 
 
 class AsyncMapResult(AsyncResult):

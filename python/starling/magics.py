@@ -19,7 +19,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .asyncresult import show_outputs, show_task
+from .asyncresult import show_outputs, show_streamed
 from .error import CompositeError, RemoteError
 
 GROUPINGS = ("engine", "type", "order")
@@ -96,23 +96,24 @@ def _describe(spec) -> str:
 # ---- showing results ----------------------------------------------------------------------
 
 
-def stream_outputs(ar) -> None:
-    """Prints each engine's outputs as soon as its task finishes, until the job is done."""
+def stream_outputs(ar, groupby: str = "engine") -> None:
+    """Prints what the tasks write while they run, as it comes (``[stdout:0] ...``, sent on
+    by the engines every 0.2 s), then, once the job is done, the rest of each task's outputs
+    and its value or error as a blocking ``%px`` shows them. Tasks quicker than that print
+    exactly as without streaming."""
     native = ar._native
-    shown = 0
-    while True:
-        tasks = native.tasks()
-        for t in tasks[shown:]:
-            show_task(ar, t)
-        shown = len(tasks)
-        if native.ready():
-            for t in native.tasks()[shown:]:
-                show_task(ar, t)
-            return
-        done = native.progress()[0]
-        # Returns once there is one more, or the job has ended (then `ready()` above prints
-        # what is left on the next turn; a lost connection raises).
-        native.wait_count(max(done, shown) + 1, None)
+    streamed = {}
+    seen = 0
+    while not native.ready():
+        native.wait(_STREAM_POLL)
+        pieces = native.streamed(seen)
+        seen += len(pieces)
+        show_streamed(pieces, streamed)
+    show_outputs(ar, groupby, streamed=streamed)
+
+
+# How often a streaming %px looks for new output (the engines send it every 0.2 s).
+_STREAM_POLL = 0.1
 
 
 def _raise_failures(ar) -> None:
@@ -185,15 +186,15 @@ def _px_options(f):
                 dest="stream",
                 action="store_const",
                 const=True,
-                default=False,
-                help="Show each engine's outputs as soon as it finishes.",
+                default=None,
+                help="Show what the engines print while the code runs, as it comes (the default).",
             ),
             argument(
                 "--no-stream",
                 dest="stream",
                 action="store_const",
                 const=False,
-                help="Show the outputs once every engine has finished (the default).",
+                help="Show the outputs once every engine has finished.",
             ),
             argument(
                 "--group-outputs",
@@ -244,6 +245,7 @@ class ParallelMagics(Magics):
         self._client = client
         self.targets = "all"
         self.block = True
+        self.stream = True
         self.verbose = False
         self.last_result = None
         self.autopx = False
@@ -317,8 +319,9 @@ class ParallelMagics(Magics):
             self._run_locally(code)
         if not block:
             return ar
-        if args.stream:
-            stream_outputs(ar)
+        stream = self.stream if args.stream is None else args.stream
+        if stream:
+            stream_outputs(ar, args.groupby)
         else:
             ar.wait()
             show_outputs(ar, args.groupby)
@@ -383,6 +386,21 @@ class ParallelMagics(Magics):
         help="Later %%px return an AsyncResult.",
     )
     @argument(
+        "--stream",
+        dest="stream",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Later %%px show what the engines print while the code runs (the default).",
+    )
+    @argument(
+        "--no-stream",
+        dest="stream",
+        action="store_const",
+        const=False,
+        help="Later %%px show the outputs once every engine has finished.",
+    )
+    @argument(
         "--verbose",
         dest="verbose",
         action="store_const",
@@ -395,7 +413,7 @@ class ParallelMagics(Magics):
     )
     @line_magic
     def pxconfig(self, line=""):
-        """Sets the defaults of later ``%px``: targets, blocking and verbosity."""
+        """Sets the defaults of later ``%px``: targets, blocking, streaming and verbosity."""
         args = parse_argstring(self.pxconfig, line)
         if args.targets is not None:
             spec = parse_targets(args.targets)
@@ -404,6 +422,8 @@ class ParallelMagics(Magics):
             self.targets = spec
         if args.block is not None:
             self.block = args.block
+        if args.stream is not None:
+            self.stream = args.stream
         if args.verbose is not None:
             self.verbose = args.verbose
 

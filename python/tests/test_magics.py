@@ -54,7 +54,7 @@ def rc(shell, cluster):
 @pytest.fixture
 def px(shell, rc, capsys):
     """Runs a cell in the shell: ``px(cell)`` gives ``(result, stdout, stderr)``. Each test
-    starts from %px's defaults (all engines, blocking, %autopx off)."""
+    starts from %px's defaults (all engines, blocking, streaming, %autopx off)."""
     starling_magics.register(shell, rc)
     capsys.readouterr()
 
@@ -63,12 +63,12 @@ def px(shell, rc, capsys):
         out, err = capsys.readouterr()
         return result, out, err
 
-    run("%pxconfig --targets all --block --no-verbose")
+    run("%pxconfig --targets all --block --stream --no-verbose")
     yield run
     magics = starling_magics.register(shell, rc)
     if magics.autopx:
         run("%autopx")
-    run("%pxconfig --targets all --block --no-verbose")
+    run("%pxconfig --targets all --block --stream --no-verbose")
 
 
 def outs(text: str) -> dict:
@@ -227,6 +227,44 @@ def test_stream_shows_every_engines_output(px, rc):
     assert result.success, out
     assert stdouts(out) == {i: "streamed" for i in rc.ids}
     assert outs(out) == {i: "'done'" for i in rc.ids}
+
+
+def test_stream_shows_what_a_task_prints_while_it_runs(px, tmp_path, monkeypatch):
+    # The task prints, then waits until the client has shown that line: it can only end (and
+    # the cell pass) if the line was shown while the task still ran.
+    flag = tmp_path / "shown"
+    real = starling_magics.show_streamed
+
+    def show(pieces, streamed):
+        real(pieces, streamed)
+        if any("first" in out for _, _, out, _ in pieces):
+            flag.touch()
+
+    monkeypatch.setattr(starling_magics, "show_streamed", show)
+    cell = f"""%%px --targets 0
+import os, time
+print('first')
+deadline = time.monotonic() + 30
+while not os.path.exists({str(flag)!r}):
+    if time.monotonic() > deadline:
+        raise TimeoutError('the client never showed the first line')
+    time.sleep(0.01)
+print('second')
+'done'
+"""
+    result, out, _ = px(cell)
+    assert result.success, out
+    lines = [line for line in out.splitlines() if line]
+    # The streamed line once, the rest after it, then the value.
+    assert lines[:2] == ["[stdout:0] first", "[stdout:0] second"], out
+    assert outs(out) == {0: "'done'"}
+
+    # With --no-stream (here through %pxconfig), all of it once the task is done.
+    flag.unlink()
+    px("%pxconfig --no-stream")
+    quick = "%%px --targets 0\nprint('first')\nprint('second')\n'done'"
+    result, out, _ = px(quick)
+    assert result.success and "[stdout:0] first\nsecond\n" in out, out
 
 
 def test_group_outputs_by_type_shows_all_stdout_before_the_values(px, rc):

@@ -604,6 +604,17 @@ impl Shared {
                 }
                 self.settle.notify_waiters();
             }
+            ControllerToClient::Output(out) => {
+                let state = self
+                    .jobs
+                    .lock()
+                    .expect("not poisoned")
+                    .get(&out.job)
+                    .and_then(Weak::upgrade);
+                if let Some(state) = state {
+                    state.add_output(out);
+                }
+            }
             ControllerToClient::Results { job, results } => {
                 let state = self
                     .jobs

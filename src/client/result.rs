@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::ClientError;
 use crate::proto::{
-    EngineId, JobId, JobInfo, JobKind, Outcome, RemoteError, TaskId, TaskResult, Value,
+    EngineId, JobId, JobInfo, JobKind, Outcome, RemoteError, TaskId, TaskOutput, TaskResult, Value,
 };
 
 /// One filled slot.
@@ -30,6 +30,8 @@ struct Filled {
     order: Vec<usize>,
     /// Every finished task, in the order they finished; map items are moved out into `slots`.
     tasks: Vec<TaskResult>,
+    /// What running tasks wrote, in the order it came (see [`AsyncResult::streamed`]).
+    streamed: Vec<TaskOutput>,
 }
 
 /// What the client knows of one job; filled by the connection's reader task.
@@ -136,6 +138,14 @@ impl JobState {
         let _ = self.done.send_replace(Ok(n));
         if n >= self.total() {
             self.end();
+        }
+    }
+
+    /// Output of a running task: kept in the order it came, while the job runs.
+    pub(crate) fn add_output(&self, out: TaskOutput) {
+        if !self.has_ended() {
+            let mut f = self.filled.lock().expect("not poisoned");
+            f.streamed.push(out);
         }
     }
 
@@ -420,6 +430,15 @@ impl AsyncResult {
             .expect("not poisoned")
             .tasks
             .clone()
+    }
+
+    /// What running tasks have written so far, in the order it came, from the `from`-th piece
+    /// on: each piece follows the last of its task. Output comes while tasks run (the engines
+    /// send it every 0.2 s at most); a finished task's [`TaskResult`] has all of its output,
+    /// of which the pieces of that task are the beginning.
+    pub fn streamed(&self, from: usize) -> Vec<TaskOutput> {
+        let f = self.state.filled.lock().expect("not poisoned");
+        f.streamed.get(from..).map_or_else(Vec::new, <[_]>::to_vec)
     }
 
     /// Each finished task's captured stdout, with its engine.

@@ -778,6 +778,7 @@ mod tests {
                 } => "job",
                 ControllerToClient::Reply { .. } => "other reply",
                 ControllerToClient::Results { .. } => "results",
+                ControllerToClient::Output(_) => "output",
             })
             .collect()
     }

@@ -1509,6 +1509,19 @@ impl State {
                 self.finish_only(comm, results);
                 self.after_change(comm, now);
             }
+            EngineToController::Output(mut out) => {
+                // To whoever follows the task's job; a task already ended or gone is past it.
+                let Some(job) = self.tasks.get(&out.task).map(|t| t.job) else {
+                    return;
+                };
+                out.job = job;
+                let Some(j) = self.jobs.get(&job) else {
+                    return;
+                };
+                for sub in j.subscribers.iter().filter(|c| self.clients.contains(c)) {
+                    comm.to_client(*sub, ControllerToClient::Output(out.clone()));
+                }
+            }
             EngineToController::KernelRestarted {
                 engine,
                 pid,
@@ -2353,6 +2366,43 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn output_of_a_running_task_reaches_its_jobs_clients_until_the_task_ends() {
+        let (mut s, mut c, now) = cluster_with(&[2]);
+        let info = submit(&mut s, &mut c, Targets::All, now);
+        let (t0, e0) = info.tasks[0];
+        c.to_clients.clear();
+        let output = |task| {
+            EngineToController::Output(crate::proto::TaskOutput {
+                job: JobId(0),
+                task,
+                engine: e0,
+                stdout: "so far\n".into(),
+                stderr: String::new(),
+            })
+        };
+        s.on_engine_message(&mut c, ConnId(0), output(t0), now);
+        assert!(matches!(
+            c.to_clients.as_slice(),
+            [(CLIENT, ControllerToClient::Output(o))] if o.job == info.job && o.task == t0 && o.stdout == "so far\n"
+        ));
+        // Once the task has ended, or for a task the controller does not know, nothing.
+        s.on_engine_message(
+            &mut c,
+            ConnId(0),
+            EngineToController::Done(vec![ok(t0, e0, 0)]),
+            now,
+        );
+        c.to_clients.clear();
+        s.on_engine_message(&mut c, ConnId(0), output(t0), now);
+        s.on_engine_message(&mut c, ConnId(0), output(TaskId(999)), now);
+        assert!(c.to_clients.is_empty());
+        assert_eq!(
+            c.recorded_results, 1,
+            "output is not stored: results carry all of it"
+        );
+    }
+
+    #[test]
     fn results_reach_the_submitter_and_later_subscribers() {
         let (mut s, mut c, now) = cluster_with(&[2]);
         let info = submit(&mut s, &mut c, Targets::All, now);
@@ -2423,7 +2473,7 @@ pub(super) mod tests {
             .iter()
             .find_map(|(_, m)| match m {
                 ControllerToClient::Results { results, .. } => Some(results[0].clone()),
-                ControllerToClient::Reply { .. } => None,
+                _ => None,
             })
             .expect("the lost engine's task is reported");
         assert_eq!(failed.task, info.tasks[0].0);
@@ -2889,7 +2939,7 @@ pub(super) mod tests {
                         })
                         .sum::<usize>(),
                 ),
-                ControllerToClient::Reply { .. } => None,
+                _ => None,
             })
             .sum()
     }

@@ -20,10 +20,12 @@
 # While a batch of tasks runs, fds 1 and 2 point at files of their own: what a task writes —
 # print, os.system, a C extension, a child process — is its stdout and stderr, in order, bounded
 # when read back after it. Between batches they point where the engine put them (its bounded
-# log).
+# log). While a task runs, a thread sends on what it has written so far, every 0.2 s, as
+# frames {"stream": id, "out": .., "err": ..} (for `%px --stream`); its reply still has all.
 import ast
 import base64
 import builtins
+import codecs
 import functools
 import io
 import json
@@ -35,6 +37,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -152,10 +155,75 @@ class _Capture:
 
 _OUT, _ERR = _Capture(1), _Capture(2)
 
+# How often a running task's new output is sent on.
+_STREAM_EVERY = 0.2
+
+
+class _Streamer:
+    """Sends what the running task has written so far, while it runs: a thread that looks at
+    the capture files every _STREAM_EVERY seconds, and reads what is new there with pread
+    (the task's own writes keep their file offset). A task that ends within the period costs
+    it nothing but setting two attributes. The lock also keeps its frames and the main
+    thread's apart on the reply pipe."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.task = None  # the task whose output is sent on
+        self.seen = None  # (its id, how often this thread has seen it running)
+        self.sent = [0, 0]
+        self.decoders = None
+        self.count = 0  # tasks begun, so that the thread tells one from the next
+        threading.Thread(target=self._loop, name="starling-stream", daemon=True).start()
+
+    def begin(self, task):
+        self.count += 1
+        self.task = task
+
+    def end(self):
+        with self.lock:
+            self.task = None
+            self.decoders = None
+
+    def _loop(self):
+        while True:
+            time.sleep(_STREAM_EVERY)
+            try:
+                with self.lock:
+                    self._send()
+            except Exception:  # noqa: BLE001 - the task's reply still carries its output
+                pass
+
+    def _send(self):
+        task = self.task
+        if task is None:
+            return
+        if self.seen is None or self.seen[0] != self.count:
+            # Begun since the last look: from the start of the capture files.
+            self.seen = (self.count, task)
+            self.sent = [0, 0]
+            self.decoders = [
+                codecs.getincrementaldecoder("utf-8")("replace"),
+                codecs.getincrementaldecoder("utf-8")("replace"),
+            ]
+        text = []
+        for i, cap in enumerate((_OUT, _ERR)):
+            # What is in the file: print's lines are (line-buffered); a line not ended yet
+            # comes with the next look or the reply.
+            fd = cap.file.fileno()
+            size = min(os.fstat(fd).st_size, _CAPTURE_LIMIT)
+            new = b""
+            if size > self.sent[i]:
+                new = os.pread(fd, size - self.sent[i], self.sent[i])
+                self.sent[i] += len(new)
+            text.append(self.decoders[i].decode(new) if new else "")
+        if text[0] or text[1]:
+            _write_frame_locked({"stream": task, "out": text[0], "err": text[1]}, [])
+
 
 def _take_outputs():
     """A task's stdout and stderr: what C code left in libc's buffers is flushed first (one
     fflush for both)."""
+    _STREAM.end()
     if _c_fflush is not None:
         try:
             _c_fflush(None)
@@ -670,6 +738,11 @@ def _too_large(header, size):
 
 
 def _write_frame(header, bufs):
+    with _STREAM.lock:
+        _write_frame_locked(header, bufs)
+
+
+def _write_frame_locked(header, bufs):
     # Text that cannot be UTF-8 (lone surrogates in output or messages) becomes '?' rather
     # than a frame the engine cannot read.
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace")
@@ -677,7 +750,7 @@ def _write_frame(header, bufs):
     size = len(head) + sum(v.nbytes for v in views)
     if size > _limit and "id" in header:
         # Too large to travel: the task fails, the kernel (and its namespace) lives on.
-        _write_frame(_too_large(header, size), [])
+        _write_frame_locked(_too_large(header, size), [])
         return
     parts = [struct.pack("<QII", 8 + size + 8 * len(views), len(head), len(views)) + head]
     for v in views:
@@ -706,7 +779,9 @@ def _interrupted_late(task, e):
 
 
 def main():
+    global _STREAM
     signal.signal(signal.SIGINT, _on_sigint)
+    _STREAM = _Streamer()
     _write_frame({"ready": os.getpid(), "python": _PYTHON}, [])
     while True:
         try:
@@ -719,6 +794,7 @@ def main():
             for task in tasks:
                 # One frame per task, written at once: if a task kills the process, the results
                 # before it are already out.
+                _STREAM.begin(task["id"])
                 try:
                     done = _run(task, bufs)
                 except KeyboardInterrupt as e:

@@ -636,11 +636,12 @@ impl PythonKernel {
 
     /// Runs a batch of kernel tasks. Replies are handed to `ready` in order as they arrive —
     /// whenever the kernel has nothing more written yet — so a slow task does not hold back
-    /// the results before it.
+    /// the results before it; what a running task writes goes to `output` as it comes.
     pub async fn run(
         &mut self,
         batch: &Batch,
         mut ready: impl FnMut(Vec<KernelReply>),
+        mut output: impl FnMut(StreamedOutput),
     ) -> BatchOutcome {
         let mut pending = Vec::new();
         let mut done = 0;
@@ -660,6 +661,9 @@ impl PythonKernel {
                     // The kernel is gone, though something it forked may still hold the pipe
                     // open: take what it wrote before it died, then report it.
                     while let Ok(Some(Ok(f))) = tokio::time::timeout(DRAIN_AFTER_EXIT, self.from_kernel.next()).await {
+                        if streamed(&f).is_some() {
+                            continue;
+                        }
                         match decode_reply(&f, batch.ids[done]) {
                             Ok(reply) => {
                                 pending.push(reply);
@@ -680,19 +684,22 @@ impl PythonKernel {
                     died = Some(self.exit_reason().await);
                     break;
                 }
-                Some(Ok(f)) => match decode_reply(&f, batch.ids[done]) {
-                    Ok(reply) => {
-                        pending.push(reply);
-                        done += 1;
-                        if self.from_kernel.read_buffer().is_empty() {
-                            ready(std::mem::take(&mut pending));
+                Some(Ok(f)) => match streamed(&f) {
+                    Some(out) => output(out),
+                    None => match decode_reply(&f, batch.ids[done]) {
+                        Ok(reply) => {
+                            pending.push(reply);
+                            done += 1;
+                            if self.from_kernel.read_buffer().is_empty() {
+                                ready(std::mem::take(&mut pending));
+                            }
                         }
-                    }
-                    Err(e) => {
-                        self.kill().await;
-                        died = Some(e.to_string());
-                        break;
-                    }
+                        Err(e) => {
+                            self.kill().await;
+                            died = Some(e.to_string());
+                            break;
+                        }
+                    },
                 },
                 Some(Err(e)) => {
                     self.kill().await;
@@ -735,6 +742,23 @@ fn decode_error(v: &Json) -> RemoteError {
         evalue: text(v, "evalue"),
         traceback: text(v, "traceback"),
     }
+}
+
+/// What a running task wrote, as its kernel sends it on (`{"stream": id, "out": .., "err": ..}`).
+pub struct StreamedOutput {
+    pub task: u64,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A frame of output the kernel sent while a task ran, rather than a reply.
+fn streamed(f: &KernelFrame) -> Option<StreamedOutput> {
+    let task = f.header.get("stream")?.as_u64()?;
+    Some(StreamedOutput {
+        task,
+        stdout: text(&f.header, "out"),
+        stderr: text(&f.header, "err"),
+    })
 }
 
 /// One reply frame, which must answer task `expected`.

@@ -28,9 +28,9 @@ use crate::proto::auth::{Key, Role};
 use crate::proto::conn::{self, PeerStream};
 use crate::proto::{
     Assignment, ControllerToEngine, EngineId, EngineSlot, EngineToController, Func, JobId, Mapper,
-    Outcome, ProtoError, RemoteError, TaskResult, Value, Work,
+    Outcome, ProtoError, RemoteError, TaskId, TaskOutput, TaskResult, Value, Work,
 };
-use kernel::{Batch, Control, KernelFrame, KernelReply, PythonKernel};
+use kernel::{Batch, Control, KernelFrame, KernelReply, PythonKernel, StreamedOutput};
 
 /// How long a task that was cancelled while running has, after its interrupt, to stop before
 /// its kernel is killed (and replaced, with an empty namespace).
@@ -787,6 +787,22 @@ impl Slot {
         }
     }
 
+    /// Passes on what a running task wrote (see [`EngineToController::Output`]).
+    fn send_output(&self, out: StreamedOutput) {
+        if self.epoch.load(Ordering::SeqCst) != self.batch_epoch {
+            return;
+        }
+        let _ = self
+            .out
+            .send(conn::encode(&EngineToController::Output(TaskOutput {
+                job: JobId(0),
+                task: TaskId(out.task),
+                engine: self.id,
+                stdout: out.stdout,
+                stderr: out.stderr,
+            })));
+    }
+
     fn result(&self, a: &Assignment, r: KernelReply) -> TaskResult {
         let outcome = match (&a.work, r.outcome) {
             // A map chunk whose function could not even be made fails item by item.
@@ -842,7 +858,7 @@ impl Slot {
                 },
                 ids: vec![0],
             };
-            let out = k.run(&init, |_| {}).await;
+            let out = k.run(&init, |_| {}, |_| {}).await;
             if let Some(why) = out.died {
                 tracing::error!(engine = %self.id, "the kernel {why} while starting");
                 self.kernel = None;
@@ -989,16 +1005,20 @@ impl Slot {
             let running = |i: usize| batch.get(i).map_or(0, |t| t.a.task.0 + 1);
             self.shared.running.store(running(0), Ordering::SeqCst);
             let outcome = kernel
-                .run(&requests, |replies| {
-                    let results = batch[sent..]
-                        .iter()
-                        .zip(replies)
-                        .map(|(t, r)| self.result(&t.a, r))
-                        .collect::<Vec<_>>();
-                    sent += results.len();
-                    self.shared.running.store(running(sent), Ordering::SeqCst);
-                    self.send(results);
-                })
+                .run(
+                    &requests,
+                    |replies| {
+                        let results = batch[sent..]
+                            .iter()
+                            .zip(replies)
+                            .map(|(t, r)| self.result(&t.a, r))
+                            .collect::<Vec<_>>();
+                        sent += results.len();
+                        self.shared.running.store(running(sent), Ordering::SeqCst);
+                        self.send(results);
+                    },
+                    |out| self.send_output(out),
+                )
                 .await;
             self.shared.running.store(0, Ordering::SeqCst);
             {

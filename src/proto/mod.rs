@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use value::{Pickled, Value};
 
 /// Bumped whenever a message changes shape; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Default hard limit on one frame (64 MiB): large enough for a big push or a map chunk, small
 /// enough that a garbage length prefix cannot make a peer allocate gigabytes.
@@ -564,7 +564,7 @@ impl CarriesResults for ControllerToClient {
     fn into_results(self) -> Vec<TaskResult> {
         match self {
             ControllerToClient::Results { results, .. } => results,
-            ControllerToClient::Reply { .. } => Vec::new(),
+            ControllerToClient::Reply { .. } | ControllerToClient::Output(_) => Vec::new(),
         }
     }
     fn around(&self, results: Vec<TaskResult>) -> Self {
@@ -572,7 +572,7 @@ impl CarriesResults for ControllerToClient {
             ControllerToClient::Results { job, .. } => {
                 ControllerToClient::Results { job: *job, results }
             }
-            reply @ ControllerToClient::Reply { .. } => reply.clone(),
+            other => other.clone(),
         }
     }
 }
@@ -707,6 +707,9 @@ pub enum ControllerToClient {
         job: JobId,
         results: Vec<TaskResult>,
     },
+    /// What a running task of such a job has written since the last of these (see
+    /// [`EngineToController::Output`]).
+    Output(TaskOutput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -845,6 +848,9 @@ pub enum EngineToController {
     },
     Heartbeat,
     Done(Vec<TaskResult>),
+    /// What a task has written to stdout and stderr since it started or since the last of
+    /// these, sent while it runs (every 0.2 s at most); its result still carries all of it.
+    Output(TaskOutput),
     /// A kernel died and was replaced; the engine keeps its id.
     KernelRestarted {
         engine: EngineId,
@@ -855,6 +861,17 @@ pub enum EngineToController {
         #[serde(default)]
         rank: Option<u32>,
     },
+}
+
+/// Output of a running task, as it is written (for `%px --stream`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskOutput {
+    /// Filled in by the controller; the engine leaves it at 0.
+    pub job: JobId,
+    pub task: TaskId,
+    pub engine: EngineId,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// One engine of a registering process: which engine of its node it is, and its kernel's pid.
