@@ -195,6 +195,15 @@ def test_an_error_shows_each_engines_traceback_and_raises(px, rc):
     assert "CompositeError" in out
 
 
+def test_a_remote_error_from_the_client_shows_the_remote_traceback(px, shell, rc):
+    shell.user_ns["rc"] = rc
+    result, out, err = px("rc[0].apply_sync(lambda: 1/0)")
+    assert isinstance(result.error_in_exec, starling.RemoteError)
+    text = out + err
+    assert "[0:ZeroDivisionError]: Traceback (most recent call last):" in text, text
+    assert "in <lambda>" in text and "ZeroDivisionError: division by zero" in text, text
+
+
 def test_output_before_an_error_is_shown_too(px):
     result, out, _ = px("%%px --targets 0\nprint('before')\nraise ValueError('bad value')")
     assert isinstance(result.error_in_exec, CompositeError)

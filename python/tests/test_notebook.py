@@ -28,6 +28,7 @@ CELLS = [
     ("client", f'rc = Client(cluster="{CLUSTER}")'),
     ("ids", "rc.ids"),
     ("px", "%px sum(range(101))"),
+    ("pxconfig", "%pxconfig --targets 1"),
     ("pids", "%%px --targets :-1\nimport os; print(os.getpid())"),
     ("noblock", "%%px --noblock\nimport time; time.sleep(0.5); 7"),
     ("pxresult", "%pxresult"),
@@ -143,7 +144,9 @@ def test_a_notebook_session(session):
     assert _text(cells["noblock"], "result") == "<AsyncResult(execute): pending>", (
         "0.5 s of work is not done at once"
     )
-    assert _outs(_text(cells["pxresult"], "stdout")) == {i: "7" for i in range(4)}
+    assert not cells["pxconfig"].outputs
+    # After `%pxconfig --targets 1`, a %%px without --targets runs on engine 1 alone.
+    assert _outs(_text(cells["pxresult"], "stdout")) == {1: "7"}
 
     assert "importing time on engine(s)" in _text(cells["imports"], "stdout")
     assert _text(cells["map_sync"], "result") == "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]"
