@@ -96,7 +96,7 @@ def _describe(spec) -> str:
 # ---- showing results ----------------------------------------------------------------------
 
 
-def stream_outputs(ar, groupby: str = "engine") -> None:
+def stream_outputs(ar, groupby: str = "type") -> None:
     """Prints what the tasks write while they run, as it comes (``[stdout:0] ...``, sent on
     by the engines every 0.2 s), then, once the job is done, the rest of each task's outputs
     and its value or error as a blocking ``%px`` shows them. Tasks quicker than that print
@@ -133,7 +133,19 @@ def _raise_failures(ar) -> None:
 # ---- the magics ---------------------------------------------------------------------------
 
 _OPTIONS_WITH_VALUE = {"--targets", "-t", "--out", "-o", "--group-outputs"}
-_FLAGS = {"--block", "--noblock", "--stream", "--no-stream", "--local", "--verbose", "--no-verbose"}
+_FLAGS = {
+    "--block",
+    "-b",
+    "--noblock",
+    "-a",
+    "--stream",
+    "--no-stream",
+    "-r",
+    "-e",
+    "--local",
+    "--verbose",
+    "--no-verbose",
+}
 
 
 def _split_line(line: str):
@@ -167,6 +179,7 @@ def _px_options(f):
                 help="Which engines: all, an id (1), a list (0,2 or [0,2]) or a slice of the engine ids (::2, :-1). Default: %%pxconfig's.",
             ),
             argument(
+                "-b",
                 "--block",
                 dest="block",
                 action="store_const",
@@ -175,6 +188,7 @@ def _px_options(f):
                 help="Wait for the results and show them (the default).",
             ),
             argument(
+                "-a",
                 "--noblock",
                 dest="block",
                 action="store_const",
@@ -197,11 +211,27 @@ def _px_options(f):
                 help="Show the outputs once every engine has finished.",
             ),
             argument(
+                "-r",
+                dest="groupby",
+                action="store_const",
+                const="order",
+                default="type",
+                help="Collate the outputs in order (--group-outputs=order).",
+            ),
+            argument(
+                "-e",
+                dest="groupby",
+                action="store_const",
+                const="engine",
+                default="type",
+                help="Group the outputs by engine (--group-outputs=engine).",
+            ),
+            argument(
                 "--group-outputs",
                 dest="groupby",
                 choices=GROUPINGS,
-                default="engine",
-                help="engine: every output of engine 0, then of 1, ... (the default); type (or order): all stdout, then stderr, errors, values.",
+                default="type",
+                help="type: all stdout, then stderr, errors, values (the default, as in ipyparallel); engine: every output of engine 0, then of 1, ...; order: as type.",
             ),
             argument(
                 "-o",
@@ -339,7 +369,23 @@ class ParallelMagics(Magics):
 
     @magic_arguments()
     @argument(
-        "--group-outputs", dest="groupby", choices=GROUPINGS, default="engine", help="As for %%px."
+        "--group-outputs", dest="groupby", choices=GROUPINGS, default="type", help="As for %%px."
+    )
+    @argument(
+        "-r",
+        dest="groupby",
+        action="store_const",
+        const="order",
+        default="type",
+        help="As for %%px.",
+    )
+    @argument(
+        "-e",
+        dest="groupby",
+        action="store_const",
+        const="engine",
+        default="type",
+        help="As for %%px.",
     )
     @argument(
         "-o",

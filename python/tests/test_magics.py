@@ -285,6 +285,16 @@ def test_group_outputs_by_type_shows_all_stdout_before_the_values(px, rc):
     _, out, _ = px("%%px --group-outputs=engine\nprint('printed')\n'value'")
     assert out.index("[stdout:0] printed") < out.index("Out[0:") < out.index("[stdout:1] printed")
 
+    # ipyparallel's default and short flags: by type unless -e; -a does not block, -b does.
+    _, by_type, _ = px("%%px\nprint('printed')\n'value'")
+    assert by_type.index("[stdout:1] printed") < by_type.index("Out[0:")
+    _, by_engine, _ = px("%%px -e\nprint('printed')\n'value'")
+    assert by_engine.index("Out[0:") < by_engine.index("[stdout:1] printed")
+    result, _, _ = px("%px -a 6 * 7")
+    assert isinstance(result.result, AsyncResult) and result.result.get() == [42, 42]
+    result, out, _ = px("%px -b 6 * 7")
+    assert result.result is None and outs(out) == {0: "42", 1: "42"}
+
 
 def test_autopx_runs_every_cell_on_the_engines_until_turned_off(px, shell, rc):
     shell.user_ns.pop("autopx_value", None)
