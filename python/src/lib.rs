@@ -523,6 +523,11 @@ fn options_from_py(opts: Option<&Bound<'_, PyDict>>) -> PyResult<JobOptions> {
     };
     o.after = dep("after")?;
     o.follow = dep("follow")?;
+    if let Some(t) = d.get_item("engines")? {
+        o.engines = t
+            .extract::<Option<Vec<u32>>>()?
+            .map(|ids| starling::proto::Targets::Ids(ids.into_iter().map(EngineId).collect()));
+    }
     if let Some(r) = d.get_item("retries")? {
         o.retries = r.extract::<Option<u32>>()?.unwrap_or(0);
     }

@@ -77,12 +77,9 @@ class Client:
         return DirectView(self, "all" if targets is None else targets)
 
     def load_balanced_view(self, targets=None) -> LoadBalancedView:
-        """A view that sends each task to whichever engine is free first."""
-        if targets is not None:
-            raise ValueError(
-                "a LoadBalancedView balances over every engine; choose engines with client[...] (a DirectView) instead"
-            )
-        return LoadBalancedView(self)
+        """A view that sends each task to whichever engine is free first: of all of them, or
+        of ``targets`` (an id or a list of ids)."""
+        return LoadBalancedView(self, targets)
 
     def wait_for_engines(self, n: int, timeout: float = -1, block: bool = True):
         """Waits until at least ``n`` engines are registered; raises ``TimeoutError`` after

@@ -419,6 +419,7 @@ class LoadBalancedView(View):
     _flag_names = (
         "block",
         "track",
+        "targets",
         "chunksize",
         "ordered",
         "after",
@@ -428,15 +429,24 @@ class LoadBalancedView(View):
         "label",
     )
 
-    def __init__(self, client, *, block: bool = False):
+    def __init__(self, client, targets=None, *, block: bool = False):
         super().__init__(client, block=block)
+        self.targets = targets
         self.chunksize = None
         self.ordered = True
         self.follow = None
         self.retries = 0
 
     def __repr__(self) -> str:
-        return "<LoadBalancedView>"
+        return (
+            "<LoadBalancedView>" if self.targets is None else f"<LoadBalancedView {self.targets!r}>"
+        )
+
+    def _options(self) -> dict:
+        # Its targets: the engines it may use (the controller checks that they exist).
+        t = self.targets
+        engines = None if t is None or t == "all" else [t] if isinstance(t, int) else list(t)
+        return {**super()._options(), "engines": engines}
 
     def _apply_native(self, f, args, kwargs, wait):
         native = self.client._native.apply(

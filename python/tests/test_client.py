@@ -105,6 +105,17 @@ def test_load_balanced_apply(rc):
     assert ar.metadata["engine_id"] in (0, 1)
 
 
+def test_a_load_balanced_view_on_some_engines_keeps_to_them(rc):
+    lv = rc.load_balanced_view(targets=[1])
+    ar = lv.map_async(square, range(20), chunksize=1)
+    assert ar.get() == [x * x for x in range(20)]
+    assert set(ar.engine_ids) == {1}
+    one = rc.load_balanced_view(targets=0).apply_async(square, 3)
+    assert one.get() == 9 and one.engine_id == 0
+    with pytest.raises(RuntimeError, match="there is no engine 5; the engines are"):
+        rc.load_balanced_view(targets=5).apply_sync(square, 3)
+
+
 def test_interactive_functions_resolve_globals_on_the_engines(rc):
     ns = {"__name__": "__main__"}
     exec("def total():\n    return int(np.sum(a))\n", ns)

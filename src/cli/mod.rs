@@ -370,6 +370,7 @@ impl SchedArgs {
             submitter: String::new(),
             after: self.after.as_ref().map(|j| self.dependency(j)),
             follow: follow.map(|j| self.dependency(j)),
+            engines: None,
             retries,
             timeout_ms: self
                 .timeout

@@ -14,8 +14,8 @@ use super::store::{Read, Recovered};
 use crate::proto::{
     now_micros, Assignment, ClientRequest, ClusterStatus, ControllerToClient, ControllerToEngine,
     Dependency, EngineId, EngineSlot, EngineState, EngineStatus, EngineToController, JobId,
-    JobInfo, JobKind, JobOptions, JobSpec, LostEngine, Mapper, Outcome, RemoteError, Reply, TaskId,
-    TaskResult, Value, Work,
+    JobInfo, JobKind, JobOptions, JobSpec, LostEngine, Mapper, Outcome, RemoteError, Reply,
+    Targets, TaskId, TaskResult, Value, Work,
 };
 
 /// Every engine may hold this many tasks (the running one included) whatever their cost, so it
@@ -557,6 +557,12 @@ impl State {
         if !balanced && options.follow.is_some() {
             return Err("follow places load-balanced work (map, or apply without --targets); direct work already names its engines".into());
         }
+        if !balanced && options.engines.is_some() {
+            return Err("a load-balanced view's targets place load-balanced work; direct work already names its engines".into());
+        }
+        if let Some(t) = &options.engines {
+            t.resolve(&self.ids())?;
+        }
         if !balanced && options.retries > 0 {
             return Err("retries apply to load-balanced work (map, or apply without --targets); direct work runs once on each target".into());
         }
@@ -694,6 +700,11 @@ impl State {
         now: Instant,
     ) -> Result<JobInfo, String> {
         self.check_options(&spec, &options)?;
+        let mut options = options;
+        if let Some(t) = &options.engines {
+            // Kept as ids: the engines it names now, whatever joins or leaves later.
+            options.engines = Some(Targets::Ids(t.resolve(&self.ids())?));
+        }
         let job = JobId(self.next_job);
         // Per target: the work and how many result slots it fills.
         let (kind, targets, mut per_target, mapper, feed): (JobKind, _, Vec<(Work, u64)>, _, _) =
@@ -1072,6 +1083,13 @@ impl State {
         };
         job.waiting = false;
         job.allowed = allowed.filter(|_| job.options.follow.is_some());
+        if let Some(Targets::Ids(only)) = &job.options.engines {
+            let only = only.iter().copied();
+            job.allowed = Some(match job.allowed.take() {
+                Some(followed) => only.filter(|e| followed.contains(e)).collect(),
+                None => only.collect(),
+            });
+        }
         job.deadline = job
             .options
             .timeout_ms
@@ -1886,7 +1904,7 @@ impl State {
                     (
                         *id,
                         format!(
-                            "the engines it was to follow onto ({}) are gone: {reason}",
+                            "the engines it may run on ({}) are gone: {reason}",
                             crate::proto::format_ids(&allowed.iter().copied().collect::<Vec<_>>())
                         ),
                     )
@@ -2211,7 +2229,7 @@ pub fn split<T>(items: &[T], n: usize) -> impl Iterator<Item = &[T]> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::proto::{Targets, Work};
+    use crate::proto::Work;
 
     fn submit_req(spec: JobSpec) -> ClientRequest {
         ClientRequest::Submit {
@@ -3346,6 +3364,72 @@ pub(super) mod tests {
         );
         assert!(
             matches!(c.to_clients.pop(), Some((_, ControllerToClient::Reply { body: Reply::Error(e), .. })) if e.contains("follow places load-balanced work"))
+        );
+    }
+
+    #[test]
+    fn load_balanced_work_with_targets_runs_on_those_engines_only() {
+        let (mut s, mut c, now) = cluster_with(&[1, 1, 1]);
+        let on = |t: &str| JobOptions {
+            engines: Some(Targets::parse(t).unwrap()),
+            ..JobOptions::default()
+        };
+        let only_1 = submit_with(&mut s, &mut c, 12, on("1"), now).unwrap();
+        let tail = submit_with(&mut s, &mut c, 12, on("1:"), now).unwrap();
+        let mut seen: BTreeMap<JobId, BTreeSet<EngineId>> = BTreeMap::new();
+        for (_, a) in assignments(&mut c) {
+            if let Work::MapChunk { job, .. } = a.work {
+                seen.entry(job).or_default().insert(a.engine);
+            }
+        }
+        assert_eq!(seen[&only_1], BTreeSet::from([EngineId(1)]));
+        assert!(seen[&tail].iter().all(|e| *e != EngineId(0)), "{seen:?}");
+        // Ids as the controller resolved them go on record.
+        assert_eq!(
+            s.jobs[&tail].options.engines,
+            Some(Targets::Ids(vec![EngineId(1), EngineId(2)]))
+        );
+
+        // Engines that do not exist, and direct work, are refused.
+        let err = submit_with(&mut s, &mut c, 1, on("7"), now).unwrap_err();
+        assert_eq!(err, "there is no engine 7; the engines are [0, 1, 2]");
+        let direct = JobSpec::Direct {
+            targets: Targets::All,
+            work: Work::Execute { code: "1".into() },
+        };
+        s.on_client_request(
+            &mut c,
+            CLIENT,
+            5,
+            ClientRequest::Submit {
+                spec: direct,
+                options: Box::new(on("1")),
+                wait: false,
+            },
+            now,
+        );
+        assert!(
+            matches!(c.to_clients.pop(), Some((_, ControllerToClient::Reply { body: Reply::Error(e), .. })) if e.contains("direct work already names its engines"))
+        );
+
+        // With its one engine lost, what is left of the first job fails and says why.
+        c.to_clients.clear();
+        s.on_engine_gone(&mut c, ConnId(1), "its connection closed", now);
+        let why: Vec<String> = c
+            .to_clients
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ControllerToClient::Results { job, results } if *job == only_1 => Some(results),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|r| first_error(&r.outcome).map(|e| e.evalue.clone()))
+            .collect();
+        assert!(!why.is_empty());
+        assert!(
+            why.iter()
+                .any(|e| e.contains("the engines it may run on ([1]) are gone")),
+            "{why:?}"
         );
     }
 

@@ -404,6 +404,10 @@ pub struct JobOptions {
     pub after: Option<Dependency>,
     /// Run only on the engines where these jobs ran (load-balanced work).
     pub follow: Option<Dependency>,
+    /// Run only on these engines (load-balanced work: ipyparallel's
+    /// `load_balanced_view(targets)`); the controller resolves them to ids when it takes the job.
+    #[serde(default)]
+    pub engines: Option<Targets>,
     /// Run a task that raised again, up to this many times, on another engine where there is
     /// one (load-balanced work).
     pub retries: u32,
