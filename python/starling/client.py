@@ -76,6 +76,14 @@ class Client:
                 raise IndexError("the targets select no engine")
         return DirectView(self, "all" if targets is None else targets)
 
+    def activate(self, targets="all", suffix: str = "") -> DirectView:
+        """Points the magics (``%px``, ... or, with a suffix, ``%px{suffix}``, ...) at a
+        blocking view on ``targets``; returns that view."""
+        view = self.direct_view(targets)
+        view.block = True
+        view.activate(suffix)
+        return view
+
     def load_balanced_view(self, targets=None) -> LoadBalancedView:
         """A view that sends each task to whichever engine is free first: of all of them, or
         of ``targets`` (an id or a list of ids)."""

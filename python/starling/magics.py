@@ -270,8 +270,12 @@ def _px_options(f):
 class ParallelMagics(Magics):
     """``%px``, ``%%px``, ``%pxresult``, ``%pxconfig`` and ``%autopx`` on one Client."""
 
-    def __init__(self, shell, client=None):
+    def __init__(self, shell, client=None, suffix: str = ""):
         super().__init__(shell)
+        # With a suffix (DirectView.activate), every magic's name has it: %px_even, ...
+        self.suffix = suffix
+        for kind in ("line", "cell"):
+            self.magics[kind] = {name + suffix: m for name, m in self.magics[kind].items()}
         self._client = client
         self.targets = "all"
         self.block = True
@@ -481,7 +485,7 @@ class ParallelMagics(Magics):
         ``%%px``; ``%autopx`` again ends it. Cells that begin with a magic (``%...``) or a
         shell command (``!...``) still run here."""
         self.autopx = not self.autopx
-        print(f"%autopx {'enabled' if self.autopx else 'disabled'}")
+        print(f"%autopx{self.suffix} {'enabled' if self.autopx else 'disabled'}")
 
     def _autopx_transform(self, lines: list) -> list:
         """The input transformer behind ``%autopx``: a cell becomes a ``%%px`` call."""
@@ -492,7 +496,26 @@ class ParallelMagics(Magics):
         if not first or first.startswith("get_ipython()."):
             # Empty, or IPython already made it a magic or shell call: it runs here.
             return lines
-        return [f"get_ipython().run_cell_magic('px', '', {code!r})\n"]
+        return [f"get_ipython().run_cell_magic('px{self.suffix}', '', {code!r})\n"]
+
+
+def activate(ip, view, suffix: str = "") -> ParallelMagics:
+    """The magics, named with ``suffix``, on ``view``'s engines and with its ``block`` flag
+    (``DirectView.activate``); with no suffix, the ones a Client registers."""
+    if not suffix:
+        magics = register(ip, view.client)
+    else:
+        # A class of its own per suffix: IPython keeps one instance per class name.
+        name = f"ParallelMagics{suffix}"
+        magics = ip.magics_manager.registry.get(name)
+        if magics is None:
+            magics = type(name, (ParallelMagics,), {})(ip, view.client, suffix)
+            ip.register_magics(magics)
+            ip.input_transformers_post.append(magics._autopx_transform)
+        magics.client = view.client
+    magics.targets = view.targets
+    magics.block = view.block
+    return magics
 
 
 def register(ip, client=None) -> ParallelMagics:

@@ -214,6 +214,19 @@ class DirectView(View):
             return_exceptions=return_exceptions,
         )
 
+    def activate(self, suffix: str = "") -> None:
+        """Points ``%px``, ``%%px``, ``%pxresult``, ``%pxconfig`` and ``%autopx`` at this view's
+        engines (with its ``block`` flag) — or, with a suffix, magics of their own:
+        ``rc[::2].activate('_even')`` makes ``%px_even`` and the rest, as in ipyparallel."""
+        from IPython import get_ipython
+
+        ip = get_ipython()
+        if ip is None:
+            raise RuntimeError("the magics work inside IPython or Jupyter only")
+        from .magics import activate
+
+        activate(ip, self, suffix)
+
     def _on(self, targets):
         """This view, or one like it on other engines: the ``targets=`` of a single call."""
         if targets is None:

@@ -317,6 +317,24 @@ def test_autopx_runs_every_cell_on_the_engines_until_turned_off(px, shell, rc):
     assert isinstance(result.error_in_exec, NameError), "cells run here again"
 
 
+def test_activate_gives_a_view_magics_of_its_own(px, shell, rc):
+    one = rc[[1]]
+    one.block = True
+    one.activate("_one")
+    _, out, _ = px("%px_one 6 * 7")
+    assert outs(out) == {1: "42"}, out
+    result, out, _ = px("%%px_one --noblock\n'cell'")
+    assert isinstance(result.result, AsyncResult)
+    _, out, _ = px("%pxresult_one")
+    assert outs(out) == {1: "'cell'"}, out
+    _, out, _ = px("%px 6 * 7")
+    assert outs(out) == {0: "42", 1: "42"}, "%px itself is unchanged"
+    # Client.activate: %px itself on other engines, blocking.
+    rc.activate(targets=[0])
+    _, out, _ = px("%px 6 * 7")
+    assert outs(out) == {0: "42"}, out
+
+
 def test_bad_options_are_usage_errors(px):
     result, _, err = px("%px --targets 9 1")
     assert isinstance(result.error_in_exec, UsageError)
