@@ -2,7 +2,7 @@
 # Builds the Python package `starling` (distribution starling-cluster) into a venv, with
 # `starlingd` inside it, and runs pytest on it:
 #
-#   scripts/python.sh              # build into .venv-python (created if missing), then pytest
+#   scripts/python.sh              # build into .venv-python (created if missing), the wheel, pytest
 #   scripts/python.sh build        # only build and install
 #   scripts/python.sh wheel        # build, install, and also make the wheel (target/wheels/)
 #   scripts/python.sh test ARGS    # pytest ARGS, without rebuilding
@@ -37,13 +37,13 @@ if [ "$what" != test ]; then
     (cd python && VIRTUAL_ENV=$VENV "$VENV/bin/maturin" develop --quiet --locked --profile "$PROFILE" >&2)
 fi
 [ "$what" = build ] && exit 0
-if [ "$what" = wheel ]; then
+if [ "$what" = wheel ] || [ "$what" = all ]; then
     # The abi3 wheel a user installs with pip, starlingd inside (pyproject.toml's include);
     # the same build as above, so this only packs it. test_the_wheel_alone... installs it.
     rm -f "$TARGET"/wheels/starling_cluster-*.whl
     (cd python && "$VENV/bin/maturin" build --quiet --locked --profile "$PROFILE" --out "$TARGET/wheels" >&2)
-    ls "$TARGET"/wheels/starling_cluster-*.whl
-    exit 0
+    ls "$TARGET"/wheels/starling_cluster-*.whl >&2
+    [ "$what" = wheel ] && exit 0
 fi
 [ "$what" = test ] && shift || true
 [ "$what" = all ] && shift || true

@@ -340,6 +340,8 @@ class AsyncResult(Future):
         if isinstance(key, str):
             md = self.metadata
             return md[key] if isinstance(md, dict) else [m[key] for m in md]
+        if not self.ready():
+            raise TimeoutError(f"result of job {self.job_id} not ready; ar.get() waits for it")
         return self.get()[key]
 
     def __getattr__(self, name):

@@ -48,8 +48,6 @@ class Client:
     def __getitem__(self, key) -> DirectView:
         if isinstance(key, slice) and key == slice(None):
             return self.direct_view("all")
-        if isinstance(key, slice):
-            return self.direct_view(self.ids[key])
         return self.direct_view(key)
 
     def __iter__(self):
@@ -57,8 +55,10 @@ class Client:
             yield self.direct_view(i)
 
     def direct_view(self, targets="all") -> DirectView:
-        """A view on ``targets``: ``'all'`` (every engine, also ones that join later), an id,
-        or a list of ids."""
+        """A view on ``targets``: ``'all'`` (every engine, also ones that join later), an id
+        (negative ones count from the end), a list of ids, or a slice of the ids."""
+        if isinstance(targets, slice):
+            targets = self.ids[targets]
         if isinstance(targets, int):
             ids = self.ids
             if targets not in ids:

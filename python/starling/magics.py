@@ -168,6 +168,47 @@ def _split_line(line: str):
     return " ".join(taken), line[pos:].strip()
 
 
+# How %px and %pxresult show outputs, and where they keep the AsyncResult.
+_OUTPUT_OPTIONS = [
+    argument(
+        "-r",
+        dest="groupby",
+        action="store_const",
+        const="order",
+        default="type",
+        help="Collate the outputs in order (--group-outputs=order).",
+    ),
+    argument(
+        "-e",
+        dest="groupby",
+        action="store_const",
+        const="engine",
+        default="type",
+        help="Group the outputs by engine (--group-outputs=engine).",
+    ),
+    argument(
+        "--group-outputs",
+        dest="groupby",
+        choices=GROUPINGS,
+        default="type",
+        help="type: all stdout, then stderr, errors, values (the default, as in ipyparallel); engine: every output of engine 0, then of 1, ...; order: as type.",
+    ),
+    argument(
+        "-o",
+        "--out",
+        dest="out",
+        default=None,
+        help="Store the AsyncResult in the user namespace under this name.",
+    ),
+]
+
+
+def _output_options(f):
+    for decorate in reversed([magic_arguments(), *_OUTPUT_OPTIONS]):
+        f = decorate(f)
+    return f
+
+
 def _px_options(f):
     for decorate in reversed(
         [
@@ -210,36 +251,7 @@ def _px_options(f):
                 const=False,
                 help="Show the outputs once every engine has finished.",
             ),
-            argument(
-                "-r",
-                dest="groupby",
-                action="store_const",
-                const="order",
-                default="type",
-                help="Collate the outputs in order (--group-outputs=order).",
-            ),
-            argument(
-                "-e",
-                dest="groupby",
-                action="store_const",
-                const="engine",
-                default="type",
-                help="Group the outputs by engine (--group-outputs=engine).",
-            ),
-            argument(
-                "--group-outputs",
-                dest="groupby",
-                choices=GROUPINGS,
-                default="type",
-                help="type: all stdout, then stderr, errors, values (the default, as in ipyparallel); engine: every output of engine 0, then of 1, ...; order: as type.",
-            ),
-            argument(
-                "-o",
-                "--out",
-                dest="out",
-                default=None,
-                help="Store the AsyncResult in the user namespace under this name.",
-            ),
+            *_OUTPUT_OPTIONS,
             argument(
                 "--local",
                 action="store_true",
@@ -371,33 +383,7 @@ class ParallelMagics(Magics):
 
     # ---- %pxresult -------------------------------------------------------------------------
 
-    @magic_arguments()
-    @argument(
-        "--group-outputs", dest="groupby", choices=GROUPINGS, default="type", help="As for %%px."
-    )
-    @argument(
-        "-r",
-        dest="groupby",
-        action="store_const",
-        const="order",
-        default="type",
-        help="As for %%px.",
-    )
-    @argument(
-        "-e",
-        dest="groupby",
-        action="store_const",
-        const="engine",
-        default="type",
-        help="As for %%px.",
-    )
-    @argument(
-        "-o",
-        "--out",
-        dest="out",
-        default=None,
-        help="Store the AsyncResult in the user namespace under this name.",
-    )
+    @_output_options
     @line_magic
     def pxresult(self, line=""):
         """Waits for the last ``%px`` job (e.g. a ``--noblock`` one) and shows its outputs."""
@@ -507,11 +493,7 @@ def activate(ip, view, suffix: str = "") -> ParallelMagics:
     else:
         # A class of its own per suffix: IPython keeps one instance per class name.
         name = f"ParallelMagics{suffix}"
-        magics = ip.magics_manager.registry.get(name)
-        if magics is None:
-            magics = type(name, (ParallelMagics,), {})(ip, view.client, suffix)
-            ip.register_magics(magics)
-            ip.input_transformers_post.append(magics._autopx_transform)
+        magics = _install(ip, name, lambda: type(name, (ParallelMagics,), {})(ip, None, suffix))
         magics.client = view.client
     magics.targets = view.targets
     magics.block = view.block
@@ -520,17 +502,27 @@ def activate(ip, view, suffix: str = "") -> ParallelMagics:
 
 def register(ip, client=None) -> ParallelMagics:
     """Installs the magics on ``ip`` (once); ``client``, if given, becomes the one they use."""
-    magics = ip.magics_manager.registry.get(ParallelMagics.__name__)
+    magics = _install(ip, ParallelMagics.__name__, lambda: ParallelMagics(ip))
+    if client is not None:
+        magics.client = client
+    return magics
+
+
+def _install(ip, name: str, make) -> ParallelMagics:
+    """The magics IPython knows by class ``name``: made by ``make`` and registered with their
+    %autopx transformer the first time (or after this module was reloaded: then the older
+    transformer of that class goes)."""
+    magics = ip.magics_manager.registry.get(name)
     if not isinstance(magics, ParallelMagics):
-        # First time (or this module was reloaded): install, replacing an older transformer.
         ip.input_transformers_post[:] = [
             t
             for t in ip.input_transformers_post
-            if getattr(t, "__name__", "") != "_autopx_transform"
+            if not (
+                getattr(t, "__name__", "") == "_autopx_transform"
+                and type(getattr(t, "__self__", None)).__name__ == name
+            )
         ]
-        magics = ParallelMagics(ip, client)
+        magics = make()
         ip.register_magics(magics)
         ip.input_transformers_post.append(magics._autopx_transform)
-    elif client is not None:
-        magics.client = client
     return magics

@@ -232,7 +232,7 @@ class DirectView(View):
         if targets is None:
             return self
         view = copy.copy(self)
-        view.targets = targets
+        view.targets = self.client.direct_view(targets).targets
         return view
 
     def execute(self, code: str, silent: bool = True, targets=None, block=None):
@@ -455,10 +455,14 @@ class LoadBalancedView(View):
             "<LoadBalancedView>" if self.targets is None else f"<LoadBalancedView {self.targets!r}>"
         )
 
+    def _ids(self) -> list:
+        """The engines it may use: its targets (as ``direct_view`` takes them), or all."""
+        if self.targets is None or self.targets == "all":
+            return self.client.ids
+        return self.client.direct_view(self.targets)._ids()
+
     def _options(self) -> dict:
-        # Its targets: the engines it may use (the controller checks that they exist).
-        t = self.targets
-        engines = None if t is None or t == "all" else [t] if isinstance(t, int) else list(t)
+        engines = None if self.targets is None or self.targets == "all" else self._ids()
         return {**super()._options(), "engines": engines}
 
     def _apply_native(self, f, args, kwargs, wait):
@@ -516,7 +520,7 @@ class LoadBalancedView(View):
         if not sequences:
             raise TypeError("imap needs at least one sequence")
         if max_outstanding == "auto":
-            max_outstanding = 2 * max(1, len(self.client.ids))
+            max_outstanding = 2 * max(1, len(self._ids()))
         if not isinstance(max_outstanding, int) or max_outstanding < 1:
             raise ValueError(
                 f"max_outstanding must be 'auto' or an int >= 1, not {max_outstanding!r}"

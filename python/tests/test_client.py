@@ -112,7 +112,11 @@ def test_a_load_balanced_view_on_some_engines_keeps_to_them(rc):
     assert set(ar.engine_ids) == {1}
     one = rc.load_balanced_view(targets=0).apply_async(square, 3)
     assert one.get() == 9 and one.engine_id == 0
-    with pytest.raises(RuntimeError, match="there is no engine 5; the engines are"):
+    # As direct_view takes them: a negative id, a slice.
+    for targets in (-1, slice(1, None)):
+        last = rc.load_balanced_view(targets=targets).apply_async(square, 4)
+        assert last.get() == 16 and last.engine_id == 1
+    with pytest.raises(IndexError, match="there is no engine 5; the engines are"):
         rc.load_balanced_view(targets=5).apply_sync(square, 3)
 
 
@@ -433,7 +437,8 @@ def test_execute_run_and_clear(rc, tmp_path):
     assert v.clear(block=True).get() == [None, None]
     with pytest.raises(CompositeError):
         v.pull("from_file", block=True)
-    assert rc[0].apply_sync(lambda: sorted(k for k in globals() if not k.startswith("__"))) == []
+    left = "sorted(k for k in globals() if not k.startswith('__'))"
+    assert v.execute(left, block=True).get() == [[], []]
 
 
 def test_targets_of_one_call(rc):
@@ -452,6 +457,8 @@ def test_targets_of_one_call(rc):
 
 def test_metadata_reads_as_ipyparallels(rc):
     ar = rc[:].apply_async(lambda: __import__("time").sleep(0.5) or 1)
+    with pytest.raises(TimeoutError, match="not ready"):
+        ar[0]
     pending = ar.metadata
     assert [m["engine_id"] for m in pending] == [0, 1]
     assert all(m["completed"] is None and m["status"] is None for m in pending)

@@ -18,6 +18,10 @@ def test_the_wheel_alone_gives_a_working_local_cluster(tmp_path):
     wheels = sorted((ROOT / "target" / "wheels").glob("starling_cluster-*.whl"))
     assert wheels, "no wheel in target/wheels: `scripts/python.sh wheel` builds it"
     wheel = wheels[-1]
+    daemon = ROOT / "python" / "starling" / "bin" / "starlingd"
+    assert wheel.stat().st_mtime >= daemon.stat().st_mtime, (
+        f"{wheel.name} is older than the last build: `scripts/python.sh wheel` packs it anew"
+    )
     assert "-cp39-abi3-" in wheel.name, wheel.name
     assert "starling/bin/starlingd" in zipfile.ZipFile(wheel).namelist()
 

@@ -84,8 +84,10 @@ impl JobState {
         }
     }
 
-    /// Marks the job ended and answers the submitters held until then.
+    /// Marks the job ended and answers the submitters held until then. Output streamed while
+    /// it ran is dropped: its results have all of it.
     fn end(&self) {
+        std::mem::take(&mut self.filled.lock().expect("not poisoned").streamed);
         self.ended.send_replace(true);
         let held = std::mem::take(&mut *self.at_end.lock().expect("not poisoned"));
         for (tx, reply, state) in held {
@@ -434,8 +436,9 @@ impl AsyncResult {
 
     /// What running tasks have written so far, in the order it came, from the `from`-th piece
     /// on: each piece follows the last of its task. Output comes while tasks run (the engines
-    /// send it every 0.2 s at most); a finished task's [`TaskResult`] has all of its output,
-    /// of which the pieces of that task are the beginning.
+    /// send it every 0.2 s at most), and is kept until the job ends; a finished task's
+    /// [`TaskResult`] has all of its output (unless its value was refused as too large), of
+    /// which the pieces of that task are the beginning.
     pub fn streamed(&self, from: usize) -> Vec<TaskOutput> {
         let f = self.state.filled.lock().expect("not poisoned");
         f.streamed.get(from..).map_or_else(Vec::new, <[_]>::to_vec)

@@ -560,9 +560,6 @@ impl State {
         if !balanced && options.engines.is_some() {
             return Err("a load-balanced view's targets place load-balanced work; direct work already names its engines".into());
         }
-        if let Some(t) = &options.engines {
-            t.resolve(&self.ids())?;
-        }
         if !balanced && options.retries > 0 {
             return Err("retries apply to load-balanced work (map, or apply without --targets); direct work runs once on each target".into());
         }
@@ -1090,6 +1087,28 @@ impl State {
                 None => only.collect(),
             });
         }
+        if let Some(allowed) = job.allowed.clone() {
+            // Its engines may have gone while it waited, or follow and targets may not meet.
+            if !allowed
+                .iter()
+                .any(|e| self.engines.contains_key(e) || self.awaited(*e))
+            {
+                let why = if allowed.is_empty() {
+                    "none of the engines where the jobs it follows ran is among its targets"
+                        .to_string()
+                } else {
+                    format!(
+                        "the engines it may run on ({}) are gone",
+                        crate::proto::format_ids(&allowed.into_iter().collect::<Vec<_>>())
+                    )
+                };
+                self.fail_impossible(comm, job_id, &why);
+                return;
+            }
+        }
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
         job.deadline = job
             .options
             .timeout_ms
@@ -3411,6 +3430,27 @@ pub(super) mod tests {
         assert!(
             matches!(c.to_clients.pop(), Some((_, ControllerToClient::Reply { body: Reply::Error(e), .. })) if e.contains("direct work already names its engines"))
         );
+
+        // Follow and targets that do not meet: refused as it is released, not left waiting.
+        let ran = submit_with(&mut s, &mut c, 1, on("0"), now).unwrap();
+        let (conn, a) = assignments(&mut c)
+            .into_iter()
+            .find(|(_, a)| matches!(&a.work, Work::MapChunk { job, .. } if *job == ran))
+            .unwrap();
+        finish_chunk(&mut s, &mut c, conn, &a, 10);
+        let apart = JobOptions {
+            follow: Some(Dependency::on(vec![ran])),
+            ..on("2")
+        };
+        c.to_clients.clear();
+        let never = submit_with(&mut s, &mut c, 3, apart, now).unwrap();
+        assert!(
+            c.to_clients.iter().any(|(_, m)| matches!(m, ControllerToClient::Results { job, results }
+                if *job == never && results.iter().any(|r| first_error(&r.outcome).is_some_and(|e| e.evalue.contains("none of the engines where the jobs it follows ran is among its targets"))))),
+            "{:?}",
+            c.to_clients
+        );
+        assert!(!s.is_unfinished(never));
 
         // With its one engine lost, what is left of the first job fails and says why.
         c.to_clients.clear();

@@ -1006,6 +1006,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn requests_stored_before_options_gained_engines_read_back() {
+        // JobOptions as protocol 6 stored them: six fields, positional.
+        #[derive(serde::Serialize)]
+        struct OldOptions {
+            label: Option<String>,
+            submitter: String,
+            after: Option<crate::proto::Dependency>,
+            follow: Option<crate::proto::Dependency>,
+            retries: u32,
+            timeout_ms: Option<u64>,
+        }
+        let spec = JobSpec::Map {
+            mapper: crate::proto::Mapper::Python(Func::Expr("f".into())),
+            items: vec![crate::proto::Value::from(1)],
+            chunksize: None,
+        };
+        let old = OldOptions {
+            label: Some("old".into()),
+            submitter: "me@here".into(),
+            after: None,
+            follow: None,
+            retries: 2,
+            timeout_ms: Some(5),
+        };
+        let blob = rmp_serde::to_vec(&(&spec, &old)).unwrap();
+        let (back, options): (JobSpec, JobOptions) = rmp_serde::from_slice(&blob).unwrap();
+        assert_eq!(back, spec);
+        assert_eq!(options.retries, 2);
+        assert_eq!(options.timeout_ms, Some(5));
+        assert_eq!(options.engines, None);
+        // And today's, with the field, round-trips.
+        let new = JobOptions {
+            engines: Some(crate::proto::Targets::Ids(vec![crate::proto::EngineId(1)])),
+            ..options
+        };
+        let blob = request_blob(&spec, &new).unwrap();
+        let (_, again): (JobSpec, JobOptions) = rmp_serde::from_slice(&blob).unwrap();
+        assert_eq!(again, new);
+    }
+
+    #[test]
     fn queries_become_bound_sql_and_bad_ones_say_what_is_allowed() {
         let (sql, args) =
             where_clause(r#"{"status": "failed", "submitted": {"$gt": 5, "$lte": 9}, "label": {"$in": ["a", "b"]}}"#)

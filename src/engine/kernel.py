@@ -100,6 +100,11 @@ def _forked():
     except OSError:
         pass
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The streaming thread is not in the child; its lock may have been taken when it forked.
+    streamer = globals().get("_STREAM")
+    if streamer is not None:
+        streamer.lock = threading.Lock()
+        streamer.task = None
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -155,8 +160,9 @@ class _Capture:
 
 _OUT, _ERR = _Capture(1), _Capture(2)
 
-# How often a running task's new output is sent on.
+# How often a running task's new output is sent on, and the most of each stream at a time.
 _STREAM_EVERY = 0.2
+_STREAM_PIECE = 256 << 10
 
 
 class _Streamer:
@@ -213,7 +219,10 @@ class _Streamer:
             size = min(os.fstat(fd).st_size, _CAPTURE_LIMIT)
             new = b""
             if size > self.sent[i]:
-                new = os.pread(fd, size - self.sent[i], self.sent[i])
+                # A piece well inside the frame limit even as escaped JSON; the rest comes at
+                # the next look.
+                most = min(_STREAM_PIECE, _limit // 16)
+                new = os.pread(fd, min(size - self.sent[i], most), self.sent[i])
                 self.sent[i] += len(new)
             text.append(self.decoders[i].decode(new) if new else "")
         if text[0] or text[1]:
@@ -770,6 +779,8 @@ def _interrupted_late(task, e):
     # The interrupt for a cancelled task landed while its reply was being made, outside the
     # task's own try: it still gets its one reply, and the kernel goes on.
     global _current
+    if os.getpid() != _PID:
+        os._exit(0)  # a process the task forked: it never answers for the kernel
     _current = None
     sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     reply = _error(e)

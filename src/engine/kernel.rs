@@ -685,7 +685,13 @@ impl PythonKernel {
                     break;
                 }
                 Some(Ok(f)) => match streamed(&f) {
-                    Some(out) => output(out),
+                    Some(out) => {
+                        output(out);
+                        // Replies read before it go out now, as after a reply (below).
+                        if !pending.is_empty() && self.from_kernel.read_buffer().is_empty() {
+                            ready(std::mem::take(&mut pending));
+                        }
+                    }
                     None => match decode_reply(&f, batch.ids[done]) {
                         Ok(reply) => {
                             pending.push(reply);

@@ -792,15 +792,18 @@ impl Slot {
         if self.epoch.load(Ordering::SeqCst) != self.batch_epoch {
             return;
         }
-        let _ = self
-            .out
-            .send(conn::encode(&EngineToController::Output(TaskOutput {
-                job: JobId(0),
-                task: TaskId(out.task),
-                engine: self.id,
-                stdout: out.stdout,
-                stderr: out.stderr,
-            })));
+        let frame = conn::encode(&EngineToController::Output(TaskOutput {
+            job: JobId(0),
+            task: TaskId(out.task),
+            engine: self.id,
+            stdout: out.stdout,
+            stderr: out.stderr,
+        }));
+        // The kernel sends small pieces; one over the limit is left out rather than cost the
+        // connection (the task's result carries all of its output).
+        if frame.len() <= self.config.max_frame {
+            let _ = self.out.send(frame);
+        }
     }
 
     fn result(&self, a: &Assignment, r: KernelReply) -> TaskResult {

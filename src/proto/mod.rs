@@ -404,16 +404,18 @@ pub struct JobOptions {
     pub after: Option<Dependency>,
     /// Run only on the engines where these jobs ran (load-balanced work).
     pub follow: Option<Dependency>,
-    /// Run only on these engines (load-balanced work: ipyparallel's
-    /// `load_balanced_view(targets)`); the controller resolves them to ids when it takes the job.
-    #[serde(default)]
-    pub engines: Option<Targets>,
     /// Run a task that raised again, up to this many times, on another engine where there is
     /// one (load-balanced work).
     pub retries: u32,
     /// Fail a task with `TaskTimeout` once it has not finished this long after it could start;
     /// a running one is interrupted.
     pub timeout_ms: Option<u64>,
+    /// Run only on these engines (load-balanced work: ipyparallel's
+    /// `load_balanced_view(targets)`); the controller resolves them to ids when it takes the job.
+    /// Last, and defaulted: the task store keeps options as a positional array, and records
+    /// written before this field existed end one element short.
+    #[serde(default)]
+    pub engines: Option<Targets>,
 }
 
 /// What kind of job a [`JobInfo`] describes, so a client that re-attaches knows how to show it.
