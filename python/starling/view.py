@@ -122,6 +122,15 @@ class View:
         """Like ``map``, yielding results as they arrive."""
         return iter(self._map(f, sequences, **kwargs))
 
+    def _submit_map(self, f, sequences, wait, shown, **where):
+        """Submits a map of ``f`` over the sequences (``where``: balanced and its targets or
+        chunksize, as the native call takes them); its AsyncMapResult gets ``shown``."""
+        items, star = self._items(sequences)
+        native = self.client._native.map(
+            _serialize.pack_func(f), items, star=star, options=self._options(), wait=wait, **where
+        )
+        return AsyncMapResult(self.client, native, fname=_name(f), **shown)
+
     def _items(self, sequences):
         if not sequences:
             raise TypeError("map needs at least one sequence")
@@ -196,22 +205,13 @@ class DirectView(View):
             raise TypeError(
                 f"DirectView.map takes no {', '.join(kwargs)}; a LoadBalancedView takes chunksize and ordered"
             )
-        items, star = self._items(sequences)
-        native = self.client._native.map(
-            _serialize.pack_func(f),
-            items,
+        return self._submit_map(
+            f,
+            sequences,
+            wait,
+            dict(reshape=reshape, return_exceptions=return_exceptions),
             balanced=False,
             targets=self._native_targets(),
-            star=star,
-            options=self._options(),
-            wait=wait,
-        )
-        return AsyncMapResult(
-            self.client,
-            native,
-            fname=_name(f),
-            reshape=reshape,
-            return_exceptions=return_exceptions,
         )
 
     def activate(self, suffix: str = "") -> None:
@@ -485,25 +485,14 @@ class LoadBalancedView(View):
         chunksize=None,
         ordered=None,
     ):
-        items, star = self._items(sequences)
-        chunksize = self.chunksize if chunksize is None else chunksize
         ordered = self.ordered if ordered is None else ordered
-        native = self.client._native.map(
-            _serialize.pack_func(f),
-            items,
+        return self._submit_map(
+            f,
+            sequences,
+            wait,
+            dict(ordered=ordered, reshape=reshape, return_exceptions=return_exceptions),
             balanced=True,
-            star=star,
-            chunksize=chunksize,
-            options=self._options(),
-            wait=wait,
-        )
-        return AsyncMapResult(
-            self.client,
-            native,
-            fname=_name(f),
-            ordered=ordered,
-            reshape=reshape,
-            return_exceptions=return_exceptions,
+            chunksize=self.chunksize if chunksize is None else chunksize,
         )
 
     def _part_bounds(self, n: int) -> list:

@@ -3182,6 +3182,36 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// Submits `execute` on every engine with `options`, which the controller must refuse:
+    /// its error.
+    fn refused_direct(
+        s: &mut State,
+        c: &mut Recorder,
+        options: JobOptions,
+        now: Instant,
+    ) -> String {
+        let spec = JobSpec::Direct {
+            targets: Targets::All,
+            work: Work::Execute { code: "1".into() },
+        };
+        let submit = ClientRequest::Submit {
+            spec,
+            options: Box::new(options),
+            wait: false,
+        };
+        s.on_client_request(c, CLIENT, 5, submit, now);
+        match c.to_clients.pop() {
+            Some((
+                _,
+                ControllerToClient::Reply {
+                    body: Reply::Error(e),
+                    ..
+                },
+            )) => e,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
     /// Options that place work where `job` ran, once it succeeded.
     fn follows(job: JobId) -> JobOptions {
         JobOptions {
@@ -3362,28 +3392,8 @@ pub(super) mod tests {
             task_a.engine
         );
         // Follow is for load-balanced work.
-        let direct = JobSpec::Direct {
-            targets: Targets::All,
-            work: Work::Execute { code: "1".into() },
-        };
-        let options = JobOptions {
-            follow: Some(Dependency::on(vec![a])),
-            ..JobOptions::default()
-        };
-        s.on_client_request(
-            &mut c,
-            CLIENT,
-            5,
-            ClientRequest::Submit {
-                spec: direct,
-                options: Box::new(options),
-                wait: false,
-            },
-            now,
-        );
-        assert!(
-            matches!(c.to_clients.pop(), Some((_, ControllerToClient::Reply { body: Reply::Error(e), .. })) if e.contains("follow places load-balanced work"))
-        );
+        let err = refused_direct(&mut s, &mut c, follows(a), now);
+        assert!(err.contains("follow places load-balanced work"), "{err}");
     }
 
     #[test]
@@ -3412,23 +3422,10 @@ pub(super) mod tests {
         // Engines that do not exist, and direct work, are refused.
         let err = submit_with(&mut s, &mut c, 1, on("7"), now).unwrap_err();
         assert_eq!(err, "there is no engine 7; the engines are [0, 1, 2]");
-        let direct = JobSpec::Direct {
-            targets: Targets::All,
-            work: Work::Execute { code: "1".into() },
-        };
-        s.on_client_request(
-            &mut c,
-            CLIENT,
-            5,
-            ClientRequest::Submit {
-                spec: direct,
-                options: Box::new(on("1")),
-                wait: false,
-            },
-            now,
-        );
+        let err = refused_direct(&mut s, &mut c, on("1"), now);
         assert!(
-            matches!(c.to_clients.pop(), Some((_, ControllerToClient::Reply { body: Reply::Error(e), .. })) if e.contains("direct work already names its engines"))
+            err.contains("direct work already names its engines"),
+            "{err}"
         );
 
         // Follow and targets that do not meet: refused as it is released, not left waiting.
