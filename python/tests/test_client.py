@@ -767,6 +767,49 @@ def test_cluster_from_python_leaves_nothing(_home):
     assert not os.path.exists(os.path.join(_home, "clusters", "ctx", "local.json"))
 
 
+def test_a_cluster_from_a_spec_and_the_only_cluster_found_by_client(tmp_path):
+    spec = tmp_path / "science.yaml"
+    spec.write_text(
+        f"name: science\nprovider: local\nengines_per_node: 2\npython: {sys.executable}\n"
+    )
+    code = f"""
+import starling
+with starling.Cluster(spec={str(spec)!r}, shutdown_atexit=False) as rc:
+    print(rc.ids, rc[:].apply_sync(lambda: 6 * 7))
+    other = starling.Client()  # no argument: the only cluster there is
+    print(other.cluster, other.ids)
+    other.close()
+try:
+    starling.Client()
+except Exception as e:  # noqa: BLE001
+    print("after:", e)
+"""
+    home = tmp_path / "home"
+    p = run_python(code, env={**os.environ, "STARLING_HOME": os.fspath(home)}, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[:2] == ["[0, 1] [42, 42]", "science [0, 1]"], p.stdout
+    assert lines[2].startswith("after: ") and "starling up" in lines[2], lines[2]
+    assert not (home / "clusters" / "science" / "local.json").exists()
+
+    # A spec with a key it does not know is refused, naming the key and what to read.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nprovider: local\nengines_per_nod: 2\n")
+    with pytest.raises(ValueError, match="unknown field `engines_per_nod`.*spec reference"):
+        starling.Cluster(spec=bad, shutdown_atexit=False).start()
+
+
+def test_wait_and_wait_interactive(rc, capsys):
+    assert rc.wait() is True  # nothing outstanding... or all of it done
+    slow = rc[:].apply_async(lambda: __import__("time").sleep(0.5))
+    assert rc.wait([slow], timeout=0.05) is False
+    slow.wait_interactive(interval=0.05)
+    assert slow.ready()
+    bar = capsys.readouterr().err
+    assert "2/2 tasks finished" in bar, bar
+    assert rc.wait([slow], timeout=0) is True
+
+
 def test_display_outputs_prints_as_px_does(rc, capsys):
     ar = rc[:].execute("print('hi')\n5", block=False)
     assert ar.get() == [5, 5]
