@@ -169,8 +169,9 @@ class _Streamer:
     """Sends what the running task has written so far, while it runs: a thread that looks at
     the capture files every _STREAM_EVERY seconds, and reads what is new there with pread
     (the task's own writes keep their file offset). A task that ends within the period costs
-    it nothing but setting two attributes. The lock also keeps its frames and the main
-    thread's apart on the reply pipe."""
+    it nothing but setting two attributes. A look that finds no task begun since the last one
+    puts the thread to sleep until one begins, so an idle kernel is not woken. The lock also
+    keeps its frames and the main thread's apart on the reply pipe."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -179,11 +180,16 @@ class _Streamer:
         self.sent = [0, 0]
         self.decoders = None
         self.count = 0  # tasks begun, so that the thread tells one from the next
+        self.idle = False  # the thread waits for `wake`
+        self.wake = threading.Event()
         threading.Thread(target=self._loop, name="starling-stream", daemon=True).start()
 
     def begin(self, task):
         self.count += 1
         self.task = task
+        if self.idle:  # read after the writes above: see _loop
+            self.idle = False
+            self.wake.set()
 
     def end(self):
         with self.lock:
@@ -191,7 +197,18 @@ class _Streamer:
             self.decoders = None
 
     def _loop(self):
+        looked = self.count
         while True:
+            if self.task is None and self.count == looked:
+                # Nothing begun since the last look: sleep until a task begins. `idle` is set
+                # before the second look, so a task begun in between either is seen here or
+                # sees `idle` and wakes this thread.
+                self.idle = True
+                if self.task is None and self.count == looked:
+                    self.wake.wait()
+                self.wake.clear()
+                self.idle = False
+            looked = self.count
             time.sleep(_STREAM_EVERY)
             try:
                 with self.lock:
