@@ -1092,10 +1092,12 @@ async fn finish(
     timeout: Option<Duration>,
     progress: bool,
 ) -> Result<ExitCode> {
-    let done = if progress {
-        output::progress(ar, timeout).await?
+    let (done, shown) = if progress {
+        (output::progress(ar, timeout).await?, output::Shown::new())
+    } else if matches!(g.output, Format::Text) {
+        output::streaming(ar, timeout).await?
     } else {
-        ar.wait(timeout).await?
+        (ar.wait(timeout).await?, output::Shown::new())
     };
     if !done {
         let (done, total) = ar.progress();
@@ -1112,6 +1114,12 @@ async fn finish(
         _ => {
             let mut results = ar.results();
             results.sort_by_key(|r| r.first);
+            for r in &mut results {
+                if let Some((out, err)) = shown.get(&r.task) {
+                    r.stdout = output::unshown(&r.stdout, *out);
+                    r.stderr = output::unshown(&r.stderr, *err);
+                }
+            }
             output::results(g.output, &results)
         }
     };

@@ -282,6 +282,12 @@ fn block(label: &str, text: &str) {
     }
 }
 
+/// What is left of a task's `text` once `shown` bytes of it were printed (all of it, should the
+/// two not line up).
+pub fn unshown(text: &str, shown: usize) -> String {
+    text.get(shown..).unwrap_or(text).to_string()
+}
+
 /// Prints task results like %px does; returns whether any task failed.
 pub fn results(f: Format, results: &[TaskResult]) -> bool {
     let failed = results
@@ -341,6 +347,43 @@ pub fn results(f: Format, results: &[TaskResult]) -> bool {
         }
     }
     failed
+}
+
+/// How much of each task's stdout and stderr [`streaming`] printed while it ran (bytes).
+pub type Shown = std::collections::HashMap<crate::proto::TaskId, (usize, usize)>;
+
+/// Waits for `ar` as `ar.wait(timeout)` does, printing what its running tasks write as it comes
+/// (`[stdout:0] ...`, sent on by the engines every 0.2 s); returns whether it is done, and how
+/// much of each task's output it printed, which [`results`] then leaves out.
+pub async fn streaming(
+    ar: &AsyncResult,
+    timeout: Option<Duration>,
+) -> Result<(bool, Shown), ClientError> {
+    /// How often new output is looked for.
+    const TICK: Duration = Duration::from_millis(100);
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let mut shown = Shown::new();
+    let mut seen = 0;
+    loop {
+        let tick = match deadline {
+            Some(d) => TICK.min(d.saturating_duration_since(std::time::Instant::now())),
+            None => TICK,
+        };
+        let done = ar.wait(Some(tick)).await?;
+        let pieces = ar.streamed(seen);
+        seen += pieces.len();
+        for p in pieces {
+            block(&format!("stdout:{}", p.engine), &p.stdout);
+            block(&format!("stderr:{}", p.engine), &p.stderr);
+            let n = shown.entry(p.task).or_default();
+            n.0 += p.stdout.len();
+            n.1 += p.stderr.len();
+        }
+        let late = deadline.is_some_and(|d| std::time::Instant::now() >= d);
+        if done || late {
+            return Ok((done, shown));
+        }
+    }
 }
 
 /// "1 engine", "2 engines".

@@ -273,6 +273,47 @@ fn result_with_a_timeout_says_how_far_the_job_got() {
 }
 
 #[test]
+fn px_shows_what_a_task_prints_while_it_runs() {
+    use std::io::BufRead as _;
+    let c = Cluster::up("streams", 1);
+    let flag = c.workdir().join("shown");
+    // The task prints, then waits until `px` has shown that line: it ends (and px with it)
+    // only if the line came out while the task ran.
+    let code = format!(
+        "import os, time\nprint('first')\ndeadline = time.monotonic() + 30\nwhile not os.path.exists({flag:?}):\n    assert time.monotonic() < deadline, 'px never showed the first line'\n    time.sleep(0.01)\nprint('second')\n'done'"
+    );
+    let mut child = std::process::Command::new(STARLING)
+        .args(["px", &code, "--cluster", "streams"])
+        .env("STARLING_HOME", c.home_path())
+        .current_dir(c.workdir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(std::time::Duration::from_secs(30));
+    assert_eq!(first.as_deref(), Ok("[stdout:0] first"));
+    std::fs::write(&flag, "").unwrap();
+    let rest: Vec<String> = rx.iter().collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{rest:?}");
+    // The rest once, after it, then the value; nothing shown twice.
+    assert_eq!(rest, ["[stdout:0] second", "Out[0:1]: 'done'"]);
+
+    // As JSON (for scripts), all of it at the end, as before (the flag is there already).
+    let r = c.starling(&["px", &code, "--output", "json"]);
+    assert_eq!(r.ok().json()[0]["stdout"], "first\nsecond\n");
+}
+
+#[test]
 fn px_reads_code_from_stdin_or_a_file_and_a_closed_pipe_ends_it_quietly() {
     let c = Cluster::up("pipes", 2);
     let bin = std::path::Path::new(STARLING).parent().unwrap();
