@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PySlice, PyTuple};
 use serde_json::Value as Json;
 
 use starling::client::{AsyncResult, Client, ClientError, DirectView, LoadBalancedView};
@@ -523,10 +523,8 @@ fn options_from_py(opts: Option<&Bound<'_, PyDict>>) -> PyResult<JobOptions> {
     };
     o.after = dep("after")?;
     o.follow = dep("follow")?;
-    if let Some(t) = d.get_item("engines")? {
-        o.engines = t
-            .extract::<Option<Vec<u32>>>()?
-            .map(|ids| starling::proto::Targets::Ids(ids.into_iter().map(EngineId).collect()));
+    if let Some(t) = d.get_item("engines")?.filter(|t| !t.is_none()) {
+        o.engines = Some(engines_from_py(&t)?);
     }
     if let Some(r) = d.get_item("retries")? {
         o.retries = r.extract::<Option<u32>>()?.unwrap_or(0);
@@ -545,6 +543,39 @@ fn options_from_py(opts: Option<&Bound<'_, PyDict>>) -> PyResult<JobOptions> {
         o.label = l.extract()?;
     }
     Ok(o)
+}
+
+/// A load-balanced view's targets as Python gives them: an id (a negative one counts from the
+/// end), a list of ids, or a slice of the ids. The controller resolves them, or says which
+/// engine does not exist.
+fn engines_from_py(t: &Bound<'_, PyAny>) -> PyResult<Targets> {
+    if let Ok(s) = t.cast::<PySlice>() {
+        let part = |name: &str| -> PyResult<Option<i64>> { s.getattr(name)?.extract() };
+        let step = part("step")?;
+        if step == Some(0) {
+            return Err(PyValueError::new_err(
+                "a slice of targets cannot have step 0",
+            ));
+        }
+        return Ok(Targets::Slice {
+            start: part("start")?,
+            stop: part("stop")?,
+            step,
+        });
+    }
+    if let Ok(id) = t.extract::<i64>() {
+        return Ok(match u32::try_from(id) {
+            Ok(id) => Targets::Ids(vec![EngineId(id)]),
+            // -1 is the last engine: the slice -1: (and -2 the slice -2:-1).
+            Err(_) => Targets::Slice {
+                start: Some(id),
+                stop: (id < -1).then_some(id + 1),
+                step: None,
+            },
+        });
+    }
+    let ids: Vec<u32> = t.extract()?;
+    Ok(Targets::Ids(ids.into_iter().map(EngineId).collect()))
 }
 
 fn targets_from_py(targets: Option<Vec<u32>>) -> Targets {
@@ -954,7 +985,6 @@ impl NativeResult {
         block_on(py, async move { ar.wait_count(n, t).await })?.map_err(client_err)
     }
 
-    /// Slot indices in the order they were filled.
     /// What running tasks have written, from the `from`-th piece on, as
     /// `(engine, task, stdout, stderr)`: each piece follows the last of its task.
     fn streamed(&self, from: usize) -> Vec<(Option<u32>, u64, String, String)> {
@@ -965,6 +995,7 @@ impl NativeResult {
             .collect()
     }
 
+    /// Slot indices in the order they were filled.
     fn completion_order(&self) -> Vec<usize> {
         self.ar.completion_order()
     }

@@ -86,7 +86,7 @@ class Client:
 
     def load_balanced_view(self, targets=None) -> LoadBalancedView:
         """A view that sends each task to whichever engine is free first: of all of them, or
-        of ``targets`` (an id or a list of ids)."""
+        of ``targets`` (as ``direct_view`` takes them; the controller keeps its work there)."""
         return LoadBalancedView(self, targets)
 
     def wait_for_engines(self, n: int, timeout: float = -1, block: bool = True):

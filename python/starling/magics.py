@@ -488,13 +488,11 @@ class ParallelMagics(Magics):
 def activate(ip, view, suffix: str = "") -> ParallelMagics:
     """The magics, named with ``suffix``, on ``view``'s engines and with its ``block`` flag
     (``DirectView.activate``); with no suffix, the ones a Client registers."""
-    if not suffix:
-        magics = register(ip, view.client)
-    else:
-        # A class of its own per suffix: IPython keeps one instance per class name.
-        name = f"ParallelMagics{suffix}"
-        magics = _install(ip, name, lambda: type(name, (ParallelMagics,), {})(ip, None, suffix))
-        magics.client = view.client
+    # A class of its own per suffix: IPython keeps one instance per class name.
+    name = ParallelMagics.__name__ + suffix
+    cls = ParallelMagics if not suffix else type(name, (ParallelMagics,), {})
+    magics = _install(ip, name, lambda: cls(ip, None, suffix))
+    magics.client = view.client
     magics.targets = view.targets
     magics.block = view.block
     return magics

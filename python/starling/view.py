@@ -462,7 +462,8 @@ class LoadBalancedView(View):
         return self.client.direct_view(self.targets)._ids()
 
     def _options(self) -> dict:
-        engines = None if self.targets is None or self.targets == "all" else self._ids()
+        # Its targets go as they are: the controller resolves them (no round trip per call).
+        engines = None if self.targets is None or self.targets == "all" else self.targets
         return {**super()._options(), "engines": engines}
 
     def _apply_native(self, f, args, kwargs, wait):

@@ -116,7 +116,7 @@ def test_a_load_balanced_view_on_some_engines_keeps_to_them(rc):
     for targets in (-1, slice(1, None)):
         last = rc.load_balanced_view(targets=targets).apply_async(square, 4)
         assert last.get() == 16 and last.engine_id == 1
-    with pytest.raises(IndexError, match="there is no engine 5; the engines are"):
+    with pytest.raises(RuntimeError, match="there is no engine 5; the engines are"):
         rc.load_balanced_view(targets=5).apply_sync(square, 3)
 
 

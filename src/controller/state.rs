@@ -656,10 +656,7 @@ impl State {
             (Readiness::Ready(_), Readiness::Ready(None)) => Readiness::Ready(None),
             (Readiness::Ready(_), Readiness::Ready(Some(engines))) => {
                 let dep = options.follow.as_ref().expect("follow was judged");
-                if engines
-                    .iter()
-                    .any(|e| self.engines.contains_key(e) || self.awaited(*e))
-                {
+                if engines.iter().any(|e| self.reachable(*e)) {
                     Readiness::Ready(Some(engines))
                 } else if engines.is_empty() {
                     Readiness::Impossible(format!(
@@ -676,6 +673,11 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Whether work placed on engine `id` can run: it is registered, or expected back.
+    fn reachable(&self, id: EngineId) -> bool {
+        self.engines.contains_key(&id) || self.awaited(id)
     }
 
     /// Whether `id` is an engine the controller knew before it was restarted and has not
@@ -1089,10 +1091,7 @@ impl State {
         }
         if let Some(allowed) = job.allowed.clone() {
             // Its engines may have gone while it waited, or follow and targets may not meet.
-            if !allowed
-                .iter()
-                .any(|e| self.engines.contains_key(e) || self.awaited(*e))
-            {
+            if !allowed.iter().any(|e| self.reachable(*e)) {
                 let why = if allowed.is_empty() {
                     "none of the engines where the jobs it follows ran is among its targets"
                         .to_string()
@@ -1916,9 +1915,7 @@ impl State {
             .filter(|(_, j)| j.remaining > 0 && !j.waiting)
             .filter_map(|(id, j)| {
                 let allowed = j.allowed.as_ref()?;
-                let alive = allowed
-                    .iter()
-                    .any(|e| self.engines.contains_key(e) || self.awaited(*e));
+                let alive = allowed.iter().any(|e| self.reachable(*e));
                 (!alive && j.feed.is_some()).then(|| {
                     (
                         *id,
